@@ -1,0 +1,241 @@
+//! The pipeline config: one TOML file, one section per stage, defaults that run the embedded
+//! tiny pipeline on a CPU.
+//!
+//! Every section is `deny_unknown_fields`, so a typo is an error naming the file, line and the
+//! valid keys (the toml crate reports the span, serde the expected fields). `--set a.b=v`
+//! overrides are applied to the parsed table and then go through the very same typed
+//! deserialization, so they are type-checked identically.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::stages::probe::ProbeConfig;
+
+/// The embedded default config (`pipeline/default.toml`), used when no `--config` is given.
+pub const DEFAULT_CONFIG: &str = include_str!("../pipeline/default.toml");
+
+/// Errors reading or validating a config.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("--set {assignment}: expected `section.key=value`")]
+    BadOverride { assignment: String },
+    #[error("--set {assignment}: {message}")]
+    Override { assignment: String, message: String },
+}
+
+/// Which model the pipeline works on. Shared by several stages.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// `builtin:tiny` (embedded, materialized by the download stage), `hf:org/name[@revision]`,
+    /// or a local directory in the Hugging Face layout.
+    #[serde(default = "default_model_source")]
+    pub source: String,
+}
+
+fn default_model_source() -> String {
+    "builtin:tiny".into()
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            source: default_model_source(),
+        }
+    }
+}
+
+/// The whole validated config. Each field is one `[section]` of the TOML file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[model]`: the model every stage works on.
+    #[serde(default)]
+    pub model: ModelConfig,
+    /// `[probe]`: environment detection and device choice.
+    #[serde(default)]
+    pub probe: ProbeConfig,
+    /// Where the config came from (for messages); not part of the file.
+    #[serde(skip)]
+    pub origin: PathBuf,
+}
+
+impl Config {
+    /// Reads and validates `path` (or the embedded default when `None`), then applies
+    /// `--set section.key=value` overrides.
+    ///
+    /// # Errors
+    /// The file cannot be read, is not TOML, has unknown sections/keys or wrong types, or an
+    /// override is malformed or ill-typed.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
+        let (origin, text) = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                (p.to_path_buf(), text)
+            }
+            None => (
+                PathBuf::from("<embedded pipeline/default.toml>"),
+                DEFAULT_CONFIG.to_string(),
+            ),
+        };
+        Self::from_toml(&text, &origin, overrides)
+    }
+
+    /// Parses config text; `origin` names it in errors.
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn from_toml(text: &str, origin: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let parse_err = |e: toml::de::Error| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        };
+        // First pass on the text itself, so errors carry line and column.
+        let mut cfg: Config = toml::from_str(text).map_err(parse_err)?;
+        if !overrides.is_empty() {
+            let mut table: toml::Table = toml::from_str(text).map_err(parse_err)?;
+            for assignment in overrides {
+                apply_override(&mut table, assignment)?;
+            }
+            cfg = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
+                ConfigError::Override {
+                    assignment: overrides.join(" --set "),
+                    message: e.to_string().trim_end().to_string(),
+                }
+            })?;
+        }
+        cfg.origin = origin.to_path_buf();
+        Ok(cfg)
+    }
+
+    /// The named section as canonical JSON (sorted keys), for hashing and for artifacts.
+    /// Unknown names give `null`.
+    pub fn section_json(&self, name: &str) -> Value {
+        let all = serde_json::to_value(self).expect("config serializes: plain data");
+        canonical(all.get(name).cloned().unwrap_or(Value::Null))
+    }
+}
+
+/// Applies one `section.key=value` (keys may nest: `prepare.render.max_pixels=1000`).
+/// The value is read as a TOML value (`42`, `true`, `"x"`, `[1,2]`); anything that does not
+/// parse as one is taken as a bare string, so `--set model.source=hf:Qwen/X` works unquoted.
+fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), ConfigError> {
+    let bad = || ConfigError::BadOverride {
+        assignment: assignment.to_string(),
+    };
+    let (key, raw) = assignment.split_once('=').ok_or_else(bad)?;
+    let path: Vec<&str> = key.trim().split('.').collect();
+    if path.len() < 2 || path.iter().any(|p| p.is_empty()) {
+        return Err(bad());
+    }
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let mut node = table;
+    for part in &path[..path.len() - 1] {
+        let entry = node
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        node = entry.as_table_mut().ok_or_else(|| ConfigError::Override {
+            assignment: assignment.to_string(),
+            message: format!("`{part}` is a value, not a section"),
+        })?;
+    }
+    node.insert(path[path.len() - 1].to_string(), value);
+    Ok(())
+}
+
+/// Sorts object keys recursively so equal configs hash equally whatever the field order.
+pub(crate) fn canonical(v: Value) -> Value {
+    match v {
+        Value::Object(map) => {
+            let mut entries: Vec<(String, Value)> = map.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            Value::Object(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k, canonical(v)))
+                    .collect(),
+            )
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(canonical).collect()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, sets: &[&str]) -> Result<Config, ConfigError> {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Config::from_toml(text, Path::new("test.toml"), &sets)
+    }
+
+    #[test]
+    fn embedded_default_parses_and_uses_builtin_tiny() {
+        let cfg = Config::load(None, &[]).unwrap();
+        assert_eq!(cfg.model.source, "builtin:tiny");
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_valid_keys() {
+        let err = parse("[model]\nsource = \"x\"\nsorce = 1\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test.toml"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("unknown field `sorce`"), "{err}");
+        assert!(err.contains("`source`"), "{err}");
+    }
+
+    #[test]
+    fn unknown_section_lists_valid_sections() {
+        let err = parse("[trian]\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("unknown field `trian`"), "{err}");
+        assert!(err.contains("`probe`"), "{err}");
+    }
+
+    #[test]
+    fn override_sets_a_typed_value() {
+        let cfg = parse("", &["model.source=hf:Qwen/Qwen2.5-VL-7B-Instruct"]).unwrap();
+        assert_eq!(cfg.model.source, "hf:Qwen/Qwen2.5-VL-7B-Instruct");
+    }
+
+    #[test]
+    fn override_with_wrong_type_is_rejected() {
+        let err = parse("", &["model.source=[1, 2]"]).unwrap_err().to_string();
+        assert!(err.contains("--set model.source=[1, 2]"), "{err}");
+        assert!(err.contains("invalid type"), "{err}");
+    }
+
+    #[test]
+    fn override_without_section_is_rejected() {
+        assert!(matches!(
+            parse("", &["source=x"]),
+            Err(ConfigError::BadOverride { .. })
+        ));
+    }
+
+    #[test]
+    fn section_json_is_canonical() {
+        let cfg = parse("", &[]).unwrap();
+        let text = serde_json::to_string(&cfg.section_json("model")).unwrap();
+        assert_eq!(text, r#"{"source":"builtin:tiny"}"#);
+        assert_eq!(cfg.section_json("nope"), Value::Null);
+    }
+}

@@ -1,0 +1,266 @@
+//! The `medpipe` command line: parse, validate, call the library, print once.
+//!
+//! Exit codes: 0 success, 1 a stage failed (its artifact records why), 2 usage, config or
+//! lock error.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use medpipe::pipeline::{Event, RunError, RunOptions, RunReport, StageState, Workspace};
+use medpipe::{stages, Config};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "medpipe",
+    version,
+    about = "Fine-tune Qwen2.5-VL to read clinical documents, resumably, with honest reports",
+    long_about = "medpipe runs a phase-ordered pipeline (probe → download → baseline → quantize → \
+prepare → train → evaluate → report). Each stage writes a JSON artifact under reports/ that the \
+next consumes; a stage whose inputs did not change is skipped, and after a failure `medpipe run` \
+resumes at the failed stage.",
+    after_help = "Examples:\n  medpipe run                          # whole pipeline, embedded tiny model, CPU\n  medpipe run --to probe               # just record the environment\n  medpipe status                       # where every stage stands, and why\n  medpipe stages                       # the stages in order"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the pipeline (or a slice of it); up-to-date stages are skipped.
+    #[command(
+        after_help = "Examples:\n  medpipe run\n  medpipe run --config pipeline/qwen2.5-vl-7b.toml --device cuda\n  medpipe run --from quantize --to evaluate     # re-run a slice; upstream artifacts reused\n  medpipe run --only probe --set probe.device=cpu"
+    )]
+    Run(RunArgs),
+    /// Show each stage's state (completed, failed, stale with the reason, missing).
+    #[command(
+        after_help = "Examples:\n  medpipe status\n  medpipe status --json | jq '.[] | select(.state != \"completed\")'"
+    )]
+    Status(StatusArgs),
+    /// List the stages in pipeline order with what each does.
+    Stages,
+}
+
+#[derive(Args, Debug)]
+struct ConfigArgs {
+    /// Pipeline config (TOML). Default: the embedded pipeline/default.toml (builtin:tiny, CPU).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Override a config key, type-checked like the file: `--set prepare.seed=7` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
+    /// Workspace directory for data/, checkpoints/, reports/, BUILD_LOG.md.
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    workspace: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// Force this stage and every later one to run.
+    #[arg(long, value_name = "STAGE")]
+    from: Option<String>,
+    /// Stop after this stage.
+    #[arg(long, value_name = "STAGE")]
+    to: Option<String>,
+    /// Run only this stage (forced); its upstream artifacts must already exist.
+    #[arg(long, value_name = "STAGE", conflicts_with_all = ["from", "to"])]
+    only: Option<String>,
+    /// Re-run every stage in the range even if up to date.
+    #[arg(long)]
+    force: bool,
+    /// Device for model work: auto, cpu, cuda or cuda:N (same as --set probe.device=…).
+    #[arg(long, value_name = "DEVICE")]
+    device: Option<String>,
+    /// No progress bars.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A failure with the exit code it maps to.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure {
+            code: 2,
+            error: e.into(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("medpipe: error: {:#}", f.error);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Status(args) => status(args),
+        Command::Stages => {
+            for (i, s) in stages::pipeline().stages().enumerate() {
+                println!(
+                    "{:>2}. {:<10} {}  → reports/{}",
+                    i + 1,
+                    s.name(),
+                    s.description(),
+                    s.artifact_file()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn load(cfg: &ConfigArgs, extra: &[String]) -> Result<(Config, Workspace), Failure> {
+    let mut sets = cfg.set.clone();
+    sets.extend_from_slice(extra);
+    let config = Config::load(cfg.config.as_deref(), &sets)?;
+    let ws = Workspace::open(&cfg.workspace)
+        .with_context(|| format!("opening workspace {}", cfg.workspace.display()))?;
+    Ok((config, ws))
+}
+
+fn run(args: RunArgs) -> Result<(), Failure> {
+    let extra: Vec<String> = args
+        .device
+        .iter()
+        .map(|d| format!("probe.device={d}"))
+        .collect();
+    let (config, ws) = load(&args.cfg, &extra)?;
+    let opts = RunOptions {
+        from: args.from,
+        to: args.to,
+        only: args.only,
+        force: args.force,
+        quiet: args.quiet || !std::io::stderr().is_terminal(),
+    };
+    let pipeline = stages::pipeline();
+    let mut on_event = |e: Event<'_>| match e {
+        Event::Starting { stage, reason } => eprintln!("▶ {stage}: running ({reason})"),
+        Event::Finished(r) => match r.action {
+            "skipped" => eprintln!("· {}: skipped ({})", r.stage, r.reason),
+            "failed" => eprintln!(
+                "✗ {}: FAILED after {:.1} s: {}",
+                r.stage,
+                r.duration_s,
+                r.error.as_deref().unwrap_or("")
+            ),
+            _ => eprintln!("✓ {}: done in {:.1} s", r.stage, r.duration_s),
+        },
+    };
+    let report = pipeline
+        .run(&ws, &config, &opts, &mut on_event)
+        .map_err(|e: RunError| Failure {
+            code: 2,
+            error: e.into(),
+        })?;
+    print_summary(&report, &ws);
+    if report.failed() {
+        let failed = report.stages.iter().find(|s| s.action == "failed");
+        return Err(Failure {
+            code: 1,
+            error: anyhow::anyhow!(
+                "stage `{}` failed (see reports/ and BUILD_LOG.md); fix the cause and `medpipe run` resumes there",
+                failed.map(|s| s.stage.as_str()).unwrap_or("?")
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn print_summary(report: &RunReport, ws: &Workspace) {
+    println!(
+        "\n{:<10} {:<8} {:>9}  key figures",
+        "stage", "result", "time"
+    );
+    for s in &report.stages {
+        let figures = s
+            .summary
+            .iter()
+            .take(3)
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        println!(
+            "{:<10} {:<8} {:>8.1}s  {}",
+            s.stage, s.action, s.duration_s, figures
+        );
+    }
+    println!(
+        "\nworkspace: {} (reports/, BUILD_LOG.md)",
+        ws.root().display()
+    );
+}
+
+fn status(args: StatusArgs) -> Result<(), Failure> {
+    let (config, ws) = load(&args.cfg, &[])?;
+    let states: Vec<StageState> = stages::pipeline().status(&ws, &config)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&states)?);
+        return Ok(());
+    }
+    println!(
+        "{:<10} {:<10} {:<21} {:>8}  details",
+        "stage", "state", "finished", "time"
+    );
+    for s in &states {
+        let details = if s.state == "completed" {
+            s.summary
+                .iter()
+                .take(2)
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        } else {
+            s.reason.clone()
+        };
+        println!(
+            "{:<10} {:<10} {:<21} {:>8}  {}",
+            s.stage,
+            s.state,
+            s.finished_at.as_deref().unwrap_or("-"),
+            s.duration_s
+                .map(|d| format!("{d:.1}s"))
+                .unwrap_or_else(|| "-".into()),
+            details
+        );
+    }
+    Ok(())
+}

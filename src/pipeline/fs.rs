@@ -1,0 +1,218 @@
+//! The one way medpipe writes files: atomically (temp file in the same directory, fsync,
+//! rename), so a crash or kill -9 never leaves a half-written file under its final name.
+//! Also the hashing used for artifacts' outputs.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+/// An I/O failure with the path it happened on.
+#[derive(Debug, thiserror::Error)]
+#[error("{action} {path}")]
+pub struct FsError {
+    /// What was being done ("writing", "hashing", ...).
+    pub action: &'static str,
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+fn err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> FsError + 'a {
+    move |source| FsError {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `bytes` to `path` atomically, creating parent directories.
+///
+/// # Errors
+/// Any I/O failure (full disk, permissions); the target is then untouched and the temp file
+/// removed.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
+    write_atomic_with(path, |f| f.write_all(bytes))
+}
+
+/// Like [`write_atomic`], for content produced by a writer callback (large files).
+///
+/// # Errors
+/// As [`write_atomic`], or whatever `fill` returns.
+pub fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut io::BufWriter<&File>) -> io::Result<()>,
+) -> Result<(), FsError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    fs::create_dir_all(dir).map_err(err("creating directory", dir))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let result = (|| {
+        let file = File::create(&tmp)?;
+        {
+            let mut w = io::BufWriter::new(&file);
+            fill(&mut w)?;
+            w.flush()?;
+        }
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        // Make the rename itself durable.
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    result.map_err(|source| {
+        let _ = fs::remove_file(&tmp);
+        FsError {
+            action: "writing",
+            path: path.to_path_buf(),
+            source,
+        }
+    })
+}
+
+/// Serializes `value` as pretty JSON (trailing newline) and writes it atomically.
+///
+/// # Errors
+/// As [`write_atomic`].
+pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), FsError> {
+    let mut text = serde_json::to_vec_pretty(value).map_err(|e| FsError {
+        action: "serializing",
+        path: path.to_path_buf(),
+        source: io::Error::other(e),
+    })?;
+    text.push(b'\n');
+    write_atomic(path, &text)
+}
+
+/// Renames a finished `<dir>.partial` directory to `dir`, replacing an older `dir`.
+///
+/// # Errors
+/// I/O failures, naming the directory.
+pub fn commit_dir(partial: &Path, dir: &Path) -> Result<(), FsError> {
+    if dir.exists() {
+        fs::remove_dir_all(dir).map_err(err("removing old", dir))?;
+    }
+    fs::rename(partial, dir).map_err(err("renaming into place", dir))
+}
+
+/// sha256 (hex) and size in bytes of a file, or of a directory (hash over the sorted relative
+/// paths and file hashes, so renames and content changes both show).
+///
+/// # Errors
+/// The path is missing or unreadable.
+pub fn hash_path(path: &Path) -> Result<(String, u64), FsError> {
+    let meta = fs::metadata(path).map_err(err("reading", path))?;
+    if !meta.is_dir() {
+        return hash_file(path);
+    }
+    let mut files = Vec::new();
+    collect_files(path, path, &mut files)?;
+    files.sort();
+    let mut h = Sha256::new();
+    let mut total = 0;
+    for rel in files {
+        let (digest, bytes) = hash_file(&path.join(&rel))?;
+        h.update(rel.to_string_lossy().as_bytes());
+        h.update([0]);
+        h.update(digest.as_bytes());
+        h.update([0]);
+        total += bytes;
+    }
+    Ok((hex::encode(h.finalize()), total))
+}
+
+fn collect_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), FsError> {
+    for entry in fs::read_dir(dir).map_err(err("listing", dir))? {
+        let entry = entry.map_err(err("listing", dir))?;
+        let p = entry.path();
+        if p.is_dir() {
+            collect_files(root, &p, out)?;
+        } else {
+            out.push(p.strip_prefix(root).unwrap_or(&p).to_path_buf());
+        }
+    }
+    Ok(())
+}
+
+/// sha256 (hex) and size of one file, streamed.
+///
+/// # Errors
+/// The file is missing or unreadable.
+pub fn hash_file(path: &Path) -> Result<(String, u64), FsError> {
+    let mut f = File::open(path).map_err(err("opening", path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(err("reading", path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        total += n as u64;
+    }
+    Ok((hex::encode(h.finalize()), total))
+}
+
+/// sha256 (hex) of bytes in memory.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_atomic_creates_parents_and_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a/b/c.json");
+        write_atomic(&p, b"hello").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"hello");
+        let names: Vec<_> = fs::read_dir(p.parent().unwrap()).unwrap().collect();
+        assert_eq!(names.len(), 1, "only the final file remains");
+    }
+
+    #[test]
+    fn failed_fill_keeps_the_old_file_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x");
+        write_atomic(&p, b"old").unwrap();
+        let r = write_atomic_with(&p, |w| {
+            w.write_all(b"half")?;
+            Err(io::Error::other("disk full"))
+        });
+        assert!(r.unwrap_err().to_string().contains("writing"));
+        assert_eq!(fs::read(&p).unwrap(), b"old");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn directory_hash_changes_with_any_file() {
+        let dir = tempfile::tempdir().unwrap();
+        write_atomic(&dir.path().join("d/one"), b"1").unwrap();
+        write_atomic(&dir.path().join("d/sub/two"), b"2").unwrap();
+        let (h1, n1) = hash_path(&dir.path().join("d")).unwrap();
+        assert_eq!(n1, 2);
+        write_atomic(&dir.path().join("d/sub/two"), b"3").unwrap();
+        let (h2, _) = hash_path(&dir.path().join("d")).unwrap();
+        assert_ne!(h1, h2);
+    }
+
+    #[test]
+    fn sha256_of_known_bytes() {
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

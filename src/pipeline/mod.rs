@@ -1,0 +1,15 @@
+//! The pipeline machinery: stages, the runner, artifacts, the workspace and its lock,
+//! atomic writes and the build log. Nothing outside this module knows how artifacts are
+//! stored.
+
+pub mod artifact;
+mod buildlog;
+pub mod fs;
+pub mod runner;
+pub mod stage;
+pub mod workspace;
+
+pub use artifact::{Artifact, Status};
+pub use runner::{Event, Pipeline, RunError, RunOptions, RunReport, StageReport, StageState};
+pub use stage::{Stage, StageCtx, StageOutput};
+pub use workspace::Workspace;

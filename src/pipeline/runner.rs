@@ -1,0 +1,641 @@
+//! The stage runner: DVC-like skip/re-run decisions, artifacts, failure records, resume.
+//!
+//! For each stage in pipeline order the runner computes the input hash *before* running:
+//! sha256 of (stage name, code version, its config sections, upstream input hashes and output
+//! hashes, medpipe version). A stage is skipped only when its artifact is `completed`, carries
+//! that hash, every output still hashes as recorded, and no upstream stage ran in this
+//! invocation. Otherwise it runs, and so does everything downstream. A failure is recorded
+//! as an artifact with `status: failed`; the next plain `run` finds it stale and starts there.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use indicatif::MultiProgress;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::artifact::{Artifact, ArtifactError, ErrorRecord, OutputFile, Status, SCHEMA_VERSION};
+use super::buildlog;
+use super::fs::{self, FsError};
+use super::stage::{Stage, StageCtx, StageOutput};
+use super::workspace::{Workspace, WorkspaceError};
+use crate::config::{canonical, Config};
+
+/// medpipe's version, recorded in every artifact and hashed into every input.
+pub const MEDPIPE_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The git commit medpipe was built from, when built from a git checkout.
+pub fn git_commit() -> Option<String> {
+    option_env!("MEDPIPE_GIT_COMMIT")
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+/// Errors that stop a run before or between stages (not a stage's own failure).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("unknown stage `{name}` in {flag} (stages: {valid})")]
+    UnknownStage {
+        name: String,
+        flag: &'static str,
+        valid: String,
+    },
+    #[error("--from {from} comes after --to {to} (pipeline order: {order})")]
+    FromAfterTo {
+        from: String,
+        to: String,
+        order: String,
+    },
+    #[error("--only cannot be combined with --from or --to")]
+    OnlyWithRange,
+    #[error("stage `{stage}` needs the completed artifact of `{upstream}` ({path}); run `medpipe run --to {upstream}` first")]
+    UpstreamMissing {
+        stage: String,
+        upstream: String,
+        path: PathBuf,
+    },
+    #[error(transparent)]
+    Workspace(#[from] WorkspaceError),
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
+    #[error(transparent)]
+    Fs(#[from] FsError),
+}
+
+/// Which stages to consider and whether to force them.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Force this stage and every later one (up to `to`).
+    pub from: Option<String>,
+    /// Stop after this stage.
+    pub to: Option<String>,
+    /// Run just this stage (forced); its upstream artifacts must exist.
+    pub only: Option<String>,
+    /// Force every stage in the range.
+    pub force: bool,
+    /// Hide progress bars.
+    pub quiet: bool,
+}
+
+/// What happened to one stage in a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageReport {
+    pub stage: String,
+    /// `ran`, `skipped` or `failed`.
+    pub action: &'static str,
+    /// Why it ran or was skipped.
+    pub reason: String,
+    pub duration_s: f64,
+    pub summary: Vec<(String, String)>,
+    pub error: Option<String>,
+}
+
+/// The outcome of a run, stage by stage.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunReport {
+    pub stages: Vec<StageReport>,
+}
+
+impl RunReport {
+    /// True when a stage failed (the CLI exits 1).
+    pub fn failed(&self) -> bool {
+        self.stages.iter().any(|s| s.action == "failed")
+    }
+}
+
+/// Notifications while running, for the CLI to print (the library never prints).
+#[derive(Debug)]
+pub enum Event<'a> {
+    Starting { stage: &'a str, reason: &'a str },
+    Finished(&'a StageReport),
+}
+
+/// Where a stage stands, as `medpipe status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageState {
+    pub stage: String,
+    /// `completed`, `failed`, `missing` or `stale`.
+    pub state: &'static str,
+    /// Why it would run now (empty when up to date).
+    pub reason: String,
+    pub finished_at: Option<String>,
+    pub duration_s: Option<f64>,
+    pub artifact: PathBuf,
+    pub summary: Vec<(String, String)>,
+}
+
+/// An ordered set of stages.
+pub struct Pipeline {
+    stages: Vec<Box<dyn Stage>>,
+}
+
+/// A stage's freshness, computed before it would run.
+struct Assessment {
+    input_hash: String,
+    upstream: BTreeMap<String, String>,
+    config: Value,
+    /// `None` when up to date; else why it must run.
+    stale: Option<String>,
+    previous: Option<Artifact>,
+}
+
+impl Pipeline {
+    /// Builds a pipeline from stages in execution order.
+    ///
+    /// # Panics
+    /// When a stage names an upstream that is not earlier in `stages`, or two stages share a
+    /// name: both are programming errors in the registry, not user input.
+    pub fn new(stages: Vec<Box<dyn Stage>>) -> Self {
+        for (i, s) in stages.iter().enumerate() {
+            assert!(
+                stages[..i].iter().all(|o| o.name() != s.name()),
+                "stage `{}` registered twice",
+                s.name()
+            );
+            for up in all_upstream(s.as_ref()) {
+                assert!(
+                    stages[..i].iter().any(|o| o.name() == up),
+                    "stage `{}` lists upstream `{up}` that does not come before it",
+                    s.name()
+                );
+            }
+        }
+        Self { stages }
+    }
+
+    /// The stages, in order.
+    pub fn stages(&self) -> impl Iterator<Item = &dyn Stage> {
+        self.stages.iter().map(|s| s.as_ref())
+    }
+
+    fn order(&self) -> String {
+        self.stages
+            .iter()
+            .map(|s| s.name())
+            .collect::<Vec<_>>()
+            .join(" → ")
+    }
+
+    fn index(&self, name: &str, flag: &'static str) -> Result<usize, RunError> {
+        self.stages
+            .iter()
+            .position(|s| s.name() == name)
+            .ok_or_else(|| RunError::UnknownStage {
+                name: name.to_string(),
+                flag,
+                valid: self
+                    .stages
+                    .iter()
+                    .map(|s| s.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// Checks the options against this pipeline: (first, last, first forced index).
+    ///
+    /// # Errors
+    /// Unknown stage names, `--from` after `--to`, `--only` with a range.
+    pub fn plan(&self, opts: &RunOptions) -> Result<(usize, usize, Option<usize>), RunError> {
+        if let Some(only) = &opts.only {
+            if opts.from.is_some() || opts.to.is_some() {
+                return Err(RunError::OnlyWithRange);
+            }
+            let i = self.index(only, "--only")?;
+            return Ok((i, i, Some(i)));
+        }
+        let from = opts
+            .from
+            .as_deref()
+            .map(|n| self.index(n, "--from"))
+            .transpose()?;
+        let last = match &opts.to {
+            Some(n) => self.index(n, "--to")?,
+            None => self.stages.len().saturating_sub(1),
+        };
+        if let Some(f) = from {
+            if f > last {
+                return Err(RunError::FromAfterTo {
+                    from: opts.from.clone().unwrap_or_default(),
+                    to: opts.to.clone().unwrap_or_default(),
+                    order: self.order(),
+                });
+            }
+        }
+        let forced = if opts.force { Some(0) } else { from };
+        Ok((from.unwrap_or(0), last, forced))
+    }
+
+    /// Runs the pipeline in `ws` under its lock.
+    ///
+    /// A stage failure is not an `Err`: it is recorded and reported in the [`RunReport`].
+    ///
+    /// # Errors
+    /// Bad options, a held lock, a missing upstream artifact, or I/O on artifacts.
+    pub fn run(
+        &self,
+        ws: &Workspace,
+        config: &Config,
+        opts: &RunOptions,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Result<RunReport, RunError> {
+        let (first, last, forced) = self.plan(opts)?;
+        let _lock = ws.lock()?;
+        let progress = MultiProgress::new();
+        let mut report = RunReport::default();
+        let mut ran: Vec<&str> = Vec::new();
+        let mut log_header_written = false;
+
+        // Upstream artifacts that come from outside the requested range must exist.
+        for stage in &self.stages[first..=last] {
+            for up in stage.upstream() {
+                let ui = self.index(up, "upstream")?;
+                if ui < first {
+                    let path = ws.reports().join(self.stages[ui].artifact_file());
+                    match Artifact::read(&path)? {
+                        Some(a) if a.status == Status::Completed => {}
+                        _ => {
+                            return Err(RunError::UpstreamMissing {
+                                stage: stage.name().into(),
+                                upstream: up.to_string(),
+                                path: ws.relative(&path),
+                            })
+                        }
+                    }
+                }
+            }
+        }
+
+        for (i, stage) in self.stages.iter().enumerate().take(last + 1).skip(first) {
+            let a = self.assess(stage.as_ref(), ws, config)?;
+            let upstream_ran = all_upstream(stage.as_ref()).find(|u| ran.contains(u));
+            let reason = if forced.is_some_and(|f| i >= f) {
+                Some(if opts.only.is_some() {
+                    "forced (--only)".to_string()
+                } else if opts.force {
+                    "forced (--force)".to_string()
+                } else {
+                    "forced (--from)".to_string()
+                })
+            } else if let Some(u) = upstream_ran {
+                Some(format!("upstream `{u}` ran"))
+            } else {
+                a.stale.clone()
+            };
+            let Some(reason) = reason else {
+                let prev = a.previous.as_ref();
+                let rep = StageReport {
+                    stage: stage.name().into(),
+                    action: "skipped",
+                    reason: "up to date".into(),
+                    duration_s: 0.0,
+                    summary: prev.map(|p| p.summary.clone()).unwrap_or_default(),
+                    error: None,
+                };
+                tracing::info!(stage = stage.name(), "skipping: up to date");
+                on_event(Event::Finished(&rep));
+                report.stages.push(rep);
+                continue;
+            };
+
+            if !log_header_written {
+                buildlog::append_run_header(ws, config)?;
+                log_header_written = true;
+            }
+            on_event(Event::Starting {
+                stage: stage.name(),
+                reason: &reason,
+            });
+            tracing::info!(stage = stage.name(), %reason, "running");
+            let rep = self.execute(stage.as_ref(), ws, config, a, &reason, &progress, opts)?;
+            on_event(Event::Finished(&rep));
+            let failed = rep.action == "failed";
+            report.stages.push(rep);
+            if failed {
+                break;
+            }
+            ran.push(stage.name());
+        }
+        Ok(report)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn execute(
+        &self,
+        stage: &dyn Stage,
+        ws: &Workspace,
+        config: &Config,
+        a: Assessment,
+        reason: &str,
+        progress: &MultiProgress,
+        opts: &RunOptions,
+    ) -> Result<StageReport, RunError> {
+        let path = ws.reports().join(stage.artifact_file());
+        // The old artifact goes first: from here until the new one is written, nothing on
+        // disk claims this stage completed (kill -9 safe).
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(|source| FsError {
+                action: "removing old artifact",
+                path: path.clone(),
+                source,
+            })?;
+        }
+        let mut upstream = Vec::new();
+        for u in all_upstream(stage) {
+            let ui = self.index(u, "upstream")?;
+            let p = ws.reports().join(self.stages[ui].artifact_file());
+            match Artifact::read(&p)? {
+                Some(art) if art.status == Status::Completed => upstream.push((u, art)),
+                _ if stage.upstream().contains(&u) => {
+                    return Err(RunError::UpstreamMissing {
+                        stage: stage.name().into(),
+                        upstream: u.to_string(),
+                        path: ws.relative(&p),
+                    })
+                }
+                _ => {}
+            }
+        }
+
+        let started = SystemTime::now();
+        let clock = Instant::now();
+        let mut ctx = StageCtx {
+            workspace: ws,
+            config,
+            upstream,
+            progress,
+            quiet: opts.quiet,
+        };
+        let span = tracing::info_span!("stage", name = stage.name());
+        let result = span
+            .in_scope(|| stage.run(&mut ctx))
+            .and_then(|out| hash_outputs(ws, out));
+        let duration_s = clock.elapsed().as_secs_f64();
+
+        let mut artifact = Artifact {
+            schema_version: SCHEMA_VERSION,
+            stage: stage.name().into(),
+            status: Status::Completed,
+            started_at: rfc3339(started),
+            finished_at: rfc3339(SystemTime::now()),
+            duration_s,
+            input_hash: a.input_hash,
+            code_version: stage.code_version(),
+            config: a.config,
+            upstream: a.upstream,
+            outputs: Vec::new(),
+            metrics: Value::Null,
+            summary: Vec::new(),
+            warnings: Vec::new(),
+            error: None,
+            medpipe_version: MEDPIPE_VERSION.into(),
+            git_commit: git_commit(),
+        };
+        match result {
+            Ok((out, files)) => {
+                artifact.outputs = files;
+                artifact.metrics = out.metrics;
+                artifact.summary = out.summary;
+                artifact.warnings = out.warnings;
+            }
+            Err(e) => {
+                artifact.status = Status::Failed;
+                artifact.error = Some(ErrorRecord::from_anyhow(&e));
+            }
+        }
+        fs::write_json_atomic(&path, &artifact)?;
+        buildlog::append_stage(ws, &artifact, stage.artifact_file(), reason)?;
+        Ok(StageReport {
+            stage: stage.name().into(),
+            action: if artifact.status == Status::Completed {
+                "ran"
+            } else {
+                "failed"
+            },
+            reason: reason.into(),
+            duration_s,
+            summary: artifact.summary.clone(),
+            error: artifact.error.as_ref().map(ErrorRecord::full),
+        })
+    }
+
+    /// Computes a stage's input hash and whether its artifact is current.
+    fn assess(
+        &self,
+        stage: &dyn Stage,
+        ws: &Workspace,
+        config: &Config,
+    ) -> Result<Assessment, RunError> {
+        let config_json = canonical(Value::Object(
+            stage
+                .config_sections()
+                .into_iter()
+                .map(|s| (s.to_string(), config.section_json(s)))
+                .collect(),
+        ));
+        let mut upstream = BTreeMap::new();
+        let mut upstream_outputs = BTreeMap::new();
+        let mut stale_upstream = None;
+        for up in all_upstream(stage) {
+            let ui = self.index(up, "upstream")?;
+            let p = ws.reports().join(self.stages[ui].artifact_file());
+            match Artifact::read(&p)? {
+                Some(art) if art.status == Status::Completed => {
+                    upstream.insert(up.to_string(), art.input_hash.clone());
+                    upstream_outputs.insert(up.to_string(), art.outputs.clone());
+                }
+                _ if stage.upstream().contains(&up) => {
+                    stale_upstream = Some(format!("upstream `{up}` has no completed artifact"))
+                }
+                _ => {}
+            }
+        }
+        let input_hash = fs::sha256_hex(
+            serde_json::to_string(&canonical(json!({
+                "stage": stage.name(),
+                "code_version": stage.code_version(),
+                "config": config_json,
+                "upstream": upstream,
+                "upstream_outputs": upstream_outputs,
+                "medpipe_version": MEDPIPE_VERSION,
+            })))
+            .expect("plain JSON serializes")
+            .as_bytes(),
+        );
+        let path = ws.reports().join(stage.artifact_file());
+        let previous = Artifact::read(&path)?;
+        let stale = match &previous {
+            None => Some("no artifact yet".to_string()),
+            Some(p) => stale_upstream
+                .or_else(|| why_stale(p, stage, &config_json, &upstream, &input_hash, ws.root())),
+        };
+        Ok(Assessment {
+            input_hash,
+            upstream,
+            config: config_json,
+            stale,
+            previous,
+        })
+    }
+
+    /// Every stage's state, as `medpipe status` shows it. Reads only; takes no lock.
+    ///
+    /// # Errors
+    /// Unreadable artifacts.
+    pub fn status(&self, ws: &Workspace, config: &Config) -> Result<Vec<StageState>, RunError> {
+        let mut out = Vec::new();
+        let mut upstream_stale: Vec<&str> = Vec::new();
+        for stage in &self.stages {
+            let a = self.assess(stage.as_ref(), ws, config)?;
+            let artifact = ws.relative(&ws.reports().join(stage.artifact_file()));
+            let inherited = all_upstream(stage.as_ref())
+                .find(|u| upstream_stale.contains(u))
+                .map(|u| format!("upstream `{u}` will re-run"));
+            let (state, reason) = match (&a.previous, a.stale.or(inherited)) {
+                (None, _) => ("missing", "no artifact yet".to_string()),
+                (Some(p), _) if p.status == Status::Failed => (
+                    "failed",
+                    p.error.as_ref().map(ErrorRecord::full).unwrap_or_default(),
+                ),
+                (Some(_), Some(r)) => ("stale", r),
+                (Some(_), None) => ("completed", String::new()),
+            };
+            if state != "completed" {
+                upstream_stale.push(stage.name());
+            }
+            out.push(StageState {
+                stage: stage.name().into(),
+                state,
+                reason,
+                finished_at: a.previous.as_ref().map(|p| p.finished_at.clone()),
+                duration_s: a.previous.as_ref().map(|p| p.duration_s),
+                artifact,
+                summary: a.previous.map(|p| p.summary).unwrap_or_default(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Required and optional upstream stages.
+fn all_upstream(stage: &dyn Stage) -> impl Iterator<Item = &'static str> + '_ {
+    stage
+        .upstream()
+        .iter()
+        .chain(stage.optional_upstream())
+        .copied()
+}
+
+/// Explains why a previous artifact no longer stands, or `None` when it does.
+fn why_stale(
+    prev: &Artifact,
+    stage: &dyn Stage,
+    config: &Value,
+    upstream: &BTreeMap<String, String>,
+    input_hash: &str,
+    root: &Path,
+) -> Option<String> {
+    if prev.status == Status::Failed {
+        let msg = prev
+            .error
+            .as_ref()
+            .map(ErrorRecord::full)
+            .unwrap_or_default();
+        return Some(format!("last run failed: {msg}"));
+    }
+    if prev.code_version != stage.code_version() {
+        return Some(format!(
+            "stage code changed (version {} → {})",
+            prev.code_version,
+            stage.code_version()
+        ));
+    }
+    if &prev.config != config {
+        let changed = changed_keys(&prev.config, config, "");
+        return Some(format!("config changed: {}", changed.join(", ")));
+    }
+    for (up, hash) in upstream {
+        if prev.upstream.get(up) != Some(hash) {
+            return Some(format!("upstream `{up}` changed"));
+        }
+    }
+    if prev.input_hash != input_hash {
+        return Some("inputs changed (upstream outputs or medpipe version)".into());
+    }
+    for out in &prev.outputs {
+        let p = root.join(&out.path);
+        match fs::hash_path(&p) {
+            Err(_) => return Some(format!("output {} is missing", out.path.display())),
+            Ok((sha, bytes)) if sha != out.sha256 || bytes != out.bytes => {
+                return Some(format!("output {} changed on disk", out.path.display()))
+            }
+            Ok(_) => {}
+        }
+    }
+    None
+}
+
+/// Dotted paths of the keys whose values differ between two JSON objects.
+fn changed_keys(old: &Value, new: &Value, prefix: &str) -> Vec<String> {
+    match (old, new) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            keys.into_iter()
+                .flat_map(|k| {
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    changed_keys(
+                        a.get(k).unwrap_or(&Value::Null),
+                        b.get(k).unwrap_or(&Value::Null),
+                        &p,
+                    )
+                })
+                .collect()
+        }
+        (a, b) if a == b => Vec::new(),
+        _ => vec![prefix.to_string()],
+    }
+}
+
+fn hash_outputs(
+    ws: &Workspace,
+    out: StageOutput,
+) -> anyhow::Result<(StageOutput, Vec<OutputFile>)> {
+    let mut files = Vec::new();
+    for p in &out.outputs {
+        let abs = ws.root().join(p);
+        let (sha256, bytes) = fs::hash_path(&abs)?;
+        files.push(OutputFile {
+            path: ws.relative(&abs),
+            bytes,
+            sha256,
+        });
+    }
+    Ok((out, files))
+}
+
+/// RFC 3339 UTC with seconds.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changed_keys_lists_dotted_paths() {
+        let a = json!({"prepare": {"seed": 1, "split": {"train": 0.8}}});
+        let b = json!({"prepare": {"seed": 2, "split": {"train": 0.8}, "new": true}});
+        assert_eq!(
+            changed_keys(&a, &b, ""),
+            vec!["prepare.new".to_string(), "prepare.seed".to_string()]
+        );
+    }
+}

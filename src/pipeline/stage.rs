@@ -1,0 +1,124 @@
+//! The stage contract: what a stage declares, what it gets, what it returns.
+//!
+//! A stage is a pure function of (its config sections, its upstream artifacts). The runner
+//! hashes both before the stage runs (DVC's rule: hash dependencies *before* running, so an
+//! input edited mid-run is never recorded as current) and skips a stage whose completed
+//! artifact carries the same hash and whose outputs are unchanged.
+
+use std::path::{Path, PathBuf};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde_json::Value;
+
+use super::artifact::Artifact;
+use super::workspace::Workspace;
+use crate::config::Config;
+
+/// One step of the pipeline. Implementations live in `src/stages/`, one file each.
+pub trait Stage: Send + Sync {
+    /// Stable lower-case name, as used on the command line (`--from prepare`).
+    fn name(&self) -> &'static str;
+    /// One line for `medpipe stages` and `--help`.
+    fn description(&self) -> &'static str;
+    /// File name of the artifact under `reports/` (e.g. `environment.json`).
+    fn artifact_file(&self) -> &'static str;
+    /// Stages whose artifacts this one reads; they must come earlier in the pipeline.
+    fn upstream(&self) -> &'static [&'static str];
+    /// Stages whose artifacts this one reads when they exist (completed), without requiring
+    /// them (e.g. the report summarizes whatever ran). Hashed into the input when present.
+    fn optional_upstream(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// Config sections this stage reads (hashed into its input). Default: its own name.
+    fn config_sections(&self) -> Vec<&'static str> {
+        vec![self.name()]
+    }
+    /// Bump when the stage's code changes what it produces: old artifacts become stale.
+    fn code_version(&self) -> u32;
+    /// Does the work. Every file it writes goes through `pipeline::fs::write_atomic`
+    /// (or a `.partial` directory renamed at the end) and is returned in `outputs`.
+    fn run(&self, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput>;
+}
+
+/// What a completed stage hands back to the runner.
+#[derive(Debug, Default)]
+pub struct StageOutput {
+    /// Stage-specific figures, stored as the artifact's `metrics` (units in the key names).
+    pub metrics: Value,
+    /// Files (or directories, hashed recursively) the stage produced, workspace-relative or
+    /// absolute; their sha256 is recorded and checked on the next run.
+    pub outputs: Vec<PathBuf>,
+    /// A few key figures for the summary table and BUILD_LOG.md: (label, value with unit).
+    pub summary: Vec<(String, String)>,
+    /// Problems that did not stop the stage (shown in BUILD_LOG.md and the artifact).
+    pub warnings: Vec<String>,
+}
+
+/// Everything a running stage may look at.
+pub struct StageCtx<'a> {
+    pub(crate) workspace: &'a Workspace,
+    pub(crate) config: &'a Config,
+    pub(crate) upstream: Vec<(&'static str, Artifact)>,
+    pub(crate) progress: &'a MultiProgress,
+    pub(crate) quiet: bool,
+}
+
+impl<'a> StageCtx<'a> {
+    /// The workspace root and its standard folders.
+    pub fn workspace(&self) -> &Workspace {
+        self.workspace
+    }
+
+    /// The whole validated pipeline config (a stage reads only its declared sections).
+    pub fn config(&self) -> &Config {
+        self.config
+    }
+
+    /// The completed artifact of an upstream stage this stage declared (required or optional;
+    /// an optional one that has not completed is absent).
+    ///
+    /// # Errors
+    /// If `stage` is not among the declared upstream stages (a programming error in the stage).
+    pub fn upstream(&self, stage: &str) -> anyhow::Result<&Artifact> {
+        self.upstream
+            .iter()
+            .find(|(n, _)| *n == stage)
+            .map(|(_, a)| a)
+            .ok_or_else(|| anyhow::anyhow!("stage did not declare `{stage}` as upstream"))
+    }
+
+    /// Absolute path of a workspace-relative path.
+    pub fn path(&self, rel: impl AsRef<Path>) -> PathBuf {
+        self.workspace.root().join(rel)
+    }
+
+    /// A progress bar for long loops (hidden with `--quiet` or when stderr is not a terminal).
+    pub fn progress_bar(&self, len: u64, message: impl Into<String>) -> ProgressBar {
+        if self.quiet {
+            return ProgressBar::hidden();
+        }
+        let bar = self.progress.add(ProgressBar::new(len));
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} {msg:<24} [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})",
+            )
+            .expect("the template is a valid literal")
+            .progress_chars("=> "),
+        );
+        bar.set_message(message.into());
+        bar
+    }
+
+    /// A progress bar counting bytes (downloads, hashing).
+    pub fn bytes_bar(&self, len: u64, message: impl Into<String>) -> ProgressBar {
+        let bar = self.progress_bar(len, message);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} {msg:<24} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})",
+            )
+            .expect("the template is a valid literal")
+            .progress_chars("=> "),
+        );
+        bar
+    }
+}
