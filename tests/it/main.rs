@@ -1,1 +1,5 @@
+//! Integration tests: one binary (STYLE 12). Each test gets its own temp workspace.
 
+mod cli;
+mod common;
+mod runner;
