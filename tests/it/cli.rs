@@ -137,3 +137,11 @@ fn a_bad_flag_is_a_usage_error_with_exit_2() {
     let out = medpipe().args(["run", "--frobnicate"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn shipped_configs_parse() {
+    for f in ["pipeline/default.toml", "pipeline/qwen2.5-vl-7b.toml"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+        medpipe::Config::load(Some(&path), &[]).unwrap_or_else(|e| panic!("{f}: {e:#}"));
+    }
+}
