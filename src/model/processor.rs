@@ -32,7 +32,7 @@
 
 use std::path::{Path, PathBuf};
 
-use image::{DynamicImage, ImageReader, RgbImage};
+use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
 use serde::Deserialize;
 
 /// CLIP image mean, the transformers default for `image_mean` (`OPENAI_CLIP_MEAN`).
@@ -397,8 +397,8 @@ impl ImageProcessor {
         self.config.merge_size
     }
 
-    /// Decodes an image file, refusing before decoding one whose header announces more than the
-    /// decode limit.
+    /// Decodes an image file and applies its EXIF orientation, refusing before decoding one whose
+    /// header announces more than the decode limit.
     ///
     /// # Errors
     /// `OpenImage`, `ImageTooLarge` or `DecodeImage`, each naming `path`.
@@ -426,7 +426,13 @@ impl ImageProcessor {
                 max_pixels: self.max_input_pixels,
             });
         }
-        open()?.decode().map_err(decode_err)
+        // transformers' `load_image` applies the EXIF orientation (`ImageOps.exif_transpose`), so
+        // a phone photo of a page is upright before it is resized.
+        let mut decoder = open()?.into_decoder().map_err(decode_err)?;
+        let orientation = decoder.orientation().map_err(decode_err)?;
+        let mut img = DynamicImage::from_decoder(decoder).map_err(decode_err)?;
+        img.apply_orientation(orientation);
+        Ok(img)
     }
 
     /// Preprocesses images (decoding the paths) into concatenated patches.
@@ -1120,6 +1126,44 @@ mod tests {
             }
         }
         !crc
+    }
+
+    /// A PNG file of `img` with an `eXIf` chunk (big-endian TIFF, one IFD entry: Orientation).
+    fn png_with_orientation(img: &RgbImage, orientation: u16) -> Vec<u8> {
+        let mut plain = Vec::new();
+        img.write_to(
+            &mut std::io::Cursor::new(&mut plain),
+            image::ImageFormat::Png,
+        )
+        .unwrap();
+        let mut exif =
+            b"MM\x00\x2a\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01".to_vec();
+        exif.extend_from_slice(&orientation.to_be_bytes());
+        exif.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        let mut chunk = b"eXIf".to_vec();
+        chunk.extend_from_slice(&exif);
+        // Signature (8) + IHDR chunk (4 + 4 + 13 + 4) come first; eXIf goes right after.
+        let mut out = plain[..33].to_vec();
+        out.extend_from_slice(&(exif.len() as u32).to_be_bytes());
+        out.extend_from_slice(&chunk);
+        out.extend_from_slice(&crc32(&chunk).to_be_bytes());
+        out.extend_from_slice(&plain[33..]);
+        out
+    }
+
+    #[test]
+    fn exif_orientation_is_applied_when_loading_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rotated.png");
+        // 3 wide, 2 high; orientation 6 means "rotate 90° clockwise to display".
+        let img = RgbImage::from_fn(3, 2, |x, y| image::Rgb([(x * 10 + y) as u8, 0, 0]));
+        std::fs::write(&path, png_with_orientation(&img, 6)).unwrap();
+        let loaded = tiny_processor().load_image(&path).unwrap().to_rgb8();
+        assert_eq!(loaded.dimensions(), (2, 3));
+        // After a clockwise turn the old bottom-left pixel (0, 1) is at the top-left.
+        assert_eq!(loaded.get_pixel(0, 0)[0], 1);
+        assert_eq!(loaded.get_pixel(1, 0)[0], 0);
+        assert_eq!(loaded.get_pixel(0, 2)[0], 21);
     }
 
     #[test]
