@@ -1167,6 +1167,43 @@ mod tests {
     }
 
     #[test]
+    fn unreadable_or_malformed_config_is_an_error_naming_the_file() {
+        let e =
+            ImageProcessor::from_config_file("/nonexistent/preprocessor_config.json").unwrap_err();
+        assert!(matches!(e, ProcessorError::ReadConfig { .. }), "{e:?}");
+        assert!(e
+            .to_string()
+            .contains("/nonexistent/preprocessor_config.json"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("preprocessor_config.json");
+        std::fs::write(&path, r#"{"patch_size": "fourteen"}"#).unwrap();
+        let e = ImageProcessor::from_config_file(&path).unwrap_err();
+        assert!(matches!(e, ProcessorError::ParseConfig { .. }), "{e:?}");
+        assert!(e.to_string().contains("preprocessor_config.json"), "{e}");
+    }
+
+    #[test]
+    fn without_resize_a_size_off_the_patch_grid_is_an_error() {
+        let mut config = tiny_processor().config().clone();
+        config.do_resize = false;
+        let img = DynamicImage::ImageRgb8(synthetic(100, 75));
+        let e = ImageProcessor::new(config)
+            .preprocess(&[img.into()])
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ProcessorError::Geometry {
+                    width: 100,
+                    height: 75,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
+
+    #[test]
     fn empty_image_list_is_an_error() {
         assert!(matches!(
             tiny_processor().preprocess(&[]),

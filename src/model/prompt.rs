@@ -490,7 +490,9 @@ impl PromptBuilder {
     /// [`IGNORE_INDEX`] on the prompt so only the answer (and its end) is learned.
     ///
     /// The answer is tokenized on its own: the prompt ends with `assistant\n`, and a newline is a
-    /// pre-token boundary for Qwen's byte-level BPE, so this equals tokenizing the joined text.
+    /// pre-token of its own for Qwen's byte-level BPE, so this equals tokenizing the joined text
+    /// unless the answer itself starts with whitespace (then the joined text would merge it with
+    /// that newline).
     ///
     /// # Errors
     /// As [`Self::encode_chat`].
