@@ -51,6 +51,29 @@ const MAX_ASPECT_RATIO: f64 = 200.0;
 /// (`Image.MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3`), checked on the header before decoding.
 pub const DEFAULT_MAX_INPUT_PIXELS: u64 = 1024 * 1024 * 1024 / 4 / 3;
 
+/// Why an image size does not work.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum GeometryError {
+    /// A side (or the factor) is zero.
+    #[error("height {height}, width {width} and factor {factor} must be positive")]
+    Empty {
+        height: u32,
+        width: u32,
+        factor: u32,
+    },
+    /// Longer side over shorter side exceeds 200 (transformers raises too).
+    #[error("absolute aspect ratio must be smaller than 200, got {ratio}")]
+    AspectRatio { ratio: f64 },
+    /// The computed target size does not fit (zero or beyond `u32`).
+    #[error("resized size {width}x{height} is unusable")]
+    Unusable { height: f64, width: f64 },
+    /// With `do_resize` off, the size must already be on the patch·merge grid.
+    #[error(
+        "size is not a positive multiple of patch_size·merge_size = {unit} (do_resize is off)"
+    )]
+    OffGrid { unit: u32 },
+}
+
 /// Errors of the image processor. Every variant names the file or image it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessorError {
@@ -97,13 +120,14 @@ pub enum ProcessorError {
         pixels: u64,
         max_pixels: u64,
     },
-    /// The image geometry cannot be resized the Qwen way.
-    #[error("image {image} ({width}x{height}): {reason}")]
+    /// The image geometry cannot be resized or patchified the Qwen way.
+    #[error("image {image} ({width}x{height})")]
     Geometry {
         image: String,
         width: u32,
         height: u32,
-        reason: String,
+        #[source]
+        source: GeometryError,
     },
     /// `preprocess` was called with no image.
     #[error("no image to preprocess")]
@@ -488,11 +512,11 @@ impl ImageProcessor {
     ) -> Result<[u32; 3], ProcessorError> {
         let c = &self.config;
         let (width, height) = img.dimensions();
-        let geometry = |reason: String| ProcessorError::Geometry {
+        let geometry = |source: GeometryError| ProcessorError::Geometry {
             image: label.to_string(),
             width,
             height,
-            reason,
+            source,
         };
         let resized;
         let img = if c.do_resize {
@@ -512,10 +536,7 @@ impl ImageProcessor {
         let (w, h) = img.dimensions();
         let unit = c.patch_size * c.merge_size;
         if w % unit != 0 || h % unit != 0 || w == 0 || h == 0 {
-            return Err(geometry(format!(
-                "size {w}x{h} is not a positive multiple of patch_size·merge_size = {unit} \
-                 (do_resize is off)"
-            )));
+            return Err(geometry(GeometryError::OffGrid { unit }));
         }
         let plane = normalize(img, c);
         patchify(&plane, w as usize, h as usize, c, out);
@@ -530,25 +551,25 @@ impl ImageProcessor {
 /// `side / beta / factor` resp. `side * beta / factor` in f64.
 ///
 /// # Errors
-/// A reason string when a side is zero, the aspect ratio exceeds 200, or the result is empty.
+/// [`GeometryError`] when a side is zero, the aspect ratio exceeds 200, or the result is unusable.
 pub fn smart_resize(
     height: u32,
     width: u32,
     factor: u32,
     min_pixels: u64,
     max_pixels: u64,
-) -> Result<(u32, u32), String> {
+) -> Result<(u32, u32), GeometryError> {
     if height == 0 || width == 0 || factor == 0 {
-        return Err(format!(
-            "height {height}, width {width} and factor {factor} must be positive"
-        ));
+        return Err(GeometryError::Empty {
+            height,
+            width,
+            factor,
+        });
     }
     let (h, w, f) = (f64::from(height), f64::from(width), f64::from(factor));
     let ratio = h.max(w) / h.min(w);
     if ratio > MAX_ASPECT_RATIO {
-        return Err(format!(
-            "absolute aspect ratio must be smaller than {MAX_ASPECT_RATIO}, got {ratio}"
-        ));
+        return Err(GeometryError::AspectRatio { ratio });
     }
     let mut h_bar = (h / f).round_ties_even() * f;
     let mut w_bar = (w / f).round_ties_even() * f;
@@ -562,7 +583,10 @@ pub fn smart_resize(
         w_bar = (w * beta / f).ceil() * f;
     }
     if h_bar < 1.0 || w_bar < 1.0 || h_bar > f64::from(u32::MAX) || w_bar > f64::from(u32::MAX) {
-        return Err(format!("resized size {w_bar}x{h_bar} is unusable"));
+        return Err(GeometryError::Unusable {
+            height: h_bar,
+            width: w_bar,
+        });
     }
     Ok((h_bar as u32, w_bar as u32))
 }
@@ -924,7 +948,13 @@ mod tests {
     #[test]
     fn smart_resize_rejects_extreme_aspect_ratio() {
         let e = smart_resize(10, 2001, 28, 3136, 1_003_520).unwrap_err();
-        assert!(e.contains("aspect ratio"), "{e}");
+        assert_eq!(e, GeometryError::AspectRatio { ratio: 200.1 });
+        let img = DynamicImage::ImageRgb8(RgbImage::new(2001, 10));
+        let e = tiny_processor().preprocess(&[img.into()]).unwrap_err();
+        assert!(
+            matches!(e, ProcessorError::Geometry { width: 2001, .. }),
+            "{e:?}"
+        );
         assert!(smart_resize(10, 2000, 28, 3136, 1_003_520).is_ok());
     }
 
