@@ -1,0 +1,4 @@
+//! Qwen2.5-VL: the input side (image processor, chat prompt building).
+
+pub mod processor;
+pub mod prompt;
