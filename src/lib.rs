@@ -4,6 +4,7 @@
 //! `pipeline` runs stages and keeps their artifacts; `stages` holds one file per stage;
 //! `config` is the TOML the user writes.
 
+pub mod builtin;
 pub mod config;
 pub mod pipeline;
 pub mod stages;
