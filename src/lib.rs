@@ -6,6 +6,7 @@
 
 pub mod builtin;
 pub mod config;
+pub mod hub;
 pub mod pipeline;
 pub mod stages;
 
