@@ -1,1 +1,2 @@
-
+mod download;
+mod mock_hub;
