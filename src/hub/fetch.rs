@@ -352,12 +352,17 @@ pub fn fetch(
         });
     }
     // Pin the revision to the commit, as huggingface_hub does (hf-hub writes it only when it
-    // downloads something).
+    // downloads something). A revision that is the commit itself gets no ref in
+    // huggingface_hub's layout, but hf-hub writes `refs/<commit>`: remove it.
+    let ref_path = repo_dir.join("refs").join(&repo.revision);
     if repo.revision != commit {
-        fs::write_atomic(
-            &repo_dir.join("refs").join(&repo.revision),
-            commit.as_bytes(),
-        )?;
+        fs::write_atomic(&ref_path, commit.as_bytes())?;
+    } else if ref_path.is_file() {
+        std::fs::remove_file(&ref_path).map_err(|source| FsError {
+            action: "removing",
+            path: ref_path.clone(),
+            source,
+        })?;
     }
     Ok(FetchedRepo {
         repo: repo.clone(),

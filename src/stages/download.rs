@@ -201,6 +201,8 @@ impl Stage for Download {
             ("local", dir, None, Value::Null)
         };
 
+        check_shards(&model_dir)?;
+
         let mut datasets = Vec::new();
         for ds in &cfg.datasets {
             let (dir, revision, files) = if let Some(repo) = RepoRef::parse(&ds.source)? {
@@ -262,12 +264,21 @@ impl Stage for Download {
         let downloaded_bytes = sum(&|r| r["action"] == "downloaded");
         let reused_bytes = sum(&|r| r["action"] == "reused");
         let elapsed_s = clock.elapsed().as_secs_f64();
-        let n_down = records
-            .iter()
-            .filter(|r| r["action"] == "downloaded")
-            .count();
-        let n_reused = records.iter().filter(|r| r["action"] == "reused").count();
+        let count = |action: &str| records.iter().filter(|r| r["action"] == action).count();
         let mb = |b: u64| format!("{:.1} MB", b as f64 / 1e6);
+        let breakdown = ["downloaded", "reused", "generated", "local"]
+            .iter()
+            .map(|a| (*a, count(a)))
+            .filter(|(_, n)| *n > 0)
+            .map(|(a, n)| {
+                if a == "downloaded" {
+                    format!("{n} downloaded, {}", mb(downloaded_bytes))
+                } else {
+                    format!("{n} {a}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
         let mut summary = vec![
             (
                 "model".to_string(),
@@ -279,12 +290,7 @@ impl Stage for Download {
             ("model dir".to_string(), model_dir.display().to_string()),
             (
                 "files".to_string(),
-                format!(
-                    "{} files, {} ({n_down} downloaded: {}; {n_reused} reused)",
-                    records.len(),
-                    mb(total_bytes),
-                    mb(downloaded_bytes)
-                ),
+                format!("{} files, {} ({breakdown})", records.len(), mb(total_bytes)),
             ),
         ];
         if !datasets.is_empty() {
@@ -316,6 +322,31 @@ impl Stage for Download {
             warnings: Vec::new(),
         })
     }
+}
+
+/// When the model is sharded, every shard its `model.safetensors.index.json` names must be
+/// present (a pattern that fetched some shards but not others would load half a model).
+fn check_shards(model_dir: &Path) -> anyhow::Result<()> {
+    let index = model_dir.join("model.safetensors.index.json");
+    let Ok(text) = std::fs::read_to_string(&index) else {
+        return Ok(());
+    };
+    let v: Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
+    let Some(map) = v["weight_map"].as_object() else {
+        bail!("{} has no `weight_map` object", index.display());
+    };
+    let mut shards: Vec<&str> = map.values().filter_map(Value::as_str).collect();
+    shards.sort();
+    shards.dedup();
+    if let Some(missing) = shards.iter().find(|s| !model_dir.join(s).is_file()) {
+        bail!(
+            "{} names shard `{missing}`, which is not in {} (check download.model_files)",
+            index.display(),
+            model_dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Feeds fetch progress into one bytes bar (bytes, rate, ETA), created when the total is known.
@@ -435,6 +466,18 @@ mod tests {
         ] {
             assert!(!wanted(n), "{n}");
         }
+    }
+
+    #[test]
+    fn a_shard_named_by_the_index_but_absent_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let index = r#"{"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}"#;
+        std::fs::write(tmp.path().join("model.safetensors.index.json"), index).unwrap();
+        std::fs::write(tmp.path().join("model-00001-of-00002.safetensors"), b"x").unwrap();
+        let err = check_shards(tmp.path()).unwrap_err().to_string();
+        assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
+        std::fs::write(tmp.path().join("model-00002-of-00002.safetensors"), b"x").unwrap();
+        check_shards(tmp.path()).unwrap();
     }
 
     #[test]

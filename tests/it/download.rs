@@ -28,8 +28,16 @@ fn tiny_repo(id: &str) -> MockRepo {
         files: vec![
             MockFile::new("README.md", b"# tiny\n".to_vec(), false),
             MockFile::new("config.json", fixture("config.json"), false),
-            MockFile::new("generation_config.json", br#"{"do_sample": false}"#.to_vec(), false),
-            MockFile::new("preprocessor_config.json", fixture("preprocessor_config.json"), false),
+            MockFile::new(
+                "generation_config.json",
+                br#"{"do_sample": false}"#.to_vec(),
+                false,
+            ),
+            MockFile::new(
+                "preprocessor_config.json",
+                fixture("preprocessor_config.json"),
+                false,
+            ),
             MockFile::new("model.safetensors", fixture("model.safetensors"), true),
             MockFile::new("pytorch_model.bin", vec![7u8; 4096], true),
         ],
@@ -130,7 +138,10 @@ fn hf_model_fills_the_cache_and_a_second_run_reuses_it() {
 
     let a = e.artifact();
     let m = &a["metrics"];
-    let snapshot = e.repo_dir("models--test--tiny").join("snapshots").join(COMMIT);
+    let snapshot = e
+        .repo_dir("models--test--tiny")
+        .join("snapshots")
+        .join(COMMIT);
     assert_eq!(m["model_dir"].as_str().unwrap(), snapshot.to_str().unwrap());
     assert_eq!(m["model_revision"], COMMIT);
     let files = files_by_path(&a);
@@ -140,7 +151,11 @@ fn hf_model_fills_the_cache_and_a_second_run_reuses_it() {
         "model.safetensors",
         "preprocessor_config.json",
     ];
-    assert_eq!(files.keys().collect::<Vec<_>>(), want, "only what the model needs");
+    assert_eq!(
+        files.keys().collect::<Vec<_>>(),
+        want,
+        "only what the model needs"
+    );
     let repo = tiny_repo("test/tiny");
     for name in want {
         let f = &files[name];
@@ -161,25 +176,44 @@ fn hf_model_fills_the_cache_and_a_second_run_reuses_it() {
     );
     // The huggingface_hub cache layout: refs, content-addressed blobs, snapshot links.
     let dir = e.repo_dir("models--test--tiny");
-    assert_eq!(std::fs::read_to_string(dir.join("refs/main")).unwrap(), COMMIT);
-    let blob = dir.join("blobs").join(sha256_hex(&fixture("model.safetensors")));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("refs/main")).unwrap(),
+        COMMIT
+    );
+    let blob = dir
+        .join("blobs")
+        .join(sha256_hex(&fixture("model.safetensors")));
     assert!(blob.is_file());
-    assert!(std::fs::symlink_metadata(snapshot.join("model.safetensors"))
-        .unwrap()
-        .file_type()
-        .is_symlink());
+    assert!(
+        std::fs::symlink_metadata(snapshot.join("model.safetensors"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
     assert!(!snapshot.join("pytorch_model.bin").exists());
-    assert!(!hub.requests().iter().any(|r| r.path.contains("pytorch_model.bin")));
+    assert!(!hub
+        .requests()
+        .iter()
+        .any(|r| r.path.contains("pytorch_model.bin")));
     assert_eq!(m["total_bytes"], m["downloaded_bytes"]);
 
     // Second run: everything comes from the cache, no file is transferred.
     hub.clear_log();
-    ok(&e.run(&hub.url(), &["--set", "model.source=hf:test/tiny", "--from", "download"], &[]));
+    ok(&e.run(
+        &hub.url(),
+        &["--set", "model.source=hf:test/tiny", "--from", "download"],
+        &[],
+    ));
     let a = e.artifact();
-    assert!(files_by_path(&a).values().all(|f| f["action"] == "reused"), "{a:#}");
+    assert!(
+        files_by_path(&a).values().all(|f| f["action"] == "reused"),
+        "{a:#}"
+    );
     assert_eq!(a["metrics"]["downloaded_bytes"], 0);
     assert!(
-        hub.requests().iter().all(|r| !r.path.contains("/resolve/") && !r.path.starts_with("/lfs/")),
+        hub.requests()
+            .iter()
+            .all(|r| !r.path.contains("/resolve/") && !r.path.starts_with("/lfs/")),
         "{:?}",
         hub.requests()
     );
@@ -192,15 +226,33 @@ fn a_dropped_connection_resumes_on_the_next_run_and_the_file_verifies() {
         Some(("model.safetensors", DROP_AFTER)),
     );
     let e = Env::new();
-    let args = ["--set", "model.source=hf:test/tiny", "--set", "download.retries=0"];
+    let args = [
+        "--set",
+        "model.source=hf:test/tiny",
+        "--set",
+        "download.retries=0",
+    ];
     let out = e.run(&hub.url(), &args, &[]);
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(e.error_text().contains("model.safetensors"), "{}", e.error_text());
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        e.error_text().contains("model.safetensors"),
+        "{}",
+        e.error_text()
+    );
     let sha = sha256_hex(&fixture("model.safetensors"));
     let dir = e.repo_dir("models--test--tiny");
     let part = dir.join("blobs").join(format!("{sha}.part"));
     assert_eq!(std::fs::metadata(&part).unwrap().len(), DROP_AFTER as u64);
-    assert!(!dir.join("snapshots").join(COMMIT).join("model.safetensors").exists());
+    assert!(!dir
+        .join("snapshots")
+        .join(COMMIT)
+        .join("model.safetensors")
+        .exists());
 
     hub.clear_log();
     ok(&e.run(&hub.url(), &args, &[]));
@@ -217,6 +269,66 @@ fn a_dropped_connection_resumes_on_the_next_run_and_the_file_verifies() {
         "no request continued at {DROP_AFTER}: {:?}",
         hub.requests()
     );
+}
+
+#[test]
+fn a_dropped_connection_is_resumed_within_the_run_when_retries_are_allowed() {
+    let hub = MockHub::start(
+        vec![tiny_repo("test/tiny")],
+        Some(("model.safetensors", DROP_AFTER)),
+    );
+    let e = Env::new();
+    ok(&e.run(
+        &hub.url(),
+        &[
+            "--set",
+            "model.source=hf:test/tiny",
+            "--set",
+            "download.retries=2",
+        ],
+        &[],
+    ));
+    let f = files_by_path(&e.artifact())["model.safetensors"].clone();
+    assert_eq!(f["sha256"], sha256_hex(&fixture("model.safetensors")));
+    let resumed = format!("bytes={DROP_AFTER}-");
+    assert!(hub
+        .requests()
+        .iter()
+        .any(|r| r.path.starts_with("/lfs/") && r.range.as_deref() == Some(resumed.as_str())));
+}
+
+#[test]
+fn a_commit_revision_is_fetched_without_a_ref_and_a_local_directory_is_used_in_place() {
+    let hub = MockHub::start(vec![tiny_repo("test/tiny")], None);
+    let e = Env::new();
+    let source = format!("model.source=hf:test/tiny@{COMMIT}");
+    ok(&e.run(&hub.url(), &["--set", &source], &[]));
+    let a = e.artifact();
+    assert_eq!(a["metrics"]["model_revision"], COMMIT);
+    let refs = e.repo_dir("models--test--tiny").join("refs");
+    assert!(!refs.join(COMMIT).exists() && !refs.join("main").exists());
+
+    // The snapshot directory itself as a local source: same files, hashed in place.
+    let dir = a["metrics"]["model_dir"].as_str().unwrap().to_string();
+    ok(&e.run(
+        &hub.url(),
+        &[
+            "--set",
+            &format!("model.source={dir}"),
+            "--from",
+            "download",
+        ],
+        &[],
+    ));
+    let local = e.artifact();
+    assert_eq!(local["metrics"]["model_kind"], "local");
+    assert_eq!(local["metrics"]["model_dir"].as_str().unwrap(), dir);
+    let (h, l) = (files_by_path(&a), files_by_path(&local));
+    assert_eq!(h.keys().collect::<Vec<_>>(), l.keys().collect::<Vec<_>>());
+    for (k, f) in &l {
+        assert_eq!(f["action"], "local");
+        assert_eq!(f["sha256"], h[k]["sha256"], "{k}");
+    }
 }
 
 #[test]
@@ -237,11 +349,20 @@ fn content_not_matching_its_sha256_fails_naming_both_hashes_and_leaves_nothing_c
     assert_eq!(out.status.code(), Some(1));
     let err = e.error_text();
     assert!(err.contains("model.safetensors"), "{err}");
-    assert!(err.contains(&sha256_hex(&good)), "expected hash missing: {err}");
-    assert!(err.contains(&sha256_hex(&bad)), "actual hash missing: {err}");
+    assert!(
+        err.contains(&sha256_hex(&good)),
+        "expected hash missing: {err}"
+    );
+    assert!(
+        err.contains(&sha256_hex(&bad)),
+        "actual hash missing: {err}"
+    );
     let dir = e.repo_dir("models--test--tiny");
     assert!(!dir.join("blobs").join(sha256_hex(&good)).exists());
-    assert!(std::fs::symlink_metadata(dir.join("snapshots").join(COMMIT).join("model.safetensors")).is_err());
+    assert!(std::fs::symlink_metadata(
+        dir.join("snapshots").join(COMMIT).join("model.safetensors")
+    )
+    .is_err());
 }
 
 #[test]
@@ -251,7 +372,10 @@ fn a_missing_repository_is_named_in_the_error() {
     let out = e.run(&hub.url(), &["--set", "model.source=hf:test/nope"], &[]);
     assert_eq!(out.status.code(), Some(1));
     let err = e.error_text();
-    assert!(err.contains("test/nope") && err.contains("repository not found"), "{err}");
+    assert!(
+        err.contains("test/nope") && err.contains("repository not found"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -282,9 +406,17 @@ fn offline_mode_uses_only_the_cache() {
     let offline = [("HF_HUB_OFFLINE", "1")];
     // Nothing cached yet: a clear error, and no request reaches the hub.
     let out = e.run(&hub.url(), &args[..2], &offline);
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let err = e.error_text();
-    assert!(err.contains("HF_HUB_OFFLINE") && err.contains("not in the cache"), "{err}");
+    assert!(
+        err.contains("HF_HUB_OFFLINE") && err.contains("not in the cache"),
+        "{err}"
+    );
     assert!(hub.requests().is_empty(), "{:?}", hub.requests());
 
     ok(&e.run(&hub.url(), &args, &[]));
@@ -303,7 +435,11 @@ fn offline_mode_uses_only_the_cache() {
     std::fs::remove_file(snap.join("model.safetensors")).unwrap();
     let out = e.run("http://127.0.0.1:9", &args, &offline);
     assert_eq!(out.status.code(), Some(1));
-    assert!(e.error_text().contains("*.safetensors"), "{}", e.error_text());
+    assert!(
+        e.error_text().contains("*.safetensors"),
+        "{}",
+        e.error_text()
+    );
 }
 
 #[test]
@@ -326,12 +462,23 @@ fn hf_dataset_fetches_only_the_matching_files() {
     let a = e.artifact();
     let d = &a["metrics"]["datasets"][0];
     assert_eq!(d["name"], "ds");
-    let dir = e.repo_dir("datasets--test--ds").join("snapshots").join(COMMIT);
+    let dir = e
+        .repo_dir("datasets--test--ds")
+        .join("snapshots")
+        .join(COMMIT);
     assert_eq!(d["dir"].as_str().unwrap(), dir.to_str().unwrap());
-    let mut files: Vec<&str> = d["files"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+    let mut files: Vec<&str> = d["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
     files.sort();
     assert_eq!(files, ["data/test-0.parquet", "data/train-0.parquet"]);
-    assert_eq!(std::fs::read(dir.join("data/train-0.parquet")).unwrap(), vec![1u8; 3000]);
+    assert_eq!(
+        std::fs::read(dir.join("data/train-0.parquet")).unwrap(),
+        vec![1u8; 3000]
+    );
     assert!(!dir.join("README.md").exists());
     // The default model is still builtin:tiny.
     assert_eq!(a["metrics"]["model_kind"], "builtin");
@@ -344,7 +491,10 @@ fn builtin_tiny_is_byte_identical_for_the_same_seed() {
             .unwrap()
             .map(|e| {
                 let e = e.unwrap();
-                (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap())
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                )
             })
             .collect();
         v.sort();
@@ -356,12 +506,33 @@ fn builtin_tiny_is_byte_identical_for_the_same_seed() {
     ok(&b.run("http://127.0.0.1:9", &[], &[]));
     ok(&c.run("http://127.0.0.1:9", &["--set", "download.seed=1"], &[]));
     let base = |e: &Env| e.ws.join("checkpoints/base");
-    let (fa, fb, fc) = (read_all(&base(&a)), read_all(&base(&b)), read_all(&c.ws.join("checkpoints/base")));
+    let (fa, fb, fc) = (
+        read_all(&base(&a)),
+        read_all(&base(&b)),
+        read_all(&c.ws.join("checkpoints/base")),
+    );
     assert_eq!(fa.len(), 7);
     assert_eq!(fa, fb, "same seed, different bytes");
-    let weights = |f: &[(String, Vec<u8>)]| f.iter().find(|(n, _)| n == "model.safetensors").unwrap().1.clone();
-    assert_ne!(weights(&fa), weights(&fc), "another seed must change the weights");
+    let weights = |f: &[(String, Vec<u8>)]| {
+        f.iter()
+            .find(|(n, _)| n == "model.safetensors")
+            .unwrap()
+            .1
+            .clone()
+    };
+    assert_ne!(
+        weights(&fa),
+        weights(&fc),
+        "another seed must change the weights"
+    );
     let m = &a.artifact()["metrics"];
-    assert_eq!(m["model_dir"].as_str().unwrap(), base(&a).canonicalize().unwrap().to_str().unwrap());
-    assert!(m["files"].as_array().unwrap().iter().all(|f| f["action"] == "generated"));
+    assert_eq!(
+        m["model_dir"].as_str().unwrap(),
+        base(&a).canonicalize().unwrap().to_str().unwrap()
+    );
+    assert!(m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|f| f["action"] == "generated"));
 }

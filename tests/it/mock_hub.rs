@@ -184,7 +184,9 @@ fn handle(mut s: TcpStream, st: &State) -> std::io::Result<()> {
     let header = |name: &str| {
         head.split("\r\n").skip(1).find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
         })
     };
     let range = header("range");
@@ -319,7 +321,10 @@ fn serve(
     };
     let mut headers: Vec<(&str, String)> = extra.to_vec();
     let status = if range.is_some() {
-        headers.push(("Content-Range", format!("bytes {start}-{}/{total}", end - 1)));
+        headers.push((
+            "Content-Range",
+            format!("bytes {start}-{}/{total}", end - 1),
+        ));
         206
     } else {
         200
@@ -350,7 +355,9 @@ fn error(s: TcpStream, status: u16, code: &str, message: &str) -> std::io::Resul
         s,
         status,
         &h,
-        serde_json::json!({ "error": message }).to_string().as_bytes(),
+        serde_json::json!({ "error": message })
+            .to_string()
+            .as_bytes(),
     )
 }
 
@@ -369,7 +376,8 @@ fn write_head(
         416 => "Range Not Satisfiable",
         _ => "Other",
     };
-    let mut head = format!("HTTP/1.1 {status} {reason}\r\nContent-Length: {len}\r\nConnection: close\r\n");
+    let mut head =
+        format!("HTTP/1.1 {status} {reason}\r\nContent-Length: {len}\r\nConnection: close\r\n");
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
