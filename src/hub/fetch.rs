@@ -60,6 +60,8 @@ pub enum HubError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("{url}: file name `{path}` would leave the repository's cache folder")]
+    UnsafePath { url: String, path: String },
     #[error("{repo}@{commit} has no file matching `{pattern}`")]
     MissingFile {
         repo: String,
@@ -242,6 +244,16 @@ pub fn fetch(
     let commit = info.sha.clone();
     let snapshot_dir = repo_dir.join("snapshots").join(&commit);
 
+    if let Some(bad) = info
+        .siblings
+        .iter()
+        .find(|s| !is_safe_relative(&s.rfilename))
+    {
+        return Err(HubError::UnsafePath {
+            url,
+            path: bad.rfilename.clone(),
+        });
+    }
     let selected: Vec<&Sibling> = info
         .siblings
         .iter()
@@ -288,11 +300,26 @@ pub fn fetch(
         // hf-hub names the blob after the etag: the sha256 for LFS files, the git blob id
         // otherwise; an interrupted transfer is `<blob>.part`.
         let etag = expected.clone().or_else(|| s.blob_id.clone());
-        let resumed_from_bytes = etag
-            .map(|e| repo_dir.join("blobs").join(format!("{e}.part")))
+        let part = etag.map(|e| repo_dir.join("blobs").join(format!("{e}.part")));
+        let mut resumed_from_bytes = part
+            .as_ref()
             .and_then(|p| std::fs::metadata(p).ok())
             .map(|m| m.len())
             .unwrap_or(0);
+        // hf-hub asks for `bytes=<part length>-`: a part that is already whole (killed between
+        // the last byte and the rename) would get 416 forever, a longer one `InvalidResume`.
+        // Start such a file over.
+        if let (Some(p), Some(size)) = (&part, s.size) {
+            if resumed_from_bytes >= size && size > 0 {
+                tracing::warn!(part = %p.display(), "partial download is not shorter than the file; restarting it");
+                std::fs::remove_file(p).map_err(|source| FsError {
+                    action: "removing stale partial download",
+                    path: p.clone(),
+                    source,
+                })?;
+                resumed_from_bytes = 0;
+            }
+        }
         on_progress(Progress::File { name: &s.rfilename });
         let got = api_repo
             .download_with_progress(&s.rfilename, ProgressAdapter(on_progress))
@@ -449,6 +476,16 @@ fn fetch_offline(
     })
 }
 
+/// A repository file name that stays inside its snapshot folder when joined to it.
+fn is_safe_relative(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('/')
+        && !name.contains('\\')
+        && name
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
 /// Files under `dir`, as `/`-separated paths relative to the snapshot root.
 fn list_files(dir: &Path, prefix: &str, out: &mut Vec<String>) -> Result<(), FsError> {
     let io = |source| FsError {
@@ -539,4 +576,41 @@ impl hf_hub::api::Progress for ProgressAdapter<'_, '_> {
         (self.0)(Progress::Advanced { bytes: size as u64 });
     }
     fn finish(&mut self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_that_escape_the_snapshot_are_unsafe() {
+        for ok in ["config.json", "data/train-0.parquet", "a.b/c"] {
+            assert!(is_safe_relative(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a//b",
+            "./a",
+            "a\\b",
+        ] {
+            assert!(!is_safe_relative(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn removing_a_cached_file_removes_its_link_and_blob() {
+        let tmp = tempfile::tempdir().unwrap();
+        let blob = tmp.path().join("blobs/abc");
+        let link = tmp.path().join("snapshots/c1/model.safetensors");
+        std::fs::create_dir_all(blob.parent().unwrap()).unwrap();
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        std::fs::write(&blob, b"bad").unwrap();
+        std::os::unix::fs::symlink("../../blobs/abc", &link).unwrap();
+        remove_cached(&link).unwrap();
+        assert!(std::fs::symlink_metadata(&link).is_err());
+        assert!(!blob.exists());
+    }
 }

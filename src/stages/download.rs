@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::builtin;
-use crate::hub::{self, Action, FetchedRepo, HubEnv, Progress, RepoRef};
+use crate::hub::{self, FetchedRepo, HubEnv, Progress, RepoRef};
 use crate::pipeline::fs::hash_file;
 use crate::pipeline::{Stage, StageCtx, StageOutput};
 
@@ -398,7 +398,6 @@ fn hub_records(f: &FetchedRepo) -> Vec<Value> {
 fn local_record(source: &str, dir: &Path, name: &str, action: &str) -> anyhow::Result<Value> {
     let path = dir.join(name);
     let (sha256, size) = hash_file(&path)?;
-    debug_assert!(action != Action::Downloaded.as_str());
     Ok(json!({
         "source": source,
         "path": name,

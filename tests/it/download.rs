@@ -332,6 +332,20 @@ fn a_commit_revision_is_fetched_without_a_ref_and_a_local_directory_is_used_in_p
 }
 
 #[test]
+fn a_complete_leftover_part_file_is_restarted_instead_of_failing_forever() {
+    let hub = MockHub::start(vec![tiny_repo("test/tiny")], None);
+    let e = Env::new();
+    let good = fixture("model.safetensors");
+    let blobs = e.repo_dir("models--test--tiny").join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::write(blobs.join(format!("{}.part", sha256_hex(&good))), &good).unwrap();
+    ok(&e.run(&hub.url(), &["--set", "model.source=hf:test/tiny"], &[]));
+    let f = files_by_path(&e.artifact())["model.safetensors"].clone();
+    assert_eq!(f["sha256"], sha256_hex(&good));
+    assert_eq!(f["resumed_from_bytes"], 0);
+}
+
+#[test]
 fn content_not_matching_its_sha256_fails_naming_both_hashes_and_leaves_nothing_complete() {
     let mut repo = tiny_repo("test/tiny");
     let good = fixture("model.safetensors");
