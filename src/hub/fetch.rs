@@ -281,7 +281,9 @@ pub fn fetch(
         let expected = s.lfs.as_ref().map(|l| l.sha256.to_ascii_lowercase());
         if pointer.exists() {
             let (sha256, size) = fs::hash_file(&pointer)?;
-            if expected.as_ref().is_none_or(|e| *e == sha256) {
+            let intact =
+                expected.as_ref().is_none_or(|e| *e == sha256) && s.size.is_none_or(|n| n == size);
+            if intact {
                 files.push(FetchedFile {
                     path: s.rfilename.clone(),
                     size_bytes: size,
@@ -294,7 +296,7 @@ pub fn fetch(
                 continue;
             }
             // A corrupt cached copy: remove it and download afresh.
-            tracing::warn!(file = %s.rfilename, %sha256, "cached file does not match the hub's sha256; re-downloading");
+            tracing::warn!(file = %s.rfilename, %sha256, size, "cached file does not match the hub's sha256 or size; re-downloading");
             remove_cached(&pointer)?;
         }
         // hf-hub names the blob after the etag: the sha256 for LFS files, the git blob id

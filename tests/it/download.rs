@@ -346,6 +346,31 @@ fn a_complete_leftover_part_file_is_restarted_instead_of_failing_forever() {
 }
 
 #[test]
+fn a_cached_file_corrupted_on_disk_is_downloaded_again() {
+    let hub = MockHub::start(vec![tiny_repo("test/tiny")], None);
+    let e = Env::new();
+    let args = ["--set", "model.source=hf:test/tiny"];
+    ok(&e.run(&hub.url(), &args, &[]));
+    let good = fixture("model.safetensors");
+    let blob = e
+        .repo_dir("models--test--tiny")
+        .join("blobs")
+        .join(sha256_hex(&good));
+    let mut bad = good.clone();
+    bad[100] ^= 1;
+    std::fs::write(&blob, &bad).unwrap();
+    ok(&e.run(
+        &hub.url(),
+        &["--set", "model.source=hf:test/tiny", "--from", "download"],
+        &[],
+    ));
+    let files = files_by_path(&e.artifact());
+    assert_eq!(files["model.safetensors"]["action"], "downloaded");
+    assert_eq!(files["config.json"]["action"], "reused");
+    assert_eq!(std::fs::read(&blob).unwrap(), good);
+}
+
+#[test]
 fn content_not_matching_its_sha256_fails_naming_both_hashes_and_leaves_nothing_complete() {
     let mut repo = tiny_repo("test/tiny");
     let good = fixture("model.safetensors");
