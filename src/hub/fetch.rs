@@ -151,6 +151,8 @@ pub struct FetchedRepo {
     pub snapshot_dir: PathBuf,
     /// Files in the order of the hub's listing.
     pub files: Vec<FetchedFile>,
+    /// Problems repaired on the way (a corrupt cached file fetched again).
+    pub warnings: Vec<String>,
 }
 
 /// Progress of a fetch, for a progress bar.
@@ -276,6 +278,7 @@ pub fn fetch(
     on_progress(Progress::Planned { total_bytes });
 
     let mut files = Vec::new();
+    let mut warnings = Vec::new();
     for s in selected {
         let pointer = snapshot_dir.join(&s.rfilename);
         let expected = s.lfs.as_ref().map(|l| l.sha256.to_ascii_lowercase());
@@ -297,6 +300,11 @@ pub fn fetch(
             }
             // A corrupt cached copy: remove it and download afresh.
             tracing::warn!(file = %s.rfilename, %sha256, size, "cached file does not match the hub's sha256 or size; re-downloading");
+            warnings.push(format!(
+                "{}: cached copy {} was corrupt (sha256 {sha256}, {size} bytes); downloaded again",
+                s.rfilename,
+                pointer.display()
+            ));
             remove_cached(&pointer)?;
         }
         // hf-hub names the blob after the etag: the sha256 for LFS files, the git blob id
@@ -398,6 +406,7 @@ pub fn fetch(
         commit,
         snapshot_dir,
         files,
+        warnings,
     })
 }
 
@@ -475,6 +484,7 @@ fn fetch_offline(
         commit,
         snapshot_dir,
         files,
+        warnings: Vec::new(),
     })
 }
 

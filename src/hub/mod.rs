@@ -77,7 +77,9 @@ impl HubEnv {
 /// Model or dataset repository.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RepoKind {
+    /// `hf:` sources (`/api/models/…`, cache folder `models--…`).
     Model,
+    /// `hf-dataset:` sources (`/api/datasets/…`, cache folder `datasets--…`).
     Dataset,
 }
 

@@ -127,6 +127,7 @@ impl Stage for Download {
         let mut records: Vec<Value> = Vec::new();
         let mut outputs: Vec<PathBuf> = Vec::new();
         let mut bar: Option<ProgressBar> = None;
+        let mut warnings: Vec<String> = Vec::new();
 
         let (kind, model_dir, model_revision, extra) = if let Some(name) =
             source.strip_prefix("builtin:")
@@ -174,6 +175,7 @@ impl Stage for Download {
             )
             .with_context(|| format!("fetching model {repo}"))?;
             records.extend(hub_records(&fetched));
+            warnings.extend(fetched.warnings.iter().cloned());
             outputs.push(fetched.snapshot_dir.clone());
             (
                 "hf",
@@ -219,6 +221,7 @@ impl Stage for Download {
                     })
                     .with_context(|| format!("fetching dataset `{}` ({repo})", ds.name))?;
                 records.extend(hub_records(&fetched));
+                warnings.extend(fetched.warnings.iter().cloned());
                 let files: Vec<String> = fetched.files.iter().map(|f| f.path.clone()).collect();
                 (fetched.snapshot_dir, Some(fetched.commit), files)
             } else {
@@ -319,7 +322,7 @@ impl Stage for Download {
             metrics,
             outputs,
             summary,
-            warnings: Vec::new(),
+            warnings,
         })
     }
 }

@@ -367,6 +367,11 @@ fn a_cached_file_corrupted_on_disk_is_downloaded_again() {
     let files = files_by_path(&e.artifact());
     assert_eq!(files["model.safetensors"]["action"], "downloaded");
     assert_eq!(files["config.json"]["action"], "reused");
+    let warnings = e.artifact()["warnings"].to_string();
+    assert!(
+        warnings.contains("model.safetensors") && warnings.contains("corrupt"),
+        "{warnings}"
+    );
     assert_eq!(std::fs::read(&blob).unwrap(), good);
 }
 
