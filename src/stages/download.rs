@@ -124,42 +124,13 @@ impl Stage for Download {
         let cfg = &ctx.config().download;
         let source = ctx.config().model.source.clone();
         let env = HubEnv::from_env();
-        let mut records: Vec<Value> = Vec::new();
-        let mut outputs: Vec<PathBuf> = Vec::new();
         let mut bar: Option<ProgressBar> = None;
-        let mut warnings: Vec<String> = Vec::new();
 
-        let (kind, model_dir, model_revision, extra) = if let Some(name) =
-            source.strip_prefix("builtin:")
-        {
+        let (kind, model) = if let Some(name) = source.strip_prefix("builtin:") {
             if name != "tiny" {
                 bail!("unknown builtin model `{source}` (available: builtin:tiny)");
             }
-            let dir = ctx.workspace().checkpoints().join("base");
-            let corpus = builtin::tokenizer_corpus(cfg.seed, TOKENIZER_CORPUS_DOCS);
-            let m = builtin::materialize(&dir, cfg.seed, &corpus)
-                .with_context(|| format!("materializing builtin:tiny into {}", dir.display()))?;
-            for f in &m.files {
-                records.push(local_record(&source, &dir, f, "generated")?);
-            }
-            outputs.push(dir.clone());
-            let s = &m.spec;
-            let extra = json!({
-                "seed": cfg.seed,
-                "tokenizer_tokens": m.tokenizer_size,
-                "dims": {
-                    "vocab_size": s.vocab_size,
-                    "hidden_size": s.hidden_size,
-                    "intermediate_size": s.intermediate_size,
-                    "num_hidden_layers": s.num_hidden_layers,
-                    "num_attention_heads": s.num_attention_heads,
-                    "num_key_value_heads": s.num_key_value_heads,
-                    "vision_depth": s.vision_config.depth,
-                    "vision_hidden_size": s.vision_config.hidden_size,
-                    "vision_num_heads": s.vision_config.num_heads,
-                },
-            });
-            ("builtin", dir, None, extra)
+            ("builtin", place_builtin_tiny(ctx, cfg.seed)?)
         } else if let Some(repo) = RepoRef::parse(&source)? {
             if repo.kind != hub::RepoKind::Model {
                 bail!("[model] source `{source}` names a dataset; use hf:org/name for a model");
@@ -174,143 +145,90 @@ impl Stage for Download {
                 &mut |p| on_progress(ctx, &mut bar, p),
             )
             .with_context(|| format!("fetching model {repo}"))?;
-            records.extend(hub_records(&fetched));
-            warnings.extend(fetched.warnings.iter().cloned());
-            outputs.push(fetched.snapshot_dir.clone());
-            (
-                "hf",
-                fetched.snapshot_dir,
-                Some(fetched.commit),
-                Value::Null,
-            )
+            ("hf", Placed::from_hub(fetched))
         } else {
-            let dir = std::path::absolute(&source)
-                .with_context(|| format!("resolving model directory `{source}`"))?;
-            let names = local_files(&dir, &cfg.model_files)
-                .with_context(|| format!("[model] source `{source}`"))?;
-            for pattern in REQUIRED_MODEL_FILES {
-                if !names.iter().any(|n| hub::glob_match(pattern, n)) {
-                    bail!(
-                        "model directory {} has no file matching `{pattern}` (expected a Hugging Face model layout)",
-                        dir.display()
-                    );
-                }
-            }
-            for n in &names {
-                records.push(local_record(&source, &dir, n, "local")?);
-            }
-            outputs.push(dir.clone());
-            ("local", dir, None, Value::Null)
+            let required = REQUIRED_MODEL_FILES.map(String::from);
+            let placed = place_local(&source, &cfg.model_files, &required).with_context(|| {
+                format!("[model] source `{source}` (a Hugging Face model directory)")
+            })?;
+            ("local", placed)
         };
+        check_shards(&model.dir)?;
 
-        check_shards(&model_dir)?;
-
-        let mut datasets = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut sets = Vec::new();
         for ds in &cfg.datasets {
-            let (dir, revision, files) = if let Some(repo) = RepoRef::parse(&ds.source)? {
-                if repo.kind != hub::RepoKind::Dataset {
-                    bail!(
-                        "dataset `{}`: `{}` names a model; use hf-dataset:org/name",
-                        ds.name,
-                        ds.source
-                    );
+            if !seen.insert(ds.name.as_str()) {
+                bail!("two [[download.datasets]] are named `{}`", ds.name);
+            }
+            let placed = match RepoRef::parse(&ds.source)? {
+                Some(repo) if repo.kind == hub::RepoKind::Dataset => {
+                    let fetched =
+                        hub::fetch(&env, &repo, &ds.files, &ds.files, cfg.retries, &mut |p| {
+                            on_progress(ctx, &mut bar, p)
+                        })
+                        .with_context(|| format!("fetching dataset `{}` ({repo})", ds.name))?;
+                    Placed::from_hub(fetched)
                 }
-                let fetched =
-                    hub::fetch(&env, &repo, &ds.files, &ds.files, cfg.retries, &mut |p| {
-                        on_progress(ctx, &mut bar, p)
-                    })
-                    .with_context(|| format!("fetching dataset `{}` ({repo})", ds.name))?;
-                records.extend(hub_records(&fetched));
-                warnings.extend(fetched.warnings.iter().cloned());
-                let files: Vec<String> = fetched.files.iter().map(|f| f.path.clone()).collect();
-                (fetched.snapshot_dir, Some(fetched.commit), files)
-            } else {
-                let dir = std::path::absolute(&ds.source)
-                    .with_context(|| format!("resolving dataset directory `{}`", ds.source))?;
-                let names = local_files(&dir, &ds.files)
-                    .with_context(|| format!("dataset `{}`", ds.name))?;
-                for pattern in &ds.files {
-                    if !names.iter().any(|n| hub::glob_match(pattern, n)) {
-                        bail!(
-                            "dataset `{}`: {} has no file matching `{pattern}`",
-                            ds.name,
-                            dir.display()
-                        );
-                    }
-                }
-                for n in &names {
-                    records.push(local_record(&ds.source, &dir, n, "local")?);
-                }
-                (dir, None, names)
+                Some(_) => bail!(
+                    "dataset `{}`: `{}` names a model; use hf-dataset:org/name",
+                    ds.name,
+                    ds.source
+                ),
+                None => place_local(&ds.source, &ds.files, &ds.files)
+                    .with_context(|| format!("dataset `{}`", ds.name))?,
             };
-            outputs.push(dir.clone());
-            datasets.push(json!({
-                "name": ds.name,
-                "source": ds.source,
-                "revision": revision,
-                "dir": dir,
-                "files": files,
-            }));
+            sets.push((ds, placed));
         }
         if let Some(b) = bar {
             b.finish_and_clear();
         }
 
-        let sum = |pred: &dyn Fn(&Value) -> bool| -> u64 {
+        let datasets: Vec<Value> = sets
+            .iter()
+            .map(|(ds, p)| {
+                json!({
+                    "name": ds.name,
+                    "source": ds.source,
+                    "revision": p.revision,
+                    "dir": p.dir,
+                    "files": p.records.iter().map(|r| r["path"].clone()).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let all = std::iter::once(&model).chain(sets.iter().map(|(_, p)| p));
+        let records: Vec<&Value> = all.clone().flat_map(|p| &p.records).collect();
+        let outputs: Vec<PathBuf> = all.clone().map(|p| p.dir.clone()).collect();
+        let warnings: Vec<String> = all.flat_map(|p| p.warnings.iter().cloned()).collect();
+
+        let bytes = |action: Option<&str>| -> u64 {
             records
                 .iter()
-                .filter(|r| pred(r))
+                .filter(|r| action.is_none_or(|a| r["action"] == a))
                 .filter_map(|r| r["size_bytes"].as_u64())
                 .sum()
         };
-        let total_bytes = sum(&|_| true);
-        let downloaded_bytes = sum(&|r| r["action"] == "downloaded");
-        let reused_bytes = sum(&|r| r["action"] == "reused");
-        let elapsed_s = clock.elapsed().as_secs_f64();
-        let count = |action: &str| records.iter().filter(|r| r["action"] == action).count();
-        let mb = |b: u64| format!("{:.1} MB", b as f64 / 1e6);
-        let breakdown = ["downloaded", "reused", "generated", "local"]
-            .iter()
-            .map(|a| (*a, count(a)))
-            .filter(|(_, n)| *n > 0)
-            .map(|(a, n)| {
-                if a == "downloaded" {
-                    format!("{n} downloaded, {}", mb(downloaded_bytes))
-                } else {
-                    format!("{n} {a}")
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("; ");
-        let mut summary = vec![
-            (
-                "model".to_string(),
-                match &model_revision {
-                    Some(c) => format!("{source} @ {c}"),
-                    None => source.clone(),
-                },
-            ),
-            ("model dir".to_string(), model_dir.display().to_string()),
-            (
-                "files".to_string(),
-                format!("{} files, {} ({breakdown})", records.len(), mb(total_bytes)),
-            ),
-        ];
-        if !datasets.is_empty() {
-            summary.push(("datasets".into(), datasets.len().to_string()));
-        }
+        let (total_bytes, downloaded_bytes) = (bytes(None), bytes(Some("downloaded")));
+        let summary = summarize(
+            &source,
+            &model,
+            &records,
+            sets.len(),
+            total_bytes,
+            downloaded_bytes,
+        );
         let metrics = json!({
             "model_source": source,
             "model_kind": kind,
-            "model_dir": model_dir,
-            "model_revision": model_revision,
-            "builtin": extra,
+            "model_dir": model.dir,
+            "model_revision": model.revision,
+            "builtin": model.builtin,
             "datasets": datasets,
             "files": records,
             "total_bytes": total_bytes,
             "downloaded_bytes": downloaded_bytes,
-            "reused_bytes": reused_bytes,
-            "elapsed_s": elapsed_s,
+            "reused_bytes": bytes(Some("reused")),
+            "elapsed_s": clock.elapsed().as_secs_f64(),
             "hub": {
                 "endpoint": env.endpoint,
                 "cache_dir": env.cache_dir,
@@ -325,6 +243,130 @@ impl Stage for Download {
             warnings,
         })
     }
+}
+
+/// A model or dataset on disk in HF layout, with one report row per file.
+struct Placed {
+    /// Absolute directory (snapshot, checkpoint or local directory).
+    dir: PathBuf,
+    /// The commit a hub source resolved to.
+    revision: Option<String>,
+    records: Vec<Value>,
+    warnings: Vec<String>,
+    /// For builtin:tiny: seed, tokenizer size and dimensions.
+    builtin: Value,
+}
+
+impl Placed {
+    fn from_hub(f: FetchedRepo) -> Self {
+        Self {
+            records: hub_records(&f),
+            dir: f.snapshot_dir,
+            revision: Some(f.commit),
+            warnings: f.warnings,
+            builtin: Value::Null,
+        }
+    }
+}
+
+/// Materializes builtin:tiny under `checkpoints/base`.
+fn place_builtin_tiny(ctx: &StageCtx<'_>, seed: u64) -> anyhow::Result<Placed> {
+    let dir = ctx.workspace().checkpoints().join("base");
+    let corpus = builtin::tokenizer_corpus(seed, TOKENIZER_CORPUS_DOCS);
+    let m = builtin::materialize(&dir, seed, &corpus)
+        .with_context(|| format!("materializing builtin:tiny into {}", dir.display()))?;
+    let records = m
+        .files
+        .iter()
+        .map(|f| local_record("builtin:tiny", &dir, f, "generated"))
+        .collect::<anyhow::Result<_>>()?;
+    let s = &m.spec;
+    let builtin = json!({
+        "seed": seed,
+        "tokenizer_tokens": m.tokenizer_size,
+        "dims": {
+            "vocab_size": s.vocab_size,
+            "hidden_size": s.hidden_size,
+            "intermediate_size": s.intermediate_size,
+            "num_hidden_layers": s.num_hidden_layers,
+            "num_attention_heads": s.num_attention_heads,
+            "num_key_value_heads": s.num_key_value_heads,
+            "vision_depth": s.vision_config.depth,
+            "vision_hidden_size": s.vision_config.hidden_size,
+            "vision_num_heads": s.vision_config.num_heads,
+        },
+    });
+    Ok(Placed {
+        dir,
+        revision: None,
+        records,
+        warnings: Vec::new(),
+        builtin,
+    })
+}
+
+/// A local directory used in place (relative paths resolve against the current directory):
+/// its files matching `patterns`, each pattern in `required` matching at least one.
+fn place_local(source: &str, patterns: &[String], required: &[String]) -> anyhow::Result<Placed> {
+    let dir = std::path::absolute(source).with_context(|| format!("resolving `{source}`"))?;
+    let names = local_files(&dir, patterns)?;
+    if let Some(p) = required
+        .iter()
+        .find(|p| !names.iter().any(|n| hub::glob_match(p, n)))
+    {
+        bail!("{} has no file matching `{p}`", dir.display());
+    }
+    let records = names
+        .iter()
+        .map(|n| local_record(source, &dir, n, "local"))
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Placed {
+        dir,
+        revision: None,
+        records,
+        warnings: Vec::new(),
+        builtin: Value::Null,
+    })
+}
+
+/// Key figures: the model, where it is, and how its files came.
+fn summarize(
+    source: &str,
+    model: &Placed,
+    records: &[&Value],
+    n_datasets: usize,
+    total_bytes: u64,
+    downloaded_bytes: u64,
+) -> Vec<(String, String)> {
+    let mb = |b: u64| format!("{:.1} MB", b as f64 / 1e6);
+    let breakdown = ["downloaded", "reused", "generated", "local"]
+        .iter()
+        .map(|a| (*a, records.iter().filter(|r| r["action"] == *a).count()))
+        .filter(|(_, n)| *n > 0)
+        .map(|(a, n)| match a {
+            "downloaded" => format!("{n} downloaded, {}", mb(downloaded_bytes)),
+            _ => format!("{n} {a}"),
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    let mut summary = vec![
+        (
+            "model".to_string(),
+            match &model.revision {
+                Some(c) => format!("{source} @ {c}"),
+                None => source.to_string(),
+            },
+        ),
+        ("model dir".to_string(), model.dir.display().to_string()),
+        (
+            "files".to_string(),
+            format!("{} files, {} ({breakdown})", records.len(), mb(total_bytes)),
+        ),
+    ];
+    if n_datasets > 0 {
+        summary.push(("datasets".into(), n_datasets.to_string()));
+    }
+    summary
 }
 
 /// When the model is sharded, every shard its `model.safetensors.index.json` names must be
