@@ -580,3 +580,41 @@ fn builtin_tiny_is_byte_identical_for_the_same_seed() {
         .iter()
         .all(|f| f["action"] == "generated"));
 }
+
+#[test]
+fn a_local_dataset_directory_is_listed_in_place_and_duplicate_names_are_rejected() {
+    let e = Env::new();
+    let data = e.ws.parent().unwrap().join("mtsamples");
+    std::fs::create_dir_all(data.join("raw")).unwrap();
+    std::fs::write(data.join("raw/mtsamples.csv"), "a,b\n1,2\n").unwrap();
+    std::fs::write(data.join("notes.txt"), "x").unwrap();
+    let one = format!(
+        r#"download.datasets=[{{name = "mt", source = "{}", files = ["*.csv"]}}]"#,
+        data.display()
+    );
+    ok(&e.run("http://127.0.0.1:9", &["--set", &one], &[]));
+    let a = e.artifact();
+    let d = &a["metrics"]["datasets"][0];
+    assert_eq!(d["dir"].as_str().unwrap(), data.to_str().unwrap());
+    assert_eq!(d["files"], serde_json::json!(["raw/mtsamples.csv"]));
+    let f = files_by_path(&a)["raw/mtsamples.csv"].clone();
+    assert_eq!(f["action"], "local");
+    assert_eq!(f["sha256"], sha256_hex(b"a,b\n1,2\n"));
+
+    let two = format!(
+        r#"download.datasets=[{{name = "mt", source = "{0}"}}, {{name = "mt", source = "{0}"}}]"#,
+        data.display()
+    );
+    let out = e.run(
+        "http://127.0.0.1:9",
+        &["--set", &two, "--from", "download"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        e.error_text()
+            .contains("two [[download.datasets]] are named `mt`"),
+        "{}",
+        e.error_text()
+    );
+}
