@@ -4,8 +4,10 @@
 //! `pipeline` runs stages and keeps their artifacts; `stages` holds one file per stage;
 //! `config` is the TOML the user writes.
 
+pub mod builtin;
 pub mod config;
 pub mod model;
+pub mod hub;
 pub mod pipeline;
 pub mod stages;
 

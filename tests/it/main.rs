@@ -2,4 +2,6 @@
 
 mod cli;
 mod common;
+mod download;
+mod mock_hub;
 mod runner;

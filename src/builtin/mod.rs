@@ -1,0 +1,275 @@
+//! `builtin:tiny`: the embedded default model, materialized from a seed in exactly the
+//! Hugging Face layout of a Qwen2.5-VL checkpoint, so everything downstream loads it like any
+//! other checkpoint.
+//!
+//! Files: `config.json`, `generation_config.json`, `preprocessor_config.json`,
+//! `model.safetensors` (seeded f32 weights), `tokenizer.json` (byte-level BPE trained on
+//! clinical text), `tokenizer_config.json` and `chat_template.json`. The same seed and corpus
+//! give byte-identical files.
+
+pub mod spec;
+pub mod tokenizer;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::pipeline::fs::{self, FsError};
+pub use spec::TinySpec;
+
+/// Embedding rows are padded to a multiple of this many tokens (as Qwen pads 151,665 tokens
+/// to 152,064 rows), so the vocabulary size stays a round number if BPE learns fewer merges.
+const VOCAB_MULTIPLE: usize = 64;
+/// Longest sequence the tokenizer config advertises, tokens.
+const MODEL_MAX_LENGTH: usize = 4096;
+
+/// Errors materializing `builtin:tiny`.
+#[derive(Debug, thiserror::Error)]
+pub enum BuiltinError {
+    #[error(transparent)]
+    Tokenizer(#[from] tokenizer::TokenizerError),
+    #[error("serializing builtin:tiny weights")]
+    Safetensors(#[source] safetensors::SafeTensorError),
+    #[error(transparent)]
+    Fs(#[from] FsError),
+}
+
+/// What [`materialize`] wrote.
+#[derive(Debug, Clone)]
+pub struct Materialized {
+    /// The model directory.
+    pub dir: PathBuf,
+    /// The dimensions used.
+    pub spec: TinySpec,
+    /// Tokens in the tokenizer, special ones included.
+    pub tokenizer_size: usize,
+    /// File names written, sorted.
+    pub files: Vec<String>,
+}
+
+/// Writes `builtin:tiny` for `seed` into `dir` (through `<dir>.partial`, renamed at the end,
+/// so a crash never leaves a half-written model under `dir`). The tokenizer is trained on
+/// `corpus`.
+///
+/// # Errors
+/// Tokenizer training or any I/O failure, naming the path.
+pub fn materialize(dir: &Path, seed: u64, corpus: &[String]) -> Result<Materialized, BuiltinError> {
+    let trained = tokenizer::train(corpus)?;
+    let spec = TinySpec::tiny(trained.size.div_ceil(VOCAB_MULTIPLE) * VOCAB_MULTIPLE);
+    let weights = weights::safetensors_bytes(&spec, seed).map_err(BuiltinError::Safetensors)?;
+    let partial = dir.with_file_name(format!(
+        "{}.partial",
+        dir.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    ));
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(|source| FsError {
+            action: "removing stale",
+            path: partial.clone(),
+            source,
+        })?;
+    }
+    let json_files: [(&str, Value); 5] = [
+        ("config.json", spec.config_json(&trained.ids)),
+        ("generation_config.json", spec.generation_json(&trained.ids)),
+        ("preprocessor_config.json", spec.preprocessor_json()),
+        (
+            "tokenizer_config.json",
+            tokenizer::tokenizer_config_json(MODEL_MAX_LENGTH),
+        ),
+        ("chat_template.json", tokenizer::chat_template_json()),
+    ];
+    let mut files = Vec::new();
+    for (name, value) in &json_files {
+        fs::write_json_atomic(&partial.join(name), value)?;
+        files.push(name.to_string());
+    }
+    fs::write_atomic(&partial.join("tokenizer.json"), trained.json.as_bytes())?;
+    fs::write_atomic(&partial.join("model.safetensors"), &weights)?;
+    files.extend([
+        "tokenizer.json".to_string(),
+        "model.safetensors".to_string(),
+    ]);
+    files.sort();
+    fs::commit_dir(&partial, dir)?;
+    tracing::info!(dir = %dir.display(), seed, vocab = spec.vocab_size, "materialized builtin:tiny");
+    Ok(Materialized {
+        dir: dir.to_path_buf(),
+        spec,
+        tokenizer_size: trained.size,
+        files,
+    })
+}
+
+/// Varied clinical document text for training the tokenizer, `n` lines from `seed`.
+// Stand-in: replaced at merge by `crate::data::synthetic::corpus(seed, n)`, the synthetic clinical document generator.
+pub(crate) fn tokenizer_corpus(seed: u64, n: usize) -> Vec<String> {
+    use rand::{Rng, SeedableRng};
+    const TESTS: [(&str, &str, f64, f64); 16] = [
+        ("Hemoglobin", "g/dL", 8.0, 17.5),
+        ("White blood cell count", "10^9/L", 2.0, 18.0),
+        ("Platelets", "10^9/L", 90.0, 450.0),
+        ("Sodium", "mmol/L", 128.0, 150.0),
+        ("Potassium", "mmol/L", 2.9, 6.1),
+        ("Creatinine", "mg/dL", 0.5, 3.2),
+        ("Glucose", "mg/dL", 60.0, 320.0),
+        ("HbA1c", "%", 4.8, 11.5),
+        ("ALT", "U/L", 7.0, 180.0),
+        ("Total cholesterol", "mg/dL", 120.0, 310.0),
+        ("TSH", "mIU/L", 0.1, 9.0),
+        ("C-reactive protein", "mg/L", 0.2, 120.0),
+        ("Troponin I", "ng/mL", 0.0, 2.5),
+        ("INR", "", 0.8, 3.5),
+        ("Heart rate", "bpm", 48.0, 128.0),
+        ("Temperature", "°C", 35.8, 40.1),
+    ];
+    const DIAGNOSES: [&str; 10] = [
+        "type 2 diabetes mellitus",
+        "essential hypertension",
+        "community-acquired pneumonia",
+        "chronic kidney disease stage 3",
+        "atrial fibrillation",
+        "iron deficiency anemia",
+        "hypothyroidism",
+        "acute bronchitis",
+        "congestive heart failure",
+        "urinary tract infection",
+    ];
+    const DRUGS: [(&str, &str); 8] = [
+        ("metformin", "500 mg twice daily"),
+        ("lisinopril", "10 mg once daily"),
+        ("atorvastatin", "40 mg at night"),
+        ("amoxicillin", "875 mg every 12 hours"),
+        ("levothyroxine", "75 mcg every morning"),
+        ("furosemide", "20 mg daily"),
+        ("apixaban", "5 mg twice daily"),
+        ("ferrous sulfate", "325 mg daily"),
+    ];
+    const KINDS: [&str; 5] = [
+        "LABORATORY REPORT",
+        "DISCHARGE SUMMARY",
+        "PROGRESS NOTE",
+        "RADIOLOGY REPORT",
+        "PRESCRIPTION",
+    ];
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|i| {
+            let kind = KINDS[i % KINDS.len()];
+            let age = rng.random_range(18..95);
+            let sex = if rng.random_bool(0.5) { "female" } else { "male" };
+            let dx = DIAGNOSES[rng.random_range(0..DIAGNOSES.len())];
+            let (drug, dose) = DRUGS[rng.random_range(0..DRUGS.len())];
+            let mut doc = format!(
+                "{kind}\nPatient ID: MRN-{:06}  Date: 2024-{:02}-{:02}\n{age}-year-old {sex} with a history of {dx}.\n",
+                rng.random_range(0..1_000_000),
+                rng.random_range(1..13),
+                rng.random_range(1..29)
+            );
+            for _ in 0..rng.random_range(3..7) {
+                let (test, unit, lo, hi) = TESTS[rng.random_range(0..TESTS.len())];
+                let value = lo + (hi - lo) * rng.random::<f64>();
+                let flag = if value > lo + 0.8 * (hi - lo) { " (H)" } else { "" };
+                doc.push_str(&format!("{test}: {value:.1} {unit}{flag}\n"));
+            }
+            doc.push_str(&format!(
+                "Assessment: {dx}. Plan: continue {drug} {dose}; follow up in {} weeks.\n",
+                rng.random_range(1..13)
+            ));
+            doc
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_dir_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
+        let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn materialize_writes_the_hf_layout_and_repeats_byte_for_byte() {
+        let tmp = tempfile::tempdir().unwrap();
+        let corpus = tokenizer_corpus(0, 300);
+        let a = materialize(&tmp.path().join("a/base"), 5, &corpus).unwrap();
+        materialize(&tmp.path().join("b/base"), 5, &corpus).unwrap();
+        let (fa, fb) = (
+            read_dir_bytes(&tmp.path().join("a/base")),
+            read_dir_bytes(&tmp.path().join("b/base")),
+        );
+        let names: Vec<&str> = fa.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            a.files.iter().map(String::as_str).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            names,
+            [
+                "chat_template.json",
+                "config.json",
+                "generation_config.json",
+                "model.safetensors",
+                "preprocessor_config.json",
+                "tokenizer.json",
+                "tokenizer_config.json"
+            ]
+        );
+        assert_eq!(fa, fb, "same seed must give identical bytes");
+        assert!(!tmp.path().join("a/base.partial").exists());
+    }
+
+    #[test]
+    fn config_ids_name_the_tokenizers_special_tokens_and_shapes_match_the_config() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("base");
+        materialize(&dir, 1, &tokenizer_corpus(1, 300)).unwrap();
+        let cfg: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+        for (key, token) in [
+            ("image_token_id", "<|image_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+            ("eos_token_id", "<|im_end|>"),
+            ("pad_token_id", "<|endoftext|>"),
+        ] {
+            assert_eq!(
+                cfg[key].as_u64(),
+                tok.token_to_id(token).map(u64::from),
+                "{key}"
+            );
+        }
+        let spec: TinySpec = serde_json::from_value(cfg.clone()).unwrap();
+        assert!(tok.get_vocab_size(true) <= spec.vocab_size);
+        let mrope: usize = cfg["rope_scaling"]["mrope_section"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .sum();
+        assert_eq!(mrope * 2, spec.head_dim());
+        assert_eq!(spec.vision_config.out_hidden_size, spec.hidden_size);
+        let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let layout = weights::layout(&spec);
+        assert_eq!(st.len(), layout.len());
+        for (k, (shape, _)) in layout {
+            assert_eq!(st.tensor(&k).unwrap().shape(), shape.as_slice(), "{k}");
+        }
+    }
+}
