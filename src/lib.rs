@@ -6,8 +6,8 @@
 
 pub mod builtin;
 pub mod config;
-pub mod model;
 pub mod hub;
+pub mod model;
 pub mod pipeline;
 pub mod stages;
 

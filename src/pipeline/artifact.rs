@@ -63,6 +63,10 @@ pub struct OutputFile {
     pub bytes: u64,
     /// sha256, hex.
     pub sha256: String,
+    /// Metadata fingerprint (paths, sizes, mtimes) taken when hashed; when it still matches,
+    /// the content hash is trusted without re-reading (see `fs::stat_fingerprint`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stat: Option<String>,
 }
 
 /// The error of a failed stage: its message and the chain of causes.

@@ -143,6 +143,42 @@ fn collect_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), 
     Ok(())
 }
 
+/// A cheap fingerprint of a file or directory from metadata only: sha256 over each file's
+/// relative path, size and modification time (ns). Equal fingerprints let the runner trust a
+/// recorded content hash without re-reading gigabytes (DVC keeps the same mtime/size cache);
+/// any write changes the mtime, so a changed file is still re-hashed.
+///
+/// # Errors
+/// The path is missing or unreadable.
+pub fn stat_fingerprint(path: &Path) -> Result<String, FsError> {
+    let meta = fs::metadata(path).map_err(err("reading", path))?;
+    let mut files = Vec::new();
+    if meta.is_dir() {
+        collect_files(path, path, &mut files)?;
+        files.sort();
+    } else {
+        files.push(PathBuf::new());
+    }
+    let mut h = Sha256::new();
+    for rel in files {
+        // `join("")` would add a trailing slash to a plain file's path.
+        let p = if rel.as_os_str().is_empty() {
+            path.to_path_buf()
+        } else {
+            path.join(&rel)
+        };
+        let m = fs::metadata(&p).map_err(err("reading", &p))?;
+        let mtime = m
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        h.update(format!("{}\0{}\0{}\0", rel.display(), m.len(), mtime).as_bytes());
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
 /// sha256 (hex) and size of one file, streamed.
 ///
 /// # Errors
@@ -206,6 +242,20 @@ mod tests {
         write_atomic(&dir.path().join("d/sub/two"), b"3").unwrap();
         let (h2, _) = hash_path(&dir.path().join("d")).unwrap();
         assert_ne!(h1, h2);
+    }
+
+    #[test]
+    fn stat_fingerprint_changes_when_a_file_is_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d/f");
+        write_atomic(&p, b"1").unwrap();
+        let a = stat_fingerprint(&dir.path().join("d")).unwrap();
+        let f = stat_fingerprint(&p).unwrap();
+        assert_eq!(a, stat_fingerprint(&dir.path().join("d")).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        write_atomic(&p, b"2").unwrap();
+        assert_ne!(a, stat_fingerprint(&dir.path().join("d")).unwrap());
+        assert_ne!(f, stat_fingerprint(&p).unwrap());
     }
 
     #[test]

@@ -565,6 +565,10 @@ fn why_stale(
     }
     for out in &prev.outputs {
         let p = root.join(&out.path);
+        let stat = fs::stat_fingerprint(&p).ok();
+        if stat.is_some() && stat == out.stat {
+            continue; // untouched since hashed: skip re-reading it
+        }
         match fs::hash_path(&p) {
             Err(_) => return Some(format!("output {} is missing", out.path.display())),
             Ok((sha, bytes)) if sha != out.sha256 || bytes != out.bytes => {
@@ -610,11 +614,13 @@ fn hash_outputs(
     let mut files = Vec::new();
     for p in &out.outputs {
         let abs = ws.root().join(p);
+        let stat = Some(fs::stat_fingerprint(&abs)?);
         let (sha256, bytes) = fs::hash_path(&abs)?;
         files.push(OutputFile {
             path: ws.relative(&abs),
             bytes,
             sha256,
+            stat,
         });
     }
     Ok((out, files))

@@ -22,7 +22,9 @@ fn second_run_with_nothing_changed_runs_no_stage() {
     let first = run_chain(&p, dir.path(), &[], RunOptions::default());
     assert_eq!(
         actions(&first),
-        pairs(&[("alpha", "ran"), ("beta", "ran"), ("gamma", "ran")])
+        pairs(&[("alpha", "ran"), ("beta", "ran"), ("gamma", "ran")]),
+        "{:?}",
+        first.stages[0].error
     );
     let second = run_chain(&p, dir.path(), &[], RunOptions::default());
     assert_eq!(
