@@ -7,6 +7,7 @@
 pub mod config;
 pub mod metrics;
 pub mod pipeline;
+pub mod report;
 pub mod stages;
 
 pub use config::Config;
