@@ -11,6 +11,7 @@ use std::sync::Once;
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::pipeline::fs::{write_atomic, FsError};
 
@@ -129,12 +130,24 @@ pub fn render(chart: &Chart, stem: &Path) -> Result<[PathBuf; 2], ChartError> {
     Ok([png, svg])
 }
 
+/// Draws on `root`, turning a panic inside plotters (it has arithmetic-overflow panics on
+/// degenerate ranges) into an error, so a bad chart never takes the report down.
 fn draw<DB: DrawingBackend>(chart: &Chart, root: &DrawingArea<DB, Shift>) -> Result<(), String> {
-    root.fill(&WHITE).map_err(|e| e.to_string())?;
-    match chart {
-        Chart::Bars(b) => draw_bars(b, root),
-        Chart::Lines(l) => draw_lines(l, root),
-    }
+    let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        match chart {
+            Chart::Bars(b) => draw_bars(b, root),
+            Chart::Lines(l) => draw_lines(l, root),
+        }
+    }));
+    attempt.unwrap_or_else(|p| {
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(format!("plotters panicked: {what}"))
+    })
 }
 
 /// Colors of bars and series, in order (colorblind-safe Okabe–Ito palette).
@@ -168,6 +181,7 @@ fn draw_bars<DB: DrawingBackend>(
     chart
         .configure_mesh()
         .disable_x_mesh()
+        .light_line_style(TRANSPARENT)
         .y_desc(c.y_label.as_str())
         .x_labels(c.bars.len().max(1))
         .x_label_formatter(&|v| match v {
@@ -188,7 +202,7 @@ fn draw_bars<DB: DrawingBackend>(
             ],
             color.filled(),
         );
-        rect.set_margin(0, 0, 24, 24);
+        rect.set_margin(0, 0, 48, 48);
         chart
             .draw_series(std::iter::once(rect))
             .map_err(|e| e.to_string())?;
@@ -201,11 +215,16 @@ fn draw_bars<DB: DrawingBackend>(
                 )))
                 .map_err(|e| e.to_string())?;
         }
+        let label_y = b.whisker.map_or(b.value, |w| w.1.max(b.value));
+        let style = (FAMILY, 14)
+            .into_font()
+            .color(&BLACK)
+            .pos(Pos::new(HPos::Center, VPos::Bottom));
         chart
             .draw_series(std::iter::once(Text::new(
                 format_value(b.value),
-                (SegmentValue::CenterOf(i), b.value),
-                (FAMILY, 14).into_font().color(&BLACK),
+                (SegmentValue::CenterOf(i), label_y),
+                style,
             )))
             .map_err(|e| e.to_string())?;
     }
