@@ -92,7 +92,13 @@ pub struct VariantRow {
     pub performance: Performance,
     /// Which artifact the performance figures come from.
     pub performance_from: Option<String>,
-    /// Per document type and per source scores (evaluate).
+    /// Combined accuracy per document type (evaluate), keyed by type.
+    #[serde(default)]
+    pub combined_by_doc_type: BTreeMap<String, Estimate>,
+    /// Combined accuracy per source (evaluate), keyed by source.
+    #[serde(default)]
+    pub combined_by_source: BTreeMap<String, Estimate>,
+    /// Per document type and per source scores (evaluate), for the Markdown tables.
     #[serde(skip)]
     pub breakdown: Option<ScoreReport>,
 }
@@ -321,6 +327,24 @@ pub(crate) fn variant_rows(inputs: &Inputs) -> Vec<VariantRow> {
             documents: o.map(|s| s.documents),
             performance,
             performance_from,
+            combined_by_doc_type: ev
+                .map(|v| {
+                    v.scores
+                        .by_doc_type
+                        .iter()
+                        .map(|(k, s)| (k.clone(), s.combined))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            combined_by_source: ev
+                .map(|v| {
+                    v.scores
+                        .by_source
+                        .iter()
+                        .map(|(k, s)| (k.clone(), s.combined))
+                        .collect()
+                })
+                .unwrap_or_default(),
             breakdown: ev.map(|v| v.scores.clone()),
         });
     }

@@ -84,3 +84,62 @@ impl Stage for Report {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::{Artifact, RunOptions, Status, Workspace};
+
+    #[test]
+    fn report_is_registered_last_with_every_earlier_stage_as_optional_upstream() {
+        let stages = crate::stages::registry();
+        let last = stages.last().expect("the registry is not empty");
+        assert_eq!(last.name(), "report");
+        let earlier: Vec<&str> = stages[..stages.len() - 1]
+            .iter()
+            .map(|s| s.name())
+            .collect();
+        assert_eq!(last.optional_upstream(), earlier.as_slice());
+        assert!(last.upstream().is_empty());
+    }
+
+    #[test]
+    fn running_only_the_report_on_crafted_artifacts_records_its_outputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = Workspace::open(dir.path()).unwrap();
+        std::fs::create_dir_all(ws.reports()).unwrap();
+        let crafted =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/report/artifacts");
+        for e in std::fs::read_dir(crafted).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), ws.reports().join(e.file_name())).unwrap();
+        }
+        let config = crate::Config::load(None, &[]).unwrap();
+        let opts = RunOptions {
+            only: Some("report".into()),
+            quiet: true,
+            ..Default::default()
+        };
+        let run = crate::stages::pipeline()
+            .run(&ws, &config, &opts, &mut |_| {})
+            .unwrap();
+        assert!(!run.failed(), "{run:?}");
+        let art = Artifact::read(&ws.reports().join("report.json"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(art.status, Status::Completed);
+        assert_eq!(art.metrics["recommendation"], "nf4+adapter");
+        let paths: Vec<String> = art
+            .outputs
+            .iter()
+            .map(|o| o.path.display().to_string())
+            .collect();
+        for want in [
+            "reports/FINAL_REPORT.json",
+            "reports/BENCHMARK_REPORT.md",
+            "reports/charts/training_loss.png",
+        ] {
+            assert!(paths.iter().any(|p| p == want), "{want} not in {paths:?}");
+        }
+    }
+}
