@@ -87,7 +87,6 @@ impl Stage for Report {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::pipeline::{Artifact, RunOptions, Status, Workspace};
 
     #[test]
