@@ -154,16 +154,16 @@ fn balanced_end(s: &str) -> Option<usize> {
 /// for shapes that are not accepted.
 fn items_from(v: &Value) -> Option<(Vec<Item>, usize)> {
     match v {
-        Value::Array(list) => Some(items_from_list(list)),
+        Value::Array(list) => usable(items_from_list(list), list.len()),
         Value::Object(map) => {
             if field(map, &["term", "name", "test"]).is_some() {
                 return Some(items_from_list(std::slice::from_ref(v)));
             }
             if let Some(list) = map.values().find_map(|x| match x {
-                Value::Array(l) if l.iter().any(Value::is_object) => Some(l),
+                Value::Array(l) if l.is_empty() || l.iter().any(Value::is_object) => Some(l),
                 _ => None,
             }) {
-                return Some(items_from_list(list));
+                return usable(items_from_list(list), list.len());
             }
             if !map.is_empty() && map.values().all(|x| !x.is_object() && !x.is_array()) {
                 let items = map
@@ -181,6 +181,12 @@ fn items_from(v: &Value) -> Option<(Vec<Item>, usize)> {
         }
         _ => None,
     }
+}
+
+/// A list whose every entry was skipped (`["Hb 13.5"]`) is not an answer in the asked
+/// shape; an empty list is (the model found nothing).
+fn usable(parsed: (Vec<Item>, usize), len: usize) -> Option<(Vec<Item>, usize)> {
+    (len == 0 || !parsed.0.is_empty()).then_some(parsed)
 }
 
 fn items_from_list(list: &[Value]) -> (Vec<Item>, usize) {
@@ -289,6 +295,21 @@ mod tests {
         let p = parse_answer(r#"[{"value": "3"}, "junk", {"term": "Na", "value": null}]"#);
         assert_eq!(p.items, vec![item("Na", "", None)]);
         assert_eq!(p.skipped_items, 2);
+    }
+
+    #[test]
+    fn an_empty_list_is_a_clean_answer_with_no_items() {
+        for a in ["[]", r#"{"items": []}"#] {
+            let p = parse_answer(a);
+            assert_eq!(p.status, ParseStatus::Clean, "{a}");
+            assert!(p.items.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_list_with_no_usable_item_is_unparseable() {
+        let p = parse_answer(r#"["Hb 13.5 g/dL", "Na 140"]"#);
+        assert_eq!(p.status, ParseStatus::Unparseable);
     }
 
     #[test]

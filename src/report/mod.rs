@@ -5,9 +5,9 @@
 //! decides the recommendation, regression flag and warnings; `markdown` and `charts` render.
 
 pub mod build;
-pub mod charts;
+mod charts;
 pub mod inputs;
-pub mod markdown;
+mod markdown;
 
 use std::path::{Path, PathBuf};
 
@@ -481,6 +481,28 @@ mod tests {
         for (i, c) in cases.iter().enumerate() {
             charts::render(c, &dir.path().join(format!("c{i}"))).unwrap();
         }
+    }
+
+    #[test]
+    fn the_reproduce_config_drops_nulls_and_warns_on_disagreeing_sections() {
+        let dir = crafted_reports();
+        edit_metrics(&dir.path().join("dataset.json"), |v| {
+            v["config"]["model"] = serde_json::json!({"source": "builtin:tiny"});
+            v["config"]["prepare"]["max_records"] = Value::Null;
+        });
+        let g = generate(dir.path(), STAMP).unwrap();
+        let toml_text = std::fs::read_to_string(dir.path().join(USED_CONFIG_FILE)).unwrap();
+        assert!(!toml_text.contains("max_records"), "{toml_text}");
+        // Stage order decides: evaluate (after prepare) recorded the 7B source last.
+        assert!(toml_text.contains("source = \"hf:Qwen/Qwen2.5-VL-7B-Instruct\""));
+        assert!(
+            g.report
+                .warnings
+                .iter()
+                .any(|w| w.contains("config section `model` differs")),
+            "{:?}",
+            g.report.warnings
+        );
     }
 
     #[test]
