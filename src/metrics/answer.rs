@@ -53,7 +53,9 @@ pub enum ParseStatus {
 /// A parsed answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParsedAnswer {
+    /// Items read, in answer order.
     pub items: Vec<Item>,
+    /// How the answer was read.
     pub status: ParseStatus,
     /// Objects that had no term (dropped).
     pub skipped_items: usize,

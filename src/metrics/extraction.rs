@@ -145,14 +145,18 @@ pub struct DocScore {
     pub source: String,
     /// How the answer was parsed.
     pub parse: ParseStatus,
+    /// The document's counts.
     pub counts: Counts,
 }
 
 /// A point estimate with its 95% bootstrap interval.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Estimate {
+    /// Point estimate on all documents.
     pub value: f64,
+    /// 2.5th percentile of the bootstrap distribution.
     pub ci95_low: f64,
+    /// 97.5th percentile of the bootstrap distribution.
     pub ci95_high: f64,
 }
 
@@ -167,21 +171,27 @@ pub struct Scores {
     pub unparseable_answers: usize,
     /// Answers whose JSON had to be dug out of fences or prose.
     pub recovered_answers: usize,
+    /// Share of ground-truth items whose term was found.
     pub term_accuracy: Estimate,
+    /// Share of ground-truth items whose value matched.
     pub value_accuracy: Estimate,
     /// Mean of term and value accuracy.
     pub combined: Estimate,
     /// Unit accuracy (no interval), `None` when no ground-truth item has a unit.
     #[serde(default)]
     pub unit_accuracy: Option<f64>,
+    /// Strict (term, value) precision.
     pub precision: Estimate,
+    /// Strict (term, value) recall.
     pub recall: Estimate,
+    /// Strict (term, value) F1.
     pub f1: Estimate,
 }
 
 /// Scores overall and per document type and per source, with the bootstrap settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScoreReport {
+    /// All documents.
     pub overall: Scores,
     /// Keyed by document type, sorted.
     pub by_doc_type: BTreeMap<String, Scores>,

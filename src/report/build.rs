@@ -56,12 +56,15 @@ pub const STAGES: [(&str, &str); 7] = [
 /// One stage as the report saw it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageEntry {
+    /// Stage name.
     pub stage: String,
     /// `reports/<file>`.
     pub artifact: String,
     /// `completed`, `failed`, `not run` or `unreadable`.
     pub status: String,
+    /// When the artifact was written (RFC 3339 UTC).
     pub finished_at: Option<String>,
+    /// How long the stage ran, s.
     pub duration_s: Option<f64>,
     /// Key figures from the artifact.
     pub summary: Vec<(String, String)>,
@@ -79,14 +82,21 @@ pub struct VariantRow {
     pub name: String,
     /// Combined accuracy with its 95% interval (evaluate), fraction in [0, 1].
     pub combined: Option<Estimate>,
+    /// Share of ground-truth terms found.
     pub term_accuracy: Option<Estimate>,
+    /// Share of ground-truth terms whose value matched.
     pub value_accuracy: Option<Estimate>,
+    /// Share of ground-truth units matched (no interval).
     pub unit_accuracy: Option<f64>,
+    /// Strict (term, value) precision.
     pub precision: Option<Estimate>,
+    /// Strict (term, value) recall.
     pub recall: Option<Estimate>,
+    /// Strict (term, value) F1.
     pub f1: Option<Estimate>,
     /// Answers with no usable JSON, of `documents`.
     pub unparseable_answers: Option<usize>,
+    /// Test documents scored.
     pub documents: Option<usize>,
     /// Speed and memory.
     pub performance: Performance,
@@ -115,7 +125,9 @@ pub struct Recommendation {
 /// The fine-tuned-vs-base check.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RegressionCheck {
+    /// The fine-tuned variant checked.
     pub candidate: String,
+    /// The variant it is checked against.
     pub baseline: String,
     /// `paired bootstrap of the difference` or `interval of the candidate`.
     pub method: String,
@@ -123,6 +135,7 @@ pub struct RegressionCheck {
     pub diff: f64,
     /// The interval the rule used (of the difference, or of the candidate).
     pub ci95_low: f64,
+    /// Upper bound of that interval.
     pub ci95_high: f64,
     /// True when the candidate is worse beyond the interval.
     pub regression: bool,
@@ -131,18 +144,25 @@ pub struct RegressionCheck {
 /// FINAL_REPORT.json.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FinalReport {
+    /// Layout version of this file ([`REPORT_SCHEMA_VERSION`]).
     pub schema_version: u32,
     /// When the report was generated (the only field that changes between regenerations).
     pub generated_at: String,
+    /// Version of the medpipe that wrote the report.
     pub medpipe_version: String,
     /// Commit the artifacts were produced from, when all agree.
     pub git_commit: Option<String>,
+    /// Every stage, in pipeline order, as its artifact says.
     pub stages: Vec<StageEntry>,
     /// Device the model stages ran on.
     pub device: Option<String>,
+    /// The model variants measured.
     pub variants: Vec<VariantRow>,
+    /// Which variant to deploy and why.
     pub recommendation: Recommendation,
+    /// Fine-tuned vs base (absent when either was not evaluated).
     pub regression: Option<RegressionCheck>,
+    /// Problems a reader must know about, most serious first.
     pub warnings: Vec<String>,
     /// Shell commands that reproduce this run.
     pub reproduce: Vec<String>,
@@ -153,15 +173,23 @@ pub struct FinalReport {
 /// The artifacts found in `reports/`, with their typed metrics.
 #[derive(Debug, Default)]
 pub struct Inputs {
+    /// Every stage, in pipeline order.
     pub stages: Vec<StageEntry>,
     /// Completed artifacts by stage name.
     pub artifacts: BTreeMap<String, Artifact>,
+    /// Typed metrics of each completed artifact (absent when not run, failed or not understood).
     pub environment: Option<EnvironmentMetrics>,
+    /// download.json metrics.
     pub download: Option<DownloadMetrics>,
+    /// baseline.json metrics.
     pub baseline: Option<BaselineMetrics>,
+    /// quantize.json metrics.
     pub quantize: Option<QuantizeMetrics>,
+    /// dataset.json metrics.
     pub dataset: Option<DatasetMetrics>,
+    /// training_metrics.json metrics.
     pub training: Option<TrainingMetrics>,
+    /// evaluation.json metrics.
     pub evaluation: Option<EvaluationMetrics>,
 }
 

@@ -42,25 +42,35 @@ pub enum ChartError {
 /// One bar: a label, its height and an optional whisker (low, high).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Bar {
+    /// Category label under the bar.
     pub label: String,
+    /// Bar height, in the chart's y unit.
     pub value: f64,
+    /// Interval drawn as a vertical line, (low, high).
     pub whisker: Option<(f64, f64)>,
 }
 
 /// A bar chart.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BarChart {
+    /// Caption.
     pub title: String,
+    /// y-axis label with unit.
     pub y_label: String,
+    /// Bars, left to right.
     pub bars: Vec<Bar>,
 }
 
 /// A line chart of one or more named series of (x, y) points.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LineChart {
+    /// Caption.
     pub title: String,
+    /// x-axis label with unit.
     pub x_label: String,
+    /// y-axis label with unit.
     pub y_label: String,
+    /// (legend name, points) per series.
     pub series: Vec<(String, Vec<(f64, f64)>)>,
 }
 

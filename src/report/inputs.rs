@@ -21,8 +21,11 @@ pub struct EnvironmentMetrics {
     pub device: String,
     /// Why that device was chosen.
     pub device_reason: String,
+    /// CPU model and threads.
     pub cpu: CpuInfo,
+    /// Machine RAM.
     pub memory: MemoryInfo,
+    /// GPUs NVML listed.
     pub gpu: GpuList,
     /// Backends compiled into the binary.
     pub backends_built: Vec<String>,
@@ -33,6 +36,7 @@ pub struct EnvironmentMetrics {
 #[serde(default)]
 pub struct CpuInfo {
     pub model: String,
+    /// Logical CPU threads.
     pub logical_threads: usize,
 }
 
@@ -40,6 +44,7 @@ pub struct CpuInfo {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct MemoryInfo {
+    /// Total RAM, bytes.
     pub total_bytes: u64,
 }
 
@@ -47,8 +52,11 @@ pub struct MemoryInfo {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct GpuList {
+    /// One entry per GPU.
     pub gpus: Vec<GpuEntry>,
+    /// NVIDIA driver version.
     pub driver_version: Option<String>,
+    /// CUDA version the driver supports.
     pub cuda_version: Option<String>,
 }
 
@@ -56,7 +64,9 @@ pub struct GpuList {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct GpuEntry {
+    /// GPU name as NVML reports it.
     pub name: String,
+    /// GPU memory, bytes.
     pub memory_total_bytes: u64,
 }
 
@@ -80,7 +90,9 @@ pub struct DownloadMetrics {
 pub struct DownloadedFile {
     /// Path relative to the model or dataset directory.
     pub path: String,
+    /// Size, bytes.
     pub bytes: u64,
+    /// sha256 of the content, hex.
     pub sha256: String,
     /// Where it came from (`hf:...@rev`, `builtin:tiny seed 0`, a local path).
     pub source: String,
@@ -169,8 +181,11 @@ pub struct SourceStats {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SplitSizes {
+    /// Training documents.
     pub train: usize,
+    /// Validation documents.
     pub val: usize,
+    /// Test documents.
     pub test: usize,
 }
 
@@ -184,6 +199,7 @@ pub struct TrainingMetrics {
     pub val: Vec<ValPoint>,
     /// Optimizer steps run.
     pub total_steps: Option<usize>,
+    /// Passes over the training split.
     pub epochs: Option<f64>,
     /// Training throughput, tokens/s.
     pub tokens_per_s: Option<f64>,
@@ -199,6 +215,7 @@ pub struct TrainingMetrics {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TrainStep {
+    /// Optimizer step, from 1.
     pub step: usize,
     /// Mean cross-entropy over the step's answer tokens, nats.
     pub loss: f64,
@@ -212,6 +229,7 @@ pub struct TrainStep {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ValPoint {
+    /// Optimizer step the validation ran after.
     pub step: usize,
     /// Mean cross-entropy over the validation answers, nats.
     pub loss: f64,

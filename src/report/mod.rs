@@ -41,6 +41,7 @@ pub enum ReportError {
 /// What [`generate`] wrote.
 #[derive(Debug)]
 pub struct Generated {
+    /// The report as written to FINAL_REPORT.json.
     pub report: FinalReport,
     /// Every file written, absolute.
     pub files: Vec<PathBuf>,
