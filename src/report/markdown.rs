@@ -245,9 +245,19 @@ fn variant_tables(w: &mut String, variants: &[VariantRow]) {
         );
     }
     let _ = writeln!(w, "\n### Accuracy\n");
+    let boot = variants
+        .iter()
+        .find_map(|v| v.breakdown.as_ref())
+        .map(|b| {
+            format!(
+                ", {} resamples, seed {}",
+                b.bootstrap_resamples, b.bootstrap_seed
+            )
+        })
+        .unwrap_or_default();
     let _ = writeln!(
         w,
-        "Pooled over ground-truth items; [95% bootstrap interval over documents].\n"
+        "Pooled over ground-truth items; [95% bootstrap interval over documents{boot}].\n"
     );
     let _ = writeln!(
         w,
