@@ -7,8 +7,10 @@
 pub mod builtin;
 pub mod config;
 pub mod hub;
+pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod report;
 pub mod stages;
 
 pub use config::Config;

@@ -26,7 +26,7 @@ pub trait Stage: Send + Sync {
     fn upstream(&self) -> &'static [&'static str];
     /// Stages whose artifacts this one reads when they exist (completed), without requiring
     /// them (e.g. the report summarizes whatever ran). Hashed into the input when present.
-    fn optional_upstream(&self) -> &'static [&'static str] {
+    fn optional_upstream(&self) -> &[&'static str] {
         &[]
     }
     /// Config sections this stage reads (hashed into its input). Default: its own name.

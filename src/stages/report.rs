@@ -1,0 +1,144 @@
+//! report: turns every stage artifact in `reports/` into FINAL_REPORT.json,
+//! BENCHMARK_REPORT.md and charts (`crate::report` does the work).
+//!
+//! It runs whatever upstream completed: each earlier stage is an *optional* upstream, so a
+//! missing or failed stage shows in the report as "not run" or "failed: <error>" instead of
+//! stopping it. The report reads the artifacts by file name, including failed ones, which the
+//! runner does not hand to stages.
+
+use anyhow::Context;
+use serde_json::json;
+
+use crate::pipeline::{Stage, StageCtx, StageOutput};
+
+/// The report stage. `earlier` lists the stages registered before it (all optional
+/// upstream), so a stage added to the registry is hashed into the report's input without
+/// touching this file.
+pub struct Report {
+    earlier: Vec<&'static str>,
+}
+
+impl Report {
+    /// A report stage reading the artifacts of `earlier` stages (registry order).
+    pub fn new(earlier: Vec<&'static str>) -> Self {
+        Self { earlier }
+    }
+}
+
+impl Stage for Report {
+    fn name(&self) -> &'static str {
+        "report"
+    }
+    fn description(&self) -> &'static str {
+        "write FINAL_REPORT.json, BENCHMARK_REPORT.md and charts from every artifact"
+    }
+    fn artifact_file(&self) -> &'static str {
+        "report.json"
+    }
+    fn upstream(&self) -> &'static [&'static str] {
+        &[]
+    }
+    fn optional_upstream(&self) -> &[&'static str] {
+        &self.earlier
+    }
+    fn config_sections(&self) -> Vec<&'static str> {
+        // The report has no settings: it is a function of the artifacts alone.
+        Vec::new()
+    }
+    fn code_version(&self) -> u32 {
+        1
+    }
+
+    fn run(&self, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
+        let reports = ctx.workspace().reports();
+        let now = crate::pipeline::runner::rfc3339(std::time::SystemTime::now());
+        let generated = crate::report::generate(&reports, &now)
+            .with_context(|| format!("writing the report in {}", reports.display()))?;
+        let r = &generated.report;
+        let recommendation = r
+            .recommendation
+            .variant
+            .clone()
+            .unwrap_or_else(|| "none".into());
+        let regression = r.regression.as_ref().is_some_and(|g| g.regression);
+        let summary = vec![
+            ("recommendation".to_string(), recommendation.clone()),
+            (
+                "regression".to_string(),
+                if regression { "YES" } else { "no" }.to_string(),
+            ),
+            ("warnings".to_string(), r.warnings.len().to_string()),
+            ("charts".to_string(), r.charts.len().to_string()),
+        ];
+        Ok(StageOutput {
+            metrics: json!({
+                "recommendation": r.recommendation.variant,
+                "regression": regression,
+                "warnings": r.warnings.len(),
+                "stages_completed": r.stages.iter().filter(|s| s.status == "completed").count(),
+                "charts": r.charts,
+            }),
+            outputs: generated.files.clone(),
+            summary,
+            warnings: r.warnings.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::pipeline::{Artifact, RunOptions, Status, Workspace};
+
+    #[test]
+    fn report_is_registered_last_with_every_earlier_stage_as_optional_upstream() {
+        let stages = crate::stages::registry();
+        let last = stages.last().expect("the registry is not empty");
+        assert_eq!(last.name(), "report");
+        let earlier: Vec<&str> = stages[..stages.len() - 1]
+            .iter()
+            .map(|s| s.name())
+            .collect();
+        assert_eq!(last.optional_upstream(), earlier.as_slice());
+        assert!(last.upstream().is_empty());
+    }
+
+    #[test]
+    fn running_only_the_report_on_crafted_artifacts_records_its_outputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = Workspace::open(dir.path()).unwrap();
+        std::fs::create_dir_all(ws.reports()).unwrap();
+        let crafted =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/report/artifacts");
+        for e in std::fs::read_dir(crafted).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), ws.reports().join(e.file_name())).unwrap();
+        }
+        let config = crate::Config::load(None, &[]).unwrap();
+        let opts = RunOptions {
+            only: Some("report".into()),
+            quiet: true,
+            ..Default::default()
+        };
+        let run = crate::stages::pipeline()
+            .run(&ws, &config, &opts, &mut |_| {})
+            .unwrap();
+        assert!(!run.failed(), "{run:?}");
+        let art = Artifact::read(&ws.reports().join("report.json"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(art.status, Status::Completed);
+        assert_eq!(art.metrics["recommendation"], "nf4+adapter");
+        let paths: Vec<String> = art
+            .outputs
+            .iter()
+            .map(|o| o.path.display().to_string())
+            .collect();
+        for want in [
+            "reports/FINAL_REPORT.json",
+            "reports/BENCHMARK_REPORT.md",
+            "reports/charts/training_loss.png",
+        ] {
+            assert!(paths.iter().any(|p| p == want), "{want} not in {paths:?}");
+        }
+    }
+}
