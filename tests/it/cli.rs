@@ -145,3 +145,16 @@ fn shipped_configs_parse() {
         medpipe::Config::load(Some(&path), &[]).unwrap_or_else(|e| panic!("{f}: {e:#}"));
     }
 }
+
+#[test]
+fn from_after_to_exits_2_showing_the_pipeline_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_in(dir.path(), &["run", "--from", "download", "--to", "probe"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("--from download comes after --to probe") && err.contains("probe → download"),
+        "{err}"
+    );
+    assert!(!dir.path().join("reports").exists(), "nothing ran");
+}
