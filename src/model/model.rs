@@ -1,0 +1,563 @@
+//! The full Qwen2.5-VL model: vision tower + decoder + `lm_head`, and the merge of image
+//! embeddings into the token sequence (`masked_scatter` over image placeholders in
+//! transformers `Qwen2_5_VLModel.forward`,
+//! `models/qwen2_5_vl/modeling_qwen2_5_vl.py@00b676f8f0489b88652a31d70751cc540dd06305`).
+
+use std::path::Path;
+
+use burn::prelude::*;
+use burn::tensor::TensorData;
+
+use crate::model::cache::KvCache;
+use crate::model::config::{HfConfig, Qwen25VlConfig};
+use crate::model::error::ModelError;
+use crate::model::linear::{Proj, ProjSpec};
+use crate::model::rope::{position_ids, MropePositions, RopeTables};
+use crate::model::text::TextModel;
+use crate::model::vision::VisionTransformer;
+use crate::model::weights::WeightSource;
+
+/// Images of one prompt (or of a whole batch, concatenated in prompt order).
+#[derive(Debug, Clone)]
+pub struct ImageInput<B: Backend> {
+    /// `[Σ t·h·w, C·T·P·P]` flattened patches, as the image processor emits them.
+    pub pixel_values: Tensor<B, 2>,
+    /// `(t, h, w)` patch grid of each image, in order of appearance.
+    pub grids: Vec<[usize; 3]>,
+}
+
+/// Outputs of a full-sequence forward pass.
+#[derive(Debug, Clone)]
+pub struct ForwardOutput<B: Backend> {
+    /// `[batch, seq, vocab]`
+    pub logits: Tensor<B, 3>,
+    /// `[image tokens, hidden]` vision tower output, when images were given.
+    pub image_embeds: Option<Tensor<B, 2>>,
+    /// M-RoPE position ids used.
+    pub positions: MropePositions,
+}
+
+/// Qwen2.5-VL for conditional generation. Field names are checkpoint prefixes.
+#[derive(Module, Debug)]
+pub struct Qwen25Vl<B: Backend> {
+    visual: VisionTransformer<B>,
+    model: TextModel<B>,
+    /// `None` when tied to `model.embed_tokens`.
+    lm_head: Option<Proj<B>>,
+    #[module(skip)]
+    config: Qwen25VlConfig,
+}
+
+pub(crate) struct Prefill<B: Backend> {
+    pub hidden: Tensor<B, 3>,
+    pub image_embeds: Option<Tensor<B, 2>>,
+    pub positions: MropePositions,
+}
+
+impl<B: Backend> Qwen25Vl<B> {
+    /// Loads `dir/config.json` (+ `generation_config.json` when present) and the weights
+    /// (`model.safetensors` or shards), checking every tensor against the config first.
+    ///
+    /// # Errors
+    /// Config errors, I/O errors and truncated files naming the file, and
+    /// [`ModelError::Checkpoint`] listing missing/unexpected/mis-shaped tensors.
+    pub fn load(dir: &Path, device: &B::Device) -> Result<Self, ModelError> {
+        let config = HfConfig::from_dir(dir)?.resolve()?;
+        let mut src = WeightSource::open(dir)?;
+        src.check_against(&config)?;
+        let visual = VisionTransformer::load(&mut src, &config.vision, device)?;
+        let model = TextModel::load(&mut src, &config.text, device)?;
+        let t = &config.text;
+        let lm_head = if t.tie_word_embeddings && !src.contains("lm_head.weight") {
+            None
+        } else if t.tie_word_embeddings {
+            // A tied checkpoint that still stores lm_head: the stored copy is the shared matrix.
+            None
+        } else {
+            let spec = ProjSpec {
+                d_in: t.hidden_size,
+                d_out: t.vocab_size,
+                bias: false,
+            };
+            Some(Proj::load(&mut src, "lm_head", spec, device)?)
+        };
+        let left = src.not_taken(&config);
+        if !left.is_empty() {
+            return Err(ModelError::Checkpoint {
+                dir: dir.to_path_buf(),
+                problems: left
+                    .into_iter()
+                    .map(|k| format!("tensor `{k}` was never loaded"))
+                    .collect(),
+            });
+        }
+        tracing::debug!(dir = %dir.display(), params = config.parameter_count(), "loaded Qwen2.5-VL");
+        Ok(Qwen25Vl {
+            visual,
+            model,
+            lm_head,
+            config,
+        })
+    }
+
+    /// The resolved configuration.
+    pub fn config(&self) -> &Qwen25VlConfig {
+        &self.config
+    }
+
+    /// Fresh KV caches (one per layer) for `batch` rows of up to `capacity` positions.
+    pub fn new_caches(&self, batch: usize, capacity: usize, device: &B::Device) -> Vec<KvCache<B>> {
+        let t = &self.config.text;
+        (0..t.num_layers)
+            .map(|_| KvCache::new(batch, t.num_kv_heads, capacity, t.head_dim, device))
+            .collect()
+    }
+
+    /// Vision tower output for the LLM.
+    ///
+    /// # Shapes
+    /// - `pixel_values`: `[Σ t·h·w, C·T·P·P]` → `[Σ t·h·w / merge², hidden]`
+    ///
+    /// # Errors
+    /// [`ModelError::Input`] when pixels and grids disagree.
+    pub fn image_embeds(&self, images: &ImageInput<B>) -> Result<Tensor<B, 2>, ModelError> {
+        self.visual.forward(images.pixel_values.clone(), &images.grids)
+    }
+
+    /// Vocabulary logits of final hidden states.
+    ///
+    /// # Shapes
+    /// - `hidden`: `[batch, seq, hidden]` → `[batch, seq, vocab]`
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(p) => p.forward(hidden),
+            None => {
+                let [b, s, d] = hidden.dims();
+                let w = self.model.embedding_weight(); // [vocab, hidden]
+                let v = w.dims()[0];
+                hidden.reshape([b * s, d]).matmul(w.transpose()).reshape([b, s, v])
+            }
+        }
+    }
+
+    /// Full-sequence forward of equal-length, unpadded rows (no cache kept).
+    ///
+    /// # Shapes
+    /// - `input_ids`: `batch` rows of `seq` tokens → logits `[batch, seq, vocab]`
+    ///
+    /// # Errors
+    /// [`ModelError::ImageTokens`] when placeholders and image features disagree, or
+    /// [`ModelError::Input`] for malformed inputs.
+    pub fn forward(
+        &self,
+        input_ids: &[Vec<u32>],
+        images: Option<&ImageInput<B>>,
+        device: &B::Device,
+    ) -> Result<ForwardOutput<B>, ModelError> {
+        let seq = input_ids.first().map_or(0, Vec::len);
+        let valid: Vec<Vec<bool>> = input_ids.iter().map(|r| vec![true; r.len()]).collect();
+        let mut caches = self.new_caches(input_ids.len(), seq, device);
+        let p = self.prefill(input_ids, &valid, images, &mut caches, device)?;
+        Ok(ForwardOutput {
+            logits: self.logits(p.hidden),
+            image_embeds: p.image_embeds,
+            positions: p.positions,
+        })
+    }
+
+    /// Runs a (left-padded) prompt batch through the model, filling `caches`.
+    /// `valid[b][i]` is false for padding.
+    pub(crate) fn prefill(
+        &self,
+        rows: &[Vec<u32>],
+        valid: &[Vec<bool>],
+        images: Option<&ImageInput<B>>,
+        caches: &mut [KvCache<B>],
+        device: &B::Device,
+    ) -> Result<Prefill<B>, ModelError> {
+        let batch = rows.len();
+        let seq = rows.first().map_or(0, Vec::len);
+        if batch == 0 || seq == 0 {
+            return Err(ModelError::Input {
+                name: "input_ids",
+                reason: "empty batch or empty prompt".into(),
+            });
+        }
+        let grids: &[[usize; 3]] = images.map_or(&[], |i| &i.grids);
+        let positions = position_ids(rows, valid, grids, &self.config)?;
+        let flat: Vec<i64> = rows.iter().flatten().map(|&t| t as i64).collect();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [batch, seq]), device);
+        let mut x = self.model.embed(ids); // [batch, seq, hidden]
+        let image_tok = self.config.tokens.image_token_id;
+        let slots: Vec<usize> = rows
+            .iter()
+            .zip(valid)
+            .flat_map(|(r, v)| r.iter().zip(v))
+            .enumerate()
+            .filter(|(_, (&t, &v))| v && t == image_tok)
+            .map(|(i, _)| i)
+            .collect();
+        let image_embeds = match images {
+            Some(img) => {
+                let feats = self.image_embeds(img)?; // [n, hidden]
+                let n = feats.dims()[0];
+                if n != slots.len() {
+                    return Err(ModelError::ImageTokens {
+                        tokens: slots.len(),
+                        features: n,
+                    });
+                }
+                let d = self.config.text.hidden_size;
+                // Row p of the result is text row p, or image row k for the k-th placeholder.
+                let mut index: Vec<i64> = (0..(batch * seq) as i64).collect();
+                for (k, &p) in slots.iter().enumerate() {
+                    index[p] = (batch * seq + k) as i64;
+                }
+                let all = Tensor::cat(vec![x.reshape([batch * seq, d]), feats.clone()], 0);
+                let idx = Tensor::from_data(TensorData::new(index, [batch * seq]), device);
+                x = all.select(0, idx).reshape([batch, seq, d]);
+                Some(feats)
+            }
+            None if !slots.is_empty() => {
+                return Err(ModelError::ImageTokens {
+                    tokens: slots.len(),
+                    features: 0,
+                })
+            }
+            None => None,
+        };
+        let rope = RopeTables::new(&self.config.text, &positions.ids, batch, seq, device);
+        let past = caches.first().map_or(0, KvCache::len);
+        let keys: Vec<Vec<bool>> = valid
+            .iter()
+            .map(|v| {
+                let mut k = vec![true; past];
+                k.extend_from_slice(v);
+                k
+            })
+            .collect();
+        let mask = attention_mask::<B>(&keys, past, seq, device);
+        let hidden = self.model.forward(x, &rope, mask.as_ref(), caches)?;
+        Ok(Prefill {
+            hidden,
+            image_embeds,
+            positions,
+        })
+    }
+
+    /// One decoding step: one new token per row at M-RoPE position `positions[b]` (all three
+    /// axes equal). `keys[b]` is the validity of every cached key plus the new one.
+    ///
+    /// # Shapes
+    /// returns hidden states `[batch, 1, hidden]`
+    pub(crate) fn step(
+        &self,
+        tokens: &[u32],
+        positions: &[i64],
+        keys: &[Vec<bool>],
+        caches: &mut [KvCache<B>],
+        device: &B::Device,
+    ) -> Result<Tensor<B, 3>, ModelError> {
+        let batch = tokens.len();
+        let ids = tokens.iter().map(|&t| t as i64).collect::<Vec<_>>();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, 1]), device);
+        let x = self.model.embed(ids);
+        let pos: Vec<i64> = (0..3).flat_map(|_| positions.iter().copied()).collect();
+        let rope = RopeTables::new(&self.config.text, &pos, batch, 1, device);
+        let past = caches.first().map_or(0, KvCache::len);
+        let mask = attention_mask::<B>(keys, past, 1, device);
+        self.model.forward(x, &rope, mask.as_ref(), caches)
+    }
+}
+
+/// Causal + padding mask `[batch, 1, seq, past + seq]` (true = hidden), or `None` when a
+/// single-token step may see every key. `keys[b][j]` is false for padded keys; a query
+/// always sees itself, so padded rows stay finite.
+fn attention_mask<B: Backend>(
+    keys: &[Vec<bool>],
+    past: usize,
+    seq: usize,
+    device: &B::Device,
+) -> Option<Tensor<B, 4, Bool>> {
+    let total = past + seq;
+    if seq == 1 && keys.iter().all(|k| k.iter().all(|&v| v)) {
+        return None;
+    }
+    let batch = keys.len();
+    let mut m = vec![false; batch * seq * total];
+    for (b, k) in keys.iter().enumerate() {
+        for i in 0..seq {
+            let q = past + i;
+            for j in 0..total {
+                m[(b * seq + i) * total + j] = j > q || (j != q && !k.get(j).copied().unwrap_or(false));
+            }
+        }
+    }
+    Some(Tensor::from_bool(
+        TensorData::new(m, [batch, 1, seq, total]),
+        device,
+    ))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::model::generate::{GenerateConfig, Request, Sampling};
+    use crate::test_util::{assert_close, fixture, TB};
+
+    /// Torch on CPU lands within 2e-6 of the reference logits (fixtures README); 1e-4
+    /// leaves room for a different summation order in f32 matmuls.
+    const LOGITS_ATOL: f32 = 1e-4;
+    /// Same bar for the vision tower output.
+    const EMBEDS_ATOL: f32 = 1e-4;
+    /// Cached vs uncached decoding differ only in summation order.
+    const CACHE_ATOL: f32 = 1e-4;
+
+    pub(crate) struct Reference {
+        pub input_ids: Vec<u32>,
+        pub grid: [usize; 3],
+        pub pixel_values: Vec<f32>,
+        pub pixel_shape: [usize; 2],
+        pub image_embeds: Vec<f32>,
+        pub logits: Vec<f32>,
+        pub greedy: Vec<u32>,
+    }
+
+    pub(crate) fn reference() -> Reference {
+        let bytes = std::fs::read(fixture("qwen2_5_vl_tiny/reference.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let f32s = |k: &str| -> Vec<f32> {
+            st.tensor(k)
+                .unwrap()
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        };
+        let i64s = |k: &str| -> Vec<i64> {
+            st.tensor(k)
+                .unwrap()
+                .data()
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        let g = i64s("image_grid_thw");
+        let ps = st.tensor("pixel_values").unwrap().shape().to_vec();
+        let json: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture("qwen2_5_vl_tiny/reference.json")).unwrap(),
+        )
+        .unwrap();
+        Reference {
+            input_ids: i64s("input_ids").into_iter().map(|x| x as u32).collect(),
+            grid: [g[0] as usize, g[1] as usize, g[2] as usize],
+            pixel_values: f32s("pixel_values"),
+            pixel_shape: [ps[0], ps[1]],
+            image_embeds: f32s("image_embeds"),
+            logits: f32s("logits"),
+            greedy: json["greedy_new_tokens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect(),
+        }
+    }
+
+    pub(crate) fn tiny() -> Qwen25Vl<TB> {
+        Qwen25Vl::load(&fixture("qwen2_5_vl_tiny"), &Default::default()).unwrap()
+    }
+
+    fn image(r: &Reference) -> ImageInput<TB> {
+        ImageInput {
+            pixel_values: Tensor::from_data(
+                TensorData::new(r.pixel_values.clone(), r.pixel_shape),
+                &Default::default(),
+            ),
+            grids: vec![r.grid],
+        }
+    }
+
+    fn floats<const D: usize>(t: Tensor<TB, D>) -> Vec<f32> {
+        t.into_data().to_vec::<f32>().unwrap()
+    }
+
+    #[test]
+    fn vision_tower_reproduces_reference_image_embeds() {
+        let (m, r) = (tiny(), reference());
+        let e = m.image_embeds(&image(&r)).unwrap();
+        assert_eq!(e.dims(), [20, 64]);
+        assert_close("image_embeds", &floats(e), &r.image_embeds, EMBEDS_ATOL);
+    }
+
+    #[test]
+    fn full_forward_reproduces_reference_logits() {
+        let (m, r) = (tiny(), reference());
+        let out = m
+            .forward(&[r.input_ids.clone()], Some(&image(&r)), &Default::default())
+            .unwrap();
+        assert_eq!(out.logits.dims(), [1, 48, 2048]);
+        assert_close("logits", &floats(out.logits), &r.logits, LOGITS_ATOL);
+    }
+
+    #[test]
+    fn greedy_generation_with_kv_cache_yields_the_reference_tokens() {
+        let (m, r) = (tiny(), reference());
+        // The reference forced 16 tokens (min_new_tokens = 16): no eos stop.
+        let cfg = GenerateConfig {
+            max_new_tokens: 16,
+            sampling: Sampling::Greedy,
+            seed: 0,
+            eos_token_ids: Some(vec![]),
+        };
+        let req = Request {
+            input_ids: r.input_ids.clone(),
+            images: Some(image(&r)),
+        };
+        let g = m.generate(&[req], &cfg, &Default::default()).unwrap();
+        assert_eq!(g[0].tokens, r.greedy);
+        assert!(!g[0].stopped_on_eos);
+        assert_eq!(g[0].prompt_tokens, 48);
+    }
+
+    #[test]
+    fn generation_stops_on_an_eos_id() {
+        let (m, r) = (tiny(), reference());
+        let cfg = GenerateConfig {
+            max_new_tokens: 16,
+            eos_token_ids: Some(vec![r.greedy[1]]),
+            ..GenerateConfig::default()
+        };
+        let req = Request {
+            input_ids: r.input_ids.clone(),
+            images: Some(image(&r)),
+        };
+        let g = m.generate(&[req], &cfg, &Default::default()).unwrap();
+        assert_eq!(g[0].tokens, r.greedy[..2].to_vec());
+        assert!(g[0].stopped_on_eos);
+    }
+
+    #[test]
+    fn cached_step_by_step_logits_equal_full_sequence_logits() {
+        let (m, r) = (tiny(), reference());
+        let dev = Default::default();
+        // prompt + 4 greedy tokens, forwarded at once vs. prefill + 4 cached steps
+        let mut ids = r.input_ids.clone();
+        ids.extend_from_slice(&r.greedy[..4]);
+        let full = m.forward(&[ids.clone()], Some(&image(&r)), &dev).unwrap();
+        let full = floats(full.logits);
+        let n = r.input_ids.len();
+        let v = 2048;
+        let mut caches = m.new_caches(1, ids.len(), &dev);
+        let pre = m
+            .prefill(&[r.input_ids.clone()], &[vec![true; n]], Some(&image(&r)), &mut caches, &dev)
+            .unwrap();
+        let pre_logits = floats(m.logits(pre.hidden));
+        assert_close("prefill", &pre_logits, &full[..n * v], CACHE_ATOL);
+        let mut keys = vec![vec![true; n]];
+        for (s, &tok) in r.greedy[..4].iter().enumerate() {
+            keys[0].push(true);
+            let pos = (n + s) as i64 + pre.positions.deltas[0];
+            let h = m.step(&[tok], &[pos], &keys, &mut caches, &dev).unwrap();
+            let got = floats(m.logits(h));
+            let at = (n + s) * v;
+            assert_close(&format!("step {s}"), &got, &full[at..at + v], CACHE_ATOL);
+        }
+    }
+
+    #[test]
+    fn batched_generation_gives_each_prompt_its_solo_tokens() {
+        let (m, r) = (tiny(), reference());
+        let dev = Default::default();
+        let cfg = GenerateConfig {
+            max_new_tokens: 6,
+            eos_token_ids: Some(vec![]),
+            ..GenerateConfig::default()
+        };
+        let with_image = Request {
+            input_ids: r.input_ids.clone(),
+            images: Some(image(&r)),
+        };
+        let text_only = Request::<TB> {
+            input_ids: vec![1990, 11, 12, 13, 100, 101, 102],
+            images: None,
+        };
+        let solo_a = m.generate(std::slice::from_ref(&with_image), &cfg, &dev).unwrap();
+        let solo_b = m.generate(std::slice::from_ref(&text_only), &cfg, &dev).unwrap();
+        let both = m.generate(&[text_only, with_image], &cfg, &dev).unwrap();
+        assert_eq!(both[0].tokens, solo_b[0].tokens);
+        assert_eq!(both[1].tokens, solo_a[0].tokens);
+        assert_eq!(both[1].tokens, r.greedy[..6].to_vec());
+        assert_eq!(both[0].batch_size, 2);
+    }
+
+    #[test]
+    fn seeded_sampling_is_reproducible_and_batch_invariant() {
+        let m = tiny();
+        let dev = Default::default();
+        let cfg = GenerateConfig {
+            max_new_tokens: 8,
+            sampling: Sampling::Sample {
+                temperature: 1.5,
+                top_k: 50,
+                top_p: 0.95,
+            },
+            seed: 7,
+            eos_token_ids: Some(vec![]),
+        };
+        let a = Request::<TB> {
+            input_ids: vec![1990, 11, 12, 13],
+            images: None,
+        };
+        let b = Request::<TB> {
+            input_ids: vec![1990, 11, 12, 13, 100, 101],
+            images: None,
+        };
+        let one = m.generate(std::slice::from_ref(&a), &cfg, &dev).unwrap();
+        let again = m.generate(std::slice::from_ref(&a), &cfg, &dev).unwrap();
+        let batch = m.generate(&[a, b], &cfg, &dev).unwrap();
+        assert_eq!(one[0].tokens, again[0].tokens);
+        assert_eq!(one[0].tokens, batch[0].tokens);
+        let greedy = m
+            .generate(
+                &[Request::<TB> {
+                    input_ids: vec![1990, 11, 12, 13],
+                    images: None,
+                }],
+                &GenerateConfig {
+                    max_new_tokens: 8,
+                    eos_token_ids: Some(vec![]),
+                    ..GenerateConfig::default()
+                },
+                &dev,
+            )
+            .unwrap();
+        // temperature 1.5 over 2048 tokens: 8 draws equal to the argmax would be a bug
+        assert_ne!(one[0].tokens, greedy[0].tokens);
+    }
+
+    #[test]
+    fn image_tokens_without_matching_features_are_rejected_with_counts() {
+        let (m, r) = (tiny(), reference());
+        let mut ids = r.input_ids.clone();
+        ids.retain(|&t| t != 1996);
+        ids.insert(5, 1996);
+        let e = m
+            .forward(&[ids], Some(&image(&r)), &Default::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("1 image tokens, 20 features"), "{e}");
+    }
+
+    #[test]
+    fn loading_a_checkpoint_with_a_missing_tensor_fails_naming_it() {
+        let dir = crate::model::weights::tests::rewritten_checkpoint(|m| {
+            m.remove("visual.blocks.2.attn.qkv.bias");
+        });
+        let e = Qwen25Vl::<TB>::load(dir.path(), &Default::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("missing tensor `visual.blocks.2.attn.qkv.bias` (expected shape [96])"), "{e}");
+    }
+}
