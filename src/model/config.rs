@@ -352,7 +352,7 @@ impl HfConfig {
         let t = &self.text;
         let v = &self.vision;
         let bad = |field: &'static str, reason: String| Err(ConfigError::Invalid { field, reason });
-        if t.num_attention_heads == 0 || t.hidden_size % t.num_attention_heads != 0 {
+        if t.num_attention_heads == 0 || !t.hidden_size.is_multiple_of(t.num_attention_heads) {
             return bad(
                 "num_attention_heads",
                 format!(
@@ -371,7 +371,7 @@ impl HfConfig {
             }
         }
         let kv = t.num_key_value_heads.unwrap_or(t.num_attention_heads);
-        if kv == 0 || t.num_attention_heads % kv != 0 {
+        if kv == 0 || !t.num_attention_heads.is_multiple_of(kv) {
             return bad(
                 "num_key_value_heads",
                 format!(
@@ -410,7 +410,7 @@ impl HfConfig {
             );
         }
         let sum: usize = rope.mrope_section.iter().sum();
-        if head_dim % 2 != 0 || sum * 2 != head_dim {
+        if !head_dim.is_multiple_of(2) || sum * 2 != head_dim {
             return bad(
                 "rope_scaling.mrope_section",
                 format!(
@@ -438,7 +438,7 @@ impl HfConfig {
                 "sliding-window decoder attention is not implemented".into(),
             );
         }
-        if v.num_heads == 0 || v.hidden_size % v.num_heads != 0 {
+        if v.num_heads == 0 || !v.hidden_size.is_multiple_of(v.num_heads) {
             return bad(
                 "vision_config.num_heads",
                 format!(
@@ -448,14 +448,14 @@ impl HfConfig {
             );
         }
         let v_head = v.hidden_size / v.num_heads;
-        if v_head % 4 != 0 {
+        if !v_head.is_multiple_of(4) {
             return bad(
                 "vision_config.num_heads",
                 format!("vision head size {v_head} must be a multiple of 4 (2-D rotary)"),
             );
         }
         let unit = v.spatial_merge_size * v.patch_size;
-        if v.spatial_merge_size == 0 || v.patch_size == 0 || v.window_size % unit != 0 {
+        if v.spatial_merge_size == 0 || v.patch_size == 0 || !v.window_size.is_multiple_of(unit) {
             return bad(
                 "vision_config.window_size",
                 format!(
@@ -748,7 +748,10 @@ mod tests {
         let mut c = seven_b();
         c.text.num_attention_heads = 27;
         let e = c.resolve().unwrap_err().to_string();
-        assert!(e.contains("num_attention_heads") && e.contains("3584"), "{e}");
+        assert!(
+            e.contains("num_attention_heads") && e.contains("3584"),
+            "{e}"
+        );
         let mut c = seven_b();
         c.text.num_key_value_heads = Some(5);
         assert!(c

@@ -62,7 +62,9 @@ pub enum ModelError {
         problems: Vec<String>,
     },
     /// A tensor is stored in a dtype this loader does not convert.
-    #[error("tensor `{key}` in {path} has dtype {dtype}; only F32, F64, BF16 and F16 are supported")]
+    #[error(
+        "tensor `{key}` in {path} has dtype {dtype}; only F32, F64, BF16 and F16 are supported"
+    )]
     UnsupportedDtype {
         /// The file.
         path: PathBuf,
@@ -80,7 +82,9 @@ pub enum ModelError {
         expected: Vec<usize>,
     },
     /// The number of image placeholder tokens differs from the image features produced.
-    #[error("image features and image tokens do not match: {tokens} image tokens, {features} features")]
+    #[error(
+        "image features and image tokens do not match: {tokens} image tokens, {features} features"
+    )]
     ImageTokens {
         /// Placeholders in `input_ids`.
         tokens: usize,

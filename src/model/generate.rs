@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::model::error::ModelError;
-use crate::model::model::{ImageInput, Qwen25Vl};
+use crate::model::qwen::{ImageInput, Qwen25Vl};
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, PartialEq)]
@@ -99,7 +99,11 @@ impl<B: Backend> Qwen25Vl<B> {
             return Ok(Vec::new());
         }
         let batch = requests.len();
-        let len = requests.iter().map(|r| r.input_ids.len()).max().unwrap_or(0);
+        let len = requests
+            .iter()
+            .map(|r| r.input_ids.len())
+            .max()
+            .unwrap_or(0);
         let pad = self.config().tokens.pad_token_id.unwrap_or(0);
         let eos: Vec<u32> = cfg
             .eos_token_ids
@@ -146,7 +150,12 @@ impl<B: Backend> Qwen25Vl<B> {
             }
             let _s = tracing::trace_span!("decode_step", step).entered();
             let cache_index = (len + step) as i64;
-            let positions: Vec<i64> = pre.positions.deltas.iter().map(|d| cache_index + d).collect();
+            let positions: Vec<i64> = pre
+                .positions
+                .deltas
+                .iter()
+                .map(|d| cache_index + d)
+                .collect();
             for k in keys.iter_mut() {
                 k.push(true);
             }
@@ -181,13 +190,13 @@ impl<B: Backend> Qwen25Vl<B> {
         match sampling {
             Sampling::Greedy => {
                 let ids = logits.argmax(1).into_data();
-                let ids = ids
-                    .convert::<i64>()
-                    .to_vec::<i64>()
-                    .map_err(|e| ModelError::Readback {
-                        what: "argmax",
-                        reason: format!("{e:?}"),
-                    })?;
+                let ids =
+                    ids.convert::<i64>()
+                        .to_vec::<i64>()
+                        .map_err(|e| ModelError::Readback {
+                            what: "argmax",
+                            reason: format!("{e:?}"),
+                        })?;
                 Ok(ids.into_iter().map(|i| i as u32).collect())
             }
             Sampling::Sample {
@@ -214,7 +223,13 @@ impl<B: Backend> Qwen25Vl<B> {
 }
 
 /// Draws one token from `logits` (temperature → top-k → top-p, as HF's warpers).
-fn sample_row(logits: &[f32], temperature: f32, top_k: usize, top_p: f32, rng: &mut ChaCha8Rng) -> u32 {
+fn sample_row(
+    logits: &[f32],
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+    rng: &mut ChaCha8Rng,
+) -> u32 {
     let t = if temperature > 0.0 { temperature } else { 1.0 };
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));

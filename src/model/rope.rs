@@ -133,7 +133,12 @@ pub fn position_ids(
                 }
             }
         }
-        let max = pos.iter().flat_map(|p| p.iter()).copied().max().unwrap_or(0);
+        let max = pos
+            .iter()
+            .flat_map(|p| p.iter())
+            .copied()
+            .max()
+            .unwrap_or(0);
         deltas.push(max + 1 - seq as i64);
         for (a, p) in pos.iter().enumerate() {
             let mut it = p.iter();
@@ -165,13 +170,17 @@ pub struct RopeTables<B: Backend> {
 
 impl<B: Backend> RopeTables<B> {
     /// Tables for position ids `ids` laid out `[3, batch, seq]`.
-    pub fn new(cfg: &TextConfig, ids: &[i64], batch: usize, seq: usize, device: &B::Device) -> Self {
+    pub fn new(
+        cfg: &TextConfig,
+        ids: &[i64],
+        batch: usize,
+        seq: usize,
+        device: &B::Device,
+    ) -> Self {
         let half = cfg.head_dim / 2;
-        let pos: Tensor<B, 3> = Tensor::<B, 3, Int>::from_data(
-            TensorData::new(ids.to_vec(), [3, batch, seq]),
-            device,
-        )
-        .float();
+        let pos: Tensor<B, 3> =
+            Tensor::<B, 3, Int>::from_data(TensorData::new(ids.to_vec(), [3, batch, seq]), device)
+                .float();
         let mut freqs: Option<Tensor<B, 3>> = None;
         let mut start = 0;
         for (axis, &len) in cfg.mrope_section.iter().enumerate() {
@@ -187,8 +196,8 @@ impl<B: Backend> RopeTables<B> {
                 })
                 .collect();
             start += len;
-            let inv: Tensor<B, 3> =
-                Tensor::<B, 1>::from_data(TensorData::new(inv, [half]), device).reshape([1, 1, half]);
+            let inv: Tensor<B, 3> = Tensor::<B, 1>::from_data(TensorData::new(inv, [half]), device)
+                .reshape([1, 1, half]);
             let p = pos.clone().narrow(0, axis, 1).reshape([batch, seq, 1]);
             let f = p * inv; // [batch, seq, half]
             freqs = Some(match freqs {
@@ -281,7 +290,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(alone.ids, vec![0, 1, 2, 0, 1, 2, 0, 1, 2]);
-        assert_eq!(padded.ids, vec![1, 1, 0, 1, 2, 1, 1, 0, 1, 2, 1, 1, 0, 1, 2]);
+        assert_eq!(
+            padded.ids,
+            vec![1, 1, 0, 1, 2, 1, 1, 0, 1, 2, 1, 1, 0, 1, 2]
+        );
         // decode position = cache index + delta must agree: 3 + 0 == 5 + (-2)
         assert_eq!(alone.deltas[0] + 3, padded.deltas[0] + 5);
     }

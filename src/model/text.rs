@@ -7,8 +7,8 @@
 //! k0,k0,k1,k1); instead of materialising the repeats, the query heads of one group are
 //! stacked along the sequence axis, which computes the same products.
 
-use burn::nn::Embedding;
 use burn::module::Param;
+use burn::nn::Embedding;
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
@@ -47,9 +47,21 @@ impl<B: Backend> Attention<B> {
         let [b, s, _] = x.dims();
         let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let rep = h / kv;
-        let q = self.q_proj.forward(x.clone()).reshape([b, s, h, hd]).swap_dims(1, 2); // [b, h, s, hd]
-        let k = self.k_proj.forward(x.clone()).reshape([b, s, kv, hd]).swap_dims(1, 2); // [b, kv, s, hd]
-        let v = self.v_proj.forward(x).reshape([b, s, kv, hd]).swap_dims(1, 2);
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([b, s, h, hd])
+            .swap_dims(1, 2); // [b, h, s, hd]
+        let k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([b, s, kv, hd])
+            .swap_dims(1, 2); // [b, kv, s, hd]
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, s, kv, hd])
+            .swap_dims(1, 2);
         let q = apply_rotary(q, &rope.cos, &rope.sin);
         let k = apply_rotary(k, &rope.cos, &rope.sin);
         let (k, v) = cache.append(k, v)?; // [b, kv, t, hd]
@@ -58,7 +70,10 @@ impl<B: Backend> Attention<B> {
         let q = q.reshape([b, kv, rep * s, hd]);
         let mask = mask.map(|m| m.clone().repeat_dim(2, rep).expand([b, kv, rep * s, t]));
         let o = attention(q, k, v, mask, None, AttentionModuleOptions::default());
-        let o = o.reshape([b, h, s, hd]).swap_dims(1, 2).reshape([b, s, h * hd]);
+        let o = o
+            .reshape([b, h, s, hd])
+            .swap_dims(1, 2)
+            .reshape([b, s, h * hd]);
         Ok(self.o_proj.forward(o))
     }
 }
@@ -121,9 +136,19 @@ impl<B: Backend> TextModel<B> {
                     head_dim: cfg.head_dim,
                 },
                 mlp: Mlp {
-                    gate_proj: Proj::load(src, &format!("{m}.gate_proj"), spec(d, it, false), device)?,
+                    gate_proj: Proj::load(
+                        src,
+                        &format!("{m}.gate_proj"),
+                        spec(d, it, false),
+                        device,
+                    )?,
                     up_proj: Proj::load(src, &format!("{m}.up_proj"), spec(d, it, false), device)?,
-                    down_proj: Proj::load(src, &format!("{m}.down_proj"), spec(it, d, false), device)?,
+                    down_proj: Proj::load(
+                        src,
+                        &format!("{m}.down_proj"),
+                        spec(it, d, false),
+                        device,
+                    )?,
                 },
                 input_layernorm: RmsNorm::load(
                     src,

@@ -342,7 +342,10 @@ impl<B: Backend> VisionTransformer<B> {
                 ),
             });
         }
-        if let Some(g) = grids.iter().find(|g| g[1] % m != 0 || g[2] % m != 0 || g[0] == 0) {
+        if let Some(g) = grids
+            .iter()
+            .find(|g| g[1] % m != 0 || g[2] % m != 0 || g[0] == 0)
+        {
             return Err(ModelError::Input {
                 name: "image_grid_thw",
                 reason: format!("grid {g:?}: h and w must be multiples of {m}, t positive"),
@@ -371,7 +374,10 @@ impl<B: Backend> VisionTransformer<B> {
             } else {
                 &windows
             };
-            x = x.clone() + blk.attn.forward(blk.norm1.forward(x.clone()), &cos, &sin, seg);
+            x = x.clone()
+                + blk
+                    .attn
+                    .forward(blk.norm1.forward(x.clone()), &cos, &sin, seg);
             let h = blk.norm2.forward(x.clone());
             let mlp = &blk.mlp;
             let h = mlp
@@ -395,7 +401,8 @@ impl<B: Backend> VisionTransformer<B> {
         let inv: Vec<f32> = (0..q)
             .map(|j| (1.0 / VISION_ROPE_THETA.powf((2 * j) as f64 / dim as f64)) as f32)
             .collect();
-        let inv: Tensor<B, 2> = Tensor::<B, 1>::from_data(TensorData::new(inv, [q]), device).reshape([1, q]);
+        let inv: Tensor<B, 2> =
+            Tensor::<B, 1>::from_data(TensorData::new(inv, [q]), device).reshape([1, q]);
         let n = rc.len();
         let rows: Vec<i64> = rc.iter().map(|&(r, _)| r as i64).collect();
         let cols: Vec<i64> = rc.iter().map(|&(_, c)| c as i64).collect();

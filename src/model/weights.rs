@@ -76,14 +76,38 @@ pub(crate) fn expected_tensors(cfg: &Qwen25VlConfig) -> Vec<(String, Vec<usize>)
         out.push((format!("{p}.norm2.weight"), vec![d]));
         lin(&mut out, format!("{p}.attn.qkv"), d, 3 * d, true);
         lin(&mut out, format!("{p}.attn.proj"), d, d, true);
-        lin(&mut out, format!("{p}.mlp.gate_proj"), d, v.intermediate_size, true);
-        lin(&mut out, format!("{p}.mlp.up_proj"), d, v.intermediate_size, true);
-        lin(&mut out, format!("{p}.mlp.down_proj"), v.intermediate_size, d, true);
+        lin(
+            &mut out,
+            format!("{p}.mlp.gate_proj"),
+            d,
+            v.intermediate_size,
+            true,
+        );
+        lin(
+            &mut out,
+            format!("{p}.mlp.up_proj"),
+            d,
+            v.intermediate_size,
+            true,
+        );
+        lin(
+            &mut out,
+            format!("{p}.mlp.down_proj"),
+            v.intermediate_size,
+            d,
+            true,
+        );
     }
     let m = d * v.merge_unit();
     out.push(("visual.merger.ln_q.weight".into(), vec![d]));
     lin(&mut out, "visual.merger.mlp.0".into(), m, m, true);
-    lin(&mut out, "visual.merger.mlp.2".into(), m, v.out_hidden_size, true);
+    lin(
+        &mut out,
+        "visual.merger.mlp.2".into(),
+        m,
+        v.out_hidden_size,
+        true,
+    );
 
     let t = &cfg.text;
     let h = t.hidden_size;
@@ -91,13 +115,43 @@ pub(crate) fn expected_tensors(cfg: &Qwen25VlConfig) -> Vec<(String, Vec<usize>)
     out.push(("model.embed_tokens.weight".into(), vec![t.vocab_size, h]));
     for l in 0..t.num_layers {
         let p = format!("model.layers.{l}");
-        lin(&mut out, format!("{p}.self_attn.q_proj"), h, t.num_heads * t.head_dim, true);
+        lin(
+            &mut out,
+            format!("{p}.self_attn.q_proj"),
+            h,
+            t.num_heads * t.head_dim,
+            true,
+        );
         lin(&mut out, format!("{p}.self_attn.k_proj"), h, kvd, true);
         lin(&mut out, format!("{p}.self_attn.v_proj"), h, kvd, true);
-        lin(&mut out, format!("{p}.self_attn.o_proj"), t.num_heads * t.head_dim, h, false);
-        lin(&mut out, format!("{p}.mlp.gate_proj"), h, t.intermediate_size, false);
-        lin(&mut out, format!("{p}.mlp.up_proj"), h, t.intermediate_size, false);
-        lin(&mut out, format!("{p}.mlp.down_proj"), t.intermediate_size, h, false);
+        lin(
+            &mut out,
+            format!("{p}.self_attn.o_proj"),
+            t.num_heads * t.head_dim,
+            h,
+            false,
+        );
+        lin(
+            &mut out,
+            format!("{p}.mlp.gate_proj"),
+            h,
+            t.intermediate_size,
+            false,
+        );
+        lin(
+            &mut out,
+            format!("{p}.mlp.up_proj"),
+            h,
+            t.intermediate_size,
+            false,
+        );
+        lin(
+            &mut out,
+            format!("{p}.mlp.down_proj"),
+            t.intermediate_size,
+            h,
+            false,
+        );
         out.push((format!("{p}.input_layernorm.weight"), vec![h]));
         out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
     }
@@ -277,11 +331,6 @@ impl WeightSource {
             || ALLOWED_UNUSED_SUFFIXES.iter().any(|s| key.ends_with(s))
     }
 
-    /// Whether the checkpoint has `key` (canonical).
-    pub(crate) fn contains(&self, key: &str) -> bool {
-        self.index.contains_key(key)
-    }
-
     /// The tensor `key` (canonical) as f32 data of `shape`, converted from its file dtype.
     ///
     /// # Errors
@@ -392,8 +441,7 @@ pub(crate) mod tests {
                 )
             })
             .collect();
-        safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors"))
-            .unwrap();
+        safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
         dir
     }
 
@@ -415,7 +463,9 @@ pub(crate) mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("missing tensor `model.layers.1.mlp.up_proj.weight` (expected shape [176, 64])"),
+            e.contains(
+                "missing tensor `model.layers.1.mlp.up_proj.weight` (expected shape [176, 64])"
+            ),
             "{e}"
         );
     }
@@ -434,11 +484,15 @@ pub(crate) mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("`visual.merger.ln_q.weight` in model.safetensors has shape [16, 2], expected [32]"),
+            e.contains(
+                "`visual.merger.ln_q.weight` in model.safetensors has shape [16, 2], expected [32]"
+            ),
             "{e}"
         );
         assert!(
-            e.contains("unexpected tensor `model.extra_norm.weight` in model.safetensors (shape [64])"),
+            e.contains(
+                "unexpected tensor `model.extra_norm.weight` in model.safetensors (shape [64])"
+            ),
             "{e}"
         );
     }
@@ -460,7 +514,8 @@ pub(crate) mod tests {
         let bytes = std::fs::read(fixture("qwen2_5_vl_tiny/model.safetensors")).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let mut shards: [Vec<(String, StDtype, Vec<usize>, Vec<u8>)>; 2] = Default::default();
+        type Shard = Vec<(String, StDtype, Vec<usize>, Vec<u8>)>;
+        let mut shards: [Shard; 2] = Default::default();
         let mut weight_map = serde_json::Map::new();
         for (k, v) in st.tensors() {
             let new = if let Some(r) = k.strip_prefix("model.") {

@@ -68,10 +68,9 @@ impl<B: Backend> Qwen25Vl<B> {
         let visual = VisionTransformer::load(&mut src, &config.vision, device)?;
         let model = TextModel::load(&mut src, &config.text, device)?;
         let t = &config.text;
-        let lm_head = if t.tie_word_embeddings && !src.contains("lm_head.weight") {
-            None
-        } else if t.tie_word_embeddings {
-            // A tied checkpoint that still stores lm_head: the stored copy is the shared matrix.
+        // Tied: the logits reuse `embed_tokens`; a stored lm_head copy (allowed by the
+        // checkpoint check) is the same matrix and is not loaded twice.
+        let lm_head = if t.tie_word_embeddings {
             None
         } else {
             let spec = ProjSpec {
@@ -121,7 +120,8 @@ impl<B: Backend> Qwen25Vl<B> {
     /// # Errors
     /// [`ModelError::Input`] when pixels and grids disagree.
     pub fn image_embeds(&self, images: &ImageInput<B>) -> Result<Tensor<B, 2>, ModelError> {
-        self.visual.forward(images.pixel_values.clone(), &images.grids)
+        self.visual
+            .forward(images.pixel_values.clone(), &images.grids)
     }
 
     /// Vocabulary logits of final hidden states.
@@ -135,7 +135,10 @@ impl<B: Backend> Qwen25Vl<B> {
                 let [b, s, d] = hidden.dims();
                 let w = self.model.embedding_weight(); // [vocab, hidden]
                 let v = w.dims()[0];
-                hidden.reshape([b * s, d]).matmul(w.transpose()).reshape([b, s, v])
+                hidden
+                    .reshape([b * s, d])
+                    .matmul(w.transpose())
+                    .reshape([b, s, v])
             }
         }
     }
@@ -289,7 +292,8 @@ fn attention_mask<B: Backend>(
         for i in 0..seq {
             let q = past + i;
             for j in 0..total {
-                m[(b * seq + i) * total + j] = j > q || (j != q && !k.get(j).copied().unwrap_or(false));
+                m[(b * seq + i) * total + j] =
+                    j > q || (j != q && !k.get(j).copied().unwrap_or(false));
             }
         }
     }
@@ -394,7 +398,11 @@ pub(crate) mod tests {
     fn full_forward_reproduces_reference_logits() {
         let (m, r) = (tiny(), reference());
         let out = m
-            .forward(&[r.input_ids.clone()], Some(&image(&r)), &Default::default())
+            .forward(
+                std::slice::from_ref(&r.input_ids),
+                Some(&image(&r)),
+                &Default::default(),
+            )
             .unwrap();
         assert_eq!(out.logits.dims(), [1, 48, 2048]);
         assert_close("logits", &floats(out.logits), &r.logits, LOGITS_ATOL);
@@ -450,7 +458,13 @@ pub(crate) mod tests {
         let v = 2048;
         let mut caches = m.new_caches(1, ids.len(), &dev);
         let pre = m
-            .prefill(&[r.input_ids.clone()], &[vec![true; n]], Some(&image(&r)), &mut caches, &dev)
+            .prefill(
+                std::slice::from_ref(&r.input_ids),
+                &[vec![true; n]],
+                Some(&image(&r)),
+                &mut caches,
+                &dev,
+            )
             .unwrap();
         let pre_logits = floats(m.logits(pre.hidden));
         assert_close("prefill", &pre_logits, &full[..n * v], CACHE_ATOL);
@@ -478,17 +492,27 @@ pub(crate) mod tests {
             input_ids: r.input_ids.clone(),
             images: Some(image(&r)),
         };
-        let text_only = Request::<TB> {
+        // Shorter text prompt: the text row is left-padded.
+        let short = Request::<TB> {
             input_ids: vec![1990, 11, 12, 13, 100, 101, 102],
             images: None,
         };
-        let solo_a = m.generate(std::slice::from_ref(&with_image), &cfg, &dev).unwrap();
-        let solo_b = m.generate(std::slice::from_ref(&text_only), &cfg, &dev).unwrap();
-        let both = m.generate(&[text_only, with_image], &cfg, &dev).unwrap();
-        assert_eq!(both[0].tokens, solo_b[0].tokens);
-        assert_eq!(both[1].tokens, solo_a[0].tokens);
-        assert_eq!(both[1].tokens, r.greedy[..6].to_vec());
-        assert_eq!(both[0].batch_size, 2);
+        // Longer text prompt: the image row is left-padded.
+        let long = Request::<TB> {
+            input_ids: (0..60).map(|i| 100 + i).collect(),
+            images: None,
+        };
+        let solo_img = m
+            .generate(std::slice::from_ref(&with_image), &cfg, &dev)
+            .unwrap();
+        assert_eq!(solo_img[0].tokens, r.greedy[..6].to_vec());
+        for text in [short, long] {
+            let solo = m.generate(std::slice::from_ref(&text), &cfg, &dev).unwrap();
+            let both = m.generate(&[text, with_image.clone()], &cfg, &dev).unwrap();
+            assert_eq!(both[0].tokens, solo[0].tokens);
+            assert_eq!(both[1].tokens, solo_img[0].tokens);
+            assert_eq!(both[0].batch_size, 2);
+        }
     }
 
     #[test]
@@ -558,6 +582,9 @@ pub(crate) mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(e.contains("missing tensor `visual.blocks.2.attn.qkv.bias` (expected shape [96])"), "{e}");
+        assert!(
+            e.contains("missing tensor `visual.blocks.2.attn.qkv.bias` (expected shape [96])"),
+            "{e}"
+        );
     }
 }
