@@ -8,6 +8,7 @@
 use burn::module::Param;
 use burn::nn::Linear;
 use burn::prelude::*;
+use burn::tensor::DType;
 
 use crate::model::error::ModelError;
 use crate::model::weights::WeightSource;
@@ -107,7 +108,10 @@ impl<B: Backend> RmsNorm<B> {
     /// # Shapes
     /// - `x`: `[..., d]` → `[..., d]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        // The reference normalises in f32 whatever the activation dtype, then casts back.
+        let dtype = x.dtype();
+        let x = x.cast(DType::F32);
         let rms = (x.clone().square().mean_dim(D - 1) + self.eps).sqrt();
-        (x / rms) * self.weight.val().unsqueeze()
+        (x / rms).cast(dtype) * self.weight.val().unsqueeze()
     }
 }

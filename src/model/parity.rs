@@ -143,7 +143,7 @@ pub fn run_forward<B: Backend>(
         }
         Err(_) => None,
     };
-    let out = model.forward(&rows, images.as_ref(), device)?;
+    let out = model.forward(&rows, None, images.as_ref(), device)?;
     let logits_shape = out.logits.dims();
     let to_f32 = |t: TensorData, what: &'static str| -> Result<Vec<u8>, ModelError> {
         let v = t

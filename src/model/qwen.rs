@@ -143,7 +143,10 @@ impl<B: Backend> Qwen25Vl<B> {
         }
     }
 
-    /// Full-sequence forward of equal-length, unpadded rows (no cache kept).
+    /// Full-sequence forward (no cache kept) of equal-length rows.
+    ///
+    /// `attention_mask[b][i]` is false for padding (left or right); `None` means no
+    /// padding. Padded positions get M-RoPE position 1 and are never attended to.
     ///
     /// # Shapes
     /// - `input_ids`: `batch` rows of `seq` tokens → logits `[batch, seq, vocab]`
@@ -154,13 +157,32 @@ impl<B: Backend> Qwen25Vl<B> {
     pub fn forward(
         &self,
         input_ids: &[Vec<u32>],
+        attention_mask: Option<&[Vec<bool>]>,
         images: Option<&ImageInput<B>>,
         device: &B::Device,
     ) -> Result<ForwardOutput<B>, ModelError> {
+        let _span = tracing::debug_span!("forward", batch = input_ids.len()).entered();
         let seq = input_ids.first().map_or(0, Vec::len);
-        let valid: Vec<Vec<bool>> = input_ids.iter().map(|r| vec![true; r.len()]).collect();
+        let all: Vec<Vec<bool>>;
+        let valid = match attention_mask {
+            Some(m) => m,
+            None => {
+                all = input_ids.iter().map(|r| vec![true; r.len()]).collect();
+                &all
+            }
+        };
+        if valid.len() != input_ids.len() {
+            return Err(ModelError::Input {
+                name: "attention_mask",
+                reason: format!(
+                    "{} rows for {} rows of input_ids",
+                    valid.len(),
+                    input_ids.len()
+                ),
+            });
+        }
         let mut caches = self.new_caches(input_ids.len(), seq, device);
-        let p = self.prefill(input_ids, &valid, images, &mut caches, device)?;
+        let p = self.prefill(input_ids, valid, images, &mut caches, device)?;
         Ok(ForwardOutput {
             logits: self.logits(p.hidden),
             image_embeds: p.image_embeds,
@@ -178,6 +200,7 @@ impl<B: Backend> Qwen25Vl<B> {
         caches: &mut [KvCache<B>],
         device: &B::Device,
     ) -> Result<Prefill<B>, ModelError> {
+        let _span = tracing::debug_span!("prefill", batch = rows.len()).entered();
         let batch = rows.len();
         let seq = rows.first().map_or(0, Vec::len);
         if batch == 0 || seq == 0 {
@@ -400,12 +423,47 @@ pub(crate) mod tests {
         let out = m
             .forward(
                 std::slice::from_ref(&r.input_ids),
+                None,
                 Some(&image(&r)),
                 &Default::default(),
             )
             .unwrap();
         assert_eq!(out.logits.dims(), [1, 48, 2048]);
         assert_close("logits", &floats(out.logits), &r.logits, LOGITS_ATOL);
+    }
+
+    #[test]
+    fn right_padded_batch_forward_matches_each_row_alone() {
+        let (m, r) = (tiny(), reference());
+        let dev = Default::default();
+        let text: Vec<u32> = vec![1990, 11, 12, 13, 100, 101, 102, 103, 104, 105];
+        let alone = floats(
+            m.forward(std::slice::from_ref(&text), None, None, &dev)
+                .unwrap()
+                .logits,
+        );
+        let n = r.input_ids.len();
+        let mut padded = text.clone();
+        padded.resize(n, 0);
+        let mut mask = vec![true; text.len()];
+        mask.resize(n, false);
+        let out = m
+            .forward(
+                &[r.input_ids.clone(), padded],
+                Some(&[vec![true; n], mask]),
+                Some(&image(&r)),
+                &dev,
+            )
+            .unwrap();
+        let all = floats(out.logits);
+        let v = 2048;
+        assert_close("image row", &all[..n * v], &r.logits, LOGITS_ATOL);
+        assert_close(
+            "text row",
+            &all[n * v..(n + text.len()) * v],
+            &alone,
+            LOGITS_ATOL,
+        );
     }
 
     #[test]
@@ -452,7 +510,9 @@ pub(crate) mod tests {
         // prompt + 4 greedy tokens, forwarded at once vs. prefill + 4 cached steps
         let mut ids = r.input_ids.clone();
         ids.extend_from_slice(&r.greedy[..4]);
-        let full = m.forward(&[ids.clone()], Some(&image(&r)), &dev).unwrap();
+        let full = m
+            .forward(&[ids.clone()], None, Some(&image(&r)), &dev)
+            .unwrap();
         let full = floats(full.logits);
         let n = r.input_ids.len();
         let v = 2048;
@@ -567,7 +627,7 @@ pub(crate) mod tests {
         ids.retain(|&t| t != 1996);
         ids.insert(5, 1996);
         let e = m
-            .forward(&[ids], Some(&image(&r)), &Default::default())
+            .forward(&[ids], None, Some(&image(&r)), &Default::default())
             .unwrap_err()
             .to_string();
         assert!(e.contains("1 image tokens, 20 features"), "{e}");
