@@ -647,4 +647,49 @@ pub(crate) mod tests {
             "{e}"
         );
     }
+
+    #[test]
+    fn module_parameters_equal_the_config_parameter_count() {
+        use burn::module::Module;
+        let m = tiny();
+        assert_eq!(m.num_params() as u64, m.config().parameter_count());
+    }
+
+    #[test]
+    fn tied_checkpoint_without_lm_head_reuses_the_embedding_matrix() {
+        let dev = Default::default();
+        let r = reference();
+        let set_tied = |dir: &std::path::Path| {
+            let p = dir.join("config.json");
+            let mut c: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+            c["tie_word_embeddings"] = true.into();
+            std::fs::write(&p, c.to_string()).unwrap();
+        };
+        // Untied model whose lm_head is a copy of embed_tokens: the reference for "tied".
+        let copy = crate::model::weights::tests::rewritten_checkpoint(|m| {
+            let e = m["model.embed_tokens.weight"].clone();
+            m.insert("lm_head.weight".into(), e);
+        });
+        let tied = crate::model::weights::tests::rewritten_checkpoint(|m| {
+            m.remove("lm_head.weight");
+        });
+        set_tied(tied.path());
+        let a = Qwen25Vl::<TB>::load(copy.path(), &dev).unwrap();
+        let b = Qwen25Vl::<TB>::load(tied.path(), &dev).unwrap();
+        assert!(b.config().text.tie_word_embeddings);
+        let ids = std::slice::from_ref(&r.input_ids);
+        let la = floats(a.forward(ids, None, Some(&image(&r)), &dev).unwrap().logits);
+        let lb = floats(b.forward(ids, None, Some(&image(&r)), &dev).unwrap().logits);
+        assert_close("tied vs copied lm_head", &lb, &la, CACHE_ATOL);
+        // and an untied config without lm_head is a missing tensor
+        let untied = crate::model::weights::tests::rewritten_checkpoint(|m| {
+            m.remove("lm_head.weight");
+        });
+        let e = Qwen25Vl::<TB>::load(untied.path(), &dev)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("missing tensor `lm_head.weight`"), "{e}");
+    }
 }
