@@ -61,9 +61,13 @@ impl<B: Backend> Proj<B> {
 
     /// A dense projection from a PyTorch-layout weight `[d_out, d_in]`.
     pub(crate) fn from_weight(weight: Tensor<B, 2>, bias: Option<Param<Tensor<B, 1>>>) -> Self {
+        let [d_out, d_in] = weight.dims();
+        // The reshape materialises the transpose once, here: a strided view would be
+        // re-laid-out by NdArray's matmul on every forward.
+        let weight = weight.transpose().reshape([d_in, d_out]);
         Proj {
             base: BaseProj::Dense(Linear {
-                weight: Param::from_tensor(weight.transpose()),
+                weight: Param::from_tensor(weight),
                 bias,
             }),
         }
