@@ -98,6 +98,25 @@ impl<B: Backend> Qwen25Vl<B> {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
+        if let Sampling::Sample {
+            temperature, top_p, ..
+        } = cfg.sampling
+        {
+            if !(temperature > 0.0 && top_p > 0.0 && top_p <= 1.0) {
+                return Err(ModelError::Input {
+                    name: "sampling",
+                    reason: format!(
+                        "temperature {temperature} must be > 0 and top_p {top_p} in (0, 1]"
+                    ),
+                });
+            }
+        }
+        if let Some(i) = requests.iter().position(|r| r.input_ids.is_empty()) {
+            return Err(ModelError::Input {
+                name: "input_ids",
+                reason: format!("request {i} has an empty prompt"),
+            });
+        }
         let batch = requests.len();
         let len = requests
             .iter()
@@ -230,7 +249,7 @@ fn sample_row(
     top_p: f32,
     rng: &mut ChaCha8Rng,
 ) -> u32 {
-    let t = if temperature > 0.0 { temperature } else { 1.0 };
+    let t = temperature;
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
     if top_k > 0 {
@@ -280,4 +299,30 @@ fn concat_images<B: Backend>(requests: &[Request<B>]) -> Option<ImageInput<B>> {
         pixel_values: Tensor::cat(with.iter().map(|i| i.pixel_values.clone()).collect(), 0),
         grids: with.iter().flat_map(|i| i.grids.iter().copied()).collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_one_and_tiny_top_p_always_pick_the_argmax() {
+        let logits = [0.1f32, 2.0, 1.9, -3.0];
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        for _ in 0..50 {
+            assert_eq!(sample_row(&logits, 1.0, 1, 1.0, &mut rng), 1);
+            assert_eq!(sample_row(&logits, 1.0, 0, 1e-3, &mut rng), 1);
+        }
+    }
+
+    #[test]
+    fn top_k_two_never_picks_outside_the_two_best() {
+        let logits = [0.1f32, 2.0, 1.9, -3.0];
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let picks: Vec<u32> = (0..200)
+            .map(|_| sample_row(&logits, 5.0, 2, 1.0, &mut rng))
+            .collect();
+        assert!(picks.iter().all(|&p| p == 1 || p == 2));
+        assert!(picks.contains(&1) && picks.contains(&2));
+    }
 }

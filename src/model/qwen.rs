@@ -692,4 +692,31 @@ pub(crate) mod tests {
             .to_string();
         assert!(e.contains("missing tensor `lm_head.weight`"), "{e}");
     }
+
+    #[test]
+    fn two_images_in_one_call_attend_only_within_themselves() {
+        let (m, r) = (tiny(), reference());
+        let one = image(&r);
+        let two = ImageInput {
+            pixel_values: Tensor::cat(vec![one.pixel_values.clone(), one.pixel_values.clone()], 0),
+            grids: vec![r.grid, r.grid],
+        };
+        let e = floats(m.image_embeds(&two).unwrap());
+        assert_eq!(e.len(), 2 * r.image_embeds.len());
+        let (a, b) = e.split_at(r.image_embeds.len());
+        assert_close("first image", a, &r.image_embeds, EMBEDS_ATOL);
+        assert_close("second image", b, &r.image_embeds, EMBEDS_ATOL);
+    }
+
+    #[test]
+    fn pixel_values_that_do_not_match_the_grid_are_rejected() {
+        let (m, r) = (tiny(), reference());
+        let mut img = image(&r);
+        img.grids = vec![[1, 8, 12]];
+        let e = m.image_embeds(&img).unwrap_err().to_string();
+        assert!(
+            e.contains("pixel_values") && e.contains("[80, 1176]") && e.contains("[96, 1176]"),
+            "{e}"
+        );
+    }
 }
