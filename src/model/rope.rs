@@ -9,7 +9,7 @@
 //! takes its position from the axis whose `mrope_section` covers `j`; `rotate_half`).
 
 use burn::prelude::*;
-use burn::tensor::TensorData;
+use burn::tensor::{DType, TensorData};
 
 use crate::model::config::{Qwen25VlConfig, TextConfig};
 use crate::model::error::ModelError;
@@ -169,18 +169,20 @@ pub struct RopeTables<B: Backend> {
 }
 
 impl<B: Backend> RopeTables<B> {
-    /// Tables for position ids `ids` laid out `[3, batch, seq]`.
+    /// Tables for position ids `ids` laid out `[3, batch, seq]`, computed in f32 (as the
+    /// reference does, whatever the activation dtype) and cast to `dtype`.
     pub fn new(
         cfg: &TextConfig,
         ids: &[i64],
         batch: usize,
         seq: usize,
+        dtype: DType,
         device: &B::Device,
     ) -> Self {
         let half = cfg.head_dim / 2;
-        let pos: Tensor<B, 3> =
-            Tensor::<B, 3, Int>::from_data(TensorData::new(ids.to_vec(), [3, batch, seq]), device)
-                .float();
+        let f32_ = (device, DType::F32);
+        let pos: Vec<f32> = ids.iter().map(|&p| p as f32).collect();
+        let pos: Tensor<B, 3> = Tensor::from_data(TensorData::new(pos, [3, batch, seq]), f32_);
         let mut freqs: Option<Tensor<B, 3>> = None;
         let mut start = 0;
         for (axis, &len) in cfg.mrope_section.iter().enumerate() {
@@ -205,11 +207,11 @@ impl<B: Backend> RopeTables<B> {
                 Some(acc) => acc + f,
             });
         }
-        let freqs = freqs.unwrap_or_else(|| Tensor::zeros([batch, seq, half], device));
+        let freqs = freqs.unwrap_or_else(|| Tensor::zeros([batch, seq, half], f32_));
         let emb = Tensor::cat(vec![freqs.clone(), freqs], 2); // [batch, seq, head_dim]
         RopeTables {
-            cos: emb.clone().cos().unsqueeze_dim(1),
-            sin: emb.sin().unsqueeze_dim(1),
+            cos: emb.clone().cos().cast(dtype).unsqueeze_dim(1),
+            sin: emb.sin().cast(dtype).unsqueeze_dim(1),
         }
     }
 }

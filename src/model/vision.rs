@@ -16,7 +16,7 @@ use burn::prelude::*;
 use burn::tensor::activation::{gelu, silu};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::TensorData;
+use burn::tensor::{DType, TensorData};
 
 use crate::model::config::VisionConfig;
 use crate::model::error::ModelError;
@@ -116,7 +116,12 @@ impl<B: Backend> VisionAttention<B> {
         let [s, d] = x.dims();
         let (h, hd) = (self.num_heads, self.head_dim);
         let qkv = self.qkv.forward(x).reshape([s, 3, h, hd]);
-        let rot = |t: Tensor<B, 3>| t.clone() * cos.clone() + rotate_half(t) * sin.clone();
+        // The reference rotates in f32 and casts back (`apply_rotary_pos_emb_vision`).
+        let rot = |t: Tensor<B, 3>| {
+            let dt = t.dtype();
+            let t = t.cast(DType::F32);
+            (t.clone() * cos.clone() + rotate_half(t) * sin.clone()).cast(dt)
+        };
         let q = rot(qkv.clone().narrow(1, 0, 1).reshape([s, h, hd]));
         let k = rot(qkv.clone().narrow(1, 1, 1).reshape([s, h, hd]));
         let v = qkv.narrow(1, 2, 1).reshape([s, h, hd]);
@@ -393,25 +398,22 @@ impl<B: Backend> VisionTransformer<B> {
         Ok(x.select(0, Tensor::from_data(TensorData::new(inverse, [n]), &device)))
     }
 
-    /// cos/sin `[seq, 1, head_dim]` for patches at `(row, col)`.
+    /// f32 cos/sin `[seq, 1, head_dim]` for patches at `(row, col)`.
     fn rotary(&self, rc: &[(usize, usize)], device: &B::Device) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let hd = self.cfg.hidden_size / self.cfg.num_heads;
         let dim = hd / 2;
         let q = dim / 2;
+        let f32_ = (device, DType::F32);
         let inv: Vec<f32> = (0..q)
             .map(|j| (1.0 / VISION_ROPE_THETA.powf((2 * j) as f64 / dim as f64)) as f32)
             .collect();
         let inv: Tensor<B, 2> =
-            Tensor::<B, 1>::from_data(TensorData::new(inv, [q]), device).reshape([1, q]);
+            Tensor::<B, 1>::from_data(TensorData::new(inv, [q]), f32_).reshape([1, q]);
         let n = rc.len();
-        let rows: Vec<i64> = rc.iter().map(|&(r, _)| r as i64).collect();
-        let cols: Vec<i64> = rc.iter().map(|&(_, c)| c as i64).collect();
-        let r: Tensor<B, 2> = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), device)
-            .float()
-            .reshape([n, 1]);
-        let c: Tensor<B, 2> = Tensor::<B, 1, Int>::from_data(TensorData::new(cols, [n]), device)
-            .float()
-            .reshape([n, 1]);
+        let rows: Vec<f32> = rc.iter().map(|&(r, _)| r as f32).collect();
+        let cols: Vec<f32> = rc.iter().map(|&(_, c)| c as f32).collect();
+        let r: Tensor<B, 2> = Tensor::from_data(TensorData::new(rows, [n, 1]), f32_);
+        let c: Tensor<B, 2> = Tensor::from_data(TensorData::new(cols, [n, 1]), f32_);
         let f = Tensor::cat(vec![r * inv.clone(), c * inv], 1); // [seq, head_dim/2]
         let emb = Tensor::cat(vec![f.clone(), f], 1).unsqueeze_dim::<3>(1); // [seq, 1, head_dim]
         (emb.clone().cos(), emb.sin())
