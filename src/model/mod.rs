@@ -1,20 +1,31 @@
-//! Qwen2.5-VL in burn, generic over the backend: configuration (`config`), checkpoint
-//! loading (`weights`), the linear seam for NF4/LoRA (`linear`), vision tower
-//! (`vision`), M-RoPE (`rope`), decoder (`text`), KV cache (`cache`), the assembled model
-//! (`qwen`), generation (`generate`) and the forward parity harness (`parity`).
+//! Qwen2.5-VL in burn, generic over the backend.
+//!
+//! - `config`: `HfConfig` mirrors config.json (published and transformers-5 layouts) and
+//!   resolves into the strict [`Qwen25VlConfig`] (with [`Qwen25VlConfig::parameter_count`]).
+//! - `weights`: memory-mapped safetensors (single or sharded), key remapping, strict
+//!   coverage checks against the config's tensor manifest.
+//! - `linear`: the one projection seam (`Proj` over `BaseProj`) for NF4/LoRA.
+//! - `vision`, `rope`, `text`: vision tower, M-RoPE, decoder; `cache`: per-layer KV cache.
+//! - `qwen`: the assembled [`Qwen25Vl`] (image embeddings merged into the sequence);
+//!   `generate`: batched greedy/sampled generation with timings; `parity`: the
+//!   `medpipe forward` harness.
+//!
+//! Weights and activations take the device's default float dtype (burn's
+//! `set_default_dtypes` before [`Qwen25Vl::load`] gives a bf16 model); rotary tables and
+//! norms are computed in f32 as in the reference.
 //!
 //! Reference: transformers `models/qwen2_5_vl/modeling_qwen2_5_vl.py@00b676f8f0489b88652a31d70751cc540dd06305`.
 
-pub mod cache;
+mod cache;
 pub mod config;
 mod error;
 pub mod generate;
-pub mod linear;
+pub(crate) mod linear;
 pub mod parity;
 mod qwen;
 pub mod rope;
 mod text;
-pub mod vision;
+pub(crate) mod vision;
 pub(crate) mod weights;
 
 pub use cache::KvCache;
@@ -22,3 +33,4 @@ pub use config::{ConfigError, HfConfig, Qwen25VlConfig};
 pub use error::ModelError;
 pub use generate::{GenerateConfig, Generation, Request, Sampling};
 pub use qwen::{ForwardOutput, ImageInput, Qwen25Vl};
+pub use rope::MropePositions;
