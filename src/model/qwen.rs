@@ -726,4 +726,31 @@ pub(crate) mod tests {
             "{e}"
         );
     }
+
+    #[test]
+    fn batched_image_prompts_of_different_lengths_match_their_solo_runs() {
+        let (m, r) = (tiny(), reference());
+        let dev = Default::default();
+        let cfg = GenerateConfig {
+            max_new_tokens: 5,
+            eos_token_ids: Some(vec![]),
+            ..GenerateConfig::default()
+        };
+        let full = Request {
+            input_ids: r.input_ids.clone(),
+            images: Some(image(&r)),
+        };
+        // same image, 12 fewer trailing text tokens
+        let short = Request {
+            input_ids: r.input_ids[..r.input_ids.len() - 12].to_vec(),
+            images: Some(image(&r)),
+        };
+        let solo_full = m.generate(std::slice::from_ref(&full), &cfg, &dev).unwrap();
+        let solo_short = m
+            .generate(std::slice::from_ref(&short), &cfg, &dev)
+            .unwrap();
+        let both = m.generate(&[short, full], &cfg, &dev).unwrap();
+        assert_eq!(both[0].tokens, solo_short[0].tokens);
+        assert_eq!(both[1].tokens, solo_full[0].tokens);
+    }
 }

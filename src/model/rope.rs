@@ -301,6 +301,31 @@ mod tests {
     }
 
     #[test]
+    fn text_after_each_image_continues_from_the_image_max_position() {
+        let cfg = tiny();
+        let t = &cfg.tokens;
+        let (vs, im, ve) = (t.vision_start_token_id, t.image_token_id, 1994);
+        // T VS I I I I VE T VS I I I I VE T ; two 1x4x4 grids -> 2x2 merged tokens each
+        let row = vec![5, vs, im, im, im, im, ve, 6, vs, im, im, im, im, ve, 7];
+        let p = position_ids(&[row], &[vec![true; 15]], &[[1, 4, 4], [1, 4, 4]], &cfg).unwrap();
+        let temporal = [0, 1, 2, 2, 2, 2, 4, 5, 6, 7, 7, 7, 7, 9, 10];
+        let height = [0, 1, 2, 2, 3, 3, 4, 5, 6, 7, 7, 8, 8, 9, 10];
+        let width = [0, 1, 2, 3, 2, 3, 4, 5, 6, 7, 8, 7, 8, 9, 10];
+        let want: Vec<i64> = [temporal, height, width].concat();
+        assert_eq!(p.ids, want);
+        assert_eq!(p.deltas, vec![11 - 15]);
+    }
+
+    #[test]
+    fn more_images_than_grids_is_an_input_error() {
+        let cfg = tiny();
+        let t = &cfg.tokens;
+        let row = vec![t.vision_start_token_id, t.image_token_id, 5];
+        let e = position_ids(&[row], &[vec![true; 3]], &[], &cfg).unwrap_err();
+        assert!(e.to_string().contains("image_grid_thw"), "{e}");
+    }
+
+    #[test]
     fn rotate_half_negates_the_second_half_into_the_front() {
         let dev = Default::default();
         let x = Tensor::<crate::test_util::TB, 1>::from_floats([1.0, 2.0, 3.0, 4.0], &dev);
