@@ -43,6 +43,12 @@ pub fn position_ids(
 ) -> Result<MropePositions, ModelError> {
     let batch = rows.len();
     let seq = rows.first().map_or(0, Vec::len);
+    if valid.len() != batch {
+        return Err(ModelError::Input {
+            name: "attention_mask",
+            reason: format!("{} mask rows for {batch} token rows", valid.len()),
+        });
+    }
     let merge = cfg.vision.spatial_merge_size;
     let tok = &cfg.tokens;
     let mut ids = vec![1i64; 3 * batch * seq];
