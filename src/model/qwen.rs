@@ -753,4 +753,27 @@ pub(crate) mod tests {
         assert_eq!(both[0].tokens, solo_short[0].tokens);
         assert_eq!(both[1].tokens, solo_full[0].tokens);
     }
+
+    #[test]
+    fn every_parameter_gets_a_gradient_under_autodiff() {
+        use burn::optim::GradientsParams;
+        type AD = burn::backend::Autodiff<TB>;
+        let r = reference();
+        let dev = Default::default();
+        let m = Qwen25Vl::<AD>::load(&fixture("qwen2_5_vl_tiny"), &dev).unwrap();
+        let img = ImageInput::<AD> {
+            pixel_values: Tensor::from_data(
+                TensorData::new(r.pixel_values.clone(), r.pixel_shape),
+                &dev,
+            ),
+            grids: vec![r.grid],
+        };
+        let out = m
+            .forward(std::slice::from_ref(&r.input_ids), None, Some(&img), &dev)
+            .unwrap();
+        let grads = out.logits.powi_scalar(2).mean().backward();
+        let gp = GradientsParams::from_grads(grads, &m);
+        let manifest = crate::model::weights::expected_tensors(m.config()).len();
+        assert_eq!(gp.len(), manifest);
+    }
 }
