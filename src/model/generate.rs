@@ -142,7 +142,7 @@ impl<B: Backend> Qwen25Vl<B> {
         let images = concat_images(requests);
         let start = Instant::now();
         let mut caches = self.new_caches(batch, len + cfg.max_new_tokens, device);
-        let pre = self.prefill(&rows, &valid, images.as_ref(), &mut caches, device)?;
+        let pre = self.prefill(&rows, &valid, images.as_ref(), Some(&mut caches), device)?;
         let last = pre.hidden.narrow(1, len - 1, 1);
         let mut rngs: Vec<ChaCha8Rng> = (0..batch)
             .map(|_| ChaCha8Rng::seed_from_u64(cfg.seed))

@@ -181,8 +181,7 @@ impl<B: Backend> Qwen25Vl<B> {
                 ),
             });
         }
-        let mut caches = self.new_caches(input_ids.len(), seq, device);
-        let p = self.prefill(input_ids, valid, images, &mut caches, device)?;
+        let p = self.prefill(input_ids, valid, images, None, device)?;
         Ok(ForwardOutput {
             logits: self.logits(p.hidden),
             image_embeds: p.image_embeds,
@@ -190,14 +189,14 @@ impl<B: Backend> Qwen25Vl<B> {
         })
     }
 
-    /// Runs a (left-padded) prompt batch through the model, filling `caches`.
+    /// Runs a (padded) prompt batch through the model, filling `caches` when given.
     /// `valid[b][i]` is false for padding.
     pub(crate) fn prefill(
         &self,
         rows: &[Vec<u32>],
         valid: &[Vec<bool>],
         images: Option<&ImageInput<B>>,
-        caches: &mut [KvCache<B>],
+        caches: Option<&mut [KvCache<B>]>,
         device: &B::Device,
     ) -> Result<Prefill<B>, ModelError> {
         let _span = tracing::debug_span!("prefill", batch = rows.len()).entered();
@@ -260,7 +259,10 @@ impl<B: Backend> Qwen25Vl<B> {
             x.dtype(),
             device,
         );
-        let past = caches.first().map_or(0, KvCache::len);
+        let past = caches
+            .as_ref()
+            .and_then(|c| c.first())
+            .map_or(0, KvCache::len);
         let keys: Vec<Vec<bool>> = valid
             .iter()
             .map(|v| {
@@ -299,7 +301,7 @@ impl<B: Backend> Qwen25Vl<B> {
         let rope = RopeTables::new(&self.config.text, &pos, batch, 1, x.dtype(), device);
         let past = caches.first().map_or(0, KvCache::len);
         let mask = attention_mask::<B>(keys, past, 1, device);
-        self.model.forward(x, &rope, mask.as_ref(), caches)
+        self.model.forward(x, &rope, mask.as_ref(), Some(caches))
     }
 }
 
@@ -529,7 +531,7 @@ pub(crate) mod tests {
                 std::slice::from_ref(&r.input_ids),
                 &[vec![true; n]],
                 Some(&image(&r)),
-                &mut caches,
+                Some(&mut caches),
                 &dev,
             )
             .unwrap();

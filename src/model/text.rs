@@ -42,7 +42,7 @@ impl<B: Backend> Attention<B> {
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
         mask: Option<&Tensor<B, 4, Bool>>,
-        cache: &mut KvCache<B>,
+        cache: Option<&mut KvCache<B>>,
     ) -> Result<Tensor<B, 3>, ModelError> {
         let [b, s, _] = x.dims();
         let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -64,7 +64,10 @@ impl<B: Backend> Attention<B> {
             .swap_dims(1, 2);
         let q = apply_rotary(q, &rope.cos, &rope.sin);
         let k = apply_rotary(k, &rope.cos, &rope.sin);
-        let (k, v) = cache.append(k, v)?; // [b, kv, t, hd]
+        let (k, v) = match cache {
+            Some(c) => c.append(k, v)?, // [b, kv, past + s, hd]
+            None => (k, v),
+        };
         let t = k.dims()[2];
         // [b, h, s, hd] -> [b, kv, rep·s, hd]: heads of a group are adjacent.
         let q = q.reshape([b, kv, rep * s, hd]);
@@ -188,12 +191,13 @@ impl<B: Backend> TextModel<B> {
         self.embed_tokens.weight.val()
     }
 
-    /// Runs the decoder stack and the final norm, appending to `caches`.
+    /// Runs the decoder stack and the final norm, appending to `caches` when given
+    /// (without caches the keys are just this call's: full-sequence forward / training).
     ///
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` input embeddings; `mask`: `[batch, 1, seq, past + seq]`
-    ///   (true = hidden) or `None` for "attend to everything cached" (one-token steps
-    ///   without padding)
+    ///   (true = hidden) or `None` for "attend to everything" (one-token steps without
+    ///   padding)
     /// - returns `[batch, seq, hidden]`
     ///
     /// # Errors
@@ -203,16 +207,19 @@ impl<B: Backend> TextModel<B> {
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
         mask: Option<&Tensor<B, 4, Bool>>,
-        caches: &mut [KvCache<B>],
+        mut caches: Option<&mut [KvCache<B>]>,
     ) -> Result<Tensor<B, 3>, ModelError> {
-        if caches.len() != self.layers.len() {
-            return Err(ModelError::Input {
-                name: "caches",
-                reason: format!("{} caches for {} layers", caches.len(), self.layers.len()),
-            });
+        if let Some(c) = &caches {
+            if c.len() != self.layers.len() {
+                return Err(ModelError::Input {
+                    name: "caches",
+                    reason: format!("{} caches for {} layers", c.len(), self.layers.len()),
+                });
+            }
         }
         let mut x = x;
-        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
+        for (i, layer) in self.layers.iter().enumerate() {
+            let cache = caches.as_mut().map(|c| &mut c[i]);
             let a = layer.self_attn.forward(
                 layer.input_layernorm.forward(x.clone()),
                 rope,
