@@ -162,7 +162,6 @@ impl<B: Backend> Qwen25Vl<B> {
         device: &B::Device,
     ) -> Result<ForwardOutput<B>, ModelError> {
         let _span = tracing::debug_span!("forward", batch = input_ids.len()).entered();
-        let seq = input_ids.first().map_or(0, Vec::len);
         let all: Vec<Vec<bool>>;
         let valid = match attention_mask {
             Some(m) => m,
