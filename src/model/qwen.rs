@@ -207,6 +207,13 @@ impl<B: Backend> Qwen25Vl<B> {
                 reason: "empty batch or empty prompt".into(),
             });
         }
+        let vocab = self.config.text.vocab_size;
+        if let Some(&t) = rows.iter().flatten().find(|&&t| t as usize >= vocab) {
+            return Err(ModelError::Input {
+                name: "input_ids",
+                reason: format!("token id {t} is outside the vocabulary of {vocab}"),
+            });
+        }
         let grids: &[[usize; 3]] = images.map_or(&[], |i| &i.grids);
         let positions = position_ids(rows, valid, grids, &self.config)?;
         let flat: Vec<i64> = rows.iter().flatten().map(|&t| t as i64).collect();
@@ -776,5 +783,15 @@ pub(crate) mod tests {
         let gp = GradientsParams::from_grads(grads, &m);
         let manifest = crate::model::weights::expected_tensors(m.config()).len();
         assert_eq!(gp.len(), manifest);
+    }
+
+    #[test]
+    fn token_ids_outside_the_vocabulary_are_an_input_error() {
+        let m = tiny();
+        let e = m
+            .forward(&[vec![1, 2, 5000]], None, None, &Default::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("token id 5000") && e.contains("2048"), "{e}");
     }
 }
