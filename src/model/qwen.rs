@@ -260,8 +260,7 @@ impl<B: Backend> Qwen25Vl<B> {
         let rope = RopeTables::new(
             &self.config.text,
             &positions.ids,
-            batch,
-            seq,
+            [batch, seq],
             x.dtype(),
             device,
         );
@@ -304,7 +303,7 @@ impl<B: Backend> Qwen25Vl<B> {
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, 1]), device);
         let x = self.model.embed(ids);
         let pos: Vec<i64> = (0..3).flat_map(|_| positions.iter().copied()).collect();
-        let rope = RopeTables::new(&self.config.text, &pos, batch, 1, x.dtype(), device);
+        let rope = RopeTables::new(&self.config.text, &pos, [batch, 1], x.dtype(), device);
         let past = caches.first().map_or(0, KvCache::len);
         let mask = attention_mask::<B>(keys, past, 1, device);
         self.model.forward(x, &rope, mask.as_ref(), Some(caches))

@@ -175,16 +175,17 @@ pub struct RopeTables<B: Backend> {
 }
 
 impl<B: Backend> RopeTables<B> {
-    /// Tables for position ids `ids` laid out `[3, batch, seq]`, computed in f32 (as the
-    /// reference does, whatever the activation dtype) and cast to `dtype`.
+    /// Tables for position ids `ids` laid out `[3, batch, seq]` (`shape` = `[batch, seq]`),
+    /// computed in f32 (as the reference does, whatever the activation dtype) and cast to
+    /// `dtype`.
     pub fn new(
         cfg: &TextConfig,
         ids: &[i64],
-        batch: usize,
-        seq: usize,
+        shape: [usize; 2],
         dtype: DType,
         device: &B::Device,
     ) -> Self {
+        let [batch, seq] = shape;
         let half = cfg.head_dim / 2;
         let f32_ = (device, DType::F32);
         let pos: Vec<f32> = ids.iter().map(|&p| p as f32).collect();
