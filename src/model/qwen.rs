@@ -349,8 +349,10 @@ pub(crate) mod tests {
     /// Torch on CPU lands within 2e-6 of the reference logits (fixtures README); 1e-4
     /// leaves room for a different summation order in f32 matmuls.
     const LOGITS_ATOL: f32 = 1e-4;
-    /// Same bar for the vision tower output.
-    const EMBEDS_ATOL: f32 = 1e-4;
+    /// Image embeds are ~25x smaller than logits (mean |x| 0.02 vs 0.5), so the logits bar
+    /// scales to ~4e-6; 1e-5 still leaves ~400x headroom over the measured 2.7e-8, and
+    /// catches window attention replaced by full attention (1.8e-4).
+    const EMBEDS_ATOL: f32 = 1e-5;
     /// Cached vs uncached decoding differ only in summation order.
     const CACHE_ATOL: f32 = 1e-4;
 
