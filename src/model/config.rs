@@ -630,10 +630,17 @@ pub struct Qwen25VlConfig {
 }
 
 impl Qwen25VlConfig {
+    /// Every tensor a checkpoint of this config holds: published-layout key and PyTorch
+    /// shape (Linear `[out, in]`, Conv3d `[out, in, t, h, w]`), the exact set the loader
+    /// demands. Writers of checkpoints (e.g. a seeded tiny model) can iterate it.
+    pub fn tensor_manifest(&self) -> Vec<(String, Vec<usize>)> {
+        crate::model::weights::expected_tensors(self)
+    }
+
     /// Parameters of the model this config describes (what transformers counts), from the
     /// same tensor manifest the loader checks checkpoints against.
     pub fn parameter_count(&self) -> u64 {
-        crate::model::weights::expected_tensors(self)
+        self.tensor_manifest()
             .iter()
             .map(|(_, s)| s.iter().product::<usize>() as u64)
             .sum()
