@@ -42,6 +42,25 @@ enum Command {
     Status(StatusArgs),
     /// List the stages in pipeline order with what each does.
     Stages,
+    /// Run one full forward pass of a checkpoint on saved inputs (parity harness): writes
+    /// logits, image_embeds and position_ids as f32 safetensors.
+    #[command(
+        after_help = "Example:\n  medpipe forward --model ../shared/fixtures/qwen2_5_vl_tiny \\\n    --inputs ../shared/fixtures/qwen2_5_vl_tiny/reference.safetensors --out /tmp/out.safetensors"
+    )]
+    Forward(ForwardArgs),
+}
+
+#[derive(Args, Debug)]
+struct ForwardArgs {
+    /// Checkpoint directory (config.json, model.safetensors or a shard index).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Inputs: `input_ids` [batch, seq] (I64/I32), optional `pixel_values` + `image_grid_thw`.
+    #[arg(long, value_name = "IN.safetensors")]
+    inputs: PathBuf,
+    /// Output file for `logits`, `image_embeds`, `position_ids` (f32).
+    #[arg(long, value_name = "OUT.safetensors")]
+    out: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -133,6 +152,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Run(args) => run(args),
         Command::Status(args) => status(args),
+        Command::Forward(args) => forward(args),
         Command::Stages => {
             for (i, s) in stages::pipeline().stages().enumerate() {
                 println!(
@@ -146,6 +166,29 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+fn forward(args: ForwardArgs) -> Result<(), Failure> {
+    let job = medpipe::model::parity::ForwardJob {
+        model_dir: args.model,
+        inputs: args.inputs,
+        out: args.out,
+    };
+    let report = medpipe::model::parity::run_forward::<burn::backend::NdArray<f32>>(
+        &job,
+        &Default::default(),
+    )
+    .map_err(|e| Failure {
+        code: 1,
+        error: anyhow::Error::new(e).context(format!("forward of {}", job.model_dir.display())),
+    })?;
+    println!(
+        "wrote {}: logits {:?}, {} image tokens",
+        job.out.display(),
+        report.logits_shape,
+        report.image_tokens
+    );
+    Ok(())
 }
 
 fn load(cfg: &ConfigArgs, extra: &[String]) -> Result<(Config, Workspace), Failure> {

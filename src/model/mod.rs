@@ -1,4 +1,39 @@
-//! Qwen2.5-VL: the input side (image processor, chat prompt building).
+//! Qwen2.5-VL in burn, generic over the backend.
+//!
+//! - `config`: `HfConfig` mirrors config.json (published and transformers-5 layouts) and
+//!   resolves into the strict [`Qwen25VlConfig`] (with [`Qwen25VlConfig::parameter_count`]).
+//! - `weights`: memory-mapped safetensors (single or sharded), key remapping, strict
+//!   coverage checks against the config's tensor manifest.
+//! - `linear`: the one projection seam (`Proj` over `BaseProj`) for NF4/LoRA.
+//! - `vision`, `rope`, `text`: vision tower, M-RoPE, decoder; `cache`: per-layer KV cache.
+//! - `processor`: the Qwen2-VL image processor; `prompt`: chat prompts and training labels.
+//! - `qwen`: the assembled [`Qwen25Vl`] (image embeddings merged into the sequence);
+//!   `generate`: batched greedy/sampled generation with timings; `parity`: the
+//!   `medpipe forward` harness.
+//!
+//! Weights and activations take the device's default float dtype (burn's
+//! `set_default_dtypes` before [`Qwen25Vl::load`] gives a bf16 model); rotary tables and
+//! norms are computed in f32 as in the reference.
+//!
+//! Reference: transformers `models/qwen2_5_vl/modeling_qwen2_5_vl.py@00b676f8f0489b88652a31d70751cc540dd06305`.
 
+mod cache;
+pub mod config;
+mod error;
+pub mod generate;
+pub(crate) mod linear;
+pub mod parity;
 pub mod processor;
 pub mod prompt;
+mod qwen;
+pub mod rope;
+mod text;
+pub(crate) mod vision;
+pub(crate) mod weights;
+
+pub use cache::KvCache;
+pub use config::{ConfigError, HfConfig, Qwen25VlConfig};
+pub use error::ModelError;
+pub use generate::{GenerateConfig, Generation, Request, Sampling};
+pub use qwen::{ForwardOutput, ImageInput, Qwen25Vl};
+pub use rope::MropePositions;

@@ -3,5 +3,6 @@
 mod cli;
 mod common;
 mod download;
+mod forward;
 mod mock_hub;
 mod runner;

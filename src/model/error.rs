@@ -1,0 +1,121 @@
+//! The model area's error type: loading a checkpoint, validating inputs, running.
+
+use std::path::PathBuf;
+
+use crate::model::config::ConfigError;
+
+/// What went wrong loading or running Qwen2.5-VL.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// config.json / generation_config.json is unreadable or invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A file could not be opened or mapped.
+    #[error("reading {path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A safetensors file is truncated or corrupt.
+    #[error("safetensors file {path} is truncated or corrupt")]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: safetensors::SafeTensorError,
+    },
+    /// `model.safetensors.index.json` does not parse.
+    #[error("parsing shard index {path}")]
+    ShardIndex {
+        /// The index file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The directory holds neither `model.safetensors` nor a shard index.
+    #[error("no weights in {dir}: expected model.safetensors or model.safetensors.index.json")]
+    NoWeights {
+        /// The model directory.
+        dir: PathBuf,
+    },
+    /// The same tensor appears twice (two shards, or both key layouts).
+    #[error("tensor `{key}` appears twice: in {first} and {second}")]
+    DuplicateTensor {
+        /// Canonical key.
+        key: String,
+        /// Where it was first seen.
+        first: PathBuf,
+        /// Where it was seen again.
+        second: PathBuf,
+    },
+    /// The checkpoint's tensors do not match what the config describes.
+    #[error("checkpoint {dir} does not match its config ({} problems):\n  {}", problems.len(), problems.join("\n  "))]
+    Checkpoint {
+        /// The model directory.
+        dir: PathBuf,
+        /// One line per missing, unexpected or mis-shaped tensor, naming file and shapes.
+        problems: Vec<String>,
+    },
+    /// A tensor is stored in a dtype this loader does not convert.
+    #[error(
+        "tensor `{key}` in {path} has dtype {dtype}; only F32, F64, BF16 and F16 are supported"
+    )]
+    UnsupportedDtype {
+        /// The file.
+        path: PathBuf,
+        /// Key as stored.
+        key: String,
+        /// The dtype.
+        dtype: String,
+    },
+    /// The model asked for a tensor the checkpoint lacks (a bug if the manifest check passed).
+    #[error("tensor `{key}` not found in the checkpoint (expected shape {expected:?})")]
+    MissingTensor {
+        /// Canonical key.
+        key: String,
+        /// Shape the model needs.
+        expected: Vec<usize>,
+    },
+    /// The number of image placeholder tokens differs from the image features produced.
+    #[error(
+        "image features and image tokens do not match: {tokens} image tokens, {features} features"
+    )]
+    ImageTokens {
+        /// Placeholders in `input_ids`.
+        tokens: usize,
+        /// Rows of the vision tower output.
+        features: usize,
+    },
+    /// An input tensor has the wrong shape or contents.
+    #[error("invalid input `{name}`: {reason}")]
+    Input {
+        /// Input name (`pixel_values`, `image_grid_thw`, `input_ids`…).
+        name: &'static str,
+        /// What is wrong, with the numbers.
+        reason: String,
+    },
+    /// The KV cache would overflow.
+    #[error("KV cache full: {needed} positions needed, capacity {capacity}")]
+    CacheFull {
+        /// Positions the step needs.
+        needed: usize,
+        /// Preallocated positions.
+        capacity: usize,
+    },
+    /// Writing an output file failed.
+    #[error(transparent)]
+    Write(#[from] crate::pipeline::fs::FsError),
+    /// Reading a tensor back to the host failed.
+    #[error("reading tensor `{what}` back from the device: {reason}")]
+    Readback {
+        /// Which tensor.
+        what: &'static str,
+        /// burn's message.
+        reason: String,
+    },
+}

@@ -1,0 +1,328 @@
+//! Text generation: greedy or seeded sampling (temperature, top-k, top-p), stopping on
+//! the checkpoint's end-of-sequence ids, for a batch of prompts left-padded to one length.
+//!
+//! Batching follows transformers' generate with left padding: padded keys are masked,
+//! and each row's M-RoPE positions are what the prompt alone would get (pads take
+//! position 1 and decode steps use `cache index + rope delta`, as in
+//! `Qwen2_5_VLModel.forward`, `modeling_qwen2_5_vl.py@00b676f8f0489b88652a31d70751cc540dd06305`).
+
+use std::time::Instant;
+
+use burn::prelude::*;
+use burn::tensor::Tensor;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::model::error::ModelError;
+use crate::model::qwen::{ImageInput, Qwen25Vl};
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sampling {
+    /// Highest logit.
+    Greedy,
+    /// Softmax sampling after `temperature`, then `top_k` (0 = off), then `top_p` (1 = off).
+    Sample {
+        /// Logit divisor (> 0).
+        temperature: f32,
+        /// Keep only the k most likely tokens; 0 keeps all.
+        top_k: usize,
+        /// Keep the smallest set of tokens whose probability reaches `top_p`.
+        top_p: f32,
+    },
+}
+
+/// Generation settings.
+#[derive(Debug, Clone)]
+pub struct GenerateConfig {
+    /// New tokens at most (tokens).
+    pub max_new_tokens: usize,
+    /// Decoding rule.
+    pub sampling: Sampling,
+    /// RNG seed for [`Sampling::Sample`]; each row uses its own generator from this seed,
+    /// so a prompt samples the same way alone or in a batch.
+    pub seed: u64,
+    /// Stop ids; `None` uses the checkpoint's (generation_config.json / config.json).
+    pub eos_token_ids: Option<Vec<u32>>,
+}
+
+impl Default for GenerateConfig {
+    fn default() -> Self {
+        GenerateConfig {
+            max_new_tokens: 256,
+            sampling: Sampling::Greedy,
+            seed: 0,
+            eos_token_ids: None,
+        }
+    }
+}
+
+/// One prompt: token ids (with image placeholders already expanded) and its images.
+#[derive(Debug, Clone)]
+pub struct Request<B: Backend> {
+    /// Prompt tokens.
+    pub input_ids: Vec<u32>,
+    /// The prompt's images, if any.
+    pub images: Option<ImageInput<B>>,
+}
+
+/// What one request produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// New tokens, ending with the eos token when one was produced.
+    pub tokens: Vec<u32>,
+    /// Prompt length (tokens).
+    pub prompt_tokens: usize,
+    /// Whether generation stopped on an eos id (else on `max_new_tokens`).
+    pub stopped_on_eos: bool,
+    /// Wall time of the batch's prefill incl. vision tower and first token (ms).
+    pub prefill_ms: f64,
+    /// Wall time of the batch's remaining decode steps (ms).
+    pub decode_ms: f64,
+    /// Rows in the batch this request ran in.
+    pub batch_size: usize,
+}
+
+impl<B: Backend> Qwen25Vl<B> {
+    /// Generates for several prompts at once (left padding + attention masks).
+    ///
+    /// # Errors
+    /// Input errors (image tokens vs features, malformed grids) and [`ModelError::Readback`].
+    pub fn generate(
+        &self,
+        requests: &[Request<B>],
+        cfg: &GenerateConfig,
+        device: &B::Device,
+    ) -> Result<Vec<Generation>, ModelError> {
+        let _span = tracing::debug_span!("generate", batch = requests.len()).entered();
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Sampling::Sample {
+            temperature, top_p, ..
+        } = cfg.sampling
+        {
+            if !(temperature > 0.0 && top_p > 0.0 && top_p <= 1.0) {
+                return Err(ModelError::Input {
+                    name: "sampling",
+                    reason: format!(
+                        "temperature {temperature} must be > 0 and top_p {top_p} in (0, 1]"
+                    ),
+                });
+            }
+        }
+        if let Some(i) = requests.iter().position(|r| r.input_ids.is_empty()) {
+            return Err(ModelError::Input {
+                name: "input_ids",
+                reason: format!("request {i} has an empty prompt"),
+            });
+        }
+        let batch = requests.len();
+        let len = requests
+            .iter()
+            .map(|r| r.input_ids.len())
+            .max()
+            .unwrap_or(0);
+        let pad = self.config().tokens.pad_token_id.unwrap_or(0);
+        let eos: Vec<u32> = cfg
+            .eos_token_ids
+            .clone()
+            .unwrap_or_else(|| self.config().tokens.eos_token_ids.clone());
+        let mut rows = Vec::with_capacity(batch);
+        let mut valid = Vec::with_capacity(batch);
+        for r in requests {
+            let n = len - r.input_ids.len();
+            let mut row = vec![pad; n];
+            row.extend_from_slice(&r.input_ids);
+            let mut v = vec![false; n];
+            v.extend(std::iter::repeat_n(true, r.input_ids.len()));
+            rows.push(row);
+            valid.push(v);
+        }
+        let images = concat_images(requests);
+        let start = Instant::now();
+        let mut caches = self.new_caches(batch, len + cfg.max_new_tokens, device);
+        let pre = self.prefill(&rows, &valid, images.as_ref(), Some(&mut caches), device)?;
+        let last = pre.hidden.narrow(1, len - 1, 1);
+        let mut rngs: Vec<ChaCha8Rng> = (0..batch)
+            .map(|_| ChaCha8Rng::seed_from_u64(cfg.seed))
+            .collect();
+        let mut out: Vec<Vec<u32>> = vec![Vec::new(); batch];
+        let mut done = vec![false; batch];
+        let mut next = if cfg.max_new_tokens > 0 {
+            self.pick(last, &cfg.sampling, &mut rngs)?
+        } else {
+            Vec::new()
+        };
+        let prefill_ms = start.elapsed().as_secs_f64() * 1e3;
+        let decode_start = Instant::now();
+        let mut keys = valid;
+        for step in 0..cfg.max_new_tokens {
+            for b in 0..batch {
+                if !done[b] {
+                    out[b].push(next[b]);
+                    done[b] = eos.contains(&next[b]);
+                }
+            }
+            if step + 1 == cfg.max_new_tokens || done.iter().all(|&d| d) {
+                break;
+            }
+            let _s = tracing::trace_span!("decode_step", step).entered();
+            let cache_index = (len + step) as i64;
+            let positions: Vec<i64> = pre
+                .positions
+                .deltas
+                .iter()
+                .map(|d| cache_index + d)
+                .collect();
+            for k in keys.iter_mut() {
+                k.push(true);
+            }
+            let h = self.step(&next, &positions, &keys, &mut caches, device)?;
+            next = self.pick(h, &cfg.sampling, &mut rngs)?;
+        }
+        let decode_ms = decode_start.elapsed().as_secs_f64() * 1e3;
+        Ok(out
+            .into_iter()
+            .zip(requests)
+            .map(|(tokens, r)| Generation {
+                stopped_on_eos: tokens.last().is_some_and(|t| eos.contains(t)),
+                tokens,
+                prompt_tokens: r.input_ids.len(),
+                prefill_ms,
+                decode_ms,
+                batch_size: batch,
+            })
+            .collect())
+    }
+
+    /// Next token per row from last hidden states `[batch, 1, hidden]`.
+    fn pick(
+        &self,
+        hidden: Tensor<B, 3>,
+        sampling: &Sampling,
+        rngs: &mut [ChaCha8Rng],
+    ) -> Result<Vec<u32>, ModelError> {
+        let logits = self.logits(hidden); // [batch, 1, vocab]
+        let [b, _, v] = logits.dims();
+        let logits = logits.reshape([b, v]);
+        match sampling {
+            Sampling::Greedy => {
+                let ids = logits.argmax(1).into_data();
+                let ids =
+                    ids.convert::<i64>()
+                        .to_vec::<i64>()
+                        .map_err(|e| ModelError::Readback {
+                            what: "argmax",
+                            reason: format!("{e:?}"),
+                        })?;
+                Ok(ids.into_iter().map(|i| i as u32).collect())
+            }
+            Sampling::Sample {
+                temperature,
+                top_k,
+                top_p,
+            } => {
+                let all = logits
+                    .into_data()
+                    .convert::<f32>()
+                    .to_vec::<f32>()
+                    .map_err(|e| ModelError::Readback {
+                        what: "logits",
+                        reason: format!("{e:?}"),
+                    })?;
+                Ok(all
+                    .chunks(v)
+                    .zip(rngs.iter_mut())
+                    .map(|(row, rng)| sample_row(row, *temperature, *top_k, *top_p, rng))
+                    .collect())
+            }
+        }
+    }
+}
+
+/// Draws one token from `logits` (temperature → top-k → top-p, as HF's warpers).
+fn sample_row(
+    logits: &[f32],
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+    rng: &mut ChaCha8Rng,
+) -> u32 {
+    let t = temperature;
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if top_k > 0 {
+        order.truncate(top_k.max(1));
+    }
+    let max = logits[order[0]] / t;
+    let mut probs: Vec<f64> = order
+        .iter()
+        .map(|&i| f64::from(logits[i] / t - max).exp())
+        .collect();
+    let sum: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= sum);
+    if top_p < 1.0 {
+        let mut acc = 0.0;
+        let mut keep = probs.len();
+        for (i, p) in probs.iter().enumerate() {
+            acc += p;
+            if acc >= f64::from(top_p) {
+                keep = i + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        order.truncate(keep);
+        let s: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= s);
+    }
+    let u: f64 = rng.random();
+    let mut acc = 0.0;
+    for (p, &i) in probs.iter().zip(&order) {
+        acc += p;
+        if u < acc {
+            return i as u32;
+        }
+    }
+    order[order.len() - 1] as u32
+}
+
+/// All requests' images concatenated in batch order (the order their placeholders appear
+/// in the flattened batch).
+fn concat_images<B: Backend>(requests: &[Request<B>]) -> Option<ImageInput<B>> {
+    let with: Vec<&ImageInput<B>> = requests.iter().filter_map(|r| r.images.as_ref()).collect();
+    if with.is_empty() {
+        return None;
+    }
+    Some(ImageInput {
+        pixel_values: Tensor::cat(with.iter().map(|i| i.pixel_values.clone()).collect(), 0),
+        grids: with.iter().flat_map(|i| i.grids.iter().copied()).collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_one_and_tiny_top_p_always_pick_the_argmax() {
+        let logits = [0.1f32, 2.0, 1.9, -3.0];
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        for _ in 0..50 {
+            assert_eq!(sample_row(&logits, 1.0, 1, 1.0, &mut rng), 1);
+            assert_eq!(sample_row(&logits, 1.0, 0, 1e-3, &mut rng), 1);
+        }
+    }
+
+    #[test]
+    fn top_k_two_never_picks_outside_the_two_best() {
+        let logits = [0.1f32, 2.0, 1.9, -3.0];
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let picks: Vec<u32> = (0..200)
+            .map(|_| sample_row(&logits, 5.0, 2, 1.0, &mut rng))
+            .collect();
+        assert!(picks.iter().all(|&p| p == 1 || p == 2));
+        assert!(picks.contains(&1) && picks.contains(&2));
+    }
+}

@@ -1,0 +1,121 @@
+//! The one linear seam: every projection of the model (vision qkv/proj/MLP/merger, text
+//! q/k/v/o/gate/up/down, lm_head) is a [`Proj`], so quantized (NF4) bases and LoRA
+//! adapters can be slotted in without touching the blocks that use them.
+//!
+//! Field names follow checkpoint keys (`q_proj.weight`, `q_proj.bias`); burn's `Linear`
+//! stores the weight as `[d_in, d_out]`, the checkpoint as `[d_out, d_in]`.
+
+use burn::module::Param;
+use burn::nn::Linear;
+use burn::prelude::*;
+use burn::tensor::DType;
+
+use crate::model::error::ModelError;
+use crate::model::weights::WeightSource;
+
+/// The frozen base of a projection.
+#[derive(Module, Debug)]
+pub enum BaseProj<B: Backend> {
+    /// Full-precision weight `[d_in, d_out]` (+ bias `[d_out]`).
+    Dense(Linear<B>),
+}
+
+/// A projection `y = x·Wᵀ + b` through the seam.
+#[derive(Module, Debug)]
+pub struct Proj<B: Backend> {
+    base: BaseProj<B>,
+}
+
+/// Shape of a projection as the checkpoint stores it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ProjSpec {
+    /// Input features.
+    pub d_in: usize,
+    /// Output features.
+    pub d_out: usize,
+    /// Whether `{prefix}.bias` exists.
+    pub bias: bool,
+}
+
+impl<B: Backend> Proj<B> {
+    /// Loads `{prefix}.weight` (`[d_out, d_in]`) and, if `spec.bias`, `{prefix}.bias`.
+    ///
+    /// # Errors
+    /// Missing or mis-shaped tensors ([`ModelError`] from the weight source).
+    pub(crate) fn load(
+        src: &mut WeightSource,
+        prefix: &str,
+        spec: ProjSpec,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
+        let w: Tensor<B, 2> =
+            src.tensor(&format!("{prefix}.weight"), [spec.d_out, spec.d_in], device)?;
+        let bias = if spec.bias {
+            let b: Tensor<B, 1> = src.tensor(&format!("{prefix}.bias"), [spec.d_out], device)?;
+            Some(Param::from_tensor(b))
+        } else {
+            None
+        };
+        Ok(Self::from_weight(w, bias))
+    }
+
+    /// A dense projection from a PyTorch-layout weight `[d_out, d_in]`.
+    pub(crate) fn from_weight(weight: Tensor<B, 2>, bias: Option<Param<Tensor<B, 1>>>) -> Self {
+        let [d_out, d_in] = weight.dims();
+        // The reshape materialises the transpose once, here: a strided view would be
+        // re-laid-out by NdArray's matmul on every forward.
+        let weight = weight.transpose().reshape([d_in, d_out]);
+        Proj {
+            base: BaseProj::Dense(Linear {
+                weight: Param::from_tensor(weight),
+                bias,
+            }),
+        }
+    }
+
+    /// # Shapes
+    /// - `x`: `[..., d_in]` → `[..., d_out]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match &self.base {
+            BaseProj::Dense(l) => l.forward(x),
+        }
+    }
+}
+
+/// RMSNorm as Qwen2 computes it: `w · x / sqrt(mean(x²) + eps)` in f32. The field is
+/// `weight` so module paths equal checkpoint keys.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    weight: Param<Tensor<B, 1>>,
+    eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// Loads `{prefix}.weight` of width `d`.
+    ///
+    /// # Errors
+    /// Missing or mis-shaped tensor.
+    pub(crate) fn load(
+        src: &mut WeightSource,
+        prefix: &str,
+        d: usize,
+        eps: f64,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
+        let w: Tensor<B, 1> = src.tensor(&format!("{prefix}.weight"), [d], device)?;
+        Ok(RmsNorm {
+            weight: Param::from_tensor(w),
+            eps,
+        })
+    }
+
+    /// # Shapes
+    /// - `x`: `[..., d]` → `[..., d]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        // The reference normalises in f32 whatever the activation dtype, then casts back.
+        let dtype = x.dtype();
+        let x = x.cast(DType::F32);
+        let rms = (x.clone().square().mean_dim(D - 1) + self.eps).sqrt();
+        (x / rms).cast(dtype) * self.weight.val().unsqueeze()
+    }
+}

@@ -1,0 +1,320 @@
+//! The forward parity harness behind `medpipe forward`: reads the inputs transformers
+//! saw (`input_ids`, optional `pixel_values` + `image_grid_thw`, the keys of the fixtures'
+//! `reference.safetensors`), runs one full-sequence forward, and writes `logits`,
+//! `image_embeds` and `position_ids` as f32 safetensors for comparison with the
+//! reference stack on any checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
+
+use crate::model::error::ModelError;
+use crate::model::qwen::{ImageInput, Qwen25Vl};
+
+/// One parity run. (Room for an adapter directory or a quantized checkpoint later.)
+#[derive(Debug, Clone)]
+pub struct ForwardJob {
+    /// Checkpoint directory (config.json + safetensors).
+    pub model_dir: PathBuf,
+    /// Input safetensors.
+    pub inputs: PathBuf,
+    /// Output safetensors.
+    pub out: PathBuf,
+}
+
+/// What a parity run produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForwardReport {
+    /// `[batch, seq, vocab]` of the written logits.
+    pub logits_shape: [usize; 3],
+    /// Image tokens embedded (0 for text-only).
+    pub image_tokens: usize,
+}
+
+/// Integer tensor values and shape.
+type IntTensor = (Vec<i64>, Vec<usize>);
+
+fn ints(
+    st: &SafeTensors<'_>,
+    key: &'static str,
+    path: &Path,
+) -> Result<Option<IntTensor>, ModelError> {
+    let t = match st.tensor(key) {
+        Ok(t) => t,
+        Err(_) => return Ok(None),
+    };
+    let v: Vec<i64> = match t.dtype() {
+        StDtype::I64 => t
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect(),
+        StDtype::I32 => t
+            .data()
+            .chunks_exact(4)
+            .map(|c| i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            .collect(),
+        other => {
+            return Err(ModelError::Input {
+                name: key,
+                reason: format!("{}: dtype {other:?}, expected I64 or I32", path.display()),
+            })
+        }
+    };
+    Ok(Some((v, t.shape().to_vec())))
+}
+
+/// Runs `job` on `device`.
+///
+/// # Errors
+/// Loading errors, unreadable/malformed inputs (naming the file and key), model input
+/// errors, and write errors.
+pub fn run_forward<B: Backend>(
+    job: &ForwardJob,
+    device: &B::Device,
+) -> Result<ForwardReport, ModelError> {
+    let model = Qwen25Vl::<B>::load(&job.model_dir, device)?;
+    let bytes = std::fs::read(&job.inputs).map_err(|source| ModelError::Io {
+        path: job.inputs.clone(),
+        source,
+    })?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|source| ModelError::Safetensors {
+        path: job.inputs.clone(),
+        source,
+    })?;
+    let (ids, shape) = ints(&st, "input_ids", &job.inputs)?.ok_or_else(|| ModelError::Input {
+        name: "input_ids",
+        reason: format!("missing from {}", job.inputs.display()),
+    })?;
+    if shape.len() != 2 || shape[0] * shape[1] == 0 {
+        return Err(ModelError::Input {
+            name: "input_ids",
+            reason: format!("shape {shape:?}, expected [batch, seq]"),
+        });
+    }
+    let rows: Vec<Vec<u32>> = ids
+        .chunks(shape[1])
+        .map(|r| r.iter().map(|&t| t as u32).collect())
+        .collect();
+    let images = match st.tensor("pixel_values") {
+        Ok(pv) => {
+            let (g, gs) =
+                ints(&st, "image_grid_thw", &job.inputs)?.ok_or_else(|| ModelError::Input {
+                    name: "image_grid_thw",
+                    reason: format!(
+                        "pixel_values without image_grid_thw in {}",
+                        job.inputs.display()
+                    ),
+                })?;
+            if gs.len() != 2 || gs[1] != 3 {
+                return Err(ModelError::Input {
+                    name: "image_grid_thw",
+                    reason: format!("shape {gs:?}, expected [images, 3]"),
+                });
+            }
+            let dtype = match pv.dtype() {
+                StDtype::F32 => burn::tensor::DType::F32,
+                StDtype::BF16 => burn::tensor::DType::BF16,
+                StDtype::F16 => burn::tensor::DType::F16,
+                other => {
+                    return Err(ModelError::Input {
+                        name: "pixel_values",
+                        reason: format!("dtype {other:?}, expected a float type"),
+                    })
+                }
+            };
+            if pv.shape().len() != 2 {
+                return Err(ModelError::Input {
+                    name: "pixel_values",
+                    reason: format!("shape {:?}, expected [patches, C·T·P·P]", pv.shape()),
+                });
+            }
+            let data = TensorData::from_bytes_vec(pv.data().to_vec(), pv.shape().to_vec(), dtype)
+                .convert_dtype(burn::tensor::DType::F32);
+            Some(ImageInput {
+                pixel_values: Tensor::<B, 2>::from_data(data, device),
+                grids: g
+                    .chunks(3)
+                    .map(|c| [c[0] as usize, c[1] as usize, c[2] as usize])
+                    .collect(),
+            })
+        }
+        Err(_) => None,
+    };
+    let out = model.forward(&rows, None, images.as_ref(), device)?;
+    let logits_shape = out.logits.dims();
+    let to_f32 = |t: TensorData, what: &'static str| -> Result<Vec<u8>, ModelError> {
+        let v = t
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .map_err(|e| ModelError::Readback {
+                what,
+                reason: format!("{e:?}"),
+            })?;
+        Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    };
+    let logits = to_f32(out.logits.into_data(), "logits")?;
+    let p = &out.positions;
+    let pos: Vec<u8> = p
+        .ids
+        .iter()
+        .flat_map(|&x| (x as f32).to_le_bytes())
+        .collect();
+    let (embeds, eshape) = match out.image_embeds {
+        Some(e) => {
+            let s = e.dims();
+            (
+                Some(to_f32(e.into_data(), "image_embeds")?),
+                vec![s[0], s[1]],
+            )
+        }
+        None => (None, vec![]),
+    };
+    fn view(b: &[u8], s: Vec<usize>) -> TensorView<'_> {
+        TensorView::new(StDtype::F32, s, b).expect("shape and byte length agree by construction")
+    }
+    let mut tensors = vec![
+        ("logits".to_string(), view(&logits, logits_shape.to_vec())),
+        (
+            "position_ids".to_string(),
+            view(&pos, vec![3, p.batch, p.seq]),
+        ),
+    ];
+    if let Some(e) = &embeds {
+        tensors.push(("image_embeds".to_string(), view(e, eshape.clone())));
+    }
+    let bytes =
+        safetensors::serialize(tensors, None).map_err(|source| ModelError::Safetensors {
+            path: job.out.clone(),
+            source,
+        })?;
+    crate::pipeline::fs::write_atomic(&job.out, &bytes)?;
+    Ok(ForwardReport {
+        logits_shape,
+        image_tokens: eshape.first().copied().unwrap_or(0),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{assert_close, fixture, TB};
+
+    /// Same bar as the model tests: torch-on-CPU lands within 2e-6 of the reference.
+    const ATOL: f32 = 1e-4;
+
+    fn read_f32(st: &SafeTensors<'_>, k: &str) -> Vec<f32> {
+        st.tensor(k)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+
+    #[test]
+    fn forward_job_writes_reference_logits_embeds_and_positions() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = ForwardJob {
+            model_dir: fixture("qwen2_5_vl_tiny"),
+            inputs: fixture("qwen2_5_vl_tiny/reference.safetensors"),
+            out: dir.path().join("out.safetensors"),
+        };
+        let rep = run_forward::<TB>(&job, &Default::default()).unwrap();
+        assert_eq!(rep.logits_shape, [1, 48, 2048]);
+        assert_eq!(rep.image_tokens, 20);
+        let got = std::fs::read(&job.out).unwrap();
+        let got = SafeTensors::deserialize(&got).unwrap();
+        let want = std::fs::read(&job.inputs).unwrap();
+        let want = SafeTensors::deserialize(&want).unwrap();
+        assert_close(
+            "logits",
+            &read_f32(&got, "logits"),
+            &read_f32(&want, "logits"),
+            ATOL,
+        );
+        assert_close(
+            "image_embeds",
+            &read_f32(&got, "image_embeds"),
+            &read_f32(&want, "image_embeds"),
+            ATOL,
+        );
+        let pos: Vec<f32> = want
+            .tensor("position_ids")
+            .unwrap()
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32)
+            .collect();
+        assert_eq!(read_f32(&got, "position_ids"), pos);
+    }
+
+    #[test]
+    fn text_only_inputs_need_no_pixel_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids: Vec<u8> = [1990i64, 11, 12, 13, 100]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let inputs = dir.path().join("in.safetensors");
+        safetensors::serialize_to_file(
+            vec![(
+                "input_ids",
+                TensorView::new(StDtype::I64, vec![1, 5], &ids).unwrap(),
+            )],
+            None,
+            &inputs,
+        )
+        .unwrap();
+        let job = ForwardJob {
+            model_dir: fixture("qwen2_5_vl_tiny"),
+            inputs,
+            out: dir.path().join("out.safetensors"),
+        };
+        let rep = run_forward::<TB>(&job, &Default::default()).unwrap();
+        assert_eq!(
+            rep,
+            ForwardReport {
+                logits_shape: [1, 5, 2048],
+                image_tokens: 0
+            }
+        );
+        let got = std::fs::read(&job.out).unwrap();
+        let got = SafeTensors::deserialize(&got).unwrap();
+        assert!(got.tensor("image_embeds").is_err());
+        assert_eq!(
+            read_f32(&got, "position_ids"),
+            (0..3)
+                .flat_map(|_| 0..5)
+                .map(|x| x as f32)
+                .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn missing_input_ids_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let inputs = dir.path().join("in.safetensors");
+        let b = [0u8; 4];
+        safetensors::serialize_to_file(
+            vec![("other", TensorView::new(StDtype::F32, vec![1], &b).unwrap())],
+            None,
+            &inputs,
+        )
+        .unwrap();
+        let job = ForwardJob {
+            model_dir: fixture("qwen2_5_vl_tiny"),
+            inputs: inputs.clone(),
+            out: dir.path().join("out.safetensors"),
+        };
+        let e = run_forward::<TB>(&job, &Default::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("input_ids") && e.contains(&inputs.display().to_string()),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,239 @@
+//! Qwen2.5-VL language model: embeddings, decoder layers (GQA attention with q/k/v bias
+//! and M-RoPE, SiLU-gated MLP, pre-RMSNorm) and the final norm.
+//!
+//! Follows transformers `models/qwen2_5_vl/modeling_qwen2_5_vl.py@00b676f8f0489b88652a31d70751cc540dd06305`
+//! (`Qwen2_5_VLAttention`, `Qwen2_5_VLDecoderLayer`, `Qwen2_5_VLTextModel`). GQA: query head
+//! `i` reads key/value head `i / (heads / kv_heads)` (the reference's `repeat_kv`, i.e.
+//! k0,k0,k1,k1); instead of materialising the repeats, the query heads of one group are
+//! stacked along the sequence axis, which computes the same products.
+
+use burn::module::Param;
+use burn::nn::Embedding;
+use burn::prelude::*;
+use burn::tensor::activation::silu;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+
+use crate::model::cache::KvCache;
+use crate::model::config::TextConfig;
+use crate::model::error::ModelError;
+use crate::model::linear::{Proj, ProjSpec, RmsNorm};
+use crate::model::rope::{apply_rotary, RopeTables};
+use crate::model::weights::WeightSource;
+
+/// Causal self-attention with grouped key/value heads.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    q_proj: Proj<B>,
+    k_proj: Proj<B>,
+    v_proj: Proj<B>,
+    o_proj: Proj<B>,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]`; `mask`: `[batch, 1, seq, past + seq]` (true = hidden)
+    /// - returns `[batch, seq, hidden]`
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        mask: Option<&Tensor<B, 4, Bool>>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Result<Tensor<B, 3>, ModelError> {
+        let [b, s, _] = x.dims();
+        let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let rep = h / kv;
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([b, s, h, hd])
+            .swap_dims(1, 2); // [b, h, s, hd]
+        let k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([b, s, kv, hd])
+            .swap_dims(1, 2); // [b, kv, s, hd]
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, s, kv, hd])
+            .swap_dims(1, 2);
+        let q = apply_rotary(q, &rope.cos, &rope.sin);
+        let k = apply_rotary(k, &rope.cos, &rope.sin);
+        let (k, v) = match cache {
+            Some(c) => c.append(k, v)?, // [b, kv, past + s, hd]
+            None => (k, v),
+        };
+        let t = k.dims()[2];
+        // [b, h, s, hd] -> [b, kv, rep·s, hd]: heads of a group are adjacent.
+        let q = q.reshape([b, kv, rep * s, hd]);
+        let mask = mask.map(|m| m.clone().repeat_dim(2, rep).expand([b, kv, rep * s, t]));
+        let o = attention(q, k, v, mask, None, AttentionModuleOptions::default());
+        let o = o
+            .reshape([b, h, s, hd])
+            .swap_dims(1, 2)
+            .reshape([b, s, h * hd]);
+        Ok(self.o_proj.forward(o))
+    }
+}
+
+/// SiLU-gated MLP without biases.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    gate_proj: Proj<B>,
+    up_proj: Proj<B>,
+    down_proj: Proj<B>,
+}
+
+/// One decoder layer.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    self_attn: Attention<B>,
+    mlp: Mlp<B>,
+    input_layernorm: RmsNorm<B>,
+    post_attention_layernorm: RmsNorm<B>,
+}
+
+/// Embeddings, decoder stack and final norm (checkpoint prefix `model.`).
+#[derive(Module, Debug)]
+pub struct TextModel<B: Backend> {
+    embed_tokens: Embedding<B>,
+    layers: Vec<DecoderLayer<B>>,
+    norm: RmsNorm<B>,
+}
+
+impl<B: Backend> TextModel<B> {
+    /// Loads `model.*` (canonical keys).
+    ///
+    /// # Errors
+    /// Missing or mis-shaped tensors.
+    pub(crate) fn load(
+        src: &mut WeightSource,
+        cfg: &TextConfig,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
+        let d = cfg.hidden_size;
+        let emb: Tensor<B, 2> =
+            src.tensor("model.embed_tokens.weight", [cfg.vocab_size, d], device)?;
+        let qd = cfg.num_heads * cfg.head_dim;
+        let kvd = cfg.num_kv_heads * cfg.head_dim;
+        let it = cfg.intermediate_size;
+        let spec = |d_in, d_out, bias| ProjSpec { d_in, d_out, bias };
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            let a = format!("{p}.self_attn");
+            let m = format!("{p}.mlp");
+            layers.push(DecoderLayer {
+                self_attn: Attention {
+                    q_proj: Proj::load(src, &format!("{a}.q_proj"), spec(d, qd, true), device)?,
+                    k_proj: Proj::load(src, &format!("{a}.k_proj"), spec(d, kvd, true), device)?,
+                    v_proj: Proj::load(src, &format!("{a}.v_proj"), spec(d, kvd, true), device)?,
+                    o_proj: Proj::load(src, &format!("{a}.o_proj"), spec(qd, d, false), device)?,
+                    num_heads: cfg.num_heads,
+                    num_kv_heads: cfg.num_kv_heads,
+                    head_dim: cfg.head_dim,
+                },
+                mlp: Mlp {
+                    gate_proj: Proj::load(
+                        src,
+                        &format!("{m}.gate_proj"),
+                        spec(d, it, false),
+                        device,
+                    )?,
+                    up_proj: Proj::load(src, &format!("{m}.up_proj"), spec(d, it, false), device)?,
+                    down_proj: Proj::load(
+                        src,
+                        &format!("{m}.down_proj"),
+                        spec(it, d, false),
+                        device,
+                    )?,
+                },
+                input_layernorm: RmsNorm::load(
+                    src,
+                    &format!("{p}.input_layernorm"),
+                    d,
+                    cfg.rms_norm_eps,
+                    device,
+                )?,
+                post_attention_layernorm: RmsNorm::load(
+                    src,
+                    &format!("{p}.post_attention_layernorm"),
+                    d,
+                    cfg.rms_norm_eps,
+                    device,
+                )?,
+            });
+        }
+        Ok(TextModel {
+            embed_tokens: Embedding {
+                weight: Param::from_tensor(emb),
+            },
+            layers,
+            norm: RmsNorm::load(src, "model.norm", d, cfg.rms_norm_eps, device)?,
+        })
+    }
+
+    /// Token embeddings.
+    ///
+    /// # Shapes
+    /// - `ids`: `[batch, seq]` → `[batch, seq, hidden]`
+    pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.embed_tokens.forward(ids)
+    }
+
+    /// The embedding matrix `[vocab, hidden]` (for a tied `lm_head`).
+    pub(crate) fn embedding_weight(&self) -> Tensor<B, 2> {
+        self.embed_tokens.weight.val()
+    }
+
+    /// Runs the decoder stack and the final norm, appending to `caches` when given
+    /// (without caches the keys are just this call's: full-sequence forward / training).
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]` input embeddings; `mask`: `[batch, 1, seq, past + seq]`
+    ///   (true = hidden) or `None` for "attend to everything" (one-token steps without
+    ///   padding)
+    /// - returns `[batch, seq, hidden]`
+    ///
+    /// # Errors
+    /// [`ModelError::CacheFull`], or a wrong number of caches.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        mask: Option<&Tensor<B, 4, Bool>>,
+        mut caches: Option<&mut [KvCache<B>]>,
+    ) -> Result<Tensor<B, 3>, ModelError> {
+        if let Some(c) = &caches {
+            if c.len() != self.layers.len() {
+                return Err(ModelError::Input {
+                    name: "caches",
+                    reason: format!("{} caches for {} layers", c.len(), self.layers.len()),
+                });
+            }
+        }
+        let mut x = x;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let cache = caches.as_mut().map(|c| &mut c[i]);
+            let a = layer.self_attn.forward(
+                layer.input_layernorm.forward(x.clone()),
+                rope,
+                mask,
+                cache,
+            )?;
+            x = x + a;
+            let h = layer.post_attention_layernorm.forward(x.clone());
+            let m = &layer.mlp;
+            let h = m
+                .down_proj
+                .forward(silu(m.gate_proj.forward(h.clone())) * m.up_proj.forward(h));
+            x = x + h;
+        }
+        Ok(self.norm.forward(x))
+    }
+}

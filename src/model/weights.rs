@@ -1,0 +1,584 @@
+//! Checkpoint access: memory-mapped safetensors (one file or shards listed in
+//! `model.safetensors.index.json`), both key layouts, strict coverage checks, and
+//! f32/f64/bf16/f16 → f32 conversion on the CPU.
+//!
+//! Key layouts (remap table below): the published Qwen2.5-VL checkpoints use
+//! `model.layers.N…`, `model.embed_tokens`, `model.norm`, `visual.…`, `lm_head`;
+//! transformers 5 saves `model.language_model.…`, `model.visual.…`, `lm_head`
+//! (`_checkpoint_conversion_mapping` in transformers
+//! `models/qwen2_5_vl/modeling_qwen2_5_vl.py@00b676f8f0489b88652a31d70751cc540dd06305`).
+//! Internally every key is canonicalised to the published layout, which is also what the
+//! module field names spell.
+//!
+//! Why not `burn::store::SafetensorsStore`: one store covers one file (shards need one
+//! each), it creates parameters in the file dtype (bf16 panics on NdArray), and the NF4
+//! path needs raw bytes anyway; a manifest computed from the config lets the loader
+//! report every missing, unexpected and mis-shaped tensor at once, with its file.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use burn::tensor::{DType, TensorData};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype as StDtype, SafeTensors};
+
+use crate::model::config::Qwen25VlConfig;
+use crate::model::error::ModelError;
+
+/// Key-prefix rewrites from the transformers-5 layout to the canonical (published) one.
+const REMAP: &[(&str, &str)] = &[
+    // transformers 5 nests the decoder under `model.language_model`
+    ("model.language_model.", "model."),
+    // ... and the vision tower under `model.visual`
+    ("model.visual.", "visual."),
+];
+
+/// Keys a checkpoint may carry that the model does not need: rotary frequency buffers
+/// some older exports saved (recomputed from the config here).
+const ALLOWED_UNUSED_SUFFIXES: &[&str] = &["rotary_emb.inv_freq"];
+
+fn canonical(key: &str) -> String {
+    for (from, to) in REMAP {
+        if let Some(rest) = key.strip_prefix(from) {
+            return format!("{to}{rest}");
+        }
+    }
+    key.to_string()
+}
+
+/// Every tensor the model described by `cfg` loads, with its checkpoint shape
+/// (PyTorch layout: Linear `[out, in]`, Conv3d `[out, in, t, h, w]`). Canonical keys.
+pub(crate) fn expected_tensors(cfg: &Qwen25VlConfig) -> Vec<(String, Vec<usize>)> {
+    let mut out = Vec::new();
+    let lin = |out: &mut Vec<(String, Vec<usize>)>, p: String, i: usize, o: usize, bias: bool| {
+        out.push((format!("{p}.weight"), vec![o, i]));
+        if bias {
+            out.push((format!("{p}.bias"), vec![o]));
+        }
+    };
+    let v = &cfg.vision;
+    let d = v.hidden_size;
+    out.push((
+        "visual.patch_embed.proj.weight".into(),
+        vec![
+            d,
+            v.in_channels,
+            v.temporal_patch_size,
+            v.patch_size,
+            v.patch_size,
+        ],
+    ));
+    for b in 0..v.depth {
+        let p = format!("visual.blocks.{b}");
+        out.push((format!("{p}.norm1.weight"), vec![d]));
+        out.push((format!("{p}.norm2.weight"), vec![d]));
+        lin(&mut out, format!("{p}.attn.qkv"), d, 3 * d, true);
+        lin(&mut out, format!("{p}.attn.proj"), d, d, true);
+        lin(
+            &mut out,
+            format!("{p}.mlp.gate_proj"),
+            d,
+            v.intermediate_size,
+            true,
+        );
+        lin(
+            &mut out,
+            format!("{p}.mlp.up_proj"),
+            d,
+            v.intermediate_size,
+            true,
+        );
+        lin(
+            &mut out,
+            format!("{p}.mlp.down_proj"),
+            v.intermediate_size,
+            d,
+            true,
+        );
+    }
+    let m = d * v.merge_unit();
+    out.push(("visual.merger.ln_q.weight".into(), vec![d]));
+    lin(&mut out, "visual.merger.mlp.0".into(), m, m, true);
+    lin(
+        &mut out,
+        "visual.merger.mlp.2".into(),
+        m,
+        v.out_hidden_size,
+        true,
+    );
+
+    let t = &cfg.text;
+    let h = t.hidden_size;
+    let kvd = t.num_kv_heads * t.head_dim;
+    out.push(("model.embed_tokens.weight".into(), vec![t.vocab_size, h]));
+    for l in 0..t.num_layers {
+        let p = format!("model.layers.{l}");
+        lin(
+            &mut out,
+            format!("{p}.self_attn.q_proj"),
+            h,
+            t.num_heads * t.head_dim,
+            true,
+        );
+        lin(&mut out, format!("{p}.self_attn.k_proj"), h, kvd, true);
+        lin(&mut out, format!("{p}.self_attn.v_proj"), h, kvd, true);
+        lin(
+            &mut out,
+            format!("{p}.self_attn.o_proj"),
+            t.num_heads * t.head_dim,
+            h,
+            false,
+        );
+        lin(
+            &mut out,
+            format!("{p}.mlp.gate_proj"),
+            h,
+            t.intermediate_size,
+            false,
+        );
+        lin(
+            &mut out,
+            format!("{p}.mlp.up_proj"),
+            h,
+            t.intermediate_size,
+            false,
+        );
+        lin(
+            &mut out,
+            format!("{p}.mlp.down_proj"),
+            t.intermediate_size,
+            h,
+            false,
+        );
+        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+    }
+    out.push(("model.norm.weight".into(), vec![h]));
+    if !t.tie_word_embeddings {
+        lin(&mut out, "lm_head".into(), h, t.vocab_size, false);
+    }
+    out
+}
+
+struct Entry {
+    file: usize,
+    stored_key: String,
+    dtype: StDtype,
+    shape: Vec<usize>,
+    /// Byte range inside the mapped file.
+    start: usize,
+    end: usize,
+}
+
+/// The tensors of a checkpoint directory, memory-mapped, addressed by canonical key.
+pub(crate) struct WeightSource {
+    dir: PathBuf,
+    files: Vec<(PathBuf, Mmap)>,
+    index: HashMap<String, Entry>,
+    taken: HashSet<String>,
+}
+
+impl WeightSource {
+    /// Maps `dir/model.safetensors`, or every shard named by
+    /// `dir/model.safetensors.index.json`.
+    ///
+    /// # Errors
+    /// [`ModelError::NoWeights`], [`ModelError::Io`], [`ModelError::ShardIndex`],
+    /// [`ModelError::Safetensors`] (truncated/corrupt, naming the file),
+    /// [`ModelError::DuplicateTensor`].
+    pub(crate) fn open(dir: &Path) -> Result<Self, ModelError> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(|source| ModelError::Io {
+                path: index_path.clone(),
+                source,
+            })?;
+            #[derive(serde::Deserialize)]
+            struct Index {
+                weight_map: BTreeMap<String, String>,
+            }
+            let idx: Index =
+                serde_json::from_str(&text).map_err(|source| ModelError::ShardIndex {
+                    path: index_path.clone(),
+                    source,
+                })?;
+            let mut names: Vec<&String> = idx.weight_map.values().collect();
+            names.sort();
+            names.dedup();
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else if single.exists() {
+            vec![single]
+        } else {
+            return Err(ModelError::NoWeights {
+                dir: dir.to_path_buf(),
+            });
+        };
+        let mut src = WeightSource {
+            dir: dir.to_path_buf(),
+            files: Vec::new(),
+            index: HashMap::new(),
+            taken: HashSet::new(),
+        };
+        for path in files {
+            src.add_file(path)?;
+        }
+        Ok(src)
+    }
+
+    fn add_file(&mut self, path: PathBuf) -> Result<(), ModelError> {
+        let file = File::open(&path).map_err(|source| ModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        // SAFETY: the checkpoint is opened read-only and treated as immutable for the
+        // lifetime of the map; medpipe never writes model files in place (atomic renames).
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let (header, meta) =
+            SafeTensors::read_metadata(&mmap).map_err(|source| ModelError::Safetensors {
+                path: path.clone(),
+                source,
+            })?;
+        let base = 8 + header;
+        let fi = self.files.len();
+        for (key, info) in meta.tensors() {
+            let canon = canonical(&key);
+            if let Some(prev) = self.index.get(&canon) {
+                return Err(ModelError::DuplicateTensor {
+                    key: canon,
+                    first: self.files[prev.file].0.clone(),
+                    second: path.clone(),
+                });
+            }
+            self.index.insert(
+                canon,
+                Entry {
+                    file: fi,
+                    stored_key: key,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: base + info.data_offsets.0,
+                    end: base + info.data_offsets.1,
+                },
+            );
+        }
+        self.files.push((path, mmap));
+        Ok(())
+    }
+
+    fn file_name(&self, e: &Entry) -> String {
+        self.files[e.file]
+            .0
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Compares the checkpoint with the manifest of `cfg`, reporting every missing,
+    /// unexpected or mis-shaped tensor in one error.
+    ///
+    /// # Errors
+    /// [`ModelError::Checkpoint`] listing the problems with file names and shapes.
+    pub(crate) fn check_against(&self, cfg: &Qwen25VlConfig) -> Result<(), ModelError> {
+        let expected = expected_tensors(cfg);
+        let mut problems = Vec::new();
+        let mut wanted = HashSet::new();
+        for (key, shape) in &expected {
+            wanted.insert(key.as_str());
+            match self.index.get(key) {
+                None => problems.push(format!("missing tensor `{key}` (expected shape {shape:?})")),
+                Some(e) if &e.shape != shape => problems.push(format!(
+                    "tensor `{}` in {} has shape {:?}, expected {shape:?}",
+                    e.stored_key,
+                    self.file_name(e),
+                    e.shape
+                )),
+                Some(_) => {}
+            }
+        }
+        let mut extra: Vec<(&String, &Entry)> = self
+            .index
+            .iter()
+            .filter(|(k, _)| !wanted.contains(k.as_str()) && !self.allowed_unused(k, cfg))
+            .collect();
+        extra.sort_by(|a, b| a.0.cmp(b.0));
+        for (_, e) in extra {
+            problems.push(format!(
+                "unexpected tensor `{}` in {} (shape {:?})",
+                e.stored_key,
+                self.file_name(e),
+                e.shape
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ModelError::Checkpoint {
+                dir: self.dir.clone(),
+                problems,
+            })
+        }
+    }
+
+    fn allowed_unused(&self, key: &str, cfg: &Qwen25VlConfig) -> bool {
+        // A tied checkpoint may still carry a copy of the shared matrix.
+        (cfg.text.tie_word_embeddings && key == "lm_head.weight")
+            || ALLOWED_UNUSED_SUFFIXES.iter().any(|s| key.ends_with(s))
+    }
+
+    /// The tensor `key` (canonical) as f32 data of `shape`, converted from its file dtype.
+    ///
+    /// # Errors
+    /// [`ModelError::MissingTensor`], [`ModelError::Checkpoint`] on a shape mismatch,
+    /// [`ModelError::UnsupportedDtype`].
+    pub(crate) fn data(&mut self, key: &str, shape: &[usize]) -> Result<TensorData, ModelError> {
+        let e = self
+            .index
+            .get(key)
+            .ok_or_else(|| ModelError::MissingTensor {
+                key: key.to_string(),
+                expected: shape.to_vec(),
+            })?;
+        if e.shape != shape {
+            return Err(ModelError::Checkpoint {
+                dir: self.dir.clone(),
+                problems: vec![format!(
+                    "tensor `{}` in {} has shape {:?}, expected {shape:?}",
+                    e.stored_key,
+                    self.file_name(e),
+                    e.shape
+                )],
+            });
+        }
+        let (path, map) = &self.files[e.file];
+        let bytes = map[e.start..e.end].to_vec();
+        let dtype = match e.dtype {
+            StDtype::F32 => DType::F32,
+            StDtype::F64 => DType::F64,
+            StDtype::BF16 => DType::BF16,
+            StDtype::F16 => DType::F16,
+            other => {
+                return Err(ModelError::UnsupportedDtype {
+                    path: path.clone(),
+                    key: e.stored_key.clone(),
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
+        let data = TensorData::from_bytes_vec(bytes, e.shape.clone(), dtype);
+        let data = if dtype == DType::F32 {
+            data
+        } else {
+            data.convert_dtype(DType::F32)
+        };
+        self.taken.insert(key.to_string());
+        Ok(data)
+    }
+
+    /// [`Self::data`] as a tensor on `device`.
+    pub(crate) fn tensor<B: Backend, const D: usize>(
+        &mut self,
+        key: &str,
+        shape: [usize; D],
+        device: &B::Device,
+    ) -> Result<Tensor<B, D>, ModelError> {
+        Ok(Tensor::from_data(self.data(key, &shape)?, device))
+    }
+
+    /// Keys of the manifest that were never loaded (a model/manifest inconsistency).
+    pub(crate) fn not_taken(&self, cfg: &Qwen25VlConfig) -> Vec<String> {
+        expected_tensors(cfg)
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| !self.taken.contains(k))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::model::config::HfConfig;
+    use crate::test_util::fixture;
+
+    fn tiny_cfg() -> Qwen25VlConfig {
+        HfConfig::from_dir(&fixture("qwen2_5_vl_tiny"))
+            .unwrap()
+            .resolve()
+            .unwrap()
+    }
+
+    /// Copies the fixture checkpoint into a temp dir, letting `edit` change the tensor map.
+    pub(crate) fn rewritten_checkpoint(
+        edit: impl FnOnce(&mut BTreeMap<String, (StDtype, Vec<usize>, Vec<u8>)>),
+    ) -> tempfile::TempDir {
+        let src = fixture("qwen2_5_vl_tiny/model.safetensors");
+        let bytes = std::fs::read(&src).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let mut map: BTreeMap<String, (StDtype, Vec<usize>, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(k, v)| (k, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
+            .collect();
+        edit(&mut map);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            fixture("qwen2_5_vl_tiny/config.json"),
+            dir.path().join("config.json"),
+        )
+        .unwrap();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = map
+            .iter()
+            .map(|(k, (d, s, b))| {
+                (
+                    k.clone(),
+                    safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+        dir
+    }
+
+    #[test]
+    fn fixture_checkpoint_matches_the_manifest_of_its_config_exactly() {
+        let src = WeightSource::open(&fixture("qwen2_5_vl_tiny")).unwrap();
+        src.check_against(&tiny_cfg()).unwrap();
+        assert_eq!(src.index.len(), expected_tensors(&tiny_cfg()).len());
+    }
+
+    #[test]
+    fn missing_tensor_is_reported_by_name_and_shape() {
+        let dir = rewritten_checkpoint(|m| {
+            m.remove("model.layers.1.mlp.up_proj.weight");
+        });
+        let e = WeightSource::open(dir.path())
+            .unwrap()
+            .check_against(&tiny_cfg())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "missing tensor `model.layers.1.mlp.up_proj.weight` (expected shape [176, 64])"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn wrong_shape_and_unexpected_tensors_are_reported_with_file_and_shapes() {
+        let dir = rewritten_checkpoint(|m| {
+            let (d, _, b) = m.remove("visual.merger.ln_q.weight").unwrap();
+            m.insert("visual.merger.ln_q.weight".into(), (d, vec![16, 2], b));
+            let extra = m["model.norm.weight"].clone();
+            m.insert("model.extra_norm.weight".into(), extra);
+        });
+        let e = WeightSource::open(dir.path())
+            .unwrap()
+            .check_against(&tiny_cfg())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "`visual.merger.ln_q.weight` in model.safetensors has shape [16, 2], expected [32]"
+            ),
+            "{e}"
+        );
+        assert!(
+            e.contains(
+                "unexpected tensor `model.extra_norm.weight` in model.safetensors (shape [64])"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn truncated_safetensors_file_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = std::fs::read(fixture("qwen2_5_vl_tiny/model.safetensors")).unwrap();
+        let path = dir.path().join("model.safetensors");
+        std::fs::write(&path, &bytes[..bytes.len() - 1000]).unwrap();
+        let e = WeightSource::open(dir.path()).err().unwrap();
+        assert!(matches!(e, ModelError::Safetensors { .. }));
+        assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn transformers5_keys_and_bf16_shards_load_as_the_published_layout() {
+        // Two shards, transformers-5 key names, one tensor stored as bf16.
+        let bytes = std::fs::read(fixture("qwen2_5_vl_tiny/model.safetensors")).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        type Shard = Vec<(String, StDtype, Vec<usize>, Vec<u8>)>;
+        let mut shards: [Shard; 2] = Default::default();
+        let mut weight_map = serde_json::Map::new();
+        for (k, v) in st.tensors() {
+            let new = if let Some(r) = k.strip_prefix("model.") {
+                format!("model.language_model.{r}")
+            } else if let Some(r) = k.strip_prefix("visual.") {
+                format!("model.visual.{r}")
+            } else {
+                k.clone()
+            };
+            let (dt, data) = if k == "model.norm.weight" {
+                let f: Vec<f32> = v
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                let b: Vec<u8> = f
+                    .iter()
+                    .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                    .collect();
+                (StDtype::BF16, b)
+            } else {
+                (v.dtype(), v.data().to_vec())
+            };
+            let s = usize::from(k.starts_with("visual."));
+            let file = format!("model-0000{}-of-00002.safetensors", s + 1);
+            weight_map.insert(new.clone(), file.into());
+            shards[s].push((new, dt, v.shape().to_vec(), data));
+        }
+        for (i, shard) in shards.iter().enumerate() {
+            let views: Vec<_> = shard
+                .iter()
+                .map(|(k, d, s, b)| {
+                    (
+                        k.clone(),
+                        safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+                    )
+                })
+                .collect();
+            let p = dir
+                .path()
+                .join(format!("model-0000{}-of-00002.safetensors", i + 1));
+            safetensors::serialize_to_file(views, None, &p).unwrap();
+        }
+        let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .unwrap();
+        let mut src = WeightSource::open(dir.path()).unwrap();
+        src.check_against(&tiny_cfg()).unwrap();
+        let norm = src.data("model.norm.weight", &[64]).unwrap();
+        assert_eq!(norm.dtype, DType::F32);
+        let want = st.tensor("model.norm.weight").unwrap();
+        let want: Vec<f32> = want
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let got = norm.to_vec::<f32>().unwrap();
+        // bf16 keeps 8 mantissa bits: relative error at most 2^-8
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= w.abs() / 256.0, "{g} vs {w}");
+        }
+    }
+}
