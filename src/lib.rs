@@ -4,6 +4,7 @@
 //! `pipeline` runs stages and keeps their artifacts; `stages` holds one file per stage;
 //! `config` is the TOML the user writes.
 
+pub mod bench;
 pub mod config;
 pub mod pipeline;
 pub mod stages;
