@@ -5,6 +5,7 @@
 //! `config` is the TOML the user writes.
 
 pub mod builtin;
+pub mod bench;
 pub mod config;
 pub mod hub;
 pub mod metrics;
