@@ -7,6 +7,7 @@
 pub mod config;
 pub mod pipeline;
 pub mod stages;
+pub mod train;
 
 pub use config::Config;
 
