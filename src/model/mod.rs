@@ -1,0 +1,3 @@
+//! Qwen2.5-VL pieces (LoRA so far on this branch).
+
+pub mod lora;
