@@ -248,13 +248,7 @@ impl Adapter {
                 source,
             }
         })?;
-        let mut halves: BTreeMap<
-            Site,
-            (
-                Option<(Vec<f32>, Vec<usize>)>,
-                Option<(Vec<f32>, Vec<usize>)>,
-            ),
-        > = BTreeMap::new();
+        let mut halves: BTreeMap<Site, (Option<Half>, Option<Half>)> = BTreeMap::new();
         for (key, view) in st.tensors() {
             let (site, which) = parse_key(&key).ok_or_else(|| LoraError::UnexpectedKey {
                 path: path.clone(),
@@ -354,6 +348,9 @@ impl Adapter {
     }
 }
 
+/// One loaded LoRA matrix: data and shape.
+type Half = (Vec<f32>, Vec<usize>);
+
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -378,6 +375,19 @@ fn to_f32(view: &safetensors::tensor::TensorView<'_>) -> Option<Vec<f32>> {
         ),
         _ => None,
     }
+}
+
+/// Hyper-parameters of fresh LoRA pairs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoraSpec {
+    /// Rank.
+    pub r: usize,
+    /// Scale numerator: the update is multiplied by `alpha / r`.
+    pub alpha: f64,
+    /// Dropout probability on the LoRA input during training.
+    pub dropout: f64,
+    /// Seed of A's initialization.
+    pub seed: u64,
 }
 
 /// A trainable LoRA pair on a projection with input `d_in` and output `d_out`.
@@ -430,14 +440,16 @@ impl<B: Backend> Lora<B> {
     /// adapted model starts equal to the base.
     pub fn init(
         site: &Site,
-        d_in: usize,
-        d_out: usize,
-        r: usize,
-        alpha: f64,
-        dropout: f64,
-        seed: u64,
+        [d_in, d_out]: [usize; 2],
+        spec: &LoraSpec,
         device: &B::Device,
     ) -> Self {
+        let LoraSpec {
+            r,
+            alpha,
+            dropout,
+            seed,
+        } = *spec;
         use rand::{Rng, SeedableRng};
         let mut rng =
             rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ stable_id(&site.peft_prefix()).val());
@@ -591,7 +603,17 @@ mod tests {
         // A x = 3; B (A x) = [9, -3]; × 0.5
         let y = lora.forward(x.clone()).into_data().to_vec::<f32>().unwrap();
         assert_eq!(y, vec![4.5, -1.5]);
-        let fresh = Lora::<TB>::init(&site, 2, 2, 4, 8.0, 0.0, 42, &dev);
+        let fresh = Lora::<TB>::init(
+            &site,
+            [2, 2],
+            &LoraSpec {
+                r: 4,
+                alpha: 8.0,
+                dropout: 0.0,
+                seed: 42,
+            },
+            &dev,
+        );
         let y = fresh.forward(x).into_data().to_vec::<f32>().unwrap();
         assert_eq!(y, vec![0.0, 0.0]);
     }
