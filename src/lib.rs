@@ -4,8 +4,8 @@
 //! `pipeline` runs stages and keeps their artifacts; `stages` holds one file per stage;
 //! `config` is the TOML the user writes.
 
-pub mod builtin;
 pub mod bench;
+pub mod builtin;
 pub mod config;
 pub mod hub;
 pub mod metrics;
@@ -13,6 +13,7 @@ pub mod model;
 pub mod pipeline;
 pub mod report;
 pub mod stages;
+pub mod train;
 
 pub use config::Config;
 

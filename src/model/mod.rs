@@ -4,7 +4,8 @@
 //!   resolves into the strict [`Qwen25VlConfig`] (with [`Qwen25VlConfig::parameter_count`]).
 //! - `weights`: memory-mapped safetensors (single or sharded), key remapping, strict
 //!   coverage checks against the config's tensor manifest.
-//! - `linear`: the one projection seam (`Proj` over `BaseProj`) for NF4/LoRA.
+//! - `linear`: the one projection seam (`Proj` over `BaseProj`) for NF4/LoRA;
+//!   `lora`: LoRA pairs and the PEFT adapter format.
 //! - `vision`, `rope`, `text`: vision tower, M-RoPE, decoder; `cache`: per-layer KV cache.
 //! - `processor`: the Qwen2-VL image processor; `prompt`: chat prompts and training labels.
 //! - `qwen`: the assembled [`Qwen25Vl`] (image embeddings merged into the sequence);
@@ -22,6 +23,7 @@ pub mod config;
 mod error;
 pub mod generate;
 pub(crate) mod linear;
+pub mod lora;
 pub mod parity;
 pub mod processor;
 pub mod prompt;

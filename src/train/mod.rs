@@ -1,0 +1,8 @@
+//! Training primitives for QLoRA that must match PyTorch/transformers exactly and that burn
+//! 0.21 does not provide in that form: AdamW with global-norm gradient clipping (burn clips
+//! per tensor), HF's linear-warmup + cosine schedule (burn's cosine restarts), and the masked
+//! next-token cross-entropy transformers computes.
+
+pub mod loss;
+pub mod optim;
+pub mod schedule;
