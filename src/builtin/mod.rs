@@ -272,4 +272,48 @@ mod tests {
             assert_eq!(st.tensor(&k).unwrap().shape(), shape.as_slice(), "{k}");
         }
     }
+
+    #[test]
+    fn builtin_tiny_loads_like_any_checkpoint_and_generates_from_an_image_prompt() {
+        use crate::model::processor::{ImageInput as Img, ImageProcessor};
+        use crate::model::prompt::PromptBuilder;
+        use crate::model::{GenerateConfig, ImageInput, Qwen25Vl, Request};
+        use crate::test_util::TB;
+        use burn::prelude::*;
+
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("base");
+        materialize(&dir, 0, &tokenizer_corpus(0, 300)).unwrap();
+        let dev = Default::default();
+        let model = Qwen25Vl::<TB>::load(&dir, &dev).unwrap();
+        let proc = ImageProcessor::from_config_file(dir.join("preprocessor_config.json")).unwrap();
+        let page = image::DynamicImage::new_rgb8(100, 60);
+        let px = proc.preprocess(&[Img::Image(page)]).unwrap();
+        let prompt = PromptBuilder::from_dir(&dir).unwrap();
+        let ids = prompt
+            .encode_chat(None, "List the lab values as JSON.", &px.grid_thw)
+            .unwrap();
+        let images = ImageInput {
+            pixel_values: Tensor::<TB, 1>::from_floats(px.pixel_values.as_slice(), &dev)
+                .reshape([px.num_patches, px.patch_dim]),
+            grids: px.grid_thw.iter().map(|g| g.map(|v| v as usize)).collect(),
+        };
+        let cfg = GenerateConfig {
+            max_new_tokens: 4,
+            ..Default::default()
+        };
+        let out = model
+            .generate(
+                &[Request {
+                    input_ids: ids.clone(),
+                    images: Some(images),
+                }],
+                &cfg,
+                &dev,
+            )
+            .unwrap();
+        assert_eq!(out[0].prompt_tokens, ids.len());
+        assert!(!out[0].tokens.is_empty() && out[0].tokens.len() <= 4);
+        prompt.decode(&out[0].tokens).unwrap();
+    }
 }
