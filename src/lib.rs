@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod pipeline;
+pub mod quant;
 pub mod stages;
 
 pub use config::Config;
