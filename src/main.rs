@@ -42,6 +42,27 @@ enum Command {
     Status(StatusArgs),
     /// List the stages in pipeline order with what each does.
     Stages,
+    /// Quantize a checkpoint directory to bitsandbytes NF4 (double quant), outside the pipeline.
+    #[command(
+        after_help = "Examples:\n  medpipe quantize --model models/qwen2.5-vl-7b --out checkpoints/nf4\n  medpipe quantize --model M --out O --skip lm_head --skip visual.merger"
+    )]
+    Quantize(QuantizeArgs),
+}
+
+#[derive(Args, Debug)]
+struct QuantizeArgs {
+    /// Checkpoint directory (config.json + model.safetensors or a sharded index).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Output directory (replaced atomically when the run succeeds).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Module to keep unquantized, dotted (repeatable). Default: lm_head.
+    #[arg(long, value_name = "MODULE")]
+    skip: Vec<String>,
+    /// bnb_4bit_compute_dtype to record. Default: the checkpoint's torch_dtype.
+    #[arg(long, value_name = "DTYPE")]
+    compute_dtype: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -133,6 +154,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Run(args) => run(args),
         Command::Status(args) => status(args),
+        Command::Quantize(args) => quantize(args),
         Command::Stages => {
             for (i, s) in stages::pipeline().stages().enumerate() {
                 println!(
@@ -146,6 +168,39 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+fn quantize(args: QuantizeArgs) -> Result<(), Failure> {
+    let mut opts = medpipe::quant::QuantizeOptions::default();
+    if !args.skip.is_empty() {
+        opts.skip = args.skip;
+    }
+    opts.compute_dtype = args.compute_dtype;
+    let r =
+        medpipe::quant::quantize_checkpoint(&args.model, &args.out, &opts).with_context(|| {
+            format!(
+                "quantizing {} into {}",
+                args.model.display(),
+                args.out.display()
+            )
+        })?;
+    let (rmse, max) = r.worst_errors();
+    println!(
+        "quantized {} Linear weights, skipped {}, copied {} other tensors into {} shard(s)",
+        r.tensors_quantized, r.tensors_skipped, r.tensors_copied, r.shards
+    );
+    println!(
+        "size: {:.1} MB → {:.1} MB; worst RMSE {rmse:.3e}, worst max |err| {max:.3e}",
+        r.bytes_before as f64 / 1e6,
+        r.bytes_after as f64 / 1e6
+    );
+    println!(
+        "time: {:.2} s total, quantization {:.1} MB/s; output {}",
+        r.elapsed_s,
+        r.throughput_mb_per_s(),
+        args.out.display()
+    );
+    Ok(())
 }
 
 fn load(cfg: &ConfigArgs, extra: &[String]) -> Result<(Config, Workspace), Failure> {

@@ -112,7 +112,7 @@ impl<B: Backend> Nf4Linear<B> {
             .mul(self.absmax.clone().reshape([n_blocks, 1])); // [blocks, blocksize]
         values
             .reshape([n_blocks * self.blocksize])
-            .slice([0..self.out_features * self.in_features])
+            .narrow(0, 0, self.out_features * self.in_features)
             .reshape([self.out_features, self.in_features])
     }
 

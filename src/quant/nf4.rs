@@ -110,7 +110,7 @@ fn nf4_code(x: f32) -> u8 {
 ///
 /// `blocksize` must be even (every bitsandbytes blocksize is), so a block never splits a byte.
 pub fn quantize_nf4(values: &[f32], blocksize: usize) -> Nf4Quantized {
-    debug_assert!(blocksize >= 2 && blocksize % 2 == 0);
+    debug_assert!(blocksize >= 2 && blocksize.is_multiple_of(2));
     let n = values.len();
     let n_blocks = n.div_ceil(blocksize);
     let mut packed = vec![0u8; n.div_ceil(2)];
@@ -152,7 +152,11 @@ pub fn dequantize_nf4(packed: &[u8], absmax: &[f32], numel: usize, blocksize: us
             for (j, o) in chunk.iter_mut().enumerate() {
                 let i = start + j;
                 let byte = packed[i / 2];
-                let code = if i % 2 == 0 { byte >> 4 } else { byte & 0x0F };
+                let code = if i.is_multiple_of(2) {
+                    byte >> 4
+                } else {
+                    byte & 0x0F
+                };
                 *o = NF4_CODE[code as usize] * scale;
             }
         });

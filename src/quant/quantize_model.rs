@@ -38,6 +38,10 @@ const LINEAR_NAMES: [&str; 10] = [
     "lm_head",
 ];
 
+/// Files besides weights and config.json that a checkpoint needs (tokenizer, processor,
+/// generation config, chat template) and that are copied unchanged.
+const COPIED_EXTENSIONS: [&str; 5] = [".json", ".txt", ".jinja", ".model", ".tiktoken"];
+
 /// How to quantize a checkpoint.
 #[derive(Debug, Clone)]
 pub struct QuantizeOptions {
@@ -447,10 +451,8 @@ pub fn quantize_checkpoint(
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        if name.ends_with(".safetensors")
-            || name == "model.safetensors.index.json"
-            || name == "config.json"
-        {
+        let wanted = COPIED_EXTENSIONS.iter().any(|e| name.ends_with(e));
+        if !wanted || name == "model.safetensors.index.json" || name == "config.json" {
             continue;
         }
         let dst = partial.join(&name);
@@ -565,6 +567,11 @@ mod tests {
         assert!(report
             .files_copied
             .contains(&"preprocessor_config.json".to_string()));
+        assert!(
+            !dst.join("image0.png").exists(),
+            "only json/tokenizer files are copied"
+        );
+        assert!(!dst.join("reference.safetensors").exists());
         let (rmse, max) = report.worst_errors();
         assert!(
             rmse > 0.0 && max >= rmse,
