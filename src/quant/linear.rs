@@ -216,4 +216,32 @@ mod tests {
                 .unwrap_err();
         assert!(err.to_string().contains("p.bias"), "{err}");
     }
+    #[test]
+    fn gradients_flow_to_the_input_and_bias_but_the_weight_stays_constant() {
+        type AB = burn::backend::Autodiff<TB>;
+        let dev = Default::default();
+        let values: Vec<f32> = (0..4 * 64)
+            .map(|i| ((i % 13) as f32 - 6.0) / 10.0)
+            .collect();
+        let w = Nf4Tensor::quantize("w", &values, &[4, 64], "float32", 64, true).unwrap();
+        let lin = Nf4Linear::<AB>::from_nf4("p.weight", &w, Some(vec![0.0; 4]), &dev).unwrap();
+        assert_eq!(lin.num_params(), 4, "only the bias is a parameter");
+        let x = Tensor::<AB, 2>::ones([2, 64], &dev).require_grad();
+        let grads = lin.forward(x.clone()).sum().backward();
+        let gx = x.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
+        let deq = w.dequantize();
+        // d(sum(x Wᵀ))/dx[r, i] = Σ_o W[o, i]
+        let want: Vec<f32> = (0..2 * 64)
+            .map(|j| (0..4).map(|o| deq[o * 64 + j % 64]).sum())
+            .collect();
+        assert_close("grad x", &gx, &want, FORWARD_ATOL);
+        let bias = lin.bias.as_ref().unwrap().val();
+        let gb = bias
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        assert_eq!(gb, vec![2.0; 4]);
+    }
 }

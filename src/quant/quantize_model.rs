@@ -352,127 +352,142 @@ pub fn quantize_checkpoint(
         fs::remove_dir_all(&partial).map_err(io("removing stale", &partial))?;
     }
     fs::create_dir_all(&partial).map_err(io("creating", &partial))?;
-
-    let mut writer = ShardWriter {
-        dir: partial.clone(),
-        max_bytes: opts.max_shard_bytes,
-        pending: Vec::new(),
-        pending_bytes: 0,
-        written: Vec::new(),
-        total_bytes: 0,
-    };
-    let mut report = QuantizeReport {
-        tensors_quantized: 0,
-        tensors_skipped: 0,
-        tensors_copied: 0,
-        bytes_before: 0,
-        bytes_after: 0,
-        quantized_input_bytes: 0,
-        quantize_s: 0.0,
-        elapsed_s: 0.0,
-        shards: 0,
-        files_copied: Vec::new(),
-        per_tensor: Vec::new(),
-    };
-    for shard in &shards {
-        let file = File::open(shard).map_err(io("opening", shard))?;
-        // SAFETY: the file is opened read-only and the map lives only within this loop; a
-        // concurrent writer truncating it is outside what medpipe supports.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io("memory-mapping", shard))?;
-        let st = SafeTensors::deserialize(&mmap).map_err(|source| QuantError::Safetensors {
-            path: shard.clone(),
-            source,
-        })?;
-        let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
-        names.sort();
-        for key in names {
-            let view = st.tensor(&key).map_err(|source| QuantError::Safetensors {
+    // Whatever fails below, the half-written `.partial` directory is removed.
+    let result = (|| -> Result<QuantizeReport, QuantError> {
+        let mut writer = ShardWriter {
+            dir: partial.clone(),
+            max_bytes: opts.max_shard_bytes,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            written: Vec::new(),
+            total_bytes: 0,
+        };
+        let mut report = QuantizeReport {
+            tensors_quantized: 0,
+            tensors_skipped: 0,
+            tensors_copied: 0,
+            bytes_before: 0,
+            bytes_after: 0,
+            quantized_input_bytes: 0,
+            quantize_s: 0.0,
+            elapsed_s: 0.0,
+            shards: 0,
+            files_copied: Vec::new(),
+            per_tensor: Vec::new(),
+        };
+        for shard in &shards {
+            let file = File::open(shard).map_err(io("opening", shard))?;
+            // SAFETY: the file is opened read-only and the map lives only within this loop; a
+            // concurrent writer truncating it is outside what medpipe supports.
+            let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io("memory-mapping", shard))?;
+            let st = SafeTensors::deserialize(&mmap).map_err(|source| QuantError::Safetensors {
                 path: shard.clone(),
                 source,
             })?;
-            let bytes_before = view.data().len() as u64;
-            report.bytes_before += bytes_before;
-            let module = key.strip_suffix(".weight").unwrap_or(&key);
-            let linear = is_linear_weight(&key, view.shape());
-            if linear && !is_skipped(module, &opts.skip) {
-                let t0 = Instant::now();
-                let (values, dtype) = to_f32(&key, view.dtype(), view.data())?;
-                let q =
-                    Nf4Tensor::quantize(&key, &values, view.shape(), dtype, NF4_BLOCKSIZE, true)?;
-                let deq = q.dequantize();
-                let (mut sq, mut max) = (0f64, 0f64);
-                for (a, b) in values.iter().zip(&deq) {
-                    let d = (*a as f64 - *b as f64).abs();
-                    sq += d * d;
-                    max = max.max(d);
+            let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+            names.sort();
+            for key in names {
+                let view = st.tensor(&key).map_err(|source| QuantError::Safetensors {
+                    path: shard.clone(),
+                    source,
+                })?;
+                let bytes_before = view.data().len() as u64;
+                report.bytes_before += bytes_before;
+                let module = key.strip_suffix(".weight").unwrap_or(&key);
+                let linear = is_linear_weight(&key, view.shape());
+                if linear && !is_skipped(module, &opts.skip) {
+                    let t0 = Instant::now();
+                    let (values, dtype) = to_f32(&key, view.dtype(), view.data())?;
+                    let q = Nf4Tensor::quantize(
+                        &key,
+                        &values,
+                        view.shape(),
+                        dtype,
+                        NF4_BLOCKSIZE,
+                        true,
+                    )?;
+                    let deq = q.dequantize();
+                    let (mut sq, mut max) = (0f64, 0f64);
+                    for (a, b) in values.iter().zip(&deq) {
+                        let d = (*a as f64 - *b as f64).abs();
+                        sq += d * d;
+                        max = max.max(d);
+                    }
+                    report.quantize_s += t0.elapsed().as_secs_f64();
+                    let group = q.to_tensors(&key);
+                    let bytes_after: u64 = group.iter().map(|t| t.data.len() as u64).sum();
+                    report.quantized_input_bytes += bytes_before;
+                    report.tensors_quantized += 1;
+                    report.per_tensor.push(TensorReport {
+                        key: key.clone(),
+                        shape: view.shape().to_vec(),
+                        bytes_before,
+                        bytes_after,
+                        rmse: (sq / values.len() as f64).sqrt(),
+                        max_abs_err: max,
+                    });
+                    tracing::debug!(%key, "quantized");
+                    writer.push_group(group)?;
+                } else {
+                    if linear {
+                        report.tensors_skipped += 1;
+                    }
+                    report.tensors_copied += 1;
+                    writer.push_group(vec![RawTensor {
+                        key: key.clone(),
+                        dtype: view.dtype(),
+                        shape: view.shape().to_vec(),
+                        data: view.data().to_vec(),
+                    }])?;
                 }
-                report.quantize_s += t0.elapsed().as_secs_f64();
-                let group = q.to_tensors(&key);
-                let bytes_after: u64 = group.iter().map(|t| t.data.len() as u64).sum();
-                report.quantized_input_bytes += bytes_before;
-                report.tensors_quantized += 1;
-                report.per_tensor.push(TensorReport {
-                    key: key.clone(),
-                    shape: view.shape().to_vec(),
-                    bytes_before,
-                    bytes_after,
-                    rmse: (sq / values.len() as f64).sqrt(),
-                    max_abs_err: max,
-                });
-                tracing::debug!(%key, "quantized");
-                writer.push_group(group)?;
-            } else {
-                if linear {
-                    report.tensors_skipped += 1;
-                }
-                report.tensors_copied += 1;
-                writer.push_group(vec![RawTensor {
-                    key: key.clone(),
-                    dtype: view.dtype(),
-                    shape: view.shape().to_vec(),
-                    data: view.data().to_vec(),
-                }])?;
             }
         }
-    }
-    report.bytes_after = writer.total_bytes;
-    report.shards = writer.finish()?;
+        report.bytes_after = writer.total_bytes;
+        report.shards = writer.finish()?;
 
-    // Tokenizer, processor and generation configs travel along unchanged.
-    let mut entries: Vec<_> = fs::read_dir(model_dir)
-        .map_err(io("listing", model_dir))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.is_file())
-        .collect();
-    entries.sort();
-    for p in entries {
-        let name = p
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let wanted = COPIED_EXTENSIONS.iter().any(|e| name.ends_with(e));
-        if !wanted || name == "model.safetensors.index.json" || name == "config.json" {
-            continue;
+        // Tokenizer, processor and generation configs travel along unchanged.
+        let mut entries: Vec<_> = fs::read_dir(model_dir)
+            .map_err(io("listing", model_dir))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+        entries.sort();
+        for p in entries {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let wanted = COPIED_EXTENSIONS.iter().any(|e| name.ends_with(e));
+            if !wanted || name == "model.safetensors.index.json" || name == "config.json" {
+                continue;
+            }
+            let dst = partial.join(&name);
+            fs::copy(&p, &dst).map_err(io("copying", &p))?;
+            report.files_copied.push(name);
         }
-        let dst = partial.join(&name);
-        fs::copy(&p, &dst).map_err(io("copying", &p))?;
-        report.files_copied.push(name);
-    }
 
-    if let Some(obj) = config.as_object_mut() {
-        obj.insert(
-            "quantization_config".into(),
-            quantization_config(&compute_dtype, &opts.skip),
-        );
-    }
-    let mut text = serde_json::to_vec_pretty(&config).map_err(|source| QuantError::Json {
-        path: config_path.clone(),
-        source,
-    })?;
-    text.push(b'\n');
-    write_atomic(&partial.join("config.json"), &text)?;
-
+        if let Some(obj) = config.as_object_mut() {
+            obj.insert(
+                "quantization_config".into(),
+                quantization_config(&compute_dtype, &opts.skip),
+            );
+        }
+        let mut text = serde_json::to_vec_pretty(&config).map_err(|source| QuantError::Json {
+            path: config_path.clone(),
+            source,
+        })?;
+        text.push(b'\n');
+        write_atomic(&partial.join("config.json"), &text)?;
+        Ok(report)
+    })();
+    let mut report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&partial);
+            return Err(e);
+        }
+    };
     commit_dir(&partial, out_dir)?;
     report.elapsed_s = started.elapsed().as_secs_f64();
     Ok(report)
@@ -602,6 +617,101 @@ mod tests {
         assert_eq!(
             index["metadata"]["total_size"].as_u64().unwrap(),
             report.bytes_after
+        );
+    }
+    /// Writes a one-file checkpoint with the given tensors and a config.json.
+    fn fake_checkpoint(dir: &Path, tensors: Vec<RawTensor>) {
+        fs::create_dir_all(dir).unwrap();
+        safetensors::serialize_to_file(
+            tensors.iter().map(|t| (t.key.clone(), t)),
+            None,
+            &dir.join("model.safetensors"),
+        )
+        .unwrap();
+        fs::write(dir.join("config.json"), br#"{"torch_dtype": "bfloat16"}"#).unwrap();
+        fs::write(dir.join("tokenizer.json"), b"{}").unwrap();
+    }
+
+    #[test]
+    fn bf16_weights_are_quantized_with_their_dtype_recorded_and_other_tensors_kept_bf16() {
+        let tmp = tempfile::tempdir().unwrap();
+        let values: Vec<f32> = (0..128 * 64)
+            .map(|i| ((i % 97) as f32 - 48.0) / 500.0)
+            .collect();
+        let bf16: Vec<u8> = values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        let norm: Vec<u8> = [1.0f32; 64]
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        fake_checkpoint(
+            &tmp.path().join("m"),
+            vec![
+                RawTensor {
+                    key: "model.layers.0.mlp.up_proj.weight".into(),
+                    dtype: Dtype::BF16,
+                    shape: vec![128, 64],
+                    data: bf16.clone(),
+                },
+                RawTensor {
+                    key: "model.norm.weight".into(),
+                    dtype: Dtype::BF16,
+                    shape: vec![64],
+                    data: norm.clone(),
+                },
+            ],
+        );
+        let out = tmp.path().join("o");
+        let r =
+            quantize_checkpoint(&tmp.path().join("m"), &out, &QuantizeOptions::default()).unwrap();
+        assert_eq!((r.tensors_quantized, r.tensors_copied), (1, 1));
+        assert_eq!(r.files_copied, vec!["tokenizer.json".to_string()]);
+        let bytes = fs::read(out.join("model.safetensors")).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let q = Nf4Tensor::from_tensors("model.layers.0.mlp.up_proj.weight", |k| st.tensor(k).ok())
+            .unwrap();
+        assert_eq!(q.dtype, "bfloat16");
+        let exact: Vec<f32> = bf16
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect();
+        let direct = Nf4Tensor::quantize("w", &exact, &[128, 64], "bfloat16", 64, true).unwrap();
+        assert_eq!(q, direct, "bf16 is widened exactly before quantizing");
+        let n = st.tensor("model.norm.weight").unwrap();
+        assert_eq!((n.dtype(), n.data()), (Dtype::BF16, &norm[..]));
+        let cfg = read_json(&out.join("config.json")).unwrap();
+        assert_eq!(
+            cfg["quantization_config"]["bnb_4bit_compute_dtype"],
+            "bfloat16"
+        );
+    }
+
+    #[test]
+    fn an_integer_linear_weight_fails_naming_the_tensor_and_leaves_no_output() {
+        let tmp = tempfile::tempdir().unwrap();
+        fake_checkpoint(
+            &tmp.path().join("m"),
+            vec![RawTensor {
+                key: "model.layers.0.self_attn.q_proj.weight".into(),
+                dtype: Dtype::I32,
+                shape: vec![4, 4],
+                data: vec![0; 64],
+            }],
+        );
+        let out = tmp.path().join("o");
+        let err = quantize_checkpoint(&tmp.path().join("m"), &out, &QuantizeOptions::default())
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, QuantError::Dtype { .. }), "{msg}");
+        assert!(
+            msg.contains("model.layers.0.self_attn.q_proj.weight") && msg.contains("I32"),
+            "{msg}"
+        );
+        assert!(
+            !out.exists(),
+            "the output directory only appears on success"
         );
     }
 }
