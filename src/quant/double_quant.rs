@@ -9,13 +9,13 @@
 //! `code[q] * nested_absmax[b] + offset`.
 //!
 //! The mean's bits depend on torch's summation order. [`torch_cuda_mean`] reproduces
-//! `aten/src/ATen/native/cuda/Reduce.cuh` for a contiguous 1-D f32 input reduced by a single
-//! thread block (4 accumulators per thread, vec4 loads above 128 elements, a halving tree across
-//! threads, then `sum * (1.0f / n)`); it matches all 39 fixture offsets bit for bit. Vectors of
-//! more than 524,288 absmax values (weights above 33.5 M elements) are split by torch across
-//! several thread blocks, in a pattern that depends on the GPU's SM count, so there bitsandbytes
-//! itself is not reproducible across GPUs; this code keeps the single-block order, which can
-//! differ from a given GPU's offset in the last bit.
+//! `aten/src/ATen/native/cuda/Reduce.cuh` (torch 2.11) for a contiguous 1-D f32 input: 4
+//! accumulators per thread, vec4 loads above 128 elements, a halving tree across threads, then
+//! `sum * (1.0f / n)`. It matches all 39 fixture offsets bit for bit; those vectors are all
+//! reduced by one thread block. Above 130,560 values (weights above ~8.4 M elements) torch
+//! spreads the sum over several blocks; that path follows the same source but no fixture
+//! covers it, and above ~4.3 M values the block count also depends on the GPU's SM count
+//! (H100 SXM assumed).
 
 /// bitsandbytes' blocksize for the nested (8-bit) quantization of absmax.
 pub const NESTED_BLOCKSIZE: usize = 256;
@@ -65,8 +65,25 @@ pub fn dynamic_map_signed() -> [f32; 256] {
     out
 }
 
-/// `torch.mean` of a contiguous f32 vector on CUDA, in the order of torch's single-block
-/// reduction (see the module doc).
+/// H100 SXM: 132 SMs × (2048 threads per SM / 512 threads per block). Only used to cap the
+/// number of thread blocks of a reduction, which matters for vectors above ~4.3 M values.
+const H100_TARGET_GRID: usize = 132 * 4;
+
+/// Sums the per-thread partials the way `block_x_reduce` combines them: a halving tree
+/// (shared memory down to a warp, then `shfl_down` with offsets 16, 8, 4, 2, 1).
+fn tree_sum(mut partial: Vec<f32>) -> f32 {
+    let mut offset = partial.len() / 2;
+    while offset > 0 {
+        for t in 0..offset {
+            partial[t] += partial[t + offset];
+        }
+        offset /= 2;
+    }
+    partial[0]
+}
+
+/// `torch.mean` of a contiguous f32 vector on CUDA, in the order of torch's reduction
+/// (see the module doc).
 pub fn torch_cuda_mean(v: &[f32]) -> f32 {
     const MAX_THREADS: usize = 512;
     const VT0: usize = 4;
@@ -81,48 +98,67 @@ pub fn torch_cuda_mean(v: &[f32]) -> f32 {
     } else {
         MAX_THREADS
     };
-    let mut partial: Vec<f32> = (0..width)
-        .map(|t| {
-            let mut acc = [0f32; VT0];
-            if vectorize {
-                let mut chunk = t;
-                while chunk * VT0 + VT0 - 1 < n {
-                    for (i, a) in acc.iter_mut().enumerate() {
-                        *a += v[chunk * VT0 + i];
+    // setReduceConfig: more than 256 values per thread spreads the input over several
+    // blocks ("CTAs"), each reducing a strided share; the last block sums their results.
+    let values_per_thread = n.div_ceil(width);
+    let ctas = if values_per_thread >= 256 {
+        H100_TARGET_GRID
+            .min(values_per_thread.div_ceil(16))
+            .max(values_per_thread.div_ceil(256))
+    } else {
+        1
+    };
+    let stride = width * ctas;
+    let cta_sums: Vec<f32> = (0..ctas)
+        .map(|cta| {
+            let partial: Vec<f32> = (0..width)
+                .map(|t| {
+                    let mut acc = [0f32; VT0];
+                    if vectorize {
+                        let mut chunk = t + cta * width;
+                        while chunk * VT0 + VT0 - 1 < n {
+                            for (i, a) in acc.iter_mut().enumerate() {
+                                *a += v[chunk * VT0 + i];
+                            }
+                            chunk += stride;
+                        }
+                        let tail = n - n % VT0 + t;
+                        if cta == 0 && tail < n {
+                            acc[0] += v[tail];
+                        }
+                    } else {
+                        let mut idx = t;
+                        while idx + (VT0 - 1) * width < n {
+                            for (i, a) in acc.iter_mut().enumerate() {
+                                *a += v[idx + i * width];
+                            }
+                            idx += width * VT0;
+                        }
+                        for a in acc.iter_mut() {
+                            if idx >= n {
+                                break;
+                            }
+                            *a += v[idx];
+                            idx += width;
+                        }
                     }
-                    chunk += width;
-                }
-                let tail = n - n % VT0 + t;
-                if tail < n {
-                    acc[0] += v[tail];
-                }
-            } else {
-                let mut idx = t;
-                while idx + (VT0 - 1) * width < n {
-                    for (i, a) in acc.iter_mut().enumerate() {
-                        *a += v[idx + i * width];
-                    }
-                    idx += width * VT0;
-                }
-                for a in acc.iter_mut() {
-                    if idx >= n {
-                        break;
-                    }
-                    *a += v[idx];
-                    idx += width;
-                }
-            }
-            ((acc[0] + acc[1]) + acc[2]) + acc[3]
+                    ((acc[0] + acc[1]) + acc[2]) + acc[3]
+                })
+                .collect();
+            tree_sum(partial)
         })
         .collect();
-    let mut offset = width / 2;
-    while offset > 0 {
-        for t in 0..offset {
-            partial[t] += partial[t + offset];
+    let total = if ctas == 1 {
+        cta_sums[0]
+    } else {
+        // global_reduce: thread t of the last block accumulates CTA results t, t + width, …
+        let mut partial = vec![0f32; width];
+        for (c, s) in cta_sums.iter().enumerate() {
+            partial[c % width] += s;
         }
-        offset /= 2;
-    }
-    partial[0] * (1.0f32 / n as f32)
+        tree_sum(partial)
+    };
+    total * (1.0f32 / n as f32)
 }
 
 /// `dQuantize<0>`: binary search of the sorted 256-entry `code` for `x`, then the nearer of
@@ -232,6 +268,21 @@ mod tests {
         assert_eq!(torch_cuda_mean(&[1.0, 2.0, 3.0, 6.0]), 3.0);
         let v = vec![0.5f32; 1000];
         assert_eq!(torch_cuda_mean(&v), 0.5);
+    }
+
+    #[test]
+    fn cuda_mean_covers_every_element_on_the_multi_block_path() {
+        // 1.2 M values: several thread blocks, vec4 loads and a 3-element tail.
+        for n in [1_200_003usize, 200_704, 131_071, 129, 127, 5] {
+            let v: Vec<f32> = (0..n).map(|i| 0.1 + (i % 1013) as f32 * 1e-4).collect();
+            let exact = v.iter().map(|x| *x as f64).sum::<f64>() / n as f64;
+            let got = torch_cuda_mean(&v) as f64;
+            // f32 partial sums over ≤ a few thousand terms each: relative error far below 1e-5.
+            assert!(
+                (got - exact).abs() / exact < 1e-5,
+                "n={n}: {got} vs {exact}"
+            );
+        }
     }
 
     #[test]
