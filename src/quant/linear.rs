@@ -5,17 +5,20 @@
 
 use burn::module::{Module, Param};
 use burn::prelude::*;
-use burn::tensor::TensorData;
+use burn::tensor::{ElementConversion, TensorData};
 use safetensors::{Dtype, SafeTensors};
 
 use super::format::Nf4Tensor;
 use super::QuantError;
 
+/// Bit offset of element `j` (0..8) inside a little-endian word of four packed bytes.
+const CODE_SHIFTS: [i32; 8] = [4, 0, 12, 8, 20, 16, 28, 24];
+
 /// `y = x · dequant(W)ᵀ + b` with `W` stored as NF4.
 #[derive(Module, Debug)]
 pub struct Nf4Linear<B: Backend> {
-    /// Packed codes, one byte (two codes) per element, padded to whole blocks with code 7
-    /// (zero): `[n_blocks * blocksize / 2]`.
+    /// Packed codes, four bitsandbytes bytes (eight codes) per element as a little-endian
+    /// 32-bit word, padded to whole blocks with code 7 (zero): `[n_blocks * blocksize / 8]`.
     packed: Tensor<B, 1, Int>,
     /// f32 scale per block: `[n_blocks]`.
     absmax: Tensor<B, 1>,
@@ -57,12 +60,17 @@ impl<B: Backend> Nf4Linear<B> {
         }
         let absmax = w.absmax_f32();
         let padded_bytes = absmax.len() * w.blocksize / 2;
-        let mut packed: Vec<i64> = w.packed.iter().map(|b| *b as i64).collect();
-        packed.resize(padded_bytes, 0x77);
-        let n_bytes = packed.len();
+        // Every valid blocksize is a multiple of 8 elements, so whole blocks fill whole words.
+        let mut bytes = w.packed.clone();
+        bytes.resize(padded_bytes, 0x77);
+        let packed: Vec<i32> = bytes
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let n_words = packed.len();
         let n_blocks = absmax.len();
         Ok(Self {
-            packed: Tensor::from_data(TensorData::new(packed, [n_bytes]), device),
+            packed: Tensor::from_data(TensorData::new(packed, [n_words]), device),
             absmax: Tensor::from_data(TensorData::new(absmax, [n_blocks]), device),
             code: Tensor::from_data(TensorData::new(w.quant_map.to_vec(), [16]), device),
             bias: bias.map(|b| {
@@ -99,10 +107,19 @@ impl<B: Backend> Nf4Linear<B> {
 
     /// The dequantized weight `[out_features, in_features]` (f32).
     pub fn weight(&self) -> Tensor<B, 2> {
-        let n_bytes = self.packed.dims()[0];
-        let hi = self.packed.clone().div_scalar(16);
-        let lo = self.packed.clone().remainder_scalar(16);
-        let codes = Tensor::stack::<2>(vec![hi, lo], 1).reshape([n_bytes * 2]); // element order
+        let n_words = self.packed.dims()[0];
+        // Element j of a word sits in byte j/2, high nibble first (bitsandbytes' order); the
+        // arithmetic shift of a negative word is harmless because of the mask.
+        let nibbles = CODE_SHIFTS
+            .iter()
+            .map(|&s| {
+                self.packed
+                    .clone()
+                    .bitwise_right_shift_scalar(s.elem())
+                    .bitwise_and_scalar(15i32.elem())
+            })
+            .collect();
+        let codes = Tensor::stack::<2>(nibbles, 1).reshape([n_words * 8]); // element order
         let n_blocks = self.absmax.dims()[0];
         let values = self
             .code
@@ -206,6 +223,17 @@ mod tests {
         assert_close("nf4 linear forward", &got, &want, FORWARD_ATOL);
         let wt = lin.weight().into_data().to_vec::<f32>().unwrap();
         assert_eq!(wt, w, "dequantized weight is the bitsandbytes one exactly");
+    }
+
+    #[test]
+    fn an_odd_sized_weight_with_a_tail_block_dequantizes_like_the_host_code() {
+        let values: Vec<f32> = (0..13 * 11)
+            .map(|i| ((i * 7 % 23) as f32 - 11.0) / 7.0)
+            .collect();
+        let w = Nf4Tensor::quantize("w", &values, &[13, 11], "float32", 64, true).unwrap();
+        let lin = Nf4Linear::<TB>::from_nf4("p.weight", &w, None, &Default::default()).unwrap();
+        let got = lin.weight().into_data().to_vec::<f32>().unwrap();
+        assert_eq!(got, w.dequantize());
     }
 
     #[test]
