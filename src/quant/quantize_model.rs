@@ -595,6 +595,39 @@ mod tests {
     }
 
     #[test]
+    fn a_sharded_input_checkpoint_quantizes_to_the_same_tensors_as_a_single_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Skipping every module turns the quantizer into a sharding copier of the f32 model.
+        let copy_opts = QuantizeOptions {
+            skip: vec!["model".into(), "visual".into(), "lm_head".into()],
+            max_shard_bytes: 300_000,
+            ..QuantizeOptions::default()
+        };
+        let sharded = tmp.path().join("sharded");
+        let r = quantize_checkpoint(&fixture("qwen2_5_vl_tiny"), &sharded, &copy_opts).unwrap();
+        assert_eq!((r.tensors_quantized, r.tensors_skipped), (0, 37));
+        assert!(r.shards > 2);
+        assert!(!sharded.join("model.safetensors").exists());
+
+        let out = tmp.path().join("nf4");
+        let r = quantize_checkpoint(&sharded, &out, &QuantizeOptions::default()).unwrap();
+        assert_eq!(r.tensors_quantized, 36);
+        let ours = fs::read(out.join("model.safetensors")).unwrap();
+        let want = fs::read(fixture("qwen2_5_vl_tiny/nf4/model.safetensors")).unwrap();
+        let (ours, want) = (
+            SafeTensors::deserialize(&ours).unwrap(),
+            SafeTensors::deserialize(&want).unwrap(),
+        );
+        assert_eq!(ours.names().len(), want.names().len());
+        for k in want.names() {
+            assert!(
+                ours.tensor(k).unwrap().data() == want.tensor(k).unwrap().data(),
+                "{k}"
+            );
+        }
+    }
+
+    #[test]
     fn small_shard_limit_splits_output_and_writes_an_index() {
         let out = tempfile::tempdir().unwrap();
         let dst = out.path().join("nf4");
