@@ -11,6 +11,7 @@ pub mod hub;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod quant;
 pub mod report;
 pub mod stages;
 pub mod train;
