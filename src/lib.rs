@@ -5,6 +5,7 @@
 //! `config` is the TOML the user writes.
 
 pub mod config;
+pub mod data;
 pub mod pipeline;
 pub mod stages;
 
