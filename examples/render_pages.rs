@@ -13,7 +13,14 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let n: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1000);
     let out = args.next();
-    let cfg = RenderConfig::default();
+    let mut cfg = RenderConfig::default();
+    if let Ok(k) = std::env::var("ONLY_DEGRADE") {
+        let d = &mut cfg.degrade;
+        d.rotate_prob = if k == "rotate" { 1.0 } else { 0.0 };
+        d.blur_prob = if k == "blur" { 1.0 } else { 0.0 };
+        d.speckle_prob = if k == "speckle" { 1.0 } else { 0.0 };
+        d.jpeg_prob = if k == "jpeg" { 1.0 } else { 0.0 };
+    }
     let docs: Vec<_> = synthetic::documents(42, n).collect();
     let t = Instant::now();
     let pngs: Vec<Vec<u8>> = docs

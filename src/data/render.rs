@@ -567,7 +567,7 @@ fn degrade(img: &mut GrayImage, cfg: &DegradeConfig, seed: u64) -> Vec<&'static 
         applied.push("rotate");
     }
     if blur && cfg.blur_sigma > 0.0 {
-        *img = image::imageops::blur(img, cfg.blur_sigma);
+        *img = gaussian_blur(img, cfg.blur_sigma);
         applied.push("blur");
     }
     if speckle {
@@ -593,6 +593,47 @@ fn degrade(img: &mut GrayImage, cfg: &DegradeConfig, seed: u64) -> Vec<&'static 
         }
     }
     applied
+}
+
+/// Separable Gaussian blur with integer weights (radius ⌈2σ⌉, edges clamped). Cheaper
+/// than `image::imageops::blur` for the sub-pixel sigmas used here.
+fn gaussian_blur(img: &GrayImage, sigma: f32) -> GrayImage {
+    let r = (2.0 * sigma).ceil().max(1.0) as i32;
+    let raw: Vec<f32> = (-r..=r)
+        .map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp())
+        .collect();
+    let total: f32 = raw.iter().sum();
+    let weights: Vec<u32> = raw
+        .iter()
+        .map(|w| (w / total * 1024.0).round() as u32)
+        .collect();
+    let norm: u32 = weights.iter().sum();
+    let (w, h) = (img.width() as i32, img.height() as i32);
+    let src = img.as_raw();
+    let mut tmp = vec![0u8; src.len()];
+    for y in 0..h {
+        let row = &src[(y * w) as usize..((y + 1) * w) as usize];
+        for x in 0..w {
+            let mut acc = 0u32;
+            for (k, wt) in weights.iter().enumerate() {
+                let sx = (x + k as i32 - r).clamp(0, w - 1);
+                acc += row[sx as usize] as u32 * wt;
+            }
+            tmp[(y * w + x) as usize] = ((acc + norm / 2) / norm) as u8;
+        }
+    }
+    let mut out = vec![0u8; src.len()];
+    for y in 0..h {
+        for x in 0..w {
+            let mut acc = 0u32;
+            for (k, wt) in weights.iter().enumerate() {
+                let sy = (y + k as i32 - r).clamp(0, h - 1);
+                acc += tmp[(sy * w + x) as usize] as u32 * wt;
+            }
+            out[(y * w + x) as usize] = ((acc + norm / 2) / norm) as u8;
+        }
+    }
+    GrayImage::from_raw(w as u32, h as u32, out).expect("the buffer has width × height bytes")
 }
 
 /// Rotates by `theta` radians about the centre, bilinear, white outside the page.
