@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::stages::prepare::PrepareConfig;
 use crate::stages::probe::ProbeConfig;
 
 /// The embedded default config (`pipeline/default.toml`), used when no `--config` is given.
@@ -65,6 +66,9 @@ pub struct Config {
     /// `[probe]`: environment detection and device choice.
     #[serde(default)]
     pub probe: ProbeConfig,
+    /// `[prepare]`: dataset sources, rendering, filters and split.
+    #[serde(default)]
+    pub prepare: PrepareConfig,
     /// Where the config came from (for messages); not part of the file.
     #[serde(skip)]
     pub origin: PathBuf,

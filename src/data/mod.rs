@@ -11,6 +11,7 @@ pub mod eval_docs;
 pub mod filter;
 pub mod render;
 pub mod sample;
+pub mod source;
 pub mod split;
 pub mod synthetic;
 

@@ -682,7 +682,7 @@ fn build(t: DocType, rng: &mut ChaCha8Rng) -> Spec {
             }
             Spec {
                 title: "ICU Flowsheet",
-                section: &[
+                section: [
                     "Vitals and Drips 08:00",
                     "Hourly Assessment 14:00",
                     "Nursing Flowsheet 22:00",
