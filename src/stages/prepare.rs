@@ -618,6 +618,17 @@ fn write_contact_sheet(
         for it in s.ground_truth.iter().take(3) {
             caption.push(format!("{}: {} {}", it.term, it.value, it.unit));
         }
+        // Captions are cut to the thumbnail's width (about 34 characters at 11 px).
+        let caption = caption
+            .into_iter()
+            .map(|c| {
+                if c.chars().count() > 34 {
+                    format!("{}…", c.chars().take(33).collect::<String>())
+                } else {
+                    c
+                }
+            })
+            .collect();
         pages.push((img.to_luma8(), caption));
     }
     let sheet = contact_sheet(&pages, 4, 220);
