@@ -1,0 +1,99 @@
+//! Dataset sources (`[[prepare.sources]]`) and the raw items they yield.
+//!
+//! A source is read as a stream of [`Raw`] items: a document to render, a ready image (VQA
+//! datasets), or a row the reader had to reject (with the reason, so it is counted).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::document::{Document, Item};
+use super::filter::DropReason;
+use super::{synthetic, DataError};
+
+/// One `[[prepare.sources]]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// The seeded synthetic generator (the default).
+    Synthetic {
+        /// Name in sample ids, image folders and reports (letters, digits, `_`, `-`).
+        #[serde(default = "default_synthetic_name")]
+        name: String,
+        /// Documents to generate.
+        count: usize,
+        /// Accept ending with zero samples instead of failing the stage.
+        #[serde(default)]
+        allow_empty: bool,
+    },
+}
+
+fn default_synthetic_name() -> String {
+    synthetic::SOURCE.into()
+}
+
+impl SourceConfig {
+    /// The source's name.
+    pub fn name(&self) -> &str {
+        match self {
+            SourceConfig::Synthetic { name, .. } => name,
+        }
+    }
+
+    /// The kind, as written in the config.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceConfig::Synthetic { .. } => "synthetic",
+        }
+    }
+
+    /// Whether ending with zero samples is allowed.
+    pub fn allow_empty(&self) -> bool {
+        match self {
+            SourceConfig::Synthetic { allow_empty, .. } => *allow_empty,
+        }
+    }
+
+    /// Opens the source for reading; relative paths are resolved against `root`.
+    ///
+    /// # Errors
+    /// A missing or unreadable file, or one without the expected columns.
+    pub fn open(
+        &self,
+        _root: &Path,
+        seed: u64,
+    ) -> Result<Box<dyn Iterator<Item = Result<Raw, DataError>> + Send>, DataError> {
+        match self {
+            SourceConfig::Synthetic { count, .. } => Ok(Box::new(
+                synthetic::documents(seed, *count).map(|d| Ok(Raw::Doc(d))),
+            )),
+        }
+    }
+}
+
+/// Resolves a configured path against the workspace root.
+pub fn resolve(root: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        root.join(p)
+    }
+}
+
+/// One item read from a source.
+#[derive(Debug, Clone)]
+pub enum Raw {
+    /// A document to render.
+    Doc(Document),
+    /// A sample that already has an image (encoded bytes) and an answer.
+    Image {
+        id: String,
+        doc_type: String,
+        image: Vec<u8>,
+        prompt: String,
+        target: String,
+        ground_truth: Vec<Item>,
+    },
+    /// A row the reader could not turn into an item.
+    Rejected { reason: DropReason },
+}
