@@ -9,6 +9,7 @@
 pub mod document;
 pub mod eval_docs;
 pub mod filter;
+pub mod mtsamples;
 pub mod render;
 pub mod sample;
 pub mod source;

@@ -830,6 +830,48 @@ mod tests {
     }
 
     #[test]
+    fn mtsamples_rows_are_rendered_and_bad_rows_counted_while_the_stage_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut csv =
+            b"description,medical_specialty,sample_name,transcription,keywords\n".to_vec();
+        for i in 0..12 {
+            csv.extend_from_slice(format!("\"Visit {i}.\",\" Cardiology\",\"Follow-up {i}\",\"VITALS:, Blood pressure 13{i}/80, pulse 7{i}. Metoprolol {i}5 mg twice daily.\",\"cardiology, metoprolol\"\n").as_bytes());
+        }
+        csv.extend_from_slice(b"d,s,n,\"bad \xff text 5 mg\",k\n");
+        std::fs::write(dir.path().join("mt.csv"), csv).unwrap();
+        let toml = format!("{SMALL}[[prepare.sources]]\nkind = \"mtsamples\"\npath = \"mt.csv\"\n");
+        let rep = run_in(dir.path(), &toml, &[]);
+        assert!(!rep.failed(), "{rep:?}");
+        let m = &report(dir.path())["metrics"]["sources"]["mtsamples"];
+        assert_eq!(m["read"], 13);
+        assert_eq!(m["kept"], 12);
+        assert_eq!(m["dropped"]["encoding_error"], 1);
+        let rows: Vec<Sample> = ["train", "val", "test"]
+            .iter()
+            .flat_map(|s| read_rows(&dir.path().join(format!("data/splits/{s}.jsonl"))))
+            .filter(|r| r.source == "mtsamples")
+            .collect();
+        assert_eq!(rows.len(), 12);
+        assert!(rows
+            .iter()
+            .all(|r| r.doc_type == "cardiology" && r.target.contains("Metoprolol")));
+    }
+
+    #[test]
+    fn a_missing_source_file_fails_the_stage_naming_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml =
+            format!("{SMALL}[[prepare.sources]]\nkind = \"mtsamples\"\npath = \"nope/mt.csv\"\n");
+        let rep = run_in(dir.path(), &toml, &[]);
+        assert!(rep.failed());
+        let err = rep.stages.last().unwrap().error.clone().unwrap();
+        assert!(
+            err.contains("opening source `mtsamples`") && err.contains("nope/mt.csv"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn bad_split_fractions_and_duplicate_source_names_are_rejected() {
         let dir = tempfile::tempdir().unwrap();
         let rep = run_in(dir.path(), SMALL, &["prepare.split.val=0.5"]);
