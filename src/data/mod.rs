@@ -10,6 +10,7 @@ pub mod document;
 pub mod eval_docs;
 pub mod filter;
 pub mod mtsamples;
+pub mod parquet;
 pub mod render;
 pub mod sample;
 pub mod source;

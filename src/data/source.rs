@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use super::document::{Document, Item};
 use super::filter::DropReason;
-use super::{mtsamples, synthetic, DataError};
+use super::parquet::{ColumnMap, Preset};
+use super::{mtsamples, parquet, synthetic, DataError};
 
 /// One `[[prepare.sources]]` entry.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -43,6 +44,39 @@ pub enum SourceConfig {
         #[serde(default)]
         allow_empty: bool,
     },
+    /// Hugging Face datasets-style parquet shards (a file or a directory of them).
+    Parquet {
+        /// Name in sample ids, image folders and reports.
+        #[serde(default = "default_parquet_name")]
+        name: String,
+        /// A `.parquet` file or a directory searched for them; relative to the workspace.
+        path: PathBuf,
+        /// `pathvqa` or `pubmedvision`: the column mapping of that dataset.
+        #[serde(default)]
+        preset: Option<Preset>,
+        /// Column mapping; entries given here override the preset's.
+        #[serde(default)]
+        columns: ColumnMap,
+        /// Folder image paths are relative to (default: the parquet file's folder).
+        #[serde(default)]
+        image_root: Option<PathBuf>,
+        /// Document type recorded for these samples.
+        #[serde(default = "default_vqa")]
+        doc_type: String,
+        /// Rows read at most (0: all).
+        #[serde(default)]
+        limit: usize,
+        /// Accept ending with zero samples instead of failing the stage.
+        #[serde(default)]
+        allow_empty: bool,
+    },
+}
+
+fn default_parquet_name() -> String {
+    "parquet".into()
+}
+fn default_vqa() -> String {
+    "vqa".into()
 }
 
 fn default_mtsamples_name() -> String {
@@ -60,7 +94,9 @@ impl SourceConfig {
     /// The source's name.
     pub fn name(&self) -> &str {
         match self {
-            SourceConfig::Synthetic { name, .. } | SourceConfig::Mtsamples { name, .. } => name,
+            SourceConfig::Synthetic { name, .. }
+            | SourceConfig::Mtsamples { name, .. }
+            | SourceConfig::Parquet { name, .. } => name,
         }
     }
 
@@ -69,6 +105,7 @@ impl SourceConfig {
         match self {
             SourceConfig::Synthetic { .. } => "synthetic",
             SourceConfig::Mtsamples { .. } => "mtsamples",
+            SourceConfig::Parquet { .. } => "parquet",
         }
     }
 
@@ -76,7 +113,8 @@ impl SourceConfig {
     pub fn allow_empty(&self) -> bool {
         match self {
             SourceConfig::Synthetic { allow_empty, .. }
-            | SourceConfig::Mtsamples { allow_empty, .. } => *allow_empty,
+            | SourceConfig::Mtsamples { allow_empty, .. }
+            | SourceConfig::Parquet { allow_empty, .. } => *allow_empty,
         }
     }
 
@@ -100,6 +138,25 @@ impl SourceConfig {
                 ..
             } => {
                 let rows = mtsamples::open(&resolve(root, path), *max_chars)?;
+                let limit = if *limit == 0 { usize::MAX } else { *limit };
+                Ok(Box::new(rows.take(limit)))
+            }
+            SourceConfig::Parquet {
+                path,
+                preset,
+                columns,
+                image_root,
+                doc_type,
+                limit,
+                ..
+            } => {
+                let root_dir = image_root.as_ref().map(|p| resolve(root, p));
+                let rows = parquet::open(
+                    &resolve(root, path),
+                    &columns.resolve(*preset),
+                    root_dir.as_deref(),
+                    doc_type,
+                )?;
                 let limit = if *limit == 0 { usize::MAX } else { *limit };
                 Ok(Box::new(rows.take(limit)))
             }

@@ -506,8 +506,11 @@ fn build_shard(
                     })
                     .collect();
                 let rel = format!("data/images/{source}/{safe}.png");
-                let png =
-                    encode_png(&decoded.to_luma8()).with_context(|| format!("encoding {rel}"))?;
+                // Photographs and slides keep their colour (pages are grayscale).
+                let mut png = Vec::new();
+                decoded
+                    .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                    .with_context(|| format!("encoding {rel}"))?;
                 write_atomic(&root.join(&rel), &png)?;
                 Ok(Ok((
                     Sample {
@@ -869,6 +872,19 @@ mod tests {
             err.contains("opening source `mtsamples`") && err.contains("nope/mt.csv"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_parquet_row_with_corrupt_image_bytes_is_counted_as_decode_error_and_the_stage_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::data::parquet::tests::write_pathvqa(&dir.path().join("pvqa.parquet"));
+        let toml = format!("{SMALL}[[prepare.sources]]\nkind = \"parquet\"\nname = \"pathvqa\"\npreset = \"pathvqa\"\npath = \"pvqa.parquet\"\n");
+        let rep = run_in(dir.path(), &toml, &[]);
+        assert!(!rep.failed(), "{rep:?}");
+        let m = &report(dir.path())["metrics"]["sources"]["pathvqa"];
+        assert_eq!(m["read"], 3);
+        assert_eq!(m["kept"], 2);
+        assert_eq!(m["dropped"]["decode_error"], 1);
     }
 
     #[test]
