@@ -506,6 +506,15 @@ fn build_shard(
                     })
                     .collect();
                 let rel = format!("data/images/{source}/{safe}.png");
+                // Larger than a page may be: shrink to fit render.max_pixels (the model would
+                // downscale it anyway; this keeps the dataset small and the cap honest).
+                let decoded =
+                    match fit_pixels(decoded.width(), decoded.height(), cfg.render.max_pixels) {
+                        Some((w, h)) => {
+                            decoded.resize_exact(w, h, image::imageops::FilterType::Triangle)
+                        }
+                        None => decoded,
+                    };
                 // Photographs and slides keep their colour (pages are grayscale).
                 let mut png = Vec::new();
                 decoded
@@ -549,6 +558,18 @@ fn build_shard(
         samples,
         degradations,
     })
+}
+
+/// The size an image of `w`×`h` is shrunk to so it holds at most `max_pixels` (sides
+/// multiples of 28, aspect kept), or `None` when it already fits.
+fn fit_pixels(w: u32, h: u32, max_pixels: u64) -> Option<(u32, u32)> {
+    if (w as u64) * (h as u64) <= max_pixels {
+        return None;
+    }
+    let m = render::SIDE_MULTIPLE as f64;
+    let scale = (max_pixels as f64 / (w as f64 * h as f64)).sqrt();
+    let side = |v: u32| (((v as f64 * scale) / m).floor().max(1.0) * m) as u32;
+    Some((side(w), side(h)))
 }
 
 fn write_jsonl(path: &Path, rows: &[Sample]) -> anyhow::Result<()> {
@@ -885,6 +906,18 @@ mod tests {
         assert_eq!(m["read"], 3);
         assert_eq!(m["kept"], 2);
         assert_eq!(m["dropped"]["decode_error"], 1);
+    }
+
+    #[test]
+    fn oversized_external_images_shrink_to_max_pixels_with_sides_multiple_of_28() {
+        assert_eq!(fit_pixels(448, 448, 448 * 448), None);
+        let (w, h) = fit_pixels(2000, 1000, 448 * 448).unwrap();
+        assert!(w as u64 * h as u64 <= 448 * 448, "{w}x{h}");
+        assert_eq!((w % 28, h % 28), (0, 0));
+        assert!(
+            (w as f64 / h as f64 - 2.0).abs() < 0.1,
+            "aspect kept: {w}x{h}"
+        );
     }
 
     #[test]
