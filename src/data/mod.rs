@@ -16,6 +16,7 @@ pub mod sample;
 pub mod source;
 pub mod split;
 pub mod synthetic;
+mod vocab;
 
 pub use document::{Block, DocType, Document, Item, Layout};
 pub use sample::Sample;
