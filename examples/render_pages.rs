@@ -1,6 +1,7 @@
 //! Renders synthetic pages and prints the rate; optionally writes them as PNG for a look.
 //!
-//! `cargo run --example render_pages -- [count] [out_dir]`
+//! `cargo run --example render_pages -- [count] [out_dir]`; `ONLY_DEGRADE=rotate|blur|speckle|jpeg|none`
+//! applies just that degradation to every page (to see what each one costs).
 
 use std::time::Instant;
 

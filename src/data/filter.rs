@@ -1,7 +1,7 @@
 //! Per-source filters and cross-source de-duplication, each drop counted with its reason.
 //!
 //! Reasons (the keys of `dropped` in `reports/dataset.json`): `empty_text`,
-//! `answer_too_short`, `answer_too_long`, `decode_error`, `encoding_error`,
+//! `answer_too_short`, `answer_too_long`, `decode_error`, `encoding_error`, `malformed_row`,
 //! `image_too_small`, `image_too_large`, `duplicate`.
 
 use std::collections::{BTreeMap, HashSet};
@@ -68,6 +68,7 @@ pub enum DropReason {
     AnswerTooLong,
     DecodeError,
     EncodingError,
+    MalformedRow,
     ImageTooSmall,
     ImageTooLarge,
     Duplicate,
@@ -82,6 +83,7 @@ impl DropReason {
             DropReason::AnswerTooLong => "answer_too_long",
             DropReason::DecodeError => "decode_error",
             DropReason::EncodingError => "encoding_error",
+            DropReason::MalformedRow => "malformed_row",
             DropReason::ImageTooSmall => "image_too_small",
             DropReason::ImageTooLarge => "image_too_large",
             DropReason::Duplicate => "duplicate",

@@ -9,11 +9,14 @@
 pub mod document;
 pub mod eval_docs;
 pub mod filter;
+pub mod mtsamples;
+pub mod parquet;
 pub mod render;
 pub mod sample;
 pub mod source;
 pub mod split;
 pub mod synthetic;
+mod vocab;
 
 pub use document::{Block, DocType, Document, Item, Layout};
 pub use sample::Sample;

@@ -506,8 +506,20 @@ fn build_shard(
                     })
                     .collect();
                 let rel = format!("data/images/{source}/{safe}.png");
-                let png =
-                    encode_png(&decoded.to_luma8()).with_context(|| format!("encoding {rel}"))?;
+                // Larger than a page may be: shrink to fit render.max_pixels (the model would
+                // downscale it anyway; this keeps the dataset small and the cap honest).
+                let decoded =
+                    match fit_pixels(decoded.width(), decoded.height(), cfg.render.max_pixels) {
+                        Some((w, h)) => {
+                            decoded.resize_exact(w, h, image::imageops::FilterType::Triangle)
+                        }
+                        None => decoded,
+                    };
+                // Photographs and slides keep their colour (pages are grayscale).
+                let mut png = Vec::new();
+                decoded
+                    .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                    .with_context(|| format!("encoding {rel}"))?;
                 write_atomic(&root.join(&rel), &png)?;
                 Ok(Ok((
                     Sample {
@@ -546,6 +558,18 @@ fn build_shard(
         samples,
         degradations,
     })
+}
+
+/// The size an image of `w`×`h` is shrunk to so it holds at most `max_pixels` (sides
+/// multiples of 28, aspect kept), or `None` when it already fits.
+fn fit_pixels(w: u32, h: u32, max_pixels: u64) -> Option<(u32, u32)> {
+    if (w as u64) * (h as u64) <= max_pixels {
+        return None;
+    }
+    let m = render::SIDE_MULTIPLE as f64;
+    let scale = (max_pixels as f64 / (w as f64 * h as f64)).sqrt();
+    let side = |v: u32| (((v as f64 * scale) / m).floor().max(1.0) * m) as u32;
+    Some((side(w), side(h)))
 }
 
 fn write_jsonl(path: &Path, rows: &[Sample]) -> anyhow::Result<()> {
@@ -826,6 +850,73 @@ mod tests {
         assert!(
             m["render"]["pages_rendered_this_run"].as_u64().unwrap() < 48,
             "complete shards were reused"
+        );
+    }
+
+    #[test]
+    fn mtsamples_rows_are_rendered_and_bad_rows_counted_while_the_stage_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut csv =
+            b"description,medical_specialty,sample_name,transcription,keywords\n".to_vec();
+        for i in 0..12 {
+            csv.extend_from_slice(format!("\"Visit {i}.\",\" Cardiology\",\"Follow-up {i}\",\"VITALS:, Blood pressure 13{i}/80, pulse 7{i}. Metoprolol {i}5 mg twice daily.\",\"cardiology, metoprolol\"\n").as_bytes());
+        }
+        csv.extend_from_slice(b"d,s,n,\"bad \xff text 5 mg\",k\n");
+        std::fs::write(dir.path().join("mt.csv"), csv).unwrap();
+        let toml = format!("{SMALL}[[prepare.sources]]\nkind = \"mtsamples\"\npath = \"mt.csv\"\n");
+        let rep = run_in(dir.path(), &toml, &[]);
+        assert!(!rep.failed(), "{rep:?}");
+        let m = &report(dir.path())["metrics"]["sources"]["mtsamples"];
+        assert_eq!(m["read"], 13);
+        assert_eq!(m["kept"], 12);
+        assert_eq!(m["dropped"]["encoding_error"], 1);
+        let rows: Vec<Sample> = ["train", "val", "test"]
+            .iter()
+            .flat_map(|s| read_rows(&dir.path().join(format!("data/splits/{s}.jsonl"))))
+            .filter(|r| r.source == "mtsamples")
+            .collect();
+        assert_eq!(rows.len(), 12);
+        assert!(rows
+            .iter()
+            .all(|r| r.doc_type == "cardiology" && r.target.contains("Metoprolol")));
+    }
+
+    #[test]
+    fn a_missing_source_file_fails_the_stage_naming_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml =
+            format!("{SMALL}[[prepare.sources]]\nkind = \"mtsamples\"\npath = \"nope/mt.csv\"\n");
+        let rep = run_in(dir.path(), &toml, &[]);
+        assert!(rep.failed());
+        let err = rep.stages.last().unwrap().error.clone().unwrap();
+        assert!(
+            err.contains("opening source `mtsamples`") && err.contains("nope/mt.csv"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_parquet_row_with_corrupt_image_bytes_is_counted_as_decode_error_and_the_stage_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::data::parquet::tests::write_pathvqa(&dir.path().join("pvqa.parquet"));
+        let toml = format!("{SMALL}[[prepare.sources]]\nkind = \"parquet\"\nname = \"pathvqa\"\npreset = \"pathvqa\"\npath = \"pvqa.parquet\"\n");
+        let rep = run_in(dir.path(), &toml, &[]);
+        assert!(!rep.failed(), "{rep:?}");
+        let m = &report(dir.path())["metrics"]["sources"]["pathvqa"];
+        assert_eq!(m["read"], 3);
+        assert_eq!(m["kept"], 2);
+        assert_eq!(m["dropped"]["decode_error"], 1);
+    }
+
+    #[test]
+    fn oversized_external_images_shrink_to_max_pixels_with_sides_multiple_of_28() {
+        assert_eq!(fit_pixels(448, 448, 448 * 448), None);
+        let (w, h) = fit_pixels(2000, 1000, 448 * 448).unwrap();
+        assert!(w as u64 * h as u64 <= 448 * 448, "{w}x{h}");
+        assert_eq!((w % 28, h % 28), (0, 0));
+        assert!(
+            (w as f64 / h as f64 - 2.0).abs() < 0.1,
+            "aspect kept: {w}x{h}"
         );
     }
 
