@@ -12,12 +12,16 @@ use burn::tensor::DType;
 
 use crate::model::error::ModelError;
 use crate::model::weights::WeightSource;
+use crate::quant::Nf4Linear;
 
 /// The frozen base of a projection.
 #[derive(Module, Debug)]
 pub enum BaseProj<B: Backend> {
     /// Full-precision weight `[d_in, d_out]` (+ bias `[d_out]`).
     Dense(Linear<B>),
+    /// bitsandbytes NF4 weight, dequantized per block on the fly in the forward (+ bias).
+    /// Its codes and scales are constants, never trained.
+    Nf4(Nf4Linear<B>),
 }
 
 /// A projection `y = x·Wᵀ + b` through the seam.
@@ -38,18 +42,42 @@ pub(crate) struct ProjSpec {
 }
 
 impl<B: Backend> Proj<B> {
-    /// Loads `{prefix}.weight` (`[d_out, d_in]`) and, if `spec.bias`, `{prefix}.bias`.
+    /// Loads `{prefix}.weight` (`[d_out, d_in]`) and, if `spec.bias`, `{prefix}.bias`. A
+    /// weight stored as bitsandbytes 4-bit (it has `{prefix}.weight.quant_state.
+    /// bitsandbytes__nf4`) becomes an NF4 base.
     ///
     /// # Errors
-    /// Missing or mis-shaped tensors ([`ModelError`] from the weight source).
+    /// Missing or mis-shaped tensors ([`ModelError`] from the weight source), or a malformed
+    /// NF4 weight ([`ModelError::Quant`]).
     pub(crate) fn load(
         src: &mut WeightSource,
         prefix: &str,
         spec: ProjSpec,
         device: &B::Device,
     ) -> Result<Self, ModelError> {
-        let w: Tensor<B, 2> =
-            src.tensor(&format!("{prefix}.weight"), [spec.d_out, spec.d_in], device)?;
+        let wkey = format!("{prefix}.weight");
+        if src.is_nf4(&wkey) {
+            let w = src.nf4(&wkey, &[spec.d_out, spec.d_in])?;
+            let bias = if spec.bias {
+                let data = src.data(&format!("{prefix}.bias"), &[spec.d_out])?;
+                Some(data.to_vec::<f32>().map_err(|e| ModelError::Readback {
+                    what: "bias",
+                    reason: format!("{e:?}"),
+                })?)
+            } else {
+                None
+            };
+            let lin = Nf4Linear::from_nf4(&wkey, &w, bias, device).map_err(|source| {
+                ModelError::Quant {
+                    dir: src.dir().to_path_buf(),
+                    source,
+                }
+            })?;
+            return Ok(Proj {
+                base: BaseProj::Nf4(lin),
+            });
+        }
+        let w: Tensor<B, 2> = src.tensor(&wkey, [spec.d_out, spec.d_in], device)?;
         let bias = if spec.bias {
             let b: Tensor<B, 1> = src.tensor(&format!("{prefix}.bias"), [spec.d_out], device)?;
             Some(Param::from_tensor(b))
@@ -78,6 +106,27 @@ impl<B: Backend> Proj<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match &self.base {
             BaseProj::Dense(l) => l.forward(x),
+            BaseProj::Nf4(l) => l.forward(x),
+        }
+    }
+
+    /// Whether the base weight is NF4.
+    pub fn is_nf4(&self) -> bool {
+        matches!(self.base, BaseProj::Nf4(_))
+    }
+
+    /// Bytes the base holds on its device (weight and bias at their element sizes).
+    pub fn stored_bytes(&self) -> u64 {
+        match &self.base {
+            BaseProj::Dense(l) => {
+                let w = l.weight.val();
+                let b = l
+                    .bias
+                    .as_ref()
+                    .map_or(0, |b| b.val().shape().num_elements());
+                ((w.shape().num_elements() + b) * w.dtype().size()) as u64
+            }
+            BaseProj::Nf4(l) => l.stored_bytes(),
         }
     }
 }
