@@ -69,6 +69,9 @@ pub struct Config {
     /// `[download]`: model and dataset sources on disk.
     #[serde(default)]
     pub download: DownloadConfig,
+    /// `[quantize]`: the NF4 checkpoint and its timing.
+    #[serde(default)]
+    pub quantize: crate::stages::quantize::QuantizeConfig,
     /// Where the config came from (for messages); not part of the file.
     #[serde(skip)]
     pub origin: PathBuf,
