@@ -2,6 +2,16 @@
 //! q/k/v/o/gate/up/down, lm_head) is a [`Proj`], so quantized (NF4) bases and LoRA
 //! adapters can be slotted in without touching the blocks that use them.
 //!
+//! NF4 bases (bitsandbytes 4-bit, `bitsandbytes/nn/modules.py` `Linear4bit`) are chosen per
+//! module by what the checkpoint holds: a Linear whose `weight.quant_state.bitsandbytes__nf4`
+//! exists loads as [`Nf4Linear`], any other dense. That covers our own `quantize` output
+//! (everything but `lm_head`) and pre-quantized hub checkpoints alike: transformers'
+//! bitsandbytes quantizer always keeps `lm_head` dense (and the patch-embedding Conv3d is
+//! never a Linear), and exports that leave more modules dense (e.g. "dynamic" 4-bit
+//! uploads that keep parts of the vision tower in 16 bits, listed in their
+//! `llm_int8_skip_modules`) load without a skip list. On CPU the NF4 forward dequantizes
+//! per block and multiplies in f32; there is no CUDA kernel (fused dequant + GEMV) here.
+//!
 //! Field names follow checkpoint keys (`q_proj.weight`, `q_proj.bias`); burn's `Linear`
 //! stores the weight as `[d_in, d_out]`, the checkpoint as `[d_out, d_in]`.
 

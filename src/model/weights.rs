@@ -815,4 +815,29 @@ pub(crate) mod tests {
             "{e}"
         );
     }
+
+    #[test]
+    fn nf4_weights_under_transformers5_keys_check_and_load_by_canonical_key() {
+        let dir = rewritten_from(NF4_DIR, |m| {
+            let old = std::mem::take(m);
+            for (k, v) in old {
+                let k = match k.strip_prefix("model.") {
+                    Some(r) => format!("model.language_model.{r}"),
+                    None => match k.strip_prefix("visual.") {
+                        Some(r) => format!("model.visual.{r}"),
+                        None => k,
+                    },
+                };
+                m.insert(k, v);
+            }
+        });
+        let mut src = WeightSource::open(dir.path()).unwrap();
+        src.check_against(&tiny_cfg()).unwrap();
+        let key = "model.layers.1.mlp.down_proj.weight";
+        let got = src.nf4(key, &[64, 176]).unwrap();
+        let fixture_src = WeightSource::open(&fixture(NF4_DIR)).unwrap();
+        let want = Nf4Tensor::from_tensors(key, |k| fixture_src.view(k)).unwrap();
+        assert_eq!(got, want);
+        assert!(src.taken.contains(&format!("{key}.nested_quant_map")));
+    }
 }
