@@ -73,6 +73,9 @@ pub struct Config {
     /// `[prepare]`: dataset sources, rendering, filters and split.
     #[serde(default)]
     pub prepare: PrepareConfig,
+    /// `[quantize]`: the NF4 checkpoint and its timing.
+    #[serde(default)]
+    pub quantize: crate::stages::quantize::QuantizeConfig,
     /// Where the config came from (for messages); not part of the file.
     #[serde(skip)]
     pub origin: PathBuf,

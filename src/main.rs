@@ -243,6 +243,9 @@ fn quantize(args: QuantizeArgs) -> Result<(), Failure> {
         r.throughput_mb_per_s(),
         args.out.display()
     );
+    if let Some((_, peak)) = medpipe::bench::memory::rss_bytes() {
+        println!("memory: peak RSS {:.1} MB", peak as f64 / 1e6);
+    }
     Ok(())
 }
 

@@ -110,6 +110,16 @@ pub enum ModelError {
     /// Writing an output file failed.
     #[error(transparent)]
     Write(#[from] crate::pipeline::fs::FsError),
+    /// An NF4 (bitsandbytes 4-bit) weight is malformed: a part missing, of the wrong dtype
+    /// or size, or a corrupt quant-state blob.
+    #[error("NF4 weight in {dir}: {source}")]
+    Quant {
+        /// The checkpoint directory.
+        dir: std::path::PathBuf,
+        /// What is wrong, naming the tensor.
+        #[source]
+        source: crate::quant::QuantError,
+    },
     /// Reading a tensor back to the host failed.
     #[error("reading tensor `{what}` back from the device: {reason}")]
     Readback {

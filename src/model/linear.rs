@@ -2,6 +2,16 @@
 //! q/k/v/o/gate/up/down, lm_head) is a [`Proj`], so quantized (NF4) bases and LoRA
 //! adapters can be slotted in without touching the blocks that use them.
 //!
+//! NF4 bases (bitsandbytes 4-bit, `bitsandbytes/nn/modules.py` `Linear4bit`) are chosen per
+//! module by what the checkpoint holds: a Linear whose `weight.quant_state.bitsandbytes__nf4`
+//! exists loads as [`Nf4Linear`], any other dense. That covers our own `quantize` output
+//! (everything but `lm_head`) and pre-quantized hub checkpoints alike: transformers'
+//! bitsandbytes quantizer always keeps `lm_head` dense (and the patch-embedding Conv3d is
+//! never a Linear), and exports that leave more modules dense (e.g. "dynamic" 4-bit
+//! uploads that keep parts of the vision tower in 16 bits, listed in their
+//! `llm_int8_skip_modules`) load without a skip list. On CPU the NF4 forward dequantizes
+//! per block and multiplies in f32; there is no CUDA kernel (fused dequant + GEMV) here.
+//!
 //! Field names follow checkpoint keys (`q_proj.weight`, `q_proj.bias`); burn's `Linear`
 //! stores the weight as `[d_in, d_out]`, the checkpoint as `[d_out, d_in]`.
 
@@ -12,12 +22,16 @@ use burn::tensor::DType;
 
 use crate::model::error::ModelError;
 use crate::model::weights::WeightSource;
+use crate::quant::Nf4Linear;
 
 /// The frozen base of a projection.
 #[derive(Module, Debug)]
 pub enum BaseProj<B: Backend> {
     /// Full-precision weight `[d_in, d_out]` (+ bias `[d_out]`).
     Dense(Linear<B>),
+    /// bitsandbytes NF4 weight, dequantized per block on the fly in the forward (+ bias).
+    /// Its codes and scales are constants, never trained.
+    Nf4(Nf4Linear<B>),
 }
 
 /// A projection `y = x·Wᵀ + b` through the seam.
@@ -38,18 +52,42 @@ pub(crate) struct ProjSpec {
 }
 
 impl<B: Backend> Proj<B> {
-    /// Loads `{prefix}.weight` (`[d_out, d_in]`) and, if `spec.bias`, `{prefix}.bias`.
+    /// Loads `{prefix}.weight` (`[d_out, d_in]`) and, if `spec.bias`, `{prefix}.bias`. A
+    /// weight stored as bitsandbytes 4-bit (it has `{prefix}.weight.quant_state.
+    /// bitsandbytes__nf4`) becomes an NF4 base.
     ///
     /// # Errors
-    /// Missing or mis-shaped tensors ([`ModelError`] from the weight source).
+    /// Missing or mis-shaped tensors ([`ModelError`] from the weight source), or a malformed
+    /// NF4 weight ([`ModelError::Quant`]).
     pub(crate) fn load(
         src: &mut WeightSource,
         prefix: &str,
         spec: ProjSpec,
         device: &B::Device,
     ) -> Result<Self, ModelError> {
-        let w: Tensor<B, 2> =
-            src.tensor(&format!("{prefix}.weight"), [spec.d_out, spec.d_in], device)?;
+        let wkey = format!("{prefix}.weight");
+        if src.is_nf4(&wkey) {
+            let w = src.nf4(&wkey, &[spec.d_out, spec.d_in])?;
+            let bias = if spec.bias {
+                let data = src.data(&format!("{prefix}.bias"), &[spec.d_out])?;
+                Some(data.to_vec::<f32>().map_err(|e| ModelError::Readback {
+                    what: "bias",
+                    reason: format!("{e:?}"),
+                })?)
+            } else {
+                None
+            };
+            let lin = Nf4Linear::from_nf4(&wkey, &w, bias, device).map_err(|source| {
+                ModelError::Quant {
+                    dir: src.dir().to_path_buf(),
+                    source,
+                }
+            })?;
+            return Ok(Proj {
+                base: BaseProj::Nf4(lin),
+            });
+        }
+        let w: Tensor<B, 2> = src.tensor(&wkey, [spec.d_out, spec.d_in], device)?;
         let bias = if spec.bias {
             let b: Tensor<B, 1> = src.tensor(&format!("{prefix}.bias"), [spec.d_out], device)?;
             Some(Param::from_tensor(b))
@@ -78,6 +116,27 @@ impl<B: Backend> Proj<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match &self.base {
             BaseProj::Dense(l) => l.forward(x),
+            BaseProj::Nf4(l) => l.forward(x),
+        }
+    }
+
+    /// Whether the base weight is NF4.
+    pub fn is_nf4(&self) -> bool {
+        matches!(self.base, BaseProj::Nf4(_))
+    }
+
+    /// Bytes the base holds on its device (weight and bias at their element sizes).
+    pub fn stored_bytes(&self) -> u64 {
+        match &self.base {
+            BaseProj::Dense(l) => {
+                let w = l.weight.val();
+                let b = l
+                    .bias
+                    .as_ref()
+                    .map_or(0, |b| b.val().shape().num_elements());
+                ((w.shape().num_elements() + b) * w.dtype().size()) as u64
+            }
+            BaseProj::Nf4(l) => l.stored_bytes(),
         }
     }
 }

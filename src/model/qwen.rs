@@ -99,6 +99,13 @@ impl<B: Backend> Qwen25Vl<B> {
         })
     }
 
+    /// Bytes held by the model's projections (every Linear, NF4 or dense, with biases).
+    pub fn linear_bytes(&self) -> u64 {
+        self.visual.linear_bytes()
+            + self.model.linear_bytes()
+            + self.lm_head.as_ref().map_or(0, Proj::stored_bytes)
+    }
+
     /// The resolved configuration.
     pub fn config(&self) -> &Qwen25VlConfig {
         &self.config
@@ -794,5 +801,112 @@ pub(crate) mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("token id 5000") && e.contains("2048"), "{e}");
+    }
+
+    fn nf4_reference_logits() -> Vec<f32> {
+        let bytes = std::fs::read(fixture("qwen2_5_vl_tiny/nf4/reference.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        st.tensor("logits")
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+
+    fn nf4_logits(dir: &Path) -> Vec<f32> {
+        let r = reference();
+        let dev = Default::default();
+        let m = Qwen25Vl::<TB>::load(dir, &dev).unwrap();
+        let out = m
+            .forward(
+                std::slice::from_ref(&r.input_ids),
+                None,
+                Some(&image(&r)),
+                &dev,
+            )
+            .unwrap();
+        floats(out.logits)
+    }
+
+    #[test]
+    fn nf4_checkpoint_reproduces_the_bitsandbytes_reference_logits() {
+        let got = nf4_logits(&fixture("qwen2_5_vl_tiny/nf4"));
+        let want = nf4_reference_logits();
+        assert_eq!(got.len(), want.len());
+        assert_close("nf4 logits", &got, &want, LOGITS_ATOL);
+        // and they are not the dense model's: quantization changed the weights
+        let dense = reference().logits;
+        let moved = got
+            .iter()
+            .zip(&dense)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            moved > 10.0 * LOGITS_ATOL,
+            "NF4 logits equal the dense ones ({moved})"
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_quantized_by_medpipe_gives_the_fixture_nf4_logits_exactly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("nf4");
+        crate::quant::quantize_checkpoint(
+            &fixture("qwen2_5_vl_tiny"),
+            &out,
+            &crate::quant::QuantizeOptions::default(),
+        )
+        .unwrap();
+        // Same codes and scales bit for bit, same computation: equal floats.
+        assert_eq!(
+            nf4_logits(&out),
+            nf4_logits(&fixture("qwen2_5_vl_tiny/nf4"))
+        );
+    }
+
+    #[test]
+    fn greedy_generation_runs_on_the_nf4_model() {
+        let r = reference();
+        let dev = Default::default();
+        let m = Qwen25Vl::<TB>::load(&fixture("qwen2_5_vl_tiny/nf4"), &dev).unwrap();
+        let cfg = GenerateConfig {
+            max_new_tokens: 8,
+            eos_token_ids: Some(vec![]),
+            ..GenerateConfig::default()
+        };
+        let req = Request {
+            input_ids: r.input_ids.clone(),
+            images: Some(image(&r)),
+        };
+        let out = m.generate(std::slice::from_ref(&req), &cfg, &dev).unwrap();
+        assert_eq!(out[0].tokens.len(), 8);
+        // The first new token is the argmax of the reference NF4 logits at the last position.
+        let want = nf4_reference_logits();
+        let vocab = m.config().text.vocab_size;
+        let last = &want[want.len() - vocab..];
+        let argmax = (0..vocab)
+            .max_by(|&a, &b| last[a].total_cmp(&last[b]))
+            .unwrap() as u32;
+        assert_eq!(out[0].tokens[0], argmax);
+    }
+
+    #[test]
+    fn the_nf4_model_holds_fewer_parameters_and_bytes_than_the_dense_one() {
+        use burn::module::Module;
+        let dev = Default::default();
+        let dense = tiny();
+        let nf4 = Qwen25Vl::<TB>::load(&fixture("qwen2_5_vl_tiny/nf4"), &dev).unwrap();
+        // Quantized weights are constants; what stays a parameter is embeddings, norms,
+        // biases, the patch conv and the skipped lm_head.
+        assert!(nf4.num_params() < dense.num_params());
+        assert!(nf4.linear_bytes() < dense.linear_bytes());
+        // Decoder projections, all quantized: f32 is 4 bytes per weight; NF4 codes (eight
+        // per backend int word, 1 byte per weight with NdArray's i64) plus one f32 scale per
+        // 64 weights and the f32 biases stay under 4/3 bytes per weight.
+        let (d, q) = (dense.model.linear_bytes(), nf4.model.linear_bytes());
+        assert!(q * 3 < d, "nf4 {q} B vs dense {d} B");
+        // lm_head is skipped: the only dense Linear left
+        assert!(!nf4.lm_head.as_ref().unwrap().is_nf4());
     }
 }

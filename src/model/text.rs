@@ -237,3 +237,26 @@ impl<B: Backend> TextModel<B> {
         Ok(self.norm.forward(x))
     }
 }
+
+/// Memory accounting, kept apart from the forward code.
+impl<B: Backend> TextModel<B> {
+    /// Bytes held by the decoder's projections (see [`Proj::stored_bytes`]).
+    pub(crate) fn linear_bytes(&self) -> u64 {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                let (a, m) = (&l.self_attn, &l.mlp);
+                [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &m.gate_proj,
+                    &m.up_proj,
+                    &m.down_proj,
+                ]
+            })
+            .map(Proj::stored_bytes)
+            .sum()
+    }
+}

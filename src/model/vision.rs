@@ -420,6 +420,32 @@ impl<B: Backend> VisionTransformer<B> {
     }
 }
 
+/// Memory accounting, kept apart from the forward code.
+impl<B: Backend> VisionTransformer<B> {
+    /// Bytes held by the tower's projections, patch embedding included (see
+    /// [`Proj::stored_bytes`]).
+    pub(crate) fn linear_bytes(&self) -> u64 {
+        let blocks: u64 = self
+            .blocks
+            .iter()
+            .flat_map(|b| {
+                [
+                    &b.attn.qkv,
+                    &b.attn.proj,
+                    &b.mlp.gate_proj,
+                    &b.mlp.up_proj,
+                    &b.mlp.down_proj,
+                ]
+            })
+            .map(Proj::stored_bytes)
+            .sum();
+        blocks
+            + self.patch_embed.stored_bytes()
+            + self.merger.fc1.stored_bytes()
+            + self.merger.fc2.stored_bytes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

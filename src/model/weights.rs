@@ -10,6 +10,12 @@
 //! Internally every key is canonicalised to the published layout, which is also what the
 //! module field names spell.
 //!
+//! A Linear stored as bitsandbytes 4-bit (transformers' serialization: packed `weight`,
+//! `weight.absmax`, `weight.quant_map`, with double quant `weight.nested_absmax` and
+//! `weight.nested_quant_map`, and the `weight.quant_state.bitsandbytes__nf4` blob) is
+//! recognised per module by its blob, so partly quantized checkpoints (skipped `lm_head`,
+//! vision tower left dense) check and load too.
+//!
 //! Why not `burn::store::SafetensorsStore`: one store covers one file (shards need one
 //! each), it creates parameters in the file dtype (bf16 panics on NdArray), and the NF4
 //! path needs raw bytes anyway; a manifest computed from the config lets the loader
@@ -22,10 +28,20 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
 use memmap2::Mmap;
-use safetensors::tensor::{Dtype as StDtype, SafeTensors};
+use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 
 use crate::model::config::Qwen25VlConfig;
 use crate::model::error::ModelError;
+use crate::quant::{Nf4Tensor, QuantStateBlob, BLOB_SUFFIX};
+
+/// Suffixes (after `{module}.weight`) of the tensors of an NF4 weight besides the blob.
+const NF4_PARTS: [&str; 5] = [
+    "",
+    ".absmax",
+    ".quant_map",
+    ".nested_absmax",
+    ".nested_quant_map",
+];
 
 /// Key-prefix rewrites from the transformers-5 layout to the canonical (published) one.
 const REMAP: &[(&str, &str)] = &[
@@ -271,6 +287,11 @@ impl WeightSource {
         Ok(())
     }
 
+    /// The checkpoint directory.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn file_name(&self, e: &Entry) -> String {
         self.files[e.file]
             .0
@@ -287,9 +308,13 @@ impl WeightSource {
     pub(crate) fn check_against(&self, cfg: &Qwen25VlConfig) -> Result<(), ModelError> {
         let expected = expected_tensors(cfg);
         let mut problems = Vec::new();
-        let mut wanted = HashSet::new();
+        let mut wanted: HashSet<String> = HashSet::new();
         for (key, shape) in &expected {
-            wanted.insert(key.as_str());
+            wanted.insert(key.clone());
+            if shape.len() == 2 && self.is_nf4(key) {
+                self.check_nf4(key, shape, &mut problems, &mut wanted);
+                continue;
+            }
             match self.index.get(key) {
                 None => problems.push(format!("missing tensor `{key}` (expected shape {shape:?})")),
                 Some(e) if &e.shape != shape => problems.push(format!(
@@ -323,6 +348,124 @@ impl WeightSource {
                 problems,
             })
         }
+    }
+
+    /// Whether the Linear weight `weight_key` (canonical) is stored as bitsandbytes 4-bit.
+    pub(crate) fn is_nf4(&self, weight_key: &str) -> bool {
+        self.index
+            .contains_key(&format!("{weight_key}{BLOB_SUFFIX}"))
+    }
+
+    /// Checks the parts of the NF4 weight `key` against the dense shape `shape` the config
+    /// implies, adding every part it expects to `wanted`.
+    fn check_nf4(
+        &self,
+        key: &str,
+        shape: &[usize],
+        problems: &mut Vec<String>,
+        wanted: &mut HashSet<String>,
+    ) {
+        let blob_key = format!("{key}{BLOB_SUFFIX}");
+        wanted.insert(blob_key.clone());
+        let Some(e) = self.index.get(&blob_key) else {
+            return; // `is_nf4` found it
+        };
+        if e.dtype != StDtype::U8 {
+            problems.push(format!(
+                "NF4 quant state `{}` in {} is {:?}, expected U8",
+                e.stored_key,
+                self.file_name(e),
+                e.dtype
+            ));
+            return;
+        }
+        let bytes = &self.files[e.file].1[e.start..e.end];
+        let blob = match QuantStateBlob::parse(&blob_key, bytes) {
+            Ok(b) => b,
+            Err(e) => {
+                problems.push(e.to_string());
+                return;
+            }
+        };
+        if blob.shape != shape {
+            problems.push(format!(
+                "NF4 weight `{key}` has shape {:?} in its quant state, expected {shape:?}",
+                blob.shape
+            ));
+            return;
+        }
+        let numel: usize = shape.iter().product();
+        let n_blocks = numel.div_ceil(blob.blocksize);
+        let mut parts = vec![
+            ("", numel.div_ceil(2), "packed 4-bit codes"),
+            (".absmax", n_blocks, "block scales"),
+            (".quant_map", 16, "NF4 code book"),
+        ];
+        if let Some(n) = &blob.nested {
+            parts.push((
+                ".nested_absmax",
+                n_blocks.div_ceil(n.blocksize.max(1)),
+                "double-quant scales",
+            ));
+            parts.push((".nested_quant_map", 256, "double-quant code book"));
+        }
+        for (suffix, len, what) in parts {
+            let k = format!("{key}{suffix}");
+            match self.index.get(&k) {
+                None => problems.push(format!(
+                    "missing tensor `{k}` ({what} of an NF4 weight, {len} elements)"
+                )),
+                Some(e) if e.shape.iter().product::<usize>() != len => problems.push(format!(
+                    "tensor `{}` in {} has shape {:?}, expected {len} elements ({what})",
+                    e.stored_key,
+                    self.file_name(e),
+                    e.shape
+                )),
+                Some(_) => {}
+            }
+            wanted.insert(k);
+        }
+    }
+
+    /// The raw bytes of `key` (canonical) as a safetensors view into the mapped file.
+    pub(crate) fn view(&self, key: &str) -> Option<TensorView<'_>> {
+        let e = self.index.get(key)?;
+        let bytes = &self.files[e.file].1[e.start..e.end];
+        TensorView::new(e.dtype, e.shape.clone(), bytes).ok()
+    }
+
+    /// The NF4 weight `weight_key` (canonical), validated, whose dense shape must be `shape`.
+    ///
+    /// # Errors
+    /// [`ModelError::Quant`] for a missing or malformed part, [`ModelError::Checkpoint`] when
+    /// the quant state's shape differs from `shape`.
+    pub(crate) fn nf4(
+        &mut self,
+        weight_key: &str,
+        shape: &[usize],
+    ) -> Result<Nf4Tensor, ModelError> {
+        let t = Nf4Tensor::from_tensors(weight_key, |k| self.view(k)).map_err(|source| {
+            ModelError::Quant {
+                dir: self.dir.clone(),
+                source,
+            }
+        })?;
+        if t.shape != shape {
+            return Err(ModelError::Checkpoint {
+                dir: self.dir.clone(),
+                problems: vec![format!(
+                    "NF4 weight `{weight_key}` has shape {:?} in its quant state, expected {shape:?}",
+                    t.shape
+                )],
+            });
+        }
+        for suffix in NF4_PARTS.iter().chain([&BLOB_SUFFIX]) {
+            let k = format!("{weight_key}{suffix}");
+            if self.index.contains_key(&k) {
+                self.taken.insert(k);
+            }
+        }
+        Ok(t)
     }
 
     fn allowed_unused(&self, key: &str, cfg: &Qwen25VlConfig) -> bool {
@@ -417,7 +560,15 @@ pub(crate) mod tests {
     pub(crate) fn rewritten_checkpoint(
         edit: impl FnOnce(&mut BTreeMap<String, (StDtype, Vec<usize>, Vec<u8>)>),
     ) -> tempfile::TempDir {
-        let src = fixture("qwen2_5_vl_tiny/model.safetensors");
+        rewritten_from("qwen2_5_vl_tiny", edit)
+    }
+
+    /// [`rewritten_checkpoint`] of the fixture directory `rel` (e.g. `qwen2_5_vl_tiny/nf4`).
+    pub(crate) fn rewritten_from(
+        rel: &str,
+        edit: impl FnOnce(&mut BTreeMap<String, (StDtype, Vec<usize>, Vec<u8>)>),
+    ) -> tempfile::TempDir {
+        let src = fixture(&format!("{rel}/model.safetensors"));
         let bytes = std::fs::read(&src).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         let mut map: BTreeMap<String, (StDtype, Vec<usize>, Vec<u8>)> = st
@@ -428,7 +579,7 @@ pub(crate) mod tests {
         edit(&mut map);
         let dir = tempfile::tempdir().unwrap();
         std::fs::copy(
-            fixture("qwen2_5_vl_tiny/config.json"),
+            fixture(&format!("{rel}/config.json")),
             dir.path().join("config.json"),
         )
         .unwrap();
@@ -580,5 +731,113 @@ pub(crate) mod tests {
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() <= w.abs() / 256.0, "{g} vs {w}");
         }
+    }
+
+    const NF4_DIR: &str = "qwen2_5_vl_tiny/nf4";
+
+    #[test]
+    fn nf4_fixture_checks_clean_with_every_linear_but_lm_head_quantized() {
+        let src = WeightSource::open(&fixture(NF4_DIR)).unwrap();
+        src.check_against(&tiny_cfg()).unwrap();
+        assert!(src.is_nf4("model.layers.0.self_attn.q_proj.weight"));
+        assert!(src.is_nf4("visual.merger.mlp.2.weight"));
+        assert!(!src.is_nf4("lm_head.weight"));
+        assert!(!src.is_nf4("model.embed_tokens.weight"));
+    }
+
+    #[test]
+    fn nf4_checkpoint_missing_its_absmax_fails_naming_it() {
+        let dir = rewritten_from(NF4_DIR, |m| {
+            m.remove("model.layers.1.mlp.up_proj.weight.absmax")
+                .unwrap();
+        });
+        let e = WeightSource::open(dir.path())
+            .unwrap()
+            .check_against(&tiny_cfg())
+            .unwrap_err()
+            .to_string();
+        // 176 x 64 weights in blocks of 64: 176 scales
+        assert!(
+            e.contains("missing tensor `model.layers.1.mlp.up_proj.weight.absmax` (block scales of an NF4 weight, 176 elements)"),
+            "{e}"
+        );
+        assert!(e.contains("(1 problems)"), "only the absmax is wrong: {e}");
+    }
+
+    #[test]
+    fn nf4_parts_of_the_wrong_size_and_stray_parts_are_reported() {
+        let dir = rewritten_from(NF4_DIR, |m| {
+            let k = "model.layers.0.self_attn.k_proj.weight";
+            let (d, _, mut b) = m.remove(k).unwrap();
+            b.truncate(b.len() - 2);
+            let n = b.len();
+            m.insert(k.into(), (d, vec![n, 1], b));
+            let stray = m["model.layers.0.self_attn.q_proj.weight.quant_map"].clone();
+            m.insert(
+                "model.layers.0.self_attn.q_proj.weight.extra_map".into(),
+                stray,
+            );
+        });
+        let e = WeightSource::open(dir.path())
+            .unwrap()
+            .check_against(&tiny_cfg())
+            .unwrap_err()
+            .to_string();
+        // k_proj is [32, 64]: 2048 codes in 1024 bytes
+        assert!(
+            e.contains("`model.layers.0.self_attn.k_proj.weight` in model.safetensors has shape [1022, 1], expected 1024 elements (packed 4-bit codes)"),
+            "{e}"
+        );
+        assert!(
+            e.contains("unexpected tensor `model.layers.0.self_attn.q_proj.weight.extra_map`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn nf4_quant_state_with_another_shape_is_a_mis_shaped_weight() {
+        let dir = rewritten_from(NF4_DIR, |m| {
+            let k = "model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4";
+            let (d, _, b) = m.remove(k).unwrap();
+            let text = String::from_utf8(b)
+                .unwrap()
+                .replace("[64, 176]", "[176, 64]");
+            let b = text.into_bytes();
+            m.insert(k.into(), (d, vec![b.len()], b));
+        });
+        let e = WeightSource::open(dir.path())
+            .unwrap()
+            .check_against(&tiny_cfg())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("NF4 weight `model.layers.0.mlp.down_proj.weight` has shape [176, 64] in its quant state, expected [64, 176]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn nf4_weights_under_transformers5_keys_check_and_load_by_canonical_key() {
+        let dir = rewritten_from(NF4_DIR, |m| {
+            let old = std::mem::take(m);
+            for (k, v) in old {
+                let k = match k.strip_prefix("model.") {
+                    Some(r) => format!("model.language_model.{r}"),
+                    None => match k.strip_prefix("visual.") {
+                        Some(r) => format!("model.visual.{r}"),
+                        None => k,
+                    },
+                };
+                m.insert(k, v);
+            }
+        });
+        let mut src = WeightSource::open(dir.path()).unwrap();
+        src.check_against(&tiny_cfg()).unwrap();
+        let key = "model.layers.1.mlp.down_proj.weight";
+        let got = src.nf4(key, &[64, 176]).unwrap();
+        let fixture_src = WeightSource::open(&fixture(NF4_DIR)).unwrap();
+        let want = Nf4Tensor::from_tensors(key, |k| fixture_src.view(k)).unwrap();
+        assert_eq!(got, want);
+        assert!(src.taken.contains(&format!("{key}.nested_quant_map")));
     }
 }

@@ -151,6 +151,19 @@ impl<B: Backend> Nf4Linear<B> {
     pub fn dims(&self) -> (usize, usize) {
         (self.in_features, self.out_features)
     }
+
+    /// Bytes the layer holds on its device: packed codes, block scales, code book and bias,
+    /// each at its tensor's element size (the packed words are the backend's int type).
+    pub fn stored_bytes(&self) -> u64 {
+        let bytes = |numel: usize, dtype: burn::tensor::DType| (numel * dtype.size()) as u64;
+        bytes(self.packed.shape().num_elements(), self.packed.dtype())
+            + bytes(self.absmax.shape().num_elements(), self.absmax.dtype())
+            + bytes(self.code.shape().num_elements(), self.code.dtype())
+            + self.bias.as_ref().map_or(0, |b| {
+                let b = b.val();
+                bytes(b.shape().num_elements(), b.dtype())
+            })
+    }
 }
 
 /// Decodes a float tensor's bytes to f32.

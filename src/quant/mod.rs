@@ -12,7 +12,7 @@ mod quantize_model;
 
 pub use double_quant::{dequantize_absmax, dynamic_map_signed, quantize_absmax, NestedAbsmax};
 pub use error::QuantError;
-pub use format::{quantization_config, Nf4Tensor, QuantStateBlob, RawTensor};
+pub use format::{quantization_config, Nf4Tensor, QuantStateBlob, RawTensor, BLOB_SUFFIX};
 pub use linear::Nf4Linear;
 pub use nf4::{dequantize_nf4, quantize_nf4, Nf4Quantized, NF4_BLOCKSIZE, NF4_CODE};
 pub use quantize_model::{

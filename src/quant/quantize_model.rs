@@ -81,6 +81,10 @@ pub struct TensorReport {
     pub rmse: f64,
     /// Largest `|dequant(W) - W|`.
     pub max_abs_err: f64,
+    /// Mean of `|dequant(W) - W|`.
+    pub mean_abs_err: f64,
+    /// Root-mean-square of `W` itself (for relative errors).
+    pub weight_rms: f64,
 }
 
 /// What [`quantize_checkpoint`] did.
@@ -407,11 +411,13 @@ pub fn quantize_checkpoint(
                         true,
                     )?;
                     let deq = q.dequantize();
-                    let (mut sq, mut max) = (0f64, 0f64);
+                    let (mut sq, mut max, mut abs, mut wsq) = (0f64, 0f64, 0f64, 0f64);
                     for (a, b) in values.iter().zip(&deq) {
                         let d = (*a as f64 - *b as f64).abs();
                         sq += d * d;
+                        abs += d;
                         max = max.max(d);
+                        wsq += *a as f64 * *a as f64;
                     }
                     report.quantize_s += t0.elapsed().as_secs_f64();
                     let group = q.to_tensors(&key);
@@ -425,6 +431,8 @@ pub fn quantize_checkpoint(
                         bytes_after,
                         rmse: (sq / values.len() as f64).sqrt(),
                         max_abs_err: max,
+                        mean_abs_err: abs / values.len() as f64,
+                        weight_rms: (wsq / values.len() as f64).sqrt(),
                     });
                     tracing::debug!(%key, "quantized");
                     writer.push_group(group)?;

@@ -145,8 +145,66 @@ pub struct QuantizeMetrics {
     pub reconstruction_mean_abs_error: Option<f64>,
     /// ‖W − dequant(quant(W))‖_F / ‖W‖_F over all quantized weights.
     pub reconstruction_rel_frobenius_error: Option<f64>,
+    /// Linear weights left dense because a skip entry matched (e.g. `lm_head`).
+    pub skipped_layers: Option<usize>,
+    /// Module names kept dense (`llm_int8_skip_modules`).
+    pub skip_modules: Vec<String>,
+    /// Tensors copied unchanged (embeddings, norms, biases, conv, skipped Linears).
+    pub copied_tensors: Option<usize>,
+    /// Bytes of every tensor of the input checkpoint.
+    pub checkpoint_bytes_before: Option<u64>,
+    /// Bytes of every tensor of the NF4 checkpoint.
+    pub checkpoint_bytes_after: Option<u64>,
+    /// `checkpoint_bytes_before / checkpoint_bytes_after`.
+    pub compression_ratio: Option<f64>,
+    /// `original_bytes / quantized_bytes` (the quantized layers alone).
+    pub quantized_layers_compression_ratio: Option<f64>,
+    /// Largest per-layer RMSE of `dequant(quant(W)) − W`.
+    pub max_layer_rmse: Option<f64>,
+    /// Largest `|dequant(quant(W)) − W|` over all layers.
+    pub max_abs_error: Option<f64>,
+    /// Seconds spent quantizing (conversion and NF4, not I/O).
+    pub quantize_time_s: Option<f64>,
+    /// Whole checkpoint conversion including I/O, s.
+    pub quantize_elapsed_s: Option<f64>,
+    /// Original bytes of the quantized layers per quantize second, MB/s (10^6 bytes).
+    pub quantize_throughput_mb_per_s: Option<f64>,
+    /// Process peak RSS right after quantizing (streams tensor by tensor), bytes.
+    pub quantize_peak_rss_bytes: Option<u64>,
+    /// Process RSS right after loading the NF4 model, bytes.
+    pub memory_after_load_rss_bytes: Option<u64>,
+    /// RSS growth from loading the NF4 model, bytes.
+    pub load_rss_growth_bytes: Option<u64>,
+    /// Where the NF4 checkpoint was written, workspace-relative.
+    pub output_dir: Option<String>,
+    /// One entry per quantized layer.
+    pub per_layer: Vec<QuantizedLayer>,
+    /// The same speed/memory figures for the unquantized base model, measured on the same
+    /// prompts in the same run (so the two are comparable).
+    pub base: Option<Performance>,
+    /// Speed and memory of the NF4 model.
     #[serde(flatten)]
     pub performance: Performance,
+}
+
+/// Reconstruction figures of one quantized weight.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct QuantizedLayer {
+    /// Checkpoint key of the weight.
+    pub key: String,
+    /// Weight shape `[out, in]`.
+    pub shape: Vec<usize>,
+    /// Bytes of the original weight.
+    pub bytes_before: u64,
+    /// Bytes of its NF4 tensors (codes, absmax, maps, blob).
+    pub bytes_after: u64,
+    /// RMSE of `dequant(quant(W)) − W`.
+    pub rmse: f64,
+    /// Largest `|dequant(quant(W)) − W|`.
+    pub max_abs_error: f64,
+    /// Mean `|dequant(quant(W)) − W|`.
+    pub mean_abs_error: f64,
 }
 
 /// `dataset.json` (prepare): sources, filters, splits.

@@ -3,6 +3,7 @@
 pub mod download;
 pub mod prepare;
 pub mod probe;
+pub mod quantize;
 pub mod report;
 
 use crate::pipeline::{Pipeline, Stage};
@@ -12,6 +13,7 @@ pub fn registry() -> Vec<Box<dyn Stage>> {
     let mut stages: Vec<Box<dyn Stage>> = vec![
         Box::new(probe::Probe),
         Box::new(download::Download),
+        Box::new(quantize::Quantize),
         Box::new(prepare::Prepare),
     ];
     // The report comes last and reads whatever ran before it.

@@ -6,4 +6,5 @@ mod download;
 mod forward;
 mod mock_hub;
 mod prepare;
+mod quantize;
 mod runner;
