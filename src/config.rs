@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::stages::baseline::BaselineConfig;
 use crate::stages::download::DownloadConfig;
 use crate::stages::probe::ProbeConfig;
 
@@ -69,6 +70,9 @@ pub struct Config {
     /// `[download]`: model and dataset sources on disk.
     #[serde(default)]
     pub download: DownloadConfig,
+    /// `[baseline]`: benchmark settings of the unquantized model.
+    #[serde(default)]
+    pub baseline: BaselineConfig,
     /// Where the config came from (for messages); not part of the file.
     #[serde(skip)]
     pub origin: PathBuf,

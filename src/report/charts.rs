@@ -19,7 +19,7 @@ use crate::pipeline::fs::{write_atomic, FsError};
 const FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 
 /// Family name the charts ask for.
-const FAMILY: &str = "sans-serif";
+pub(crate) const FAMILY: &str = "sans-serif";
 
 /// Chart size in pixels (PNG) and user units (SVG).
 const SIZE: (u32, u32) = (800, 480);
@@ -83,7 +83,7 @@ pub enum Chart {
 
 static FONT_ONCE: Once = Once::new();
 
-fn register_font() {
+pub(crate) fn register_font() {
     FONT_ONCE.call_once(|| {
         // The font is a committed asset; a parse failure would be a broken checkout, and
         // plotters then falls back to drawing no text rather than failing.
