@@ -35,7 +35,10 @@ pub fn latency_distribution(r: &BenchResult) -> Option<Chart> {
         counts[i] += 1;
     }
     Some(Chart::Bars(BarChart {
-        title: format!("Latency distribution, batch size {b} ({} requests)", lat.len()),
+        title: format!(
+            "Latency distribution, batch size {b}, {} requests (x: bin centre, ms)",
+            lat.len()
+        ),
         y_label: "requests".into(),
         bars: counts
             .iter()

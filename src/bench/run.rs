@@ -236,6 +236,7 @@ pub fn run_bench<B: Backend>(
         }
     }
     let samples = sampler.finish();
+    let sampled_peak = samples.iter().map(|s| s.rss_bytes).max();
 
     let soak = if opts.soak_seconds > 0.0 {
         Some(soak(
@@ -304,8 +305,9 @@ pub fn run_bench<B: Backend>(
             device_memory_after_load_bytes: None,
         },
         memory: MemoryStats {
-            peak_rss_bytes: rss_bytes().map(|r| r.1),
-            peak_rss_during_runs_bytes: samples.iter().map(|s| s.rss_bytes).max(),
+            // The kernel updates VmHWM lazily, so a sample can exceed it: take the larger.
+            peak_rss_bytes: rss_bytes().map(|r| r.1).max(sampled_peak),
+            peak_rss_during_runs_bytes: sampled_peak,
             device_peak_bytes: None,
             samples: samples.len(),
         },
@@ -532,7 +534,7 @@ fn platform(gpu: &crate::stages::probe::GpuProbe) -> Platform {
     sys.refresh_cpu_all();
     Platform {
         os: System::name(),
-        os_version: System::long_os_version(),
+        os_version: System::os_version(),
         kernel: System::kernel_version(),
         arch: std::env::consts::ARCH.to_string(),
         cpu_model: sys.cpus().first().map(|c| c.brand().trim().to_string()),

@@ -180,7 +180,8 @@ pub struct LoadStats {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MemoryStats {
-    /// Process resident-memory high-water mark (`VmHWM`), bytes: includes loading.
+    /// Process resident-memory peak, bytes: the larger of `VmHWM` (includes loading) and
+    /// the largest sample.
     pub peak_rss_bytes: Option<u64>,
     /// Largest RSS sampled during the measured runs, bytes.
     pub peak_rss_during_runs_bytes: Option<u64>,
@@ -407,6 +408,29 @@ pub(crate) mod tests {
             requests: vec![],
             grid: vec![],
             soak: None,
+        }
+    }
+
+    /// Writes `tests/data/bench/{a,b}.json` (crafted results for the `--compare` CLI test)
+    /// when `MEDPIPE_WRITE_BENCH_FIXTURES` is set; otherwise checks they still parse.
+    #[test]
+    fn committed_compare_fixtures_match_the_schema() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/bench");
+        if std::env::var_os("MEDPIPE_WRITE_BENCH_FIXTURES").is_some() {
+            std::fs::create_dir_all(&dir).unwrap();
+            for (name, mean) in [("a.json", 100.0), ("b.json", 120.0)] {
+                let text = serde_json::to_string_pretty(&crafted(mean)).unwrap();
+                std::fs::write(dir.join(name), text).unwrap();
+            }
+        }
+        for (name, mean) in [("a.json", 100.0), ("b.json", 120.0)] {
+            let text = std::fs::read_to_string(dir.join(name)).unwrap();
+            let r: BenchResult = serde_json::from_str(&text).unwrap();
+            // serde_json's float parsing may differ from the written value in the last ulp,
+            // so the figures are compared, not the whole struct.
+            let want = crafted(mean);
+            assert_eq!(r.batches.len(), want.batches.len(), "{name}");
+            assert_eq!(r.batches[0].latency_ms.mean_ms, mean, "{name} is stale: rerun with MEDPIPE_WRITE_BENCH_FIXTURES=1");
         }
     }
 
