@@ -288,13 +288,17 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
     use medpipe::bench::{self, BenchResult};
     if let Some(files) = &args.compare {
         let read = |p: &PathBuf| -> Result<BenchResult, Failure> {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             Ok(serde_json::from_str(&text)
                 .with_context(|| format!("{} is not a medpipe bench result", p.display()))?)
         };
         let (a, b) = (read(&files[0])?, read(&files[1])?);
         let name = |p: &PathBuf| p.display().to_string();
-        print!("{}", bench::compare::markdown(&name(&files[0]), &name(&files[1]), &a, &b));
+        print!(
+            "{}",
+            bench::compare::markdown(&name(&files[0]), &name(&files[1]), &a, &b)
+        );
         return Ok(());
     }
     check_cpu(&args.device)?;

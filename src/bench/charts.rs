@@ -23,12 +23,18 @@ pub fn latency_distribution(r: &BenchResult) -> Option<Chart> {
         .collect();
     let (lo, hi) = lat
         .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &x| (l.min(x), h.max(x)));
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &x| {
+            (l.min(x), h.max(x))
+        });
     if lat.is_empty() {
         return None;
     }
     let bins = if hi > lo { BINS } else { 1 };
-    let width = if hi > lo { (hi - lo) / bins as f64 } else { 1.0 };
+    let width = if hi > lo {
+        (hi - lo) / bins as f64
+    } else {
+        1.0
+    };
     let mut counts = vec![0usize; bins];
     for x in &lat {
         let i = (((x - lo) / width) as usize).min(bins - 1);
@@ -86,7 +92,10 @@ pub fn write_charts(r: &BenchResult, stem: &Path) -> Result<Vec<PathBuf>, ChartE
         ("batch_sweep", batch_sweep(r)),
     ] {
         if let Some(c) = chart {
-            out.extend(render(&c, &stem.with_file_name(format!("{name}_{suffix}")))?);
+            out.extend(render(
+                &c,
+                &stem.with_file_name(format!("{name}_{suffix}")),
+            )?);
         }
     }
     Ok(out)

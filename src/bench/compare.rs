@@ -199,7 +199,11 @@ pub fn differences(a: &BenchResult, b: &BenchResult) -> Vec<String> {
 /// The comparison as a Markdown table, with the setting differences listed first.
 pub fn markdown(a_name: &str, b_name: &str, a: &BenchResult, b: &BenchResult) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "### medpipe bench --compare\n\nA: `{a_name}` ({}, {})  \nB: `{b_name}` ({}, {})\n", a.model.id, a.timestamp, b.model.id, b.timestamp);
+    let _ = writeln!(
+        s,
+        "### medpipe bench --compare\n\nA: `{a_name}` ({}, {})  \nB: `{b_name}` ({}, {})\n",
+        a.model.id, a.timestamp, b.model.id, b.timestamp
+    );
     let diffs = differences(a, b);
     if !diffs.is_empty() {
         let _ = writeln!(s, "Settings differ:");
@@ -264,6 +268,11 @@ mod tests {
         assert!(rows.iter().all(|r| !r.metric.starts_with("batch 2")));
         let md = markdown("a.json", "b.json", &a, &b);
         assert!(md.contains("device: A `cpu`, B `cuda:0`"), "{md}");
-        assert!(md.contains("| batch 1 latency mean, ms | 100.00 | 100.00 | +0.00 | +0.0% | no (CIs overlap) |"), "{md}");
+        assert!(
+            md.contains(
+                "| batch 1 latency mean, ms | 100.00 | 100.00 | +0.00 | +0.0% | no (CIs overlap) |"
+            ),
+            "{md}"
+        );
     }
 }

@@ -184,7 +184,11 @@ mod tests {
             // Text was drawn: a real share of the page is dark, but most of it is paper.
             let dark = rgb.pixels().filter(|p| p.0[0] < 128).count();
             let share = dark as f64 / (PAGE.0 * PAGE.1) as f64;
-            assert!(share > 0.005 && share < 0.5, "{}: dark share {share}", d.name);
+            assert!(
+                share > 0.005 && share < 0.5,
+                "{}: dark share {share}",
+                d.name
+            );
             assert!(d.prompt.contains("medical term"));
         }
         assert_ne!(docs[0].image.as_bytes(), docs[1].image.as_bytes());

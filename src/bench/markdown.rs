@@ -13,7 +13,10 @@ fn num(v: Option<f64>, digits: usize) -> String {
 
 /// Bytes as MiB with one decimal, `n/a` for none.
 pub fn mib(bytes: Option<u64>) -> String {
-    bytes.map_or_else(|| "n/a".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0))
+    bytes.map_or_else(
+        || "n/a".into(),
+        |b| format!("{:.1} MiB", b as f64 / 1048576.0),
+    )
 }
 
 /// `mean ± std` (std omitted with one sample).
@@ -68,7 +71,9 @@ pub fn results_table(r: &BenchResult) -> String {
         mib(Some(p.memory_total_bytes)),
         gpus,
         r.versions.medpipe,
-        r.git_commit.as_deref().map_or("no commit", |c| &c[..c.len().min(10)]),
+        r.git_commit
+            .as_deref()
+            .map_or("no commit", |c| &c[..c.len().min(10)]),
         r.versions.burn,
         r.versions.backend,
     );
@@ -108,7 +113,10 @@ pub fn results_table(r: &BenchResult) -> String {
         s,
         "| batch | calls | latency ms (mean ± std) | 95% CI ms | p50 ms | p95 ms | p99 ms | TTFT ms | prefill ms | decode ms | new tokens | tokens/s per request | throughput tokens/s | requests/s | cost / 1k requests ({cur}) |"
     );
-    let _ = writeln!(s, "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        s,
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for b in &r.batches {
         let _ = writeln!(
             s,
@@ -148,7 +156,11 @@ pub fn results_table(r: &BenchResult) -> String {
         }
     }
     if let Some(k) = &r.soak {
-        let tps: Vec<String> = k.windows.iter().map(|w| format!("{:.1}", w.tokens_per_s)).collect();
+        let tps: Vec<String> = k
+            .windows
+            .iter()
+            .map(|w| format!("{:.1}", w.tokens_per_s))
+            .collect();
         let _ = writeln!(
             s,
             "\nSoak: {:.1} s, {} requests; tokens/s per window: {}; RSS growth {} bytes/s.",

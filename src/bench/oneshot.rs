@@ -66,7 +66,13 @@ pub fn generate_answer<B: Backend>(
             .iter()
             .map(|g| [g[0] as usize, g[1] as usize, g[2] as usize])
             .collect();
-        (ids, Some(ImageInput { pixel_values, grids }))
+        (
+            ids,
+            Some(ImageInput {
+                pixel_values,
+                grids,
+            }),
+        )
     };
     let preprocess_ms = t.elapsed().as_secs_f64() * 1e3;
 

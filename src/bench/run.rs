@@ -19,7 +19,9 @@ use crate::bench::schema::*;
 use crate::metrics::stats::{summarize_ms, StatsError};
 use crate::model::processor::{ImageInput as RawImage, ImageProcessor, ProcessorError};
 use crate::model::prompt::{PromptBuilder, PromptError};
-use crate::model::{GenerateConfig, Generation, ImageInput, ModelError, Qwen25Vl, Request, Sampling};
+use crate::model::{
+    GenerateConfig, Generation, ImageInput, ModelError, Qwen25Vl, Request, Sampling,
+};
 
 /// RSS sampling period while measuring.
 const SAMPLE_EVERY: Duration = Duration::from_millis(10);
@@ -105,12 +107,14 @@ impl BenchOptions {
         if self.max_new_tokens == 0 {
             return bad("max_new_tokens", "must be at least 1 (got 0)".into());
         }
-        if !(self.soak_seconds.is_finite()
-            && (0.0..=MAX_SOAK_SECONDS).contains(&self.soak_seconds))
+        if !(self.soak_seconds.is_finite() && (0.0..=MAX_SOAK_SECONDS).contains(&self.soak_seconds))
         {
             return bad(
                 "soak seconds",
-                format!("must be in [0, {MAX_SOAK_SECONDS}] (got {})", self.soak_seconds),
+                format!(
+                    "must be in [0, {MAX_SOAK_SECONDS}] (got {})",
+                    self.soak_seconds
+                ),
             );
         }
         if let Some(p) = self.price_per_device_hour {
@@ -443,7 +447,10 @@ fn throughput(calls: &[Call]) -> f64 {
 
 fn batch_result(b: usize, calls: &[Call], opts: &BenchOptions) -> Result<BatchResult, BenchError> {
     let col = |f: fn(&Call) -> f64| calls.iter().map(f).collect::<Vec<f64>>();
-    let rows: Vec<&Generation> = calls.iter().flat_map(|c| c.rows.iter().map(|r| &r.1)).collect();
+    let rows: Vec<&Generation> = calls
+        .iter()
+        .flat_map(|c| c.rows.iter().map(|r| &r.1))
+        .collect();
     let n = rows.len().max(1) as f64;
     let tps: Vec<f64> = rows
         .iter()
@@ -592,7 +599,10 @@ mod tests {
         assert_eq!(parse_list("batch sizes", "1,2, 4,8").unwrap(), [1, 2, 4, 8]);
         for bad in ["1;2", "0", "1,,2", "-1", "a", ""] {
             let err = parse_list("batch sizes", bad).unwrap_err().to_string();
-            assert!(err.contains("batch sizes") && err.contains("positive integer"), "{err}");
+            assert!(
+                err.contains("batch sizes") && err.contains("positive integer"),
+                "{err}"
+            );
         }
     }
 

@@ -430,7 +430,10 @@ pub(crate) mod tests {
             // so the figures are compared, not the whole struct.
             let want = crafted(mean);
             assert_eq!(r.batches.len(), want.batches.len(), "{name}");
-            assert_eq!(r.batches[0].latency_ms.mean_ms, mean, "{name} is stale: rerun with MEDPIPE_WRITE_BENCH_FIXTURES=1");
+            assert_eq!(
+                r.batches[0].latency_ms.mean_ms, mean,
+                "{name} is stale: rerun with MEDPIPE_WRITE_BENCH_FIXTURES=1"
+            );
         }
     }
 

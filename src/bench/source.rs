@@ -30,7 +30,11 @@ pub enum SourceError {
 /// The cache root: `$MEDPIPE_CACHE`, else `$XDG_CACHE_HOME/medpipe`, else
 /// `$HOME/.cache/medpipe`, else the temp directory.
 pub fn cache_root() -> PathBuf {
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     env("MEDPIPE_CACHE")
         .or_else(|| env("XDG_CACHE_HOME").map(|p| p.join("medpipe")))
         .or_else(|| env("HOME").map(|p| p.join(".cache/medpipe")))
@@ -81,6 +85,9 @@ mod tests {
             resolve_model("builtin:huge", 0),
             Err(SourceError::UnknownBuiltin(_))
         ));
-        assert!(matches!(resolve_model("hf:Qwen/X", 0), Err(SourceError::Hub(_))));
+        assert!(matches!(
+            resolve_model("hf:Qwen/X", 0),
+            Err(SourceError::Hub(_))
+        ));
     }
 }

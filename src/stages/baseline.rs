@@ -240,10 +240,7 @@ pub fn baseline_metrics(r: &BenchResult, documents: usize) -> BaselineMetrics {
 }
 
 fn summary(r: &BenchResult) -> Vec<(String, String)> {
-    let mut s = vec![(
-        "load".to_string(),
-        format!("{:.1} ms", r.load.load_time_ms),
-    )];
+    let mut s = vec![("load".to_string(), format!("{:.1} ms", r.load.load_time_ms))];
     if let Some(b) = r.batches.first() {
         s.push((
             format!("latency (batch {})", b.batch_size),
@@ -278,7 +275,13 @@ mod tests {
         let r = crafted(40.0);
         let m = baseline_metrics(&r, 5);
         let v = serde_json::to_value(&m).unwrap();
-        for key in ["dtype", "load_time_s", "latency_ms", "first_token_ms", "documents"] {
+        for key in [
+            "dtype",
+            "load_time_s",
+            "latency_ms",
+            "first_token_ms",
+            "documents",
+        ] {
             assert!(v.get(key).is_some(), "missing {key} in {v}");
         }
         let back: BaselineMetrics = serde_json::from_value(v).unwrap();

@@ -41,8 +41,16 @@ fn field(v: &Value, pointer: &str, allowed: &[&str]) {
 }
 
 const SUMMARY_MS: [&str; 10] = [
-    "n", "mean_ms", "std_ms", "min_ms", "max_ms", "ci95_low_ms", "ci95_high_ms", "p50_ms",
-    "p95_ms", "p99_ms",
+    "n",
+    "mean_ms",
+    "std_ms",
+    "min_ms",
+    "max_ms",
+    "ci95_low_ms",
+    "ci95_high_ms",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
 ];
 
 #[test]
@@ -52,9 +60,24 @@ fn bench_on_builtin_tiny_writes_every_schema_field_with_its_type() {
     let o = bench_cmd(
         &tmp.path().join("cache"),
         &[
-            "bench", "--model", "builtin:tiny", "--runs", "2", "--warmup", "0",
-            "--batch-sizes", "1,2", "--max-new-tokens", "3", "--grid-new-tokens", "2",
-            "--soak-seconds", "0.3", "--price-per-hour", "2.5", "--output",
+            "bench",
+            "--model",
+            "builtin:tiny",
+            "--runs",
+            "2",
+            "--warmup",
+            "0",
+            "--batch-sizes",
+            "1,2",
+            "--max-new-tokens",
+            "3",
+            "--grid-new-tokens",
+            "2",
+            "--soak-seconds",
+            "0.3",
+            "--price-per-hour",
+            "2.5",
+            "--output",
             out.to_str().unwrap(),
         ],
     );
@@ -164,7 +187,13 @@ fn bench_on_builtin_tiny_writes_every_schema_field_with_its_type() {
         assert!((total - parts).abs() < 1e-6 * total.max(1.0), "{r}");
         assert!(r["new_tokens"].as_u64().unwrap() <= 3);
     }
-    for f in ["bench.md", "bench_latency.png", "bench_latency.svg", "bench_batch_sweep.png", "bench_batch_sweep.svg"] {
+    for f in [
+        "bench.md",
+        "bench_latency.png",
+        "bench_latency.svg",
+        "bench_batch_sweep.png",
+        "bench_batch_sweep.svg",
+    ] {
         assert!(tmp.path().join(f).is_file(), "{f} missing");
     }
     let md = std::fs::read_to_string(tmp.path().join("bench.md")).unwrap();
@@ -181,7 +210,10 @@ fn bad_bench_flags_exit_2_with_a_message_naming_the_flag() {
         (&["bench", "--grid-new-tokens", "x"], "--grid-new-tokens"),
         (&["bench", "--soak-seconds=-1"], "soak"),
         (&["bench", "--device", "cuda"], "--device cuda"),
-        (&["bench", "--model", "/nonexistent/model"], "not a directory with a config.json"),
+        (
+            &["bench", "--model", "/nonexistent/model"],
+            "not a directory with a config.json",
+        ),
         (&["bench", "--compare", "only-one.json"], "--compare"),
     ] {
         let o = bench_cmd(tmp.path(), args);
@@ -196,27 +228,55 @@ fn compare_of_two_crafted_results_flags_the_latency_change_beyond_noise() {
     let (a, b) = (dir.join("a.json"), dir.join("b.json"));
     let o = bench_cmd(
         dir.as_path(),
-        &["bench", "--compare", a.to_str().unwrap(), b.to_str().unwrap()],
+        &[
+            "bench",
+            "--compare",
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     // a: latencies 99/100/101 ms, b: 119/120/121 ms (CI half width 2.48 ms).
     assert!(
-        out.contains("| batch 1 latency mean, ms | 100.00 | 120.00 | +20.00 | +20.0% | yes (CIs disjoint) |"),
+        out.contains(
+            "| batch 1 latency mean, ms | 100.00 | 120.00 | +20.00 | +20.0% | yes (CIs disjoint) |"
+        ),
         "{out}"
     );
-    assert!(out.contains("| load time, ms | 10.00 | 10.00 | +0.00 | +0.0% | n/a (no CI) |"), "{out}");
+    assert!(
+        out.contains("| load time, ms | 10.00 | 10.00 | +0.00 | +0.0% | n/a (no CI) |"),
+        "{out}"
+    );
     let same = bench_cmd(
         dir.as_path(),
-        &["bench", "--compare", a.to_str().unwrap(), a.to_str().unwrap()],
+        &[
+            "bench",
+            "--compare",
+            a.to_str().unwrap(),
+            a.to_str().unwrap(),
+        ],
     );
-    assert!(stdout(&same).contains("no (CIs overlap)"), "{}", stdout(&same));
+    assert!(
+        stdout(&same).contains("no (CIs overlap)"),
+        "{}",
+        stdout(&same)
+    );
     let bad = bench_cmd(
         dir.as_path(),
-        &["bench", "--compare", a.to_str().unwrap(), "/nonexistent.json"],
+        &[
+            "bench",
+            "--compare",
+            a.to_str().unwrap(),
+            "/nonexistent.json",
+        ],
     );
     assert_eq!(bad.status.code(), Some(2));
-    assert!(stderr(&bad).contains("/nonexistent.json"), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains("/nonexistent.json"),
+        "{}",
+        stderr(&bad)
+    );
 }
 
 #[test]
@@ -225,8 +285,16 @@ fn run_to_baseline_writes_baseline_json_that_the_report_reads() {
     let ws = tmp.path();
     let o = medpipe()
         .args([
-            "run", "--quiet", "--set", "baseline.runs=2", "--set", "baseline.warmup_runs=0",
-            "--set", "baseline.max_new_tokens=2", "--set", "baseline.batch_sizes=[1]",
+            "run",
+            "--quiet",
+            "--set",
+            "baseline.runs=2",
+            "--set",
+            "baseline.warmup_runs=0",
+            "--set",
+            "baseline.max_new_tokens=2",
+            "--set",
+            "baseline.batch_sizes=[1]",
             "--workspace",
         ])
         .arg(ws)
@@ -248,8 +316,13 @@ fn run_to_baseline_writes_baseline_json_that_the_report_reads() {
     assert!(ws.join("reports/baseline.md").is_file());
     assert!(ws.join("reports/baseline_batch_sweep.svg").is_file());
     // The report stage picked the baseline figures up.
-    let report = std::fs::read_to_string(ws.join("reports/FINAL_REPORT.json")).unwrap();
-    assert!(report.contains("baseline.json"), "{report}");
+    let report: Value = serde_json::from_str(
+        &std::fs::read_to_string(ws.join("reports/FINAL_REPORT.json")).unwrap(),
+    )
+    .unwrap();
+    let base = &report["variants"][0];
+    assert_eq!(base["name"], "base", "{report}");
+    assert_eq!(base["performance"]["latency_ms"]["n"], 10, "{report}");
 }
 
 #[test]
@@ -262,17 +335,39 @@ fn generate_answers_about_an_image_and_prints_its_timing() {
     let o = bench_cmd(
         &tmp.path().join("cache"),
         &[
-            "generate", "--model", "builtin:tiny", "--image", img.to_str().unwrap(),
-            "--prompt", "List the lab values", "--max-new-tokens", "4",
+            "generate",
+            "--model",
+            "builtin:tiny",
+            "--image",
+            img.to_str().unwrap(),
+            "--prompt",
+            "List the lab values",
+            "--max-new-tokens",
+            "4",
         ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
-    assert!(err.contains("time to first token") && err.contains("tokens/s"), "{err}");
+    assert!(
+        err.contains("time to first token") && err.contains("tokens/s"),
+        "{err}"
+    );
     let missing = bench_cmd(
         &tmp.path().join("cache"),
-        &["generate", "--model", "builtin:tiny", "--image", "/nonexistent.png", "--prompt", "x"],
+        &[
+            "generate",
+            "--model",
+            "builtin:tiny",
+            "--image",
+            "/nonexistent.png",
+            "--prompt",
+            "x",
+        ],
     );
     assert_eq!(missing.status.code(), Some(1));
-    assert!(stderr(&missing).contains("/nonexistent.png"), "{}", stderr(&missing));
+    assert!(
+        stderr(&missing).contains("/nonexistent.png"),
+        "{}",
+        stderr(&missing)
+    );
 }
