@@ -106,6 +106,9 @@ struct BenchArgs {
     /// Write the result JSON here (plus FILE.md and charts beside it); else print the table.
     #[arg(long, value_name = "FILE")]
     output: Option<PathBuf>,
+    /// Also save the rendered input documents as PNG files in this directory.
+    #[arg(long, value_name = "DIR")]
+    save_inputs: Option<PathBuf>,
     /// Compare two result files instead of measuring.
     #[arg(long, num_args = 2, value_names = ["A.json", "B.json"])]
     compare: Option<Vec<PathBuf>>,
@@ -333,6 +336,15 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
         code: 1,
         error: e.into(),
     })?;
+    if let Some(d) = &args.save_inputs {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        for i in &inputs {
+            let path = d.join(format!("{}.png", i.name));
+            i.image
+                .save(&path)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
     let result = bench::run_bench::<burn::backend::NdArray<f32>>(
         &dir,
         &opts,

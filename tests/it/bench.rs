@@ -79,6 +79,8 @@ fn bench_on_builtin_tiny_writes_every_schema_field_with_its_type() {
             "2.5",
             "--output",
             out.to_str().unwrap(),
+            "--save-inputs",
+            tmp.path().join("inputs").to_str().unwrap(),
         ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
@@ -196,6 +198,11 @@ fn bench_on_builtin_tiny_writes_every_schema_field_with_its_type() {
     ] {
         assert!(tmp.path().join(f).is_file(), "{f} missing");
     }
+    // The measured inputs can be looked at: the five rendered documents.
+    let saved = std::fs::read_dir(tmp.path().join("inputs"))
+        .unwrap()
+        .count();
+    assert_eq!(saved, 5);
     let md = std::fs::read_to_string(tmp.path().join("bench.md")).unwrap();
     assert!(md.contains("Community results row"), "{md}");
 }
