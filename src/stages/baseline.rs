@@ -153,7 +153,8 @@ impl Stage for Baseline {
         &["download"]
     }
     fn config_sections(&self) -> Vec<&'static str> {
-        vec!["baseline"]
+        // `probe`: the device asked for (recorded in a warning while only the CPU runs).
+        vec!["baseline", "probe"]
     }
     fn code_version(&self) -> u32 {
         1
