@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::stages::baseline::BaselineConfig;
 use crate::stages::download::DownloadConfig;
 use crate::stages::prepare::PrepareConfig;
 use crate::stages::probe::ProbeConfig;
@@ -76,6 +77,9 @@ pub struct Config {
     /// `[quantize]`: the NF4 checkpoint and its timing.
     #[serde(default)]
     pub quantize: crate::stages::quantize::QuantizeConfig,
+    /// `[baseline]`: benchmark settings of the unquantized model.
+    #[serde(default)]
+    pub baseline: BaselineConfig,
     /// Where the config came from (for messages); not part of the file.
     #[serde(skip)]
     pub origin: PathBuf,

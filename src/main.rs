@@ -53,6 +53,89 @@ enum Command {
         after_help = "Examples:\n  medpipe quantize --model models/qwen2.5-vl-7b --out checkpoints/nf4\n  medpipe quantize --model M --out O --skip lm_head --skip visual.merger"
     )]
     Quantize(QuantizeArgs),
+    /// Benchmark a model on the five evaluation documents: load time, memory, latency
+    /// statistics, tokens/s, batch sweep; or compare two result files.
+    #[command(
+        after_help = "Examples:\n  medpipe bench --model builtin:tiny --runs 3 --batch-sizes 1,2 --output bench.json\n  medpipe bench --model checkpoints/base --runs 10 --batch-sizes 1,2,4,8 --grid-new-tokens 32,128 --price-per-hour 2.5\n  medpipe bench --model builtin:tiny --soak-seconds 60 --output soak.json\n  medpipe bench --compare before.json after.json"
+    )]
+    Bench(BenchArgs),
+    /// Answer one prompt about one or more images, printing the answer and its timing.
+    #[command(
+        after_help = "Example:\n  medpipe generate --model builtin:tiny --image scan.png --prompt \"List the lab values\""
+    )]
+    Generate(GenerateArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Model: a Hugging Face layout directory, or builtin:tiny (materialized into the cache).
+    #[arg(long, value_name = "DIR|builtin:tiny", default_value = "builtin:tiny")]
+    model: String,
+    /// Measured passes over the five documents per batch size.
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    runs: u64,
+    /// Warm-up calls per batch size, excluded from the figures.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    warmup: usize,
+    /// Batch sizes to sweep, comma separated (batched generation).
+    #[arg(long, value_name = "LIST", default_value = "1")]
+    batch_sizes: String,
+    /// New tokens at most per request.
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    max_new_tokens: u64,
+    /// Sequence-length axis of a batch × length grid: max_new_tokens values, comma separated.
+    #[arg(long, value_name = "LIST")]
+    grid_new_tokens: Option<String>,
+    /// Bounded soak run at batch size 1 for this many seconds (throughput over time, RSS slope).
+    #[arg(long, value_name = "S", default_value_t = 0.0)]
+    soak_seconds: f64,
+    /// Price of one device-hour, for the cost per 1,000 requests.
+    #[arg(long, value_name = "PRICE")]
+    price_per_hour: Option<f64>,
+    /// Currency of --price-per-hour.
+    #[arg(long, value_name = "CODE", default_value = "USD")]
+    currency: String,
+    /// Sample instead of greedy decoding (with --temperature, --top-p, --seed).
+    #[arg(long)]
+    do_sample: bool,
+    #[arg(long, value_name = "T", default_value_t = 1.0)]
+    temperature: f32,
+    #[arg(long, value_name = "P", default_value_t = 1.0)]
+    top_p: f32,
+    /// Sampling seed, and the seed of builtin:tiny.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    seed: u64,
+    /// Device: cpu (the CUDA benchmark path is not built yet).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    device: String,
+    /// Write the result JSON here (plus FILE.md and charts beside it); else print the table.
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Also save the rendered input documents as PNG files in this directory.
+    #[arg(long, value_name = "DIR")]
+    save_inputs: Option<PathBuf>,
+    /// Compare two result files instead of measuring.
+    #[arg(long, num_args = 2, value_names = ["A.json", "B.json"])]
+    compare: Option<Vec<PathBuf>>,
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    /// Model: a Hugging Face layout directory, or builtin:tiny.
+    #[arg(long, value_name = "DIR|builtin:tiny")]
+    model: String,
+    /// Image file (PNG or JPEG); repeat for several.
+    #[arg(long = "image", value_name = "FILE")]
+    images: Vec<PathBuf>,
+    /// The user prompt.
+    #[arg(long, value_name = "TEXT")]
+    prompt: String,
+    /// New tokens at most.
+    #[arg(long, value_name = "N", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
+    max_new_tokens: u64,
+    /// Device: cpu (CUDA generation from the command line is not built yet).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args, Debug)]
@@ -175,6 +258,8 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Status(args) => status(args),
         Command::Forward(args) => forward(args),
         Command::Quantize(args) => quantize(args),
+        Command::Bench(args) => bench(args),
+        Command::Generate(args) => generate(args),
         Command::Stages => {
             for (i, s) in stages::pipeline().stages().enumerate() {
                 println!(
@@ -246,6 +331,135 @@ fn quantize(args: QuantizeArgs) -> Result<(), Failure> {
     if let Some((_, peak)) = medpipe::bench::memory::rss_bytes() {
         println!("memory: peak RSS {:.1} MB", peak as f64 / 1e6);
     }
+    Ok(())
+}
+
+/// Only the CPU runs the benchmark and `generate` in this build.
+fn check_cpu(device: &str) -> Result<(), Failure> {
+    if device != "cpu" {
+        return Err(anyhow::anyhow!(
+            "--device {device}: only `cpu` is supported by bench/generate so far (the CUDA path is not built)"
+        )
+        .into());
+    }
+    Ok(())
+}
+
+fn bench(args: BenchArgs) -> Result<(), Failure> {
+    use medpipe::bench::{self, BenchResult};
+    if let Some(files) = &args.compare {
+        let read = |p: &PathBuf| -> Result<BenchResult, Failure> {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            Ok(serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a medpipe bench result", p.display()))?)
+        };
+        let (a, b) = (read(&files[0])?, read(&files[1])?);
+        let name = |p: &PathBuf| p.display().to_string();
+        print!(
+            "{}",
+            bench::compare::markdown(&name(&files[0]), &name(&files[1]), &a, &b)
+        );
+        return Ok(());
+    }
+    check_cpu(&args.device)?;
+    let opts = bench::BenchOptions {
+        model_id: args.model.clone(),
+        revision: None,
+        warmup_runs: args.warmup,
+        runs: args.runs as usize,
+        batch_sizes: bench::parse_list("--batch-sizes", &args.batch_sizes)?,
+        max_new_tokens: args.max_new_tokens as usize,
+        grid_max_new_tokens: match &args.grid_new_tokens {
+            Some(t) => bench::parse_list("--grid-new-tokens", t)?,
+            None => Vec::new(),
+        },
+        soak_seconds: args.soak_seconds,
+        price_per_device_hour: args.price_per_hour,
+        currency: args.currency.clone(),
+        sampling: if args.do_sample {
+            medpipe::model::Sampling::Sample {
+                temperature: args.temperature,
+                top_k: 0,
+                top_p: args.top_p,
+            }
+        } else {
+            medpipe::model::Sampling::Greedy
+        },
+        seed: args.seed,
+    };
+    opts.validate()?;
+    let dir = bench::source::resolve_model(&args.model, args.seed)?;
+    let inputs = bench::inputs::evaluation_documents().map_err(|e| Failure {
+        code: 1,
+        error: e.into(),
+    })?;
+    if let Some(d) = &args.save_inputs {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        for i in &inputs {
+            let path = d.join(format!("{}.png", i.name));
+            i.image
+                .save(&path)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    let result = bench::run_bench::<burn::backend::NdArray<f32>>(
+        &dir,
+        &opts,
+        &inputs,
+        &Default::default(),
+        "cpu",
+        "ndarray",
+    )
+    .map_err(|e| Failure {
+        code: 1,
+        error: anyhow::Error::new(e).context(format!("benchmarking {}", dir.display())),
+    })?;
+    match &args.output {
+        Some(out) => {
+            let files = bench::output::write_result(&result, out).map_err(|e| Failure {
+                code: 1,
+                error: e.into(),
+            })?;
+            print!("{}", bench::markdown::results_table(&result));
+            println!();
+            for f in files {
+                println!("wrote {}", f.display());
+            }
+        }
+        None => print!("{}", bench::output::markdown_document(&result)),
+    }
+    Ok(())
+}
+
+fn generate(args: GenerateArgs) -> Result<(), Failure> {
+    check_cpu(&args.device)?;
+    let dir = medpipe::bench::source::resolve_model(&args.model, 0)?;
+    let a = medpipe::bench::oneshot::generate_answer::<burn::backend::NdArray<f32>>(
+        &dir,
+        &args.images,
+        &args.prompt,
+        args.max_new_tokens as usize,
+        &Default::default(),
+    )
+    .map_err(|e| Failure {
+        code: 1,
+        error: anyhow::Error::new(e).context(format!("generating with {}", dir.display())),
+    })?;
+    println!("{}", a.text);
+    let total = a.prefill_ms + a.decode_ms;
+    eprintln!(
+        "load {:.1} ms; preprocess {:.1} ms; prompt {} tokens; {} new tokens{}; time to first token {:.1} ms; decode {:.1} ms; total {:.1} ms ({:.1} tokens/s)",
+        a.load_ms,
+        a.preprocess_ms,
+        a.prompt_tokens,
+        a.new_tokens,
+        if a.stopped_on_eos { " (stopped at end of sequence)" } else { "" },
+        a.prefill_ms,
+        a.decode_ms,
+        total,
+        if total > 0.0 { a.new_tokens as f64 / (total / 1e3) } else { 0.0 },
+    );
     Ok(())
 }
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Resident memory of this process: (current, peak) in bytes, `None` where the OS does not
 /// expose them.
@@ -31,7 +31,7 @@ fn parse_status(status: &str) -> Option<(u64, u64)> {
 }
 
 /// One sample of the memory curve.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct MemSample {
     /// Seconds since the sampler started.
     pub t_s: f64,

@@ -16,7 +16,7 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 use crate::pipeline::fs::{write_atomic, FsError};
 
 /// Family name the charts ask for.
-const FAMILY: &str = "sans-serif";
+pub(crate) const FAMILY: &str = "sans-serif";
 
 /// Chart size in pixels (PNG) and user units (SVG).
 const SIZE: (u32, u32) = (800, 480);
@@ -80,7 +80,7 @@ pub enum Chart {
 
 static FONT_ONCE: Once = Once::new();
 
-fn register_font() {
+pub(crate) fn register_font() {
     FONT_ONCE.call_once(|| {
         // The font is a committed asset; a parse failure would be a broken checkout, and
         // plotters then falls back to drawing no text rather than failing.

@@ -5,7 +5,7 @@
 //! decides the recommendation, regression flag and warnings; `markdown` and `charts` render.
 
 pub mod build;
-mod charts;
+pub(crate) mod charts;
 pub mod inputs;
 mod markdown;
 

@@ -1,5 +1,6 @@
 //! The pipeline's stages, one file each, in execution order.
 
+pub mod baseline;
 pub mod download;
 pub mod prepare;
 pub mod probe;
@@ -13,6 +14,7 @@ pub fn registry() -> Vec<Box<dyn Stage>> {
     let mut stages: Vec<Box<dyn Stage>> = vec![
         Box::new(probe::Probe),
         Box::new(download::Download),
+        Box::new(baseline::Baseline),
         Box::new(quantize::Quantize),
         Box::new(prepare::Prepare),
     ];

@@ -94,6 +94,12 @@ pub struct GpuProbe {
     pub note: Option<String>,
 }
 
+/// What NVML reports about the machine's GPUs now (empty with a note where there is no
+/// driver); the benchmark records it as the platform.
+pub fn gpu_probe() -> GpuProbe {
+    nvml::probe()
+}
+
 /// Backends compiled into this binary.
 pub fn built_backends() -> Vec<&'static str> {
     let mut b = vec!["ndarray (cpu)"];

@@ -1,5 +1,6 @@
 //! Integration tests: one binary (STYLE 12). Each test gets its own temp workspace.
 
+mod bench;
 mod cli;
 mod common;
 mod download;

@@ -1,0 +1,629 @@
+//! The measuring loop: load the model (timed), turn the evaluation documents into requests,
+//! then per batch size run warm-up calls and `runs` measured passes of batched generation,
+//! sampling resident memory throughout; optionally a batch × sequence-length grid and a
+//! bounded soak run. Everything lands in a [`BenchResult`].
+//!
+//! Timings per call come from [`Qwen25Vl::generate`] (prefill incl. vision tower and first
+//! token, then decode); throughput divides new tokens by the wall time of the calls.
+//! Image preprocessing and tokenization happen once, before timing (they are not model time).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use burn::prelude::*;
+use burn::tensor::{Element, TensorData};
+
+use crate::bench::inputs::{BenchInput, InputError};
+use crate::bench::memory::{growth_bytes_per_s, rss_bytes, MemSample, MemorySampler};
+use crate::bench::schema::*;
+use crate::metrics::stats::{summarize_ms, StatsError};
+use crate::model::processor::{ImageInput as RawImage, ImageProcessor, ProcessorError};
+use crate::model::prompt::{PromptBuilder, PromptError};
+use crate::model::{
+    GenerateConfig, Generation, ImageInput, ModelError, Qwen25Vl, Request, Sampling,
+};
+
+/// RSS sampling period while measuring.
+const SAMPLE_EVERY: Duration = Duration::from_millis(10);
+/// A soak run reports throughput in this many windows (at least [`MIN_SOAK_WINDOW_S`] each).
+const SOAK_WINDOWS: usize = 10;
+/// Shortest soak window, s.
+const MIN_SOAK_WINDOW_S: f64 = 0.25;
+/// Longest soak run accepted, s (one day: the mode is bounded by design).
+pub const MAX_SOAK_SECONDS: f64 = 86_400.0;
+
+/// Errors of a benchmark run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("invalid benchmark setting {name}: {reason}")]
+    Invalid { name: &'static str, reason: String },
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Prompt(#[from] PromptError),
+    #[error(transparent)]
+    Processor(#[from] ProcessorError),
+    #[error(transparent)]
+    Inputs(#[from] InputError),
+    #[error("summarizing {what}: {source}")]
+    Stats {
+        what: String,
+        #[source]
+        source: StatsError,
+    },
+}
+
+/// What to measure and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchOptions {
+    /// Model id as the user gave it (recorded; loading uses the directory).
+    pub model_id: String,
+    /// Hub revision when known.
+    pub revision: Option<String>,
+    /// Warm-up calls per batch size (excluded).
+    pub warmup_runs: usize,
+    /// Measured passes over the inputs per batch size (≥ 1).
+    pub runs: usize,
+    /// Batch sizes to sweep (each ≥ 1).
+    pub batch_sizes: Vec<usize>,
+    /// New tokens at most per request (≥ 1).
+    pub max_new_tokens: usize,
+    /// Sequence-length axis of the grid (`max_new_tokens` values); empty: no grid.
+    pub grid_max_new_tokens: Vec<usize>,
+    /// Soak duration, s (0: none).
+    pub soak_seconds: f64,
+    /// Price of one device-hour for the cost figures.
+    pub price_per_device_hour: Option<f64>,
+    /// Currency of the price.
+    pub currency: String,
+    /// Decoding rule.
+    pub sampling: Sampling,
+    /// Sampling seed.
+    pub seed: u64,
+}
+
+impl BenchOptions {
+    /// Checks every setting, naming the bad one.
+    ///
+    /// # Errors
+    /// [`BenchError::Invalid`].
+    pub fn validate(&self) -> Result<(), BenchError> {
+        let bad = |name, reason: String| Err(BenchError::Invalid { name, reason });
+        if self.runs == 0 {
+            return bad("runs", "must be at least 1 (got 0)".into());
+        }
+        if self.batch_sizes.is_empty() {
+            return bad("batch sizes", "at least one is needed".into());
+        }
+        if self.batch_sizes.contains(&0) || self.grid_max_new_tokens.contains(&0) {
+            return bad(
+                "batch sizes / grid",
+                format!(
+                    "every value must be at least 1 (got {:?} / {:?})",
+                    self.batch_sizes, self.grid_max_new_tokens
+                ),
+            );
+        }
+        if self.max_new_tokens == 0 {
+            return bad("max_new_tokens", "must be at least 1 (got 0)".into());
+        }
+        if !(self.soak_seconds.is_finite() && (0.0..=MAX_SOAK_SECONDS).contains(&self.soak_seconds))
+        {
+            return bad(
+                "soak seconds",
+                format!(
+                    "must be in [0, {MAX_SOAK_SECONDS}] (got {})",
+                    self.soak_seconds
+                ),
+            );
+        }
+        if let Some(p) = self.price_per_device_hour {
+            if !(p.is_finite() && p >= 0.0) {
+                return bad("price per device-hour", format!("must be ≥ 0 (got {p})"));
+            }
+        }
+        if let Sampling::Sample {
+            temperature, top_p, ..
+        } = self.sampling
+        {
+            if !(temperature > 0.0 && top_p > 0.0 && top_p <= 1.0) {
+                return bad(
+                    "sampling",
+                    format!("temperature {temperature} must be > 0 and top_p {top_p} in (0, 1]"),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses a comma-separated list of positive integers (`1,2,4,8`).
+///
+/// # Errors
+/// [`BenchError::Invalid`] naming `what` and the offending item.
+pub fn parse_list(what: &'static str, text: &str) -> Result<Vec<usize>, BenchError> {
+    let items: Vec<&str> = text.split(',').map(str::trim).collect();
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        match item.parse::<usize>() {
+            Ok(n) if n >= 1 => out.push(n),
+            _ => {
+                return Err(BenchError::Invalid {
+                    name: what,
+                    reason: format!(
+                        "`{item}` in `{text}` is not a positive integer (expected e.g. 1,2,4,8)"
+                    ),
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One prepared input: its name and the request the model gets.
+struct Prepared<B: Backend> {
+    name: String,
+    request: Request<B>,
+}
+
+/// Loads the model in `model_dir` on `device` and measures it on `inputs`.
+///
+/// `device_label` (`cpu`, `cuda:0`) and `backend` (`ndarray`, `cuda`) are recorded as given.
+///
+/// # Errors
+/// Invalid options, no inputs, model/prompt/processor errors, and non-finite timings.
+pub fn run_bench<B: Backend>(
+    model_dir: &Path,
+    opts: &BenchOptions,
+    inputs: &[BenchInput],
+    device: &B::Device,
+    device_label: &str,
+    backend: &str,
+) -> Result<BenchResult, BenchError> {
+    opts.validate()?;
+    if inputs.is_empty() {
+        return Err(BenchError::Invalid {
+            name: "inputs",
+            reason: "no benchmark inputs".into(),
+        });
+    }
+    let load_start = Instant::now();
+    let model = Qwen25Vl::<B>::load(model_dir, device)?;
+    let load_time_ms = load_start.elapsed().as_secs_f64() * 1e3;
+    let rss_after_load = rss_bytes().map(|r| r.0);
+    tracing::info!(load_time_ms, "model loaded for benchmarking");
+
+    let prepared = prepare(model_dir, inputs, device)?;
+    let gen_cfg = |max_new_tokens| GenerateConfig {
+        max_new_tokens,
+        sampling: opts.sampling.clone(),
+        seed: opts.seed,
+        eos_token_ids: None,
+    };
+
+    let sampler = MemorySampler::start(SAMPLE_EVERY);
+    let mut batches = Vec::new();
+    let mut requests = Vec::new();
+    for &b in &opts.batch_sizes {
+        let cfg = gen_cfg(opts.max_new_tokens);
+        for w in 0..opts.warmup_runs {
+            generate(&model, &prepared, w * b, b, &cfg, device)?;
+        }
+        let calls_per_run = prepared.len().div_ceil(b);
+        let mut calls = Vec::new();
+        for run in 0..opts.runs {
+            for c in 0..calls_per_run {
+                let call = generate(&model, &prepared, c * b, b, &cfg, device)?;
+                for (name, g) in &call.rows {
+                    requests.push(record(b, run, name, g));
+                }
+                calls.push(call);
+            }
+        }
+        batches.push(batch_result(b, &calls, opts)?);
+    }
+
+    let mut grid = Vec::new();
+    for &b in &opts.batch_sizes {
+        for &n in &opts.grid_max_new_tokens {
+            let cfg = gen_cfg(n);
+            let calls = (0..opts.runs)
+                .map(|r| generate(&model, &prepared, r * b, b, &cfg, device))
+                .collect::<Result<Vec<_>, _>>()?;
+            let lat: Vec<f64> = calls.iter().map(Call::latency_ms).collect();
+            grid.push(GridCell {
+                batch_size: b,
+                max_new_tokens: n,
+                latency_ms: summary(&format!("grid b={b} n={n} latency"), &lat)?,
+                throughput_tokens_per_s: throughput(&calls),
+            });
+        }
+    }
+    let samples = sampler.finish();
+    let sampled_peak = samples.iter().map(|s| s.rss_bytes).max();
+
+    let soak = if opts.soak_seconds > 0.0 {
+        Some(soak(
+            &model,
+            &prepared,
+            &gen_cfg(opts.max_new_tokens),
+            opts.soak_seconds,
+            device,
+        )?)
+    } else {
+        None
+    };
+
+    let gpu = crate::stages::probe::gpu_probe();
+    Ok(BenchResult {
+        schema_version: SCHEMA_VERSION,
+        timestamp: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        git_commit: crate::pipeline::runner::git_commit(),
+        platform: platform(&gpu),
+        versions: Versions {
+            medpipe: env!("CARGO_PKG_VERSION").to_string(),
+            burn: BURN_VERSION.to_string(),
+            backend: backend.to_string(),
+            rustc: option_env!("MEDPIPE_RUSTC_VERSION")
+                .filter(|s| !s.is_empty())
+                .map(str::to_string),
+        },
+        device: device_label.to_string(),
+        model: ModelInfo {
+            id: opts.model_id.clone(),
+            dir: model_dir.display().to_string(),
+            revision: opts.revision.clone(),
+            dtype: format!("{:?}", <B::FloatElem as Element>::dtype()).to_lowercase(),
+            quantization: None,
+            adapter: None,
+            parameters: model.config().parameter_count(),
+            weights_bytes: weights_bytes(model_dir),
+        },
+        generation: GenerationSettings {
+            seed: opts.seed,
+            do_sample: matches!(opts.sampling, Sampling::Sample { .. }),
+            temperature: match opts.sampling {
+                Sampling::Sample { temperature, .. } => Some(temperature),
+                Sampling::Greedy => None,
+            },
+            top_p: match opts.sampling {
+                Sampling::Sample { top_p, .. } => Some(top_p),
+                Sampling::Greedy => None,
+            },
+            max_new_tokens: opts.max_new_tokens,
+            kv_cache: true,
+            batch_sizes: opts.batch_sizes.clone(),
+        },
+        settings: BenchSettingsRecord {
+            warmup_runs: opts.warmup_runs,
+            runs: opts.runs,
+            inputs: inputs.iter().map(|i| i.name.clone()).collect(),
+            grid_max_new_tokens: opts.grid_max_new_tokens.clone(),
+            soak_seconds: opts.soak_seconds,
+            price_per_device_hour: opts.price_per_device_hour,
+            currency: opts.currency.clone(),
+        },
+        load: LoadStats {
+            load_time_ms,
+            rss_after_load_bytes: rss_after_load,
+            device_memory_after_load_bytes: None,
+        },
+        memory: MemoryStats {
+            // The kernel updates VmHWM lazily, so a sample can exceed it: take the larger.
+            peak_rss_bytes: rss_bytes().map(|r| r.1).max(sampled_peak),
+            peak_rss_during_runs_bytes: sampled_peak,
+            device_peak_bytes: None,
+            samples: samples.len(),
+        },
+        batches,
+        requests,
+        grid,
+        soak,
+    })
+}
+
+/// The burn version medpipe pins (Cargo.toml `burn = "=0.21.0"`).
+pub const BURN_VERSION: &str = "0.21.0";
+
+/// Image preprocessing and prompt encoding of every input, once.
+fn prepare<B: Backend>(
+    model_dir: &Path,
+    inputs: &[BenchInput],
+    device: &B::Device,
+) -> Result<Vec<Prepared<B>>, BenchError> {
+    let prompts = PromptBuilder::from_dir(model_dir)?;
+    let processor = ImageProcessor::from_config_file(model_dir.join("preprocessor_config.json"))?;
+    inputs
+        .iter()
+        .map(|input| {
+            let p = processor.preprocess(&[RawImage::Image(input.image.clone())])?;
+            let input_ids = prompts.encode_chat(None, &input.prompt, &p.grid_thw)?;
+            let pixel_values = Tensor::<B, 2>::from_data(
+                TensorData::new(p.pixel_values, [p.num_patches, p.patch_dim]),
+                device,
+            );
+            let grids = p
+                .grid_thw
+                .iter()
+                .map(|g| [g[0] as usize, g[1] as usize, g[2] as usize])
+                .collect();
+            Ok(Prepared {
+                name: input.name.clone(),
+                request: Request {
+                    input_ids,
+                    images: Some(ImageInput {
+                        pixel_values,
+                        grids,
+                    }),
+                },
+            })
+        })
+        .collect()
+}
+
+/// One measured `generate` call.
+struct Call {
+    /// (input name, its generation) per row.
+    rows: Vec<(String, Generation)>,
+    /// Wall time of the call, ms.
+    wall_ms: f64,
+}
+
+impl Call {
+    fn prefill_ms(&self) -> f64 {
+        self.rows.first().map_or(0.0, |r| r.1.prefill_ms)
+    }
+    fn decode_ms(&self) -> f64 {
+        self.rows.first().map_or(0.0, |r| r.1.decode_ms)
+    }
+    fn latency_ms(&self) -> f64 {
+        self.prefill_ms() + self.decode_ms()
+    }
+    fn new_tokens(&self) -> usize {
+        self.rows.iter().map(|r| r.1.tokens.len()).sum()
+    }
+}
+
+/// Generates for `b` inputs starting at `start` (wrapping around the inputs).
+fn generate<B: Backend>(
+    model: &Qwen25Vl<B>,
+    prepared: &[Prepared<B>],
+    start: usize,
+    b: usize,
+    cfg: &GenerateConfig,
+    device: &B::Device,
+) -> Result<Call, BenchError> {
+    let picked: Vec<&Prepared<B>> = (0..b)
+        .map(|j| &prepared[(start + j) % prepared.len()])
+        .collect();
+    let reqs: Vec<Request<B>> = picked.iter().map(|p| p.request.clone()).collect();
+    let t = Instant::now();
+    let gens = model.generate(&reqs, cfg, device)?;
+    let wall_ms = t.elapsed().as_secs_f64() * 1e3;
+    Ok(Call {
+        rows: picked.iter().map(|p| p.name.clone()).zip(gens).collect(),
+        wall_ms,
+    })
+}
+
+fn record(b: usize, run: usize, name: &str, g: &Generation) -> RequestRecord {
+    let total_ms = g.prefill_ms + g.decode_ms;
+    RequestRecord {
+        batch_size: b,
+        run,
+        input: name.to_string(),
+        prompt_tokens: g.prompt_tokens,
+        new_tokens: g.tokens.len(),
+        stopped_on_eos: g.stopped_on_eos,
+        prefill_ms: g.prefill_ms,
+        decode_ms: g.decode_ms,
+        ttft_ms: g.prefill_ms,
+        total_ms,
+        tokens_per_s: per_s(g.tokens.len() as f64, total_ms),
+    }
+}
+
+/// `count` per second over `ms` milliseconds (0 when no time passed).
+fn per_s(count: f64, ms: f64) -> f64 {
+    if ms > 0.0 {
+        count / (ms / 1e3)
+    } else {
+        0.0
+    }
+}
+
+fn summary(what: &str, samples: &[f64]) -> Result<crate::metrics::stats::Summary, BenchError> {
+    summarize_ms(samples).map_err(|source| BenchError::Stats {
+        what: what.to_string(),
+        source,
+    })
+}
+
+/// New tokens over the calls' wall time, tokens/s.
+fn throughput(calls: &[Call]) -> f64 {
+    let tokens: usize = calls.iter().map(Call::new_tokens).sum();
+    per_s(tokens as f64, calls.iter().map(|c| c.wall_ms).sum())
+}
+
+fn batch_result(b: usize, calls: &[Call], opts: &BenchOptions) -> Result<BatchResult, BenchError> {
+    let col = |f: fn(&Call) -> f64| calls.iter().map(f).collect::<Vec<f64>>();
+    let rows: Vec<&Generation> = calls
+        .iter()
+        .flat_map(|c| c.rows.iter().map(|r| &r.1))
+        .collect();
+    let n = rows.len().max(1) as f64;
+    let tps: Vec<f64> = rows
+        .iter()
+        .map(|g| per_s(g.tokens.len() as f64, g.prefill_ms + g.decode_ms))
+        .collect();
+    let wall_ms: f64 = calls.iter().map(|c| c.wall_ms).sum();
+    let requests = rows.len();
+    let label = |m: &str| format!("batch size {b} {m}");
+    Ok(BatchResult {
+        batch_size: b,
+        calls: calls.len(),
+        requests,
+        prefill_ms: summary(&label("prefill"), &col(Call::prefill_ms))?,
+        decode_ms: summary(&label("decode"), &col(Call::decode_ms))?,
+        ttft_ms: summary(&label("time to first token"), &col(Call::prefill_ms))?,
+        latency_ms: summary(&label("latency"), &col(Call::latency_ms))?,
+        new_tokens_mean: rows.iter().map(|g| g.tokens.len() as f64).sum::<f64>() / n,
+        prompt_tokens_mean: rows.iter().map(|g| g.prompt_tokens as f64).sum::<f64>() / n,
+        tokens_per_s: summary(&label("tokens/s"), &tps)?.into(),
+        throughput_tokens_per_s: throughput(calls),
+        throughput_requests_per_s: per_s(requests as f64, wall_ms),
+        cost_per_1k_requests: opts
+            .price_per_device_hour
+            .map(|price| cost_per_1k(price, wall_ms, requests)),
+    })
+}
+
+/// Device cost of 1,000 requests: `price` per hour × hours per request × 1,000.
+pub fn cost_per_1k(price_per_hour: f64, wall_ms: f64, requests: usize) -> f64 {
+    if requests == 0 {
+        return 0.0;
+    }
+    price_per_hour * (wall_ms / 3.6e6) / requests as f64 * 1e3
+}
+
+/// Batch-size-1 generation over the inputs, round robin, for `seconds`.
+fn soak<B: Backend>(
+    model: &Qwen25Vl<B>,
+    prepared: &[Prepared<B>],
+    cfg: &GenerateConfig,
+    seconds: f64,
+    device: &B::Device,
+) -> Result<SoakResult, BenchError> {
+    let window_s = (seconds / SOAK_WINDOWS as f64).max(MIN_SOAK_WINDOW_S);
+    let sampler = MemorySampler::start(SAMPLE_EVERY.max(Duration::from_secs_f64(window_s / 20.0)));
+    let start = Instant::now();
+    let mut windows: Vec<SoakWindow> = Vec::new();
+    let (mut w_requests, mut w_tokens, mut w_start) = (0usize, 0usize, 0.0f64);
+    let mut total = 0usize;
+    while start.elapsed().as_secs_f64() < seconds {
+        let call = generate(model, prepared, total, 1, cfg, device)?;
+        total += 1;
+        w_requests += 1;
+        w_tokens += call.new_tokens();
+        let now = start.elapsed().as_secs_f64();
+        if now - w_start >= window_s {
+            windows.push(SoakWindow {
+                t_end_s: now,
+                requests: w_requests,
+                tokens_per_s: w_tokens as f64 / (now - w_start),
+            });
+            (w_requests, w_tokens, w_start) = (0, 0, now);
+        }
+    }
+    let duration_s = start.elapsed().as_secs_f64();
+    if w_requests > 0 && duration_s > w_start {
+        windows.push(SoakWindow {
+            t_end_s: duration_s,
+            requests: w_requests,
+            tokens_per_s: w_tokens as f64 / (duration_s - w_start),
+        });
+    }
+    let memory_samples: Vec<MemSample> = sampler.finish();
+    Ok(SoakResult {
+        duration_s,
+        requests: total,
+        windows,
+        memory_growth_bytes_per_s: growth_bytes_per_s(&memory_samples),
+        memory_samples,
+    })
+}
+
+/// The machine, from sysinfo and NVML.
+fn platform(gpu: &crate::stages::probe::GpuProbe) -> Platform {
+    use sysinfo::System;
+    let mut sys = System::new();
+    sys.refresh_memory();
+    sys.refresh_cpu_all();
+    Platform {
+        os: System::name(),
+        os_version: System::os_version(),
+        kernel: System::kernel_version(),
+        arch: std::env::consts::ARCH.to_string(),
+        cpu_model: sys.cpus().first().map(|c| c.brand().trim().to_string()),
+        cpu_threads: sys.cpus().len(),
+        memory_total_bytes: sys.total_memory(),
+        gpus: gpu
+            .gpus
+            .iter()
+            .map(|g| GpuRecord {
+                name: g.name.clone(),
+                memory_total_bytes: g.memory_total_bytes,
+            })
+            .collect(),
+        gpu_driver: gpu.driver_version.clone(),
+        cuda_version: gpu.cuda_version.clone(),
+    }
+}
+
+/// Bytes of `*.safetensors` directly in `dir` (0 where unreadable).
+fn weights_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|it| {
+            it.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> BenchOptions {
+        BenchOptions {
+            model_id: "x".into(),
+            revision: None,
+            warmup_runs: 0,
+            runs: 1,
+            batch_sizes: vec![1],
+            max_new_tokens: 4,
+            grid_max_new_tokens: vec![],
+            soak_seconds: 0.0,
+            price_per_device_hour: None,
+            currency: "USD".into(),
+            sampling: Sampling::Greedy,
+            seed: 0,
+        }
+    }
+
+    #[test]
+    fn lists_parse_and_bad_items_are_named() {
+        assert_eq!(parse_list("batch sizes", "1,2, 4,8").unwrap(), [1, 2, 4, 8]);
+        for bad in ["1;2", "0", "1,,2", "-1", "a", ""] {
+            let err = parse_list("batch sizes", bad).unwrap_err().to_string();
+            assert!(
+                err.contains("batch sizes") && err.contains("positive integer"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn zero_runs_and_bad_prices_are_rejected() {
+        opts().validate().unwrap();
+        let mut o = opts();
+        o.runs = 0;
+        assert!(o.validate().unwrap_err().to_string().contains("runs"));
+        let mut o = opts();
+        o.price_per_device_hour = Some(f64::NAN);
+        assert!(o.validate().is_err());
+        let mut o = opts();
+        o.soak_seconds = -1.0;
+        assert!(o.validate().is_err());
+    }
+
+    #[test]
+    fn cost_of_a_thousand_requests_follows_the_device_hour_price() {
+        // 10 requests in 36 s at 2.0/h: 1,000 requests take 3,600 s = 1 h = 2.0.
+        assert!((cost_per_1k(2.0, 36_000.0, 10) - 2.0).abs() < 1e-12);
+        assert_eq!(cost_per_1k(2.0, 1.0, 0), 0.0);
+    }
+}

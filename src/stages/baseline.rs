@@ -1,0 +1,302 @@
+//! baseline: benchmarks the downloaded, unquantized model on the five evaluation documents
+//! with the harness in `crate::bench`, so every later variant has numbers to beat.
+//!
+//! Writes `reports/baseline.json`, whose `metrics` are the report's
+//! [`BaselineMetrics`](crate::report::inputs::BaselineMetrics) layout (dtype, load time,
+//! weights size, peak memory, per-document latency and time-to-first-token summaries at the
+//! smallest batch size, decode tokens/s) plus `bench`: the complete benchmark result
+//! (`crate::bench::schema`). Beside it: `baseline.md` (results table) and the charts
+//! `baseline_latency.{png,svg}`, `baseline_batch_sweep.{png,svg}`.
+//!
+//! Device: the model runs on the CPU (NdArray, f32). The CUDA path of the benchmark is not
+//! built yet; when the config asks for CUDA the stage says so in a warning and records
+//! `device: cpu`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::bench::charts::write_charts;
+use crate::bench::inputs::evaluation_documents;
+use crate::bench::output::markdown_document;
+use crate::bench::schema::BenchResult;
+use crate::bench::{run_bench, BenchOptions};
+use crate::model::Sampling;
+use crate::pipeline::fs::write_atomic;
+use crate::pipeline::{Stage, StageCtx, StageOutput};
+use crate::report::inputs::{BaselineMetrics, Performance};
+
+/// `[baseline]` config section. Defaults keep the builtin:tiny pipeline fast.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BaselineConfig {
+    /// Warm-up calls per batch size (excluded from the figures).
+    #[serde(default = "default_warmup")]
+    pub warmup_runs: usize,
+    /// Measured passes over the five documents per batch size (≥ 1).
+    #[serde(default = "default_runs")]
+    pub runs: usize,
+    /// Batch sizes to sweep.
+    #[serde(default = "default_batch_sizes")]
+    pub batch_sizes: Vec<usize>,
+    /// New tokens at most per request.
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
+    /// Sequence-length axis of the batch × length grid (`max_new_tokens` values); empty: no grid.
+    #[serde(default)]
+    pub grid_max_new_tokens: Vec<usize>,
+    /// Soak duration, s (0: none).
+    #[serde(default)]
+    pub soak_seconds: f64,
+    /// Price of one device-hour for the cost per 1,000 requests; absent: no cost figure.
+    #[serde(default)]
+    pub price_per_device_hour: Option<f64>,
+    /// Currency of the price.
+    #[serde(default = "default_currency")]
+    pub currency: String,
+    /// Sampling instead of greedy decoding.
+    #[serde(default)]
+    pub do_sample: bool,
+    /// Sampling temperature (with `do_sample`).
+    #[serde(default = "one")]
+    pub temperature: f32,
+    /// Nucleus threshold (with `do_sample`).
+    #[serde(default = "one")]
+    pub top_p: f32,
+    /// Sampling seed.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_warmup() -> usize {
+    1
+}
+fn default_runs() -> usize {
+    3
+}
+fn default_batch_sizes() -> Vec<usize> {
+    vec![1, 2]
+}
+fn default_max_new_tokens() -> usize {
+    32
+}
+fn default_currency() -> String {
+    "USD".into()
+}
+fn one() -> f32 {
+    1.0
+}
+
+impl Default for BaselineConfig {
+    fn default() -> Self {
+        Self {
+            warmup_runs: default_warmup(),
+            runs: default_runs(),
+            batch_sizes: default_batch_sizes(),
+            max_new_tokens: default_max_new_tokens(),
+            grid_max_new_tokens: Vec::new(),
+            soak_seconds: 0.0,
+            price_per_device_hour: None,
+            currency: default_currency(),
+            do_sample: false,
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+impl BaselineConfig {
+    /// Harness options for `model_id` (revision when known).
+    pub fn options(&self, model_id: &str, revision: Option<String>) -> BenchOptions {
+        BenchOptions {
+            model_id: model_id.to_string(),
+            revision,
+            warmup_runs: self.warmup_runs,
+            runs: self.runs,
+            batch_sizes: self.batch_sizes.clone(),
+            max_new_tokens: self.max_new_tokens,
+            grid_max_new_tokens: self.grid_max_new_tokens.clone(),
+            soak_seconds: self.soak_seconds,
+            price_per_device_hour: self.price_per_device_hour,
+            currency: self.currency.clone(),
+            sampling: if self.do_sample {
+                Sampling::Sample {
+                    temperature: self.temperature,
+                    top_k: 0,
+                    top_p: self.top_p,
+                }
+            } else {
+                Sampling::Greedy
+            },
+            seed: self.seed,
+        }
+    }
+}
+
+/// The baseline stage.
+pub struct Baseline;
+
+impl Stage for Baseline {
+    fn name(&self) -> &'static str {
+        "baseline"
+    }
+    fn description(&self) -> &'static str {
+        "benchmark the unquantized model on the evaluation documents (load, memory, latency, tokens/s)"
+    }
+    fn artifact_file(&self) -> &'static str {
+        "baseline.json"
+    }
+    fn upstream(&self) -> &'static [&'static str] {
+        &["download"]
+    }
+    fn config_sections(&self) -> Vec<&'static str> {
+        // `probe`: the device asked for (recorded in a warning while only the CPU runs).
+        vec!["baseline", "probe"]
+    }
+    fn code_version(&self) -> u32 {
+        1
+    }
+
+    fn run(&self, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
+        let download = ctx.upstream("download")?;
+        let model_dir = download
+            .metric("/model_dir")
+            .and_then(Value::as_str)
+            .map(PathBuf::from)
+            .context("download.json has no metrics.model_dir")?;
+        let model_id = download
+            .metric("/model_source")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+            .to_string();
+        let revision = download
+            .metric("/model_revision")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let mut warnings = Vec::new();
+        if ctx.config().probe.device.starts_with("cuda") {
+            warnings.push(format!(
+                "probe.device = {}: the benchmark has no CUDA path yet; baseline ran on the CPU",
+                ctx.config().probe.device
+            ));
+        }
+        let opts = ctx.config().baseline.options(&model_id, revision);
+        let inputs = evaluation_documents()?;
+        let result = run_bench::<burn::backend::NdArray<f32>>(
+            &model_dir,
+            &opts,
+            &inputs,
+            &Default::default(),
+            "cpu",
+            "ndarray",
+        )
+        .with_context(|| format!("benchmarking {}", model_dir.display()))?;
+
+        let reports = ctx.workspace().reports();
+        let md = reports.join("baseline.md");
+        write_atomic(&md, markdown_document(&result).as_bytes())?;
+        let mut outputs = vec![md];
+        outputs.extend(write_charts(&result, &reports.join("baseline"))?);
+
+        let metrics = baseline_metrics(&result, inputs.len());
+        let mut value = serde_json::to_value(&metrics)?;
+        if let Value::Object(map) = &mut value {
+            map.insert("bench".into(), serde_json::to_value(&result)?);
+        }
+        Ok(StageOutput {
+            metrics: value,
+            outputs,
+            summary: summary(&result),
+            warnings,
+        })
+    }
+}
+
+/// The report's layout, from the smallest batch size (one document per call at batch 1).
+pub fn baseline_metrics(r: &BenchResult, documents: usize) -> BaselineMetrics {
+    let first = r.batches.iter().min_by_key(|b| b.batch_size);
+    let decode_tokens_per_s = first.and_then(|b| {
+        let reqs = r.requests.iter().filter(|q| q.batch_size == b.batch_size);
+        let (tokens, ms) = reqs.fold((0usize, 0.0f64), |(t, m), q| {
+            (t + q.new_tokens.saturating_sub(1), m + q.decode_ms)
+        });
+        (ms > 0.0).then(|| tokens as f64 / (ms / 1e3))
+    });
+    BaselineMetrics {
+        dtype: r.model.dtype.clone(),
+        performance: Performance {
+            load_time_s: Some(r.load.load_time_ms / 1e3),
+            weights_bytes: Some(r.model.weights_bytes),
+            peak_memory_bytes: r.memory.device_peak_bytes.or(r.memory.peak_rss_bytes),
+            latency_ms: first.map(|b| b.latency_ms.clone()),
+            first_token_ms: first.map(|b| b.ttft_ms.clone()),
+            tokens_per_s: decode_tokens_per_s,
+            documents: Some(documents),
+            warmup_runs: Some(r.settings.warmup_runs),
+        },
+    }
+}
+
+fn summary(r: &BenchResult) -> Vec<(String, String)> {
+    let mut s = vec![("load".to_string(), format!("{:.1} ms", r.load.load_time_ms))];
+    if let Some(b) = r.batches.first() {
+        s.push((
+            format!("latency (batch {})", b.batch_size),
+            format!(
+                "p50 {:.1} ms, p95 {:.1} ms",
+                b.latency_ms.p50_ms, b.latency_ms.p95_ms
+            ),
+        ));
+    }
+    if let Some(b) = r.batches.iter().max_by(|x, y| {
+        x.throughput_tokens_per_s
+            .total_cmp(&y.throughput_tokens_per_s)
+    }) {
+        s.push((
+            "best throughput".to_string(),
+            format!(
+                "{:.1} tokens/s at batch {}",
+                b.throughput_tokens_per_s, b.batch_size
+            ),
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::schema::tests::crafted;
+
+    #[test]
+    fn metrics_follow_the_report_layout_and_read_back() {
+        let r = crafted(40.0);
+        let m = baseline_metrics(&r, 5);
+        let v = serde_json::to_value(&m).unwrap();
+        for key in [
+            "dtype",
+            "load_time_s",
+            "latency_ms",
+            "first_token_ms",
+            "documents",
+        ] {
+            assert!(v.get(key).is_some(), "missing {key} in {v}");
+        }
+        let back: BaselineMetrics = serde_json::from_value(v).unwrap();
+        assert_eq!(back.performance.latency_ms.unwrap().mean_ms, 40.0);
+        assert_eq!(back.performance.load_time_s, Some(0.01));
+    }
+
+    #[test]
+    fn default_config_is_small_and_greedy() {
+        let c = BaselineConfig::default();
+        let o = c.options("builtin:tiny", None);
+        assert_eq!((o.runs, o.warmup_runs, o.max_new_tokens), (3, 1, 32));
+        assert_eq!(o.batch_sizes, [1, 2]);
+        assert_eq!(o.sampling, Sampling::Greedy);
+        o.validate().unwrap();
+    }
+}
