@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::stages::download::DownloadConfig;
+use crate::stages::evaluate::EvaluateConfig;
 use crate::stages::prepare::PrepareConfig;
 use crate::stages::probe::ProbeConfig;
 
@@ -73,6 +74,9 @@ pub struct Config {
     /// `[prepare]`: dataset sources, rendering, filters and split.
     #[serde(default)]
     pub prepare: PrepareConfig,
+    /// `[evaluate]`: variants, generation settings and bootstrap of the evaluation.
+    #[serde(default)]
+    pub evaluate: EvaluateConfig,
     /// Where the config came from (for messages); not part of the file.
     #[serde(skip)]
     pub origin: PathBuf,

@@ -1,6 +1,7 @@
 //! The pipeline's stages, one file each, in execution order.
 
 pub mod download;
+pub mod evaluate;
 pub mod prepare;
 pub mod probe;
 pub mod report;
@@ -14,6 +15,9 @@ pub fn registry() -> Vec<Box<dyn Stage>> {
         Box::new(download::Download),
         Box::new(prepare::Prepare),
     ];
+    // Evaluate reads the variant stages (quantize, train) registered before it, when present.
+    let earlier: Vec<&'static str> = stages.iter().map(|s| s.name()).collect();
+    stages.push(Box::new(evaluate::Evaluate::new(&earlier)));
     // The report comes last and reads whatever ran before it.
     let earlier = stages.iter().map(|s| s.name()).collect();
     stages.push(Box::new(report::Report::new(earlier)));
