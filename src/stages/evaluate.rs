@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::bench::memory::{rss_bytes, MemorySampler};
 use crate::data::eval_docs;
@@ -39,7 +40,7 @@ use crate::model::processor::ImageProcessor;
 use crate::model::prompt::PromptBuilder;
 use crate::model::{ImageInput, Qwen25Vl};
 use crate::pipeline::fs::write_atomic_with;
-use crate::pipeline::{Artifact, Stage, StageCtx, StageOutput};
+use crate::pipeline::{Stage, StageCtx, StageOutput};
 use crate::report::inputs::{
     EvaluationMetrics, GenerationSettings, Performance, VariantEvaluation, VariantNotRun,
 };
@@ -188,8 +189,8 @@ pub struct VariantPlan {
 pub struct UpstreamView<'a> {
     /// Stages built into this medpipe (the registry).
     pub registered: &'a [&'static str],
-    /// Completed artifact of a stage, if any.
-    pub completed: &'a dyn Fn(&str) -> Option<&'a Artifact>,
+    /// `metrics` of a stage's completed artifact; `None` when it has not completed.
+    pub completed: &'a dyn Fn(&str) -> Option<&'a Value>,
     /// Resolves a workspace-relative path.
     pub resolve: &'a dyn Fn(&str) -> PathBuf,
 }
@@ -233,7 +234,7 @@ fn plan_one(
     }
     let dir_from = |stage: &str, key: &str, default: &str| -> PathBuf {
         let rel = (up.completed)(stage)
-            .and_then(|a| a.metrics.get(key))
+            .and_then(|m| m.get(key))
             .and_then(|v| v.as_str())
             .unwrap_or(default)
             .to_string();
@@ -241,7 +242,7 @@ fn plan_one(
     };
     let base_dir = || -> Result<PathBuf, String> {
         (up.completed)("download")
-            .and_then(|a| a.metrics.get("model_dir"))
+            .and_then(|m| m.get("model_dir"))
             .and_then(|v| v.as_str())
             .map(|s| (up.resolve)(s))
             .ok_or_else(|| "download.json has no `metrics.model_dir`".to_string())
@@ -373,7 +374,7 @@ impl Stage for Evaluate {
         if cfg.max_new_tokens == 0 {
             bail!("evaluate.max_new_tokens must be at least 1");
         }
-        let completed = |s: &str| ctx.upstream(s).ok();
+        let completed = |s: &str| ctx.upstream(s).ok().map(|a| &a.metrics);
         let root = ctx.workspace().root().to_path_buf();
         let resolve = |p: &str| root.join(p);
         let plans = plan_variants(
@@ -526,6 +527,7 @@ fn evaluate_all<B: Backend>(
         let source = match &plan.source {
             Ok(s) => s,
             Err(reason) => {
+                remove_stale(&pred_dir.join(format!("{}.jsonl", plan.variant.file_stem())));
                 tracing::info!(variant = name, %reason, "variant not run");
                 out.not_run.push(VariantNotRun {
                     name: name.into(),
@@ -536,6 +538,8 @@ fn evaluate_all<B: Backend>(
             }
         };
         let path = pred_dir.join(format!("{}.jsonl", plan.variant.file_stem()));
+        // Predictions of an earlier run of this variant must not outlive its scores.
+        remove_stale(&path);
         match run_variant::<B>(ctx, cfg, plan.variant, source, docs, &prompts, &path, device) {
             Ok(s) => {
                 out.outputs.push(path);
@@ -660,6 +664,15 @@ fn run_variant<B: Backend>(
     })
 }
 
+/// Removes an old predictions file, if any (a missing file is the normal case).
+fn remove_stale(path: &Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => tracing::debug!(path = %path.display(), "removed stale predictions"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot remove stale predictions"),
+    }
+}
+
 fn request<B: Backend>(d: &EvalDoc, device: &B::Device) -> Request<B> {
     let rows = d.pixel_values.len() / d.patch_dim.max(1);
     let pixel_values = Tensor::<B, 2>::from_data(
@@ -773,4 +786,248 @@ fn read_samples(path: &Path) -> anyhow::Result<Vec<Sample>> {
                 .with_context(|| format!("{} line {}: not a sample row", path.display(), i + 1))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::metrics::answer::ParseStatus;
+    use crate::test_util::{fixture, TB};
+
+    /// Bootstrap resamples in tests: enough for stable percentiles on a handful of documents.
+    const RESAMPLES: usize = 500;
+
+    struct Up {
+        registered: Vec<&'static str>,
+        completed: BTreeMap<&'static str, Value>,
+    }
+
+    impl Up {
+        fn new(registered: &[&'static str], completed: &[&'static str]) -> Self {
+            let completed = completed
+                .iter()
+                .map(|&s| {
+                    let m = match s {
+                        "download" => json!({"model_dir": "/models/base"}),
+                        _ => json!({}),
+                    };
+                    (s, m)
+                })
+                .collect();
+            Self {
+                registered: registered.to_vec(),
+                completed,
+            }
+        }
+
+        fn plan(&self, cfg: &EvaluateConfig) -> Vec<VariantPlan> {
+            let completed = |s: &str| self.completed.get(s);
+            let resolve = |p: &str| Path::new("/ws").join(p);
+            plan_variants(
+                cfg,
+                &UpstreamView {
+                    registered: &self.registered,
+                    completed: &completed,
+                    resolve: &resolve,
+                },
+            )
+        }
+    }
+
+    fn reason(plans: &[VariantPlan], v: Variant) -> String {
+        let p = plans.iter().find(|p| p.variant == v).unwrap();
+        p.source.clone().unwrap_err()
+    }
+
+    #[test]
+    fn without_quantize_and_train_stages_only_base_runs_and_the_others_say_why() {
+        let up = Up::new(&["probe", "download", "prepare"], &["download", "prepare"]);
+        let plans = up.plan(&EvaluateConfig::default());
+        assert_eq!(
+            plans.iter().map(|p| p.variant).collect::<Vec<_>>(),
+            Variant::ALL.to_vec()
+        );
+        assert_eq!(
+            plans[0].source,
+            Ok(VariantSource {
+                model_dir: PathBuf::from("/models/base"),
+                adapter_dir: None
+            })
+        );
+        assert!(reason(&plans, Variant::Nf4).contains("`quantize` is not built"));
+        assert!(reason(&plans, Variant::Nf4Adapter).contains("`quantize` is not built"));
+    }
+
+    #[test]
+    fn a_registered_stage_that_has_not_completed_is_named_in_the_reason() {
+        let reg = ["probe", "download", "quantize", "prepare", "train"];
+        let up = Up::new(&reg, &["download", "prepare", "quantize"]);
+        let plans = up.plan(&EvaluateConfig::default());
+        assert_eq!(
+            plans[1].source,
+            Ok(VariantSource {
+                model_dir: PathBuf::from("/ws/checkpoints/nf4"),
+                adapter_dir: None
+            })
+        );
+        assert!(reason(&plans, Variant::Nf4Adapter).contains("stage `train` has not completed"));
+    }
+
+    #[test]
+    fn with_every_upstream_the_adapter_variant_loads_nf4_plus_the_adapter_directory() {
+        let reg = ["probe", "download", "quantize", "prepare", "train"];
+        let mut up = Up::new(&reg, &["download", "prepare", "quantize", "train"]);
+        up.completed
+            .insert("quantize", json!({"checkpoint_dir": "ckpt/q"}));
+        let plans = up.plan(&EvaluateConfig::default());
+        assert_eq!(
+            plans[2].source,
+            Ok(VariantSource {
+                model_dir: PathBuf::from("/ws/ckpt/q"),
+                adapter_dir: Some(PathBuf::from("/ws/checkpoints/adapter")),
+            })
+        );
+    }
+
+    #[test]
+    fn a_disabled_variant_names_its_config_key() {
+        let up = Up::new(&["download", "prepare"], &["download", "prepare"]);
+        let cfg = EvaluateConfig {
+            base: false,
+            ..EvaluateConfig::default()
+        };
+        assert_eq!(
+            reason(&up.plan(&cfg), Variant::Base),
+            "disabled in config (evaluate.base = false)"
+        );
+    }
+
+    #[test]
+    fn optional_upstream_lists_only_the_variant_stages_that_are_registered() {
+        let e = Evaluate::new(&["probe", "download", "prepare"]);
+        assert!(e.optional_upstream().is_empty());
+        let e = Evaluate::new(&["probe", "download", "quantize", "prepare", "train"]);
+        assert_eq!(e.optional_upstream(), &["quantize", "train"]);
+    }
+
+    #[test]
+    fn the_adapter_variant_fails_loudly_until_the_adapter_loader_is_wired() {
+        let src = VariantSource {
+            model_dir: fixture("qwen2_5_vl_tiny"),
+            adapter_dir: Some(fixture("qwen2_5_vl_tiny/lora")),
+        };
+        let err = load_variant::<TB>(&src, &Default::default()).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("adapter loader is not built"),
+            "{err:#}"
+        );
+        let base = VariantSource {
+            adapter_dir: None,
+            ..src
+        };
+        assert!(load_variant::<TB>(&base, &Default::default()).is_ok());
+    }
+
+    fn gt() -> Vec<crate::data::document::Item> {
+        vec![
+            crate::data::document::Item::new("Sodium", "138", "mmol/L", "lab"),
+            crate::data::document::Item::new("Heart rate", "72", "bpm", "vital"),
+        ]
+    }
+
+    fn score(id: &str, answer: &str) -> DocScore {
+        let gt: Vec<Item> = gt().iter().map(to_metric_item).collect();
+        score_document(id, "lab_panel", "synthetic", &gt, answer)
+    }
+
+    const RIGHT: &str = r#"[{"term":"Sodium","value":"138","unit":"mmol/L"},{"term":"Heart rate","value":"72","unit":"bpm"}]"#;
+
+    #[test]
+    fn fenced_answers_with_trailing_text_are_recovered_and_scored() {
+        let s = score("a", &format!("```json\n{RIGHT}\n```\nHope this helps."));
+        assert_eq!(s.parse, ParseStatus::Recovered);
+        assert_eq!(s.counts.terms_found, 2);
+        assert_eq!(s.counts.values_matched, 2);
+        assert_eq!(s.counts.pairs_matched, 2);
+        let junk = score("b", "lergline III Opline");
+        assert_eq!(junk.parse, ParseStatus::Unparseable);
+        let r = score_report(&[s, junk], RESAMPLES, 0);
+        assert_eq!(r.overall.unparseable_answers, 1);
+        assert_eq!(r.overall.recovered_answers, 1);
+        assert_eq!(r.overall.term_accuracy.value, 0.5);
+        assert_eq!(r.overall.precision.value, 1.0);
+    }
+
+    #[test]
+    fn ground_truth_without_a_unit_is_scored_as_having_none() {
+        let i = to_metric_item(&crate::data::document::Item::new("Rhythm", "sinus", "", ""));
+        assert_eq!(i.unit, None);
+        assert_eq!(i.category, None);
+    }
+
+    fn docs(answers: &[&str]) -> Vec<DocScore> {
+        answers
+            .iter()
+            .enumerate()
+            .map(|(i, a)| score(&format!("d{i}"), a))
+            .collect()
+    }
+
+    #[test]
+    fn an_adapter_worse_than_base_beyond_the_interval_is_flagged_as_a_regression() {
+        let base = docs(&[RIGHT; 12]);
+        let adapter = docs(&["no json here"; 12]);
+        let scored = vec![
+            ("base".to_string(), base.clone()),
+            ("nf4+adapter".to_string(), adapter),
+        ];
+        let cmp = compare_variants(&scored, RESAMPLES, 0).unwrap();
+        assert_eq!(cmp.len(), 2, "combined and f1 vs base: {cmp:?}");
+        let reg = regressions(&cmp);
+        assert!(reg
+            .iter()
+            .any(|c| c.candidate == "nf4+adapter" && c.baseline == "base" && c.metric == "combined"));
+        assert_eq!(reg[0].diff.value, -1.0);
+
+        let same = vec![("base".to_string(), base.clone()), ("nf4".to_string(), base)];
+        let cmp = compare_variants(&same, RESAMPLES, 0).unwrap();
+        assert!(regressions(&cmp).is_empty(), "{cmp:?}");
+    }
+
+    #[test]
+    fn an_improvement_is_not_a_regression_and_nf4_plus_adapter_is_also_compared_with_nf4() {
+        let bad = docs(&["{}"; 10]);
+        let good = docs(&[RIGHT; 10]);
+        let scored = vec![
+            ("base".to_string(), bad.clone()),
+            ("nf4".to_string(), bad),
+            ("nf4+adapter".to_string(), good),
+        ];
+        let cmp = compare_variants(&scored, RESAMPLES, 0).unwrap();
+        assert_eq!(cmp.len(), 5);
+        assert!(cmp
+            .iter()
+            .any(|c| c.baseline == "nf4" && c.candidate == "nf4+adapter" && c.diff.value == 1.0));
+        assert!(regressions(&cmp).is_empty());
+    }
+
+    #[test]
+    fn unpaired_score_lists_are_an_error_naming_the_variants() {
+        let scored = vec![
+            ("base".to_string(), docs(&[RIGHT; 3])),
+            ("nf4".to_string(), docs(&[RIGHT; 2])),
+        ];
+        let err = compare_variants(&scored, RESAMPLES, 0).unwrap_err();
+        assert!(format!("{err:#}").contains("comparing `nf4` with `base`"));
+    }
+
+    #[test]
+    fn evaluate_config_defaults_match_the_embedded_pipeline_file() {
+        let cfg = crate::Config::load(None, &[]).unwrap();
+        assert_eq!(cfg.evaluate, EvaluateConfig::default());
+    }
 }
