@@ -3,6 +3,7 @@
 mod cli;
 mod common;
 mod download;
+mod evaluate;
 mod forward;
 mod mock_hub;
 mod runner;
