@@ -394,8 +394,12 @@ impl Stage for Evaluate {
             .context("download.json has no `metrics.model_dir`")?;
         let prepare = ctx.upstream("prepare")?.metrics.clone();
         let docs = load_documents(ctx, &cfg, &base_dir, &prepare)?;
+        // DEVICE: variants run on NdArray (CPU). A CUDA build should dispatch here on the
+        // probe's device choice (`evaluate_all::<burn::backend::Cuda>`); not wired yet.
         let device = burn::backend::ndarray::NdArrayDevice::Cpu;
-        let outcome = evaluate_all::<burn::backend::NdArray<f32>>(ctx, &cfg, &plans, &docs, &device)?;
+        let outcome = evaluate_all::<burn::backend::NdArray<f32>>(
+            ctx, &cfg, &plans, &docs, &base_dir, &device,
+        )?;
         let n_test = docs.iter().filter(|d| d.set == "test").count();
         let metrics = EvaluationMetrics {
             test_documents: docs.len(),
@@ -426,7 +430,10 @@ impl Stage for Evaluate {
                 format!("{} combined", v.name),
                 format!(
                     "{:.3} [{:.3}, {:.3}], {} unparseable",
-                    o.combined.value, o.combined.ci95_low, o.combined.ci95_high, o.unparseable_answers
+                    o.combined.value,
+                    o.combined.ci95_low,
+                    o.combined.ci95_high,
+                    o.unparseable_answers
                 ),
             ));
         }
@@ -503,17 +510,11 @@ fn evaluate_all<B: Backend>(
     cfg: &EvaluateConfig,
     plans: &[VariantPlan],
     docs: &[EvalDoc],
+    base_dir: &Path,
     device: &B::Device,
 ) -> anyhow::Result<Outcome> {
-    let prompts = PromptBuilder::from_dir(
-        &ctx
-            .upstream("download")?
-            .metrics
-            .get("model_dir")
-            .and_then(|v| v.as_str())
-            .map(|s| ctx.path(s))
-            .context("download.json has no `metrics.model_dir`")?,
-    )?;
+    // Every variant shares the base checkpoint's tokenizer and chat template.
+    let prompts = PromptBuilder::from_dir(base_dir)?;
     let pred_dir = ctx.workspace().reports().join("predictions");
     let mut out = Outcome {
         scored: Vec::new(),
@@ -540,7 +541,16 @@ fn evaluate_all<B: Backend>(
         let path = pred_dir.join(format!("{}.jsonl", plan.variant.file_stem()));
         // Predictions of an earlier run of this variant must not outlive its scores.
         remove_stale(&path);
-        match run_variant::<B>(ctx, cfg, plan.variant, source, docs, &prompts, &path, device) {
+        match run_variant::<B>(
+            ctx,
+            cfg,
+            plan.variant,
+            source,
+            docs,
+            &prompts,
+            &path,
+            device,
+        ) {
             Ok(s) => {
                 out.outputs.push(path);
                 out.scored.push(s);
@@ -657,7 +667,12 @@ fn run_variant<B: Backend>(
             scores: score_report(&scores, cfg.bootstrap_resamples, cfg.bootstrap_seed),
             performance,
             rss_after_load_bytes: rss_after_load,
-            model_dir: Some(ctx.workspace().relative(&source.model_dir).display().to_string()),
+            model_dir: Some(
+                ctx.workspace()
+                    .relative(&source.model_dir)
+                    .display()
+                    .to_string(),
+            ),
             predictions_path: Some(ctx.workspace().relative(pred_path).display().to_string()),
         },
         docs: scores,
@@ -669,7 +684,9 @@ fn remove_stale(path: &Path) {
     match std::fs::remove_file(path) {
         Ok(()) => tracing::debug!(path = %path.display(), "removed stale predictions"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot remove stale predictions"),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove stale predictions")
+        }
     }
 }
 
@@ -988,12 +1005,15 @@ mod tests {
         let cmp = compare_variants(&scored, RESAMPLES, 0).unwrap();
         assert_eq!(cmp.len(), 2, "combined and f1 vs base: {cmp:?}");
         let reg = regressions(&cmp);
-        assert!(reg
-            .iter()
-            .any(|c| c.candidate == "nf4+adapter" && c.baseline == "base" && c.metric == "combined"));
+        assert!(reg.iter().any(|c| c.candidate == "nf4+adapter"
+            && c.baseline == "base"
+            && c.metric == "combined"));
         assert_eq!(reg[0].diff.value, -1.0);
 
-        let same = vec![("base".to_string(), base.clone()), ("nf4".to_string(), base)];
+        let same = vec![
+            ("base".to_string(), base.clone()),
+            ("nf4".to_string(), base),
+        ];
         let cmp = compare_variants(&same, RESAMPLES, 0).unwrap();
         assert!(regressions(&cmp).is_empty(), "{cmp:?}");
     }

@@ -78,7 +78,10 @@ fn evaluate_scores_base_reports_missing_variants_and_feeds_the_report() {
     assert!(overall["unparseable_answers"].is_u64());
     let by_source = base["scores"]["by_source"].as_object().unwrap();
     assert!(by_source.contains_key("synthetic") && by_source.contains_key("eval"));
-    assert!(!base["scores"]["by_doc_type"].as_object().unwrap().is_empty());
+    assert!(!base["scores"]["by_doc_type"]
+        .as_object()
+        .unwrap()
+        .is_empty());
     let perf = &base["performance"];
     assert_eq!(perf["latency_ms"]["n"], n);
     assert_eq!(perf["first_token_ms"]["n"], n);
@@ -88,7 +91,10 @@ fn evaluate_scores_base_reports_missing_variants_and_feeds_the_report() {
     assert!(base["rss_after_load_bytes"].as_u64().unwrap() > 0);
 
     let not_run = m["not_run"].as_array().unwrap();
-    let names: Vec<&str> = not_run.iter().map(|v| v["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = not_run
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["nf4", "nf4+adapter"]);
     for v in not_run {
         assert_eq!(v["status"], "not_run");
@@ -103,7 +109,10 @@ fn evaluate_scores_base_reports_missing_variants_and_feeds_the_report() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), n);
-    assert_eq!(lines.iter().filter(|l| l["set"] == "eval").count(), EVAL_DOCS);
+    assert_eq!(
+        lines.iter().filter(|l| l["set"] == "eval").count(),
+        EVAL_DOCS
+    );
     let unparseable = lines
         .iter()
         .filter(|l| l["score"]["parse"] == "unparseable")
