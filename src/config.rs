@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use crate::stages::baseline::BaselineConfig;
 use crate::stages::download::DownloadConfig;
+use crate::stages::evaluate::EvaluateConfig;
 use crate::stages::prepare::PrepareConfig;
 use crate::stages::probe::ProbeConfig;
 
@@ -80,6 +81,9 @@ pub struct Config {
     /// `[baseline]`: benchmark settings of the unquantized model.
     #[serde(default)]
     pub baseline: BaselineConfig,
+    /// `[evaluate]`: variants, generation settings and bootstrap of the evaluation.
+    #[serde(default)]
+    pub evaluate: EvaluateConfig,
     /// Where the config came from (for messages); not part of the file.
     #[serde(skip)]
     pub origin: PathBuf,

@@ -2,6 +2,7 @@
 
 pub mod baseline;
 pub mod download;
+pub mod evaluate;
 pub mod prepare;
 pub mod probe;
 pub mod quantize;
@@ -18,6 +19,9 @@ pub fn registry() -> Vec<Box<dyn Stage>> {
         Box::new(quantize::Quantize),
         Box::new(prepare::Prepare),
     ];
+    // Evaluate reads the variant stages (quantize, train) registered before it, when present.
+    let earlier: Vec<&'static str> = stages.iter().map(|s| s.name()).collect();
+    stages.push(Box::new(evaluate::Evaluate::new(&earlier)));
     // The report comes last and reads whatever ran before it.
     let earlier = stages.iter().map(|s| s.name()).collect();
     stages.push(Box::new(report::Report::new(earlier)));

@@ -4,6 +4,7 @@ mod bench;
 mod cli;
 mod common;
 mod download;
+mod evaluate;
 mod forward;
 mod mock_hub;
 mod prepare;
