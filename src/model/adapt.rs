@@ -92,9 +92,7 @@ impl<B: Backend> Qwen25Vl<B> {
         let dropout = adapter.config.lora_dropout;
         for (site, proj) in self.text_mut().targets_mut() {
             if let Some(w) = adapter.pairs.get(&site) {
-                proj.set_lora(Some(Lora::from_weights(
-                    &site, w, scaling, dropout, device,
-                )));
+                proj.set_lora(Some(Lora::from_weights(&site, w, scaling, dropout, device)));
             }
         }
         Ok(())
@@ -150,8 +148,7 @@ impl<B: Backend> Qwen25Vl<B> {
         let mut config = AdapterConfig::for_targets(r, scaling * r as f64, dropout, base);
         if modules.len() < TARGET_MODULES.len() {
             modules.sort_by_key(|m| TARGET_MODULES.iter().position(|t| t == m));
-            config.target_modules =
-                format!(r".*language_model.*\.({})", modules.join("|")).into();
+            config.target_modules = format!(r".*language_model.*\.({})", modules.join("|")).into();
         }
         Ok(Adapter { config, pairs })
     }
@@ -253,7 +250,10 @@ mod tests {
         let exported = m.export_adapter(None).unwrap();
         assert_eq!(exported.pairs, original.pairs, "weights round-trip exactly");
         assert_eq!(exported.config.scaling(), original.config.scaling());
-        assert_eq!(exported.config.target_modules, original.config.target_modules);
+        assert_eq!(
+            exported.config.target_modules,
+            original.config.target_modules
+        );
         let dir = tempfile::tempdir().unwrap();
         exported.save(dir.path()).unwrap();
         let keys = |p: std::path::PathBuf| {
@@ -317,7 +317,10 @@ mod tests {
             .attach_adapter(&a, &Default::default())
             .unwrap_err()
             .to_string();
-        assert!(e.contains("layers.7.self_attn.q_proj") && e.contains("2 decoder layers"), "{e}");
+        assert!(
+            e.contains("layers.7.self_attn.q_proj") && e.contains("2 decoder layers"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -119,7 +119,7 @@ impl<B: Backend> Proj<B> {
             BaseProj::Dense(l) => {
                 // burn layout [d_in, d_out]: add (s·B·A)ᵀ = s·Aᵀ·Bᵀ
                 let delta = lora.delta_weight().transpose(); // [d_in, d_out]
-                // Detached: the merged weight is a frozen base like the one it replaces.
+                                                             // Detached: the merged weight is a frozen base like the one it replaces.
                 let w = (l.weight.val() + delta).detach();
                 l.weight = Param::initialized(l.weight.id, w);
             }

@@ -29,7 +29,7 @@ pub mod lora;
 pub mod parity;
 pub mod processor;
 pub mod prompt;
-mod qwen;
+pub(crate) mod qwen;
 pub mod rope;
 mod text;
 pub(crate) mod vision;

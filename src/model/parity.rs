@@ -281,7 +281,12 @@ mod tests {
             run_forward::<TB>(&job, &Default::default()).unwrap();
             let got = std::fs::read(&job.out).unwrap();
             let got = SafeTensors::deserialize(&got).unwrap();
-            assert_close(&format!("merge {merge}"), &read_f32(&got, "logits"), &want, ATOL);
+            assert_close(
+                &format!("merge {merge}"),
+                &read_f32(&got, "logits"),
+                &want,
+                ATOL,
+            );
         }
     }
 

@@ -5,4 +5,6 @@
 
 pub mod loss;
 pub mod optim;
+#[cfg(test)]
+pub(crate) mod qlora_check;
 pub mod schedule;
