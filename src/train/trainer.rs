@@ -229,7 +229,7 @@ pub fn train<B: AutodiffBackend>(
             cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.keep_checkpoints
         )));
     }
-    if !(cfg.lr.is_finite() && cfg.lr > 0.0) || !(0.0..=1.0).contains(&cfg.warmup_ratio) {
+    if !(cfg.lr.is_finite() && cfg.lr > 0.0 && (0.0..=1.0).contains(&cfg.warmup_ratio)) {
         return Err(TrainError::Config(format!(
             "lr {} must be positive and warmup_ratio {} within [0, 1]",
             cfg.lr, cfg.warmup_ratio
@@ -382,7 +382,9 @@ pub fn train<B: AutodiffBackend>(
                 state.epoch += 1;
                 state.next_sample = 0;
             }
-            let eval_due = cfg.eval_every.is_some_and(|e| e > 0 && state.step % e == 0);
+            let eval_due = cfg
+                .eval_every
+                .is_some_and(|e| e > 0 && state.step.is_multiple_of(e));
             if let Some(valid) = valid.filter(|v| !v.is_empty()) {
                 if epoch_done || eval_due {
                     let (loss, tokens) = validate(&model, valid, cfg.batch_size, device)?;
@@ -408,7 +410,7 @@ pub fn train<B: AutodiffBackend>(
             let finished = state.epoch >= cfg.epochs;
             let ckpt_due = cfg
                 .checkpoint_every
-                .is_some_and(|c| c > 0 && state.step % c == 0);
+                .is_some_and(|c| c > 0 && state.step.is_multiple_of(c));
             if finished || ckpt_due {
                 let adapter = model.export_adapter(None)?;
                 let dir = checkpoint::save(ckpt_dir, &state, &adapter, &opt, &model.lora_params())?;
@@ -595,8 +597,8 @@ mod tests {
     }
 
     fn run(
-        samples: &Vec<TrainSample<TB>>,
-        valid: Option<&Vec<TrainSample<TB>>>,
+        samples: &dyn SampleSource<TB>,
+        valid: Option<&dyn SampleSource<TB>>,
         cfg: &TrainConfig,
         dir: &Path,
         stop_at: Option<u64>,
@@ -608,7 +610,7 @@ mod tests {
         train(
             model(),
             samples,
-            valid.map(|v| v as &dyn SampleSource<TB>),
+            valid,
             cfg,
             dir,
             &Default::default(),
