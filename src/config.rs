@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::stages::download::DownloadConfig;
+use crate::stages::prepare::PrepareConfig;
 use crate::stages::probe::ProbeConfig;
 
 /// The embedded default config (`pipeline/default.toml`), used when no `--config` is given.
@@ -69,6 +70,9 @@ pub struct Config {
     /// `[download]`: model and dataset sources on disk.
     #[serde(default)]
     pub download: DownloadConfig,
+    /// `[prepare]`: dataset sources, rendering, filters and split.
+    #[serde(default)]
+    pub prepare: PrepareConfig,
     /// Where the config came from (for messages); not part of the file.
     #[serde(skip)]
     pub origin: PathBuf,

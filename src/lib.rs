@@ -7,10 +7,12 @@
 pub mod bench;
 pub mod builtin;
 pub mod config;
+pub mod data;
 pub mod hub;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod quant;
 pub mod report;
 pub mod stages;
 pub mod train;

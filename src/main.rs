@@ -48,6 +48,11 @@ enum Command {
         after_help = "Example:\n  medpipe forward --model ../shared/fixtures/qwen2_5_vl_tiny \\\n    --inputs ../shared/fixtures/qwen2_5_vl_tiny/reference.safetensors --out /tmp/out.safetensors"
     )]
     Forward(ForwardArgs),
+    /// Quantize a checkpoint directory to bitsandbytes NF4 (double quant), outside the pipeline.
+    #[command(
+        after_help = "Examples:\n  medpipe quantize --model models/qwen2.5-vl-7b --out checkpoints/nf4\n  medpipe quantize --model M --out O --skip lm_head --skip visual.merger"
+    )]
+    Quantize(QuantizeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -67,6 +72,22 @@ struct ForwardArgs {
     /// Merge the adapter into the dense weights before the forward.
     #[arg(long, requires = "adapter")]
     merge: bool,
+}
+
+#[derive(Args, Debug)]
+struct QuantizeArgs {
+    /// Checkpoint directory (config.json + model.safetensors or a sharded index).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Output directory (replaced atomically when the run succeeds).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Module to keep unquantized, dotted (repeatable). Default: lm_head.
+    #[arg(long, value_name = "MODULE")]
+    skip: Vec<String>,
+    /// bnb_4bit_compute_dtype to record. Default: the checkpoint's torch_dtype.
+    #[arg(long, value_name = "DTYPE")]
+    compute_dtype: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -159,6 +180,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Run(args) => run(args),
         Command::Status(args) => status(args),
         Command::Forward(args) => forward(args),
+        Command::Quantize(args) => quantize(args),
         Command::Stages => {
             for (i, s) in stages::pipeline().stages().enumerate() {
                 println!(
@@ -195,6 +217,39 @@ fn forward(args: ForwardArgs) -> Result<(), Failure> {
         job.out.display(),
         report.logits_shape,
         report.image_tokens
+    );
+    Ok(())
+}
+
+fn quantize(args: QuantizeArgs) -> Result<(), Failure> {
+    let mut opts = medpipe::quant::QuantizeOptions::default();
+    if !args.skip.is_empty() {
+        opts.skip = args.skip;
+    }
+    opts.compute_dtype = args.compute_dtype;
+    let r =
+        medpipe::quant::quantize_checkpoint(&args.model, &args.out, &opts).with_context(|| {
+            format!(
+                "quantizing {} into {}",
+                args.model.display(),
+                args.out.display()
+            )
+        })?;
+    let (rmse, max) = r.worst_errors();
+    println!(
+        "quantized {} Linear weights, skipped {}, copied {} other tensors into {} shard(s)",
+        r.tensors_quantized, r.tensors_skipped, r.tensors_copied, r.shards
+    );
+    println!(
+        "size: {:.1} MB → {:.1} MB; worst RMSE {rmse:.3e}, worst max |err| {max:.3e}",
+        r.bytes_before as f64 / 1e6,
+        r.bytes_after as f64 / 1e6
+    );
+    println!(
+        "time: {:.2} s total, quantization {:.1} MB/s; output {}",
+        r.elapsed_s,
+        r.throughput_mb_per_s(),
+        args.out.display()
     );
     Ok(())
 }

@@ -103,84 +103,10 @@ pub fn materialize(dir: &Path, seed: u64, corpus: &[String]) -> Result<Materiali
     })
 }
 
-/// Varied clinical document text for training the tokenizer, `n` lines from `seed`.
-// Stand-in: replaced at merge by `crate::data::synthetic::corpus(seed, n)`, the synthetic clinical document generator.
+/// Clinical document text for training the tokenizer: `n` documents of the synthetic
+/// generator (the same vocabulary, layouts and units the pipeline trains and evaluates on).
 pub(crate) fn tokenizer_corpus(seed: u64, n: usize) -> Vec<String> {
-    use rand::{Rng, SeedableRng};
-    const TESTS: [(&str, &str, f64, f64); 16] = [
-        ("Hemoglobin", "g/dL", 8.0, 17.5),
-        ("White blood cell count", "10^9/L", 2.0, 18.0),
-        ("Platelets", "10^9/L", 90.0, 450.0),
-        ("Sodium", "mmol/L", 128.0, 150.0),
-        ("Potassium", "mmol/L", 2.9, 6.1),
-        ("Creatinine", "mg/dL", 0.5, 3.2),
-        ("Glucose", "mg/dL", 60.0, 320.0),
-        ("HbA1c", "%", 4.8, 11.5),
-        ("ALT", "U/L", 7.0, 180.0),
-        ("Total cholesterol", "mg/dL", 120.0, 310.0),
-        ("TSH", "mIU/L", 0.1, 9.0),
-        ("C-reactive protein", "mg/L", 0.2, 120.0),
-        ("Troponin I", "ng/mL", 0.0, 2.5),
-        ("INR", "", 0.8, 3.5),
-        ("Heart rate", "bpm", 48.0, 128.0),
-        ("Temperature", "°C", 35.8, 40.1),
-    ];
-    const DIAGNOSES: [&str; 10] = [
-        "type 2 diabetes mellitus",
-        "essential hypertension",
-        "community-acquired pneumonia",
-        "chronic kidney disease stage 3",
-        "atrial fibrillation",
-        "iron deficiency anemia",
-        "hypothyroidism",
-        "acute bronchitis",
-        "congestive heart failure",
-        "urinary tract infection",
-    ];
-    const DRUGS: [(&str, &str); 8] = [
-        ("metformin", "500 mg twice daily"),
-        ("lisinopril", "10 mg once daily"),
-        ("atorvastatin", "40 mg at night"),
-        ("amoxicillin", "875 mg every 12 hours"),
-        ("levothyroxine", "75 mcg every morning"),
-        ("furosemide", "20 mg daily"),
-        ("apixaban", "5 mg twice daily"),
-        ("ferrous sulfate", "325 mg daily"),
-    ];
-    const KINDS: [&str; 5] = [
-        "LABORATORY REPORT",
-        "DISCHARGE SUMMARY",
-        "PROGRESS NOTE",
-        "RADIOLOGY REPORT",
-        "PRESCRIPTION",
-    ];
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    (0..n)
-        .map(|i| {
-            let kind = KINDS[i % KINDS.len()];
-            let age = rng.random_range(18..95);
-            let sex = if rng.random_bool(0.5) { "female" } else { "male" };
-            let dx = DIAGNOSES[rng.random_range(0..DIAGNOSES.len())];
-            let (drug, dose) = DRUGS[rng.random_range(0..DRUGS.len())];
-            let mut doc = format!(
-                "{kind}\nPatient ID: MRN-{:06}  Date: 2024-{:02}-{:02}\n{age}-year-old {sex} with a history of {dx}.\n",
-                rng.random_range(0..1_000_000),
-                rng.random_range(1..13),
-                rng.random_range(1..29)
-            );
-            for _ in 0..rng.random_range(3..7) {
-                let (test, unit, lo, hi) = TESTS[rng.random_range(0..TESTS.len())];
-                let value = lo + (hi - lo) * rng.random::<f64>();
-                let flag = if value > lo + 0.8 * (hi - lo) { " (H)" } else { "" };
-                doc.push_str(&format!("{test}: {value:.1} {unit}{flag}\n"));
-            }
-            doc.push_str(&format!(
-                "Assessment: {dx}. Plan: continue {drug} {dose}; follow up in {} weeks.\n",
-                rng.random_range(1..13)
-            ));
-            doc
-        })
-        .collect()
+    crate::data::synthetic::corpus(seed, n).collect()
 }
 
 #[cfg(test)]
@@ -271,5 +197,49 @@ mod tests {
         for (k, (shape, _)) in layout {
             assert_eq!(st.tensor(&k).unwrap().shape(), shape.as_slice(), "{k}");
         }
+    }
+
+    #[test]
+    fn builtin_tiny_loads_like_any_checkpoint_and_generates_from_an_image_prompt() {
+        use crate::model::processor::{ImageInput as Img, ImageProcessor};
+        use crate::model::prompt::PromptBuilder;
+        use crate::model::{GenerateConfig, ImageInput, Qwen25Vl, Request};
+        use crate::test_util::TB;
+        use burn::prelude::*;
+
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("base");
+        materialize(&dir, 0, &tokenizer_corpus(0, 300)).unwrap();
+        let dev = Default::default();
+        let model = Qwen25Vl::<TB>::load(&dir, &dev).unwrap();
+        let proc = ImageProcessor::from_config_file(dir.join("preprocessor_config.json")).unwrap();
+        let page = image::DynamicImage::new_rgb8(100, 60);
+        let px = proc.preprocess(&[Img::Image(page)]).unwrap();
+        let prompt = PromptBuilder::from_dir(&dir).unwrap();
+        let ids = prompt
+            .encode_chat(None, "List the lab values as JSON.", &px.grid_thw)
+            .unwrap();
+        let images = ImageInput {
+            pixel_values: Tensor::<TB, 1>::from_floats(px.pixel_values.as_slice(), &dev)
+                .reshape([px.num_patches, px.patch_dim]),
+            grids: px.grid_thw.iter().map(|g| g.map(|v| v as usize)).collect(),
+        };
+        let cfg = GenerateConfig {
+            max_new_tokens: 4,
+            ..Default::default()
+        };
+        let out = model
+            .generate(
+                &[Request {
+                    input_ids: ids.clone(),
+                    images: Some(images),
+                }],
+                &cfg,
+                &dev,
+            )
+            .unwrap();
+        assert_eq!(out[0].prompt_tokens, ids.len());
+        assert!(!out[0].tokens.is_empty() && out[0].tokens.len() <= 4);
+        prompt.decode(&out[0].tokens).unwrap();
     }
 }

@@ -15,9 +15,6 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::pipeline::fs::{write_atomic, FsError};
 
-/// The embedded chart font.
-const FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
-
 /// Family name the charts ask for.
 const FAMILY: &str = "sans-serif";
 
@@ -87,7 +84,9 @@ fn register_font() {
     FONT_ONCE.call_once(|| {
         // The font is a committed asset; a parse failure would be a broken checkout, and
         // plotters then falls back to drawing no text rather than failing.
-        if plotters::style::register_font(FAMILY, FontStyle::Normal, FONT).is_err() {
+        if plotters::style::register_font(FAMILY, FontStyle::Normal, dejavu::sans::regular())
+            .is_err()
+        {
             tracing::warn!("embedded chart font did not parse; charts will have no text");
         }
     });

@@ -5,4 +5,5 @@ mod common;
 mod download;
 mod forward;
 mod mock_hub;
+mod prepare;
 mod runner;
