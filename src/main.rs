@@ -149,6 +149,12 @@ struct ForwardArgs {
     /// Output file for `logits`, `image_embeds`, `position_ids` (f32).
     #[arg(long, value_name = "OUT.safetensors")]
     out: PathBuf,
+    /// peft LoRA adapter directory to attach to the language model.
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
+    /// Merge the adapter into the dense weights before the forward.
+    #[arg(long, requires = "adapter")]
+    merge: bool,
 }
 
 #[derive(Args, Debug)]
@@ -278,6 +284,8 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
 fn forward(args: ForwardArgs) -> Result<(), Failure> {
     let job = medpipe::model::parity::ForwardJob {
         model_dir: args.model,
+        adapter: args.adapter,
+        merge: args.merge,
         inputs: args.inputs,
         out: args.out,
     };

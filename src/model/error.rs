@@ -128,4 +128,10 @@ pub enum ModelError {
         /// burn's message.
         reason: String,
     },
+    /// A LoRA adapter directory is unreadable or invalid.
+    #[error(transparent)]
+    Adapter(#[from] crate::model::lora::LoraError),
+    /// A LoRA adapter does not fit the model.
+    #[error(transparent)]
+    Adapt(#[from] crate::model::adapt::AdaptError),
 }

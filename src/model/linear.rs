@@ -14,6 +14,10 @@
 //!
 //! Field names follow checkpoint keys (`q_proj.weight`, `q_proj.bias`); burn's `Linear`
 //! stores the weight as `[d_in, d_out]`, the checkpoint as `[d_out, d_in]`.
+//!
+//! With a LoRA pair attached the projection computes `base(x) + lora(x)` as peft's
+//! `lora.Linear.forward` (peft 0.21 `tuners/lora/layer.py`); whatever the base is, it stays
+//! frozen, and merging folds `s·B·A` into a dense base.
 
 use burn::module::Param;
 use burn::nn::Linear;
@@ -21,6 +25,7 @@ use burn::prelude::*;
 use burn::tensor::DType;
 
 use crate::model::error::ModelError;
+use crate::model::lora::Lora;
 use crate::model::weights::WeightSource;
 use crate::quant::Nf4Linear;
 
@@ -38,6 +43,8 @@ pub enum BaseProj<B: Backend> {
 #[derive(Module, Debug)]
 pub struct Proj<B: Backend> {
     base: BaseProj<B>,
+    /// Low-rank update added to the base output (`None`: plain projection).
+    lora: Option<Lora<B>>,
 }
 
 /// Shape of a projection as the checkpoint stores it.
@@ -85,6 +92,7 @@ impl<B: Backend> Proj<B> {
             })?;
             return Ok(Proj {
                 base: BaseProj::Nf4(lin),
+                lora: None,
             });
         }
         let w: Tensor<B, 2> = src.tensor(&wkey, [spec.d_out, spec.d_in], device)?;
@@ -108,15 +116,31 @@ impl<B: Backend> Proj<B> {
                 weight: Param::from_tensor(weight),
                 bias,
             }),
+            lora: None,
         }
     }
 
     /// # Shapes
     /// - `x`: `[..., d_in]` → `[..., d_out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let y = match &self.base {
+            BaseProj::Dense(l) => l.forward(x.clone()),
+            BaseProj::Nf4(l) => l.forward(x.clone()),
+        };
+        match &self.lora {
+            Some(lora) => y + lora.forward(x),
+            None => y,
+        }
+    }
+
+    /// `[d_in, d_out]` of the base projection.
+    pub(crate) fn dims(&self) -> [usize; 2] {
         match &self.base {
-            BaseProj::Dense(l) => l.forward(x),
-            BaseProj::Nf4(l) => l.forward(x),
+            BaseProj::Dense(l) => l.weight.val().dims(),
+            BaseProj::Nf4(l) => {
+                let (d_in, d_out) = l.dims();
+                [d_in, d_out]
+            }
         }
     }
 
@@ -137,6 +161,34 @@ impl<B: Backend> Proj<B> {
                 ((w.shape().num_elements() + b) * w.dtype().size()) as u64
             }
             BaseProj::Nf4(l) => l.stored_bytes(),
+        }
+    }
+
+    /// The attached LoRA pair, if any.
+    pub(crate) fn lora(&self) -> Option<&Lora<B>> {
+        self.lora.as_ref()
+    }
+
+    /// Attaches `lora` (replacing any previous pair); the caller checked its shapes.
+    pub(crate) fn set_lora(&mut self, lora: Option<Lora<B>>) {
+        self.lora = lora;
+    }
+
+    /// Folds the LoRA update into a dense base (`W' = W + s·B·A`) and drops the pair. An NF4
+    /// base keeps its pair: folding would re-quantize and lose the update's precision.
+    pub(crate) fn merge_lora(&mut self) {
+        let Some(lora) = self.lora.take() else {
+            return;
+        };
+        match &mut self.base {
+            BaseProj::Dense(l) => {
+                // burn layout [d_in, d_out]: add (s·B·A)ᵀ = s·Aᵀ·Bᵀ. Detached: the merged
+                // weight is a frozen base like the one it replaces.
+                let delta = lora.delta_weight().transpose(); // [d_in, d_out]
+                let w = (l.weight.val() + delta).detach();
+                l.weight = Param::initialized(l.weight.id, w);
+            }
+            BaseProj::Nf4(_) => self.lora = Some(lora),
         }
     }
 }

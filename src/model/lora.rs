@@ -150,6 +150,14 @@ pub struct Site {
 }
 
 impl Site {
+    /// The site of `module` (`self_attn.q_proj`, …) in decoder layer `layer`.
+    pub fn new(layer: usize, module: &str) -> Self {
+        Self {
+            layer,
+            module: module.to_string(),
+        }
+    }
+
     /// The peft key prefix (transformers-5 layout) of this site.
     pub fn peft_prefix(&self) -> String {
         format!(
@@ -428,9 +436,10 @@ impl<B: Backend> Lora<B> {
         let a = Tensor::<B, 1>::from_floats(w.a.as_slice(), device).reshape(w.a_shape);
         let b = Tensor::<B, 1>::from_floats(w.b.as_slice(), device).reshape(w.b_shape);
         let p = site.peft_prefix();
+        // `require_grad`: LoRA pairs are the trainable params (a no-op without autodiff).
         Self {
-            lora_a: Param::initialized(stable_id(&format!("{p}.lora_A")), a),
-            lora_b: Param::initialized(stable_id(&format!("{p}.lora_B")), b),
+            lora_a: Param::initialized(stable_id(&format!("{p}.lora_A")), a.require_grad()),
+            lora_b: Param::initialized(stable_id(&format!("{p}.lora_B")), b.require_grad()),
             scaling,
             dropout: burn::nn::DropoutConfig::new(dropout).init(),
         }
@@ -469,12 +478,57 @@ impl<B: Backend> Lora<B> {
     /// The update `scaling · dropout(x) Aᵀ Bᵀ`.
     ///
     /// # Shapes
-    /// - `x`: `[batch, seq, d_in]`; returns `[batch, seq, d_out]`
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    /// - `x`: `[..., d_in]`; returns `[..., d_out]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let x = self.dropout.forward(x);
-        let a = self.lora_a.val().transpose().unsqueeze::<3>(); // [1, d_in, r]
-        let b = self.lora_b.val().transpose().unsqueeze::<3>(); // [1, r, d_out]
-        x.matmul(a).matmul(b).mul_scalar(self.scaling)
+        let mut dims = x.dims();
+        let d_in = dims[D - 1];
+        let rows = dims[..D - 1].iter().product::<usize>();
+        let a = self.lora_a.val().transpose(); // [d_in, r]
+        let b = self.lora_b.val().transpose(); // [r, d_out]
+        dims[D - 1] = b.dims()[1];
+        x.reshape([rows, d_in])
+            .matmul(a)
+            .matmul(b)
+            .mul_scalar(self.scaling)
+            .reshape(dims)
+    }
+
+    /// The dense update `scaling · B·A` in PyTorch layout `[d_out, d_in]` (for merging).
+    pub fn delta_weight(&self) -> Tensor<B, 2> {
+        self.lora_b
+            .val()
+            .matmul(self.lora_a.val())
+            .mul_scalar(self.scaling)
+    }
+
+    /// `alpha / r` (or what the adapter's config made it).
+    pub fn scaling(&self) -> f64 {
+        self.scaling
+    }
+
+    /// Rank `r`.
+    pub fn rank(&self) -> usize {
+        self.lora_a.val().dims()[0]
+    }
+
+    /// Dropout probability on the LoRA input.
+    pub fn dropout(&self) -> f64 {
+        self.dropout.prob
+    }
+
+    /// The pair with both params marked trainable (after a module-wide `no_grad`).
+    pub(crate) fn trainable(self) -> Self {
+        Self {
+            lora_a: self.lora_a.set_require_grad(true),
+            lora_b: self.lora_b.set_require_grad(true),
+            ..self
+        }
+    }
+
+    /// Ids of the A and B params (stable across processes, see [`Lora`]).
+    pub fn param_ids(&self) -> [ParamId; 2] {
+        [self.lora_a.id, self.lora_b.id]
     }
 
     /// The weights as plain data (for saving in peft format).

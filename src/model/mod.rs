@@ -5,6 +5,7 @@
 //! - `weights`: memory-mapped safetensors (single or sharded), key remapping, strict
 //!   coverage checks against the config's tensor manifest.
 //! - `linear`: the one projection seam (`Proj` over `BaseProj`) for NF4/LoRA;
+//!   `adapt`: attaching, exporting, freezing and merging LoRA on the whole model;
 //!   `lora`: LoRA pairs and the PEFT adapter format.
 //! - `vision`, `rope`, `text`: vision tower, M-RoPE, decoder; `cache`: per-layer KV cache.
 //! - `processor`: the Qwen2-VL image processor; `prompt`: chat prompts and training labels.
@@ -18,6 +19,7 @@
 //!
 //! Reference: transformers `models/qwen2_5_vl/modeling_qwen2_5_vl.py@00b676f8f0489b88652a31d70751cc540dd06305`.
 
+pub mod adapt;
 mod cache;
 pub mod config;
 mod error;
@@ -27,7 +29,7 @@ pub mod lora;
 pub mod parity;
 pub mod processor;
 pub mod prompt;
-mod qwen;
+pub(crate) mod qwen;
 pub mod rope;
 mod text;
 pub(crate) mod vision;

@@ -2,7 +2,8 @@
 //! saw (`input_ids`, optional `pixel_values` + `image_grid_thw`, the keys of the fixtures'
 //! `reference.safetensors`), runs one full-sequence forward, and writes `logits`,
 //! `image_embeds` and `position_ids` as f32 safetensors for comparison with the
-//! reference stack on any checkpoint.
+//! reference stack on any checkpoint, optionally with a peft LoRA adapter attached (or
+//! merged into the dense weights).
 
 use std::path::{Path, PathBuf};
 
@@ -11,13 +12,18 @@ use burn::tensor::TensorData;
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 
 use crate::model::error::ModelError;
+use crate::model::lora::Adapter;
 use crate::model::qwen::{ImageInput, Qwen25Vl};
 
-/// One parity run. (Room for an adapter directory or a quantized checkpoint later.)
+/// One parity run.
 #[derive(Debug, Clone)]
 pub struct ForwardJob {
     /// Checkpoint directory (config.json + safetensors).
     pub model_dir: PathBuf,
+    /// peft adapter directory (`adapter_config.json` + `adapter_model.safetensors`) to attach.
+    pub adapter: Option<PathBuf>,
+    /// Fold the adapter into the dense weights before the forward (`W + s·B·A`).
+    pub merge: bool,
     /// Input safetensors.
     pub inputs: PathBuf,
     /// Output safetensors.
@@ -75,7 +81,13 @@ pub fn run_forward<B: Backend>(
     job: &ForwardJob,
     device: &B::Device,
 ) -> Result<ForwardReport, ModelError> {
-    let model = Qwen25Vl::<B>::load(&job.model_dir, device)?;
+    let mut model = Qwen25Vl::<B>::load(&job.model_dir, device)?;
+    if let Some(dir) = &job.adapter {
+        model.attach_adapter(&Adapter::load(dir)?, device)?;
+        if job.merge {
+            model.merge_lora();
+        }
+    }
     let bytes = std::fs::read(&job.inputs).map_err(|source| ModelError::Io {
         path: job.inputs.clone(),
         source,
@@ -219,6 +231,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let job = ForwardJob {
             model_dir: fixture("qwen2_5_vl_tiny"),
+            adapter: None,
+            merge: false,
             inputs: fixture("qwen2_5_vl_tiny/reference.safetensors"),
             out: dir.path().join("out.safetensors"),
         };
@@ -252,6 +266,48 @@ mod tests {
     }
 
     #[test]
+    fn forward_job_with_the_fixture_adapter_writes_peft_logits_merged_or_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let want = std::fs::read(fixture("qwen2_5_vl_tiny/lora/reference.safetensors")).unwrap();
+        let want = read_f32(&SafeTensors::deserialize(&want).unwrap(), "logits");
+        for merge in [false, true] {
+            let job = ForwardJob {
+                model_dir: fixture("qwen2_5_vl_tiny"),
+                adapter: Some(fixture("qwen2_5_vl_tiny/lora")),
+                merge,
+                inputs: fixture("qwen2_5_vl_tiny/reference.safetensors"),
+                out: dir.path().join(format!("out-{merge}.safetensors")),
+            };
+            run_forward::<TB>(&job, &Default::default()).unwrap();
+            let got = std::fs::read(&job.out).unwrap();
+            let got = SafeTensors::deserialize(&got).unwrap();
+            assert_close(
+                &format!("merge {merge}"),
+                &read_f32(&got, "logits"),
+                &want,
+                ATOL,
+            );
+        }
+    }
+
+    #[test]
+    fn an_adapter_directory_without_files_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = ForwardJob {
+            model_dir: fixture("qwen2_5_vl_tiny"),
+            adapter: Some(dir.path().to_path_buf()),
+            merge: false,
+            inputs: fixture("qwen2_5_vl_tiny/reference.safetensors"),
+            out: dir.path().join("out.safetensors"),
+        };
+        let e = run_forward::<TB>(&job, &Default::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("adapter_config.json"), "{e}");
+        assert!(!job.out.exists());
+    }
+
+    #[test]
     fn text_only_inputs_need_no_pixel_values() {
         let dir = tempfile::tempdir().unwrap();
         let ids: Vec<u8> = [1990i64, 11, 12, 13, 100]
@@ -270,6 +326,8 @@ mod tests {
         .unwrap();
         let job = ForwardJob {
             model_dir: fixture("qwen2_5_vl_tiny"),
+            adapter: None,
+            merge: false,
             inputs,
             out: dir.path().join("out.safetensors"),
         };
@@ -306,6 +364,8 @@ mod tests {
         .unwrap();
         let job = ForwardJob {
             model_dir: fixture("qwen2_5_vl_tiny"),
+            adapter: None,
+            merge: false,
             inputs: inputs.clone(),
             out: dir.path().join("out.safetensors"),
         };

@@ -111,6 +111,16 @@ impl<B: Backend> Qwen25Vl<B> {
         &self.config
     }
 
+    /// The language model (LoRA sites live there).
+    pub(crate) fn text(&self) -> &TextModel<B> {
+        &self.model
+    }
+
+    /// [`Self::text`], mutably.
+    pub(crate) fn text_mut(&mut self) -> &mut TextModel<B> {
+        &mut self.model
+    }
+
     /// Fresh KV caches (one per layer) for `batch` rows of up to `capacity` positions.
     pub fn new_caches(&self, batch: usize, capacity: usize, device: &B::Device) -> Vec<KvCache<B>> {
         let t = &self.config.text;
@@ -418,7 +428,7 @@ pub(crate) mod tests {
         Qwen25Vl::load(&fixture("qwen2_5_vl_tiny"), &Default::default()).unwrap()
     }
 
-    fn image(r: &Reference) -> ImageInput<TB> {
+    pub(crate) fn image(r: &Reference) -> ImageInput<TB> {
         ImageInput {
             pixel_values: Tensor::from_data(
                 TensorData::new(r.pixel_values.clone(), r.pixel_shape),

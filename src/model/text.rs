@@ -18,6 +18,7 @@ use crate::model::cache::KvCache;
 use crate::model::config::TextConfig;
 use crate::model::error::ModelError;
 use crate::model::linear::{Proj, ProjSpec, RmsNorm};
+use crate::model::lora::Site;
 use crate::model::rope::{apply_rotary, RopeTables};
 use crate::model::weights::WeightSource;
 
@@ -189,6 +190,47 @@ impl<B: Backend> TextModel<B> {
     /// The embedding matrix `[vocab, hidden]` (for a tied `lm_head`).
     pub(crate) fn embedding_weight(&self) -> Tensor<B, 2> {
         self.embed_tokens.weight.val()
+    }
+
+    /// Every LoRA target projection (the seven of [`crate::model::lora::TARGET_MODULES`] in
+    /// each layer) with its site.
+    pub(crate) fn targets(&self) -> Vec<(Site, &Proj<B>)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7);
+        for (i, l) in self.layers.iter().enumerate() {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            for (module, p) in [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ] {
+                out.push((Site::new(i, module), p));
+            }
+        }
+        out
+    }
+
+    /// [`Self::targets`], mutably.
+    pub(crate) fn targets_mut(&mut self) -> Vec<(Site, &mut Proj<B>)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7);
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let (a, m) = (&mut l.self_attn, &mut l.mlp);
+            for (module, p) in [
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.o_proj", &mut a.o_proj),
+                ("mlp.gate_proj", &mut m.gate_proj),
+                ("mlp.up_proj", &mut m.up_proj),
+                ("mlp.down_proj", &mut m.down_proj),
+            ] {
+                out.push((Site::new(i, module), p));
+            }
+        }
+        out
     }
 
     /// Runs the decoder stack and the final norm, appending to `caches` when given

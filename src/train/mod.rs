@@ -1,8 +1,14 @@
 //! Training primitives for QLoRA that must match PyTorch/transformers exactly and that burn
 //! 0.21 does not provide in that form: AdamW with global-norm gradient clipping (burn clips
 //! per tensor), HF's linear-warmup + cosine schedule (burn's cosine restarts), and the masked
-//! next-token cross-entropy transformers computes.
+//! next-token cross-entropy transformers computes; and the loop that uses them: samples and
+//! batching (`batch`), resumable checkpoints (`checkpoint`), the trainer (`trainer`).
 
+pub mod batch;
+pub mod checkpoint;
 pub mod loss;
 pub mod optim;
+#[cfg(test)]
+pub(crate) mod qlora_check;
 pub mod schedule;
+pub mod trainer;

@@ -105,3 +105,37 @@ fn forward_subcommand_on_an_nf4_checkpoint_writes_the_bitsandbytes_reference_log
         .fold(0f32, f32::max);
     assert!(worst <= LOGITS_ATOL, "max |diff| {worst}");
 }
+
+#[test]
+fn forward_subcommand_with_an_adapter_writes_peft_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let status = Command::new(env!("CARGO_BIN_EXE_medpipe"))
+        .args(["forward", "--model"])
+        .arg(fixture("qwen2_5_vl_tiny"))
+        .arg("--adapter")
+        .arg(fixture("qwen2_5_vl_tiny/lora"))
+        .arg("--inputs")
+        .arg(fixture("qwen2_5_vl_tiny/reference.safetensors"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let got = std::fs::read(&out).unwrap();
+    let got = safetensors::SafeTensors::deserialize(&got).unwrap();
+    let want = std::fs::read(fixture("qwen2_5_vl_tiny/lora/reference.safetensors")).unwrap();
+    let want = safetensors::SafeTensors::deserialize(&want).unwrap();
+    let (g, w) = (f32s(&got, "logits"), f32s(&want, "logits"));
+    assert_eq!(g.len(), w.len());
+    let worst = g
+        .iter()
+        .zip(&w)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= LOGITS_ATOL, "max |diff| {worst}");
+}
