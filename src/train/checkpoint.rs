@@ -49,6 +49,9 @@ pub struct RunFingerprint {
     pub epochs: usize,
     pub seed: u64,
     pub lr: f64,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: Option<f64>,
     pub total_steps: u64,
 }
 

@@ -254,6 +254,9 @@ pub fn train<B: AutodiffBackend>(
         epochs: cfg.epochs,
         seed: cfg.seed,
         lr: cfg.lr,
+        warmup_ratio: cfg.warmup_ratio,
+        weight_decay: cfg.weight_decay,
+        max_grad_norm: cfg.max_grad_norm,
         total_steps,
     };
     let mut model = model.freeze_except_lora();
@@ -321,11 +324,10 @@ pub fn train<B: AutodiffBackend>(
                 .iter()
                 .map(|&i| train.get(i))
                 .collect::<Result<Vec<_>, _>>()?;
-            let inner_dev = device.clone();
             let batches = samples
                 .chunks(cfg.batch_size)
                 .zip(indices.chunks(cfg.batch_size))
-                .map(|(s, i)| collate(s, i, &inner_dev))
+                .map(|(s, i)| collate(s, i, device))
                 .collect::<Result<Vec<_>, _>>()?;
             let window_tokens: usize = batches.iter().map(|b| b.label_tokens).sum();
             let input_tokens: usize = batches.iter().map(|b| b.input_tokens).sum();
