@@ -84,6 +84,9 @@ pub struct Config {
     /// `[evaluate]`: variants, generation settings and bootstrap of the evaluation.
     #[serde(default)]
     pub evaluate: EvaluateConfig,
+    /// `[train]`: QLoRA fine-tune hyper-parameters.
+    #[serde(default)]
+    pub train: crate::stages::train::TrainStageConfig,
     /// Where the config came from (for messages); not part of the file.
     #[serde(skip)]
     pub origin: PathBuf,

@@ -253,11 +253,11 @@ fn plan_one(
             adapter_dir: None,
         }),
         Variant::Nf4 => Ok(VariantSource {
-            model_dir: dir_from("quantize", "checkpoint_dir", DEFAULT_NF4_DIR),
+            model_dir: dir_from("quantize", "output_dir", DEFAULT_NF4_DIR),
             adapter_dir: None,
         }),
         Variant::Nf4Adapter => Ok(VariantSource {
-            model_dir: dir_from("quantize", "checkpoint_dir", DEFAULT_NF4_DIR),
+            model_dir: dir_from("quantize", "output_dir", DEFAULT_NF4_DIR),
             adapter_dir: Some(dir_from("train", "adapter_dir", DEFAULT_ADAPTER_DIR)),
         }),
     }
@@ -272,17 +272,16 @@ pub fn load_variant<B: Backend>(
     source: &VariantSource,
     device: &B::Device,
 ) -> anyhow::Result<Qwen25Vl<B>> {
-    let model = Qwen25Vl::<B>::load(&source.model_dir, device)
+    let mut model = Qwen25Vl::<B>::load(&source.model_dir, device)
         .with_context(|| format!("loading the model from {}", source.model_dir.display()))?;
-    match &source.adapter_dir {
-        None => Ok(model),
-        // ADAPTER ATTACH: the single call to wire at merge (attach the PEFT adapter in
-        // `dir` to `model` and return it).
-        Some(dir) => bail!(
-            "cannot attach the adapter in {}: the adapter loader is not built into this medpipe yet",
-            dir.display()
-        ),
+    if let Some(dir) = &source.adapter_dir {
+        let adapter = crate::model::lora::Adapter::load(dir)
+            .with_context(|| format!("loading the adapter in {}", dir.display()))?;
+        model
+            .attach_adapter(&adapter, device)
+            .with_context(|| format!("attaching the adapter in {}", dir.display()))?;
     }
+    Ok(model)
 }
 
 /// One document to score.
@@ -899,7 +898,7 @@ mod tests {
         let reg = ["probe", "download", "quantize", "prepare", "train"];
         let mut up = Up::new(&reg, &["download", "prepare", "quantize", "train"]);
         up.completed
-            .insert("quantize", json!({"checkpoint_dir": "ckpt/q"}));
+            .insert("quantize", json!({"output_dir": "ckpt/q"}));
         let plans = up.plan(&EvaluateConfig::default());
         assert_eq!(
             plans[2].source,
@@ -932,21 +931,35 @@ mod tests {
     }
 
     #[test]
-    fn the_adapter_variant_fails_loudly_until_the_adapter_loader_is_wired() {
+    fn an_adapter_variant_loads_the_peft_adapter_and_changes_the_model() {
         let src = VariantSource {
             model_dir: fixture("qwen2_5_vl_tiny"),
             adapter_dir: Some(fixture("qwen2_5_vl_tiny/lora")),
         };
-        let err = load_variant::<TB>(&src, &Default::default()).unwrap_err();
-        assert!(
-            format!("{err:#}").contains("adapter loader is not built"),
-            "{err:#}"
-        );
+        let adapted = load_variant::<TB>(&src, &Default::default()).unwrap();
         let base = VariantSource {
             adapter_dir: None,
+            ..src.clone()
+        };
+        let base = load_variant::<TB>(&base, &Default::default()).unwrap();
+        let ids = vec![vec![1u32, 2, 3]];
+        let dev = Default::default();
+        let a = adapted.forward(&ids, None, None, &dev).unwrap().logits;
+        let b = base.forward(&ids, None, None, &dev).unwrap().logits;
+        let diff = (a - b).abs().max().into_scalar();
+        assert!(
+            diff > 1e-3,
+            "the adapter must change the logits (max diff {diff})"
+        );
+        let missing = VariantSource {
+            adapter_dir: Some(fixture("qwen2_5_vl_tiny/nf4")),
             ..src
         };
-        assert!(load_variant::<TB>(&base, &Default::default()).is_ok());
+        let err = load_variant::<TB>(&missing, &Default::default()).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("adapter_config.json"),
+            "{err:#}"
+        );
     }
 
     fn gt() -> Vec<crate::data::document::Item> {

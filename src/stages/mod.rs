@@ -7,6 +7,7 @@ pub mod prepare;
 pub mod probe;
 pub mod quantize;
 pub mod report;
+pub mod train;
 
 use crate::pipeline::{Pipeline, Stage};
 
@@ -18,6 +19,7 @@ pub fn registry() -> Vec<Box<dyn Stage>> {
         Box::new(baseline::Baseline),
         Box::new(quantize::Quantize),
         Box::new(prepare::Prepare),
+        Box::new(train::Train),
     ];
     // Evaluate reads the variant stages (quantize, train) registered before it, when present.
     let earlier: Vec<&'static str> = stages.iter().map(|s| s.name()).collect();

@@ -228,4 +228,34 @@ mod tests {
             );
         }
     }
+
+    /// The loss is one f32 scalar from the same NF4 weights: the bar is 1e-4 relative.
+    const LOSS_REL_TOL: f64 = 1e-4;
+    /// Gradients are compared relative to each tensor's norm (the bar: 1e-3).
+    const GRAD_REL_TOL: f32 = 1e-3;
+
+    #[test]
+    fn qlora_step_on_the_nf4_base_matches_peft_loss_and_gradients() {
+        let dev = Default::default();
+        let m = Qwen25Vl::<AD>::load(&fixture("qwen2_5_vl_tiny/nf4"), &dev).unwrap();
+        let (loss, grads) = qlora_step_check(m);
+        let step = load_step();
+        let rel = (f64::from(loss) - step.loss).abs() / step.loss.abs();
+        assert!(rel <= LOSS_REL_TOL, "loss {loss} vs torch {} (rel {rel:e})", step.loss);
+        assert_eq!(grads.len(), step.grads.len());
+        for (k, g) in &grads {
+            let want = &step.grads[k];
+            let norm = want.iter().map(|x| x * x).sum::<f32>().sqrt();
+            let diff = g
+                .iter()
+                .zip(want)
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum::<f32>()
+                .sqrt();
+            assert!(
+                diff <= GRAD_REL_TOL * norm,
+                "{k}: |grad - torch| = {diff:e}, |torch| = {norm:e}"
+            );
+        }
+    }
 }

@@ -1,0 +1,426 @@
+//! train: QLoRA — LoRA on the frozen NF4 base (the quantize stage's checkpoint) — fine-tune of the language model on the prepared train split (vision tower,
+//! embeddings, norms, lm_head and the base projections frozen), validated on the val split.
+//!
+//! Writes `checkpoints/adapter/` in peft's format (the adapter of the best validation loss,
+//! or the final one when no validation ran) and `reports/training_metrics.json`. The
+//! trainer checkpoints under `checkpoints/train-state/`; a killed run resumes there on the
+//! next `medpipe run` and reaches the same adapter.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use burn::backend::{Autodiff, NdArray};
+use burn::module::Module;
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::data::sample::Sample;
+use crate::model::lora::LoraSpec;
+use crate::model::processor::{ImageInput as ProcImage, ImageProcessor};
+use crate::model::prompt::PromptBuilder;
+use crate::model::{ImageInput, Qwen25Vl};
+use crate::pipeline::fs::commit_dir;
+use crate::pipeline::{Stage, StageCtx, StageOutput};
+use crate::report::inputs::{TrainStep, TrainingMetrics, ValPoint};
+use crate::train::batch::{SampleError, SampleSource, TrainSample};
+use crate::train::trainer::{train, Flow, TrainConfig, TrainEvent};
+
+/// CPU training backend: f32 NdArray under autodiff.
+type Inner = NdArray<f32>;
+type AB = Autodiff<Inner>;
+
+/// `[train]` config section. Defaults: the QLoRA recipe of the project brief.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainStageConfig {
+    /// LoRA rank.
+    pub r: usize,
+    /// LoRA alpha (the update is scaled by alpha / r).
+    pub lora_alpha: f64,
+    /// Dropout on the LoRA input.
+    pub lora_dropout: f64,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Fraction of optimizer steps in linear warmup.
+    pub warmup_ratio: f64,
+    /// Passes over the train split.
+    pub epochs: usize,
+    /// Samples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Global gradient-norm clip (0 = off).
+    pub max_grad_norm: f64,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Seed of LoRA init, data order and dropout.
+    pub seed: u64,
+    /// Samples longer than this (tokens, image tokens included) are dropped and counted.
+    pub max_seq_len: usize,
+    /// Train on at most this many samples (0 = all).
+    pub max_samples: usize,
+    /// Checkpoint every N optimizer steps.
+    pub checkpoint_every: u64,
+    /// Validate every N optimizer steps (0 = only at epoch ends).
+    pub eval_every: u64,
+}
+
+impl Default for TrainStageConfig {
+    fn default() -> Self {
+        Self {
+            r: 64,
+            lora_alpha: 128.0,
+            lora_dropout: 0.05,
+            lr: 2e-4,
+            warmup_ratio: 0.03,
+            epochs: 2,
+            batch_size: 4,
+            grad_accum: 4,
+            max_grad_norm: 1.0,
+            weight_decay: 0.0,
+            seed: 42,
+            max_seq_len: 512,
+            max_samples: 0,
+            checkpoint_every: 10,
+            eval_every: 0,
+        }
+    }
+}
+
+/// The train stage.
+pub struct Train;
+
+impl Stage for Train {
+    fn name(&self) -> &'static str {
+        "train"
+    }
+    fn description(&self) -> &'static str {
+        "LoRA fine-tune of the language model on the train split (vision frozen), resumable; peft adapter"
+    }
+    fn artifact_file(&self) -> &'static str {
+        "training_metrics.json"
+    }
+    fn upstream(&self) -> &'static [&'static str] {
+        &["download", "quantize", "prepare"]
+    }
+    fn code_version(&self) -> u32 {
+        1
+    }
+
+    fn run(&self, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
+        let cfg = ctx.config().train.clone();
+        let model_dir = PathBuf::from(
+            ctx.upstream("download")?
+                .metric("/model_dir")
+                .and_then(|v| v.as_str())
+                .context("download artifact has no metrics.model_dir")?,
+        );
+        let root = ctx.workspace().root().to_path_buf();
+        let device = Default::default();
+        // QLoRA: the frozen base is the quantize stage's NF4 checkpoint.
+        let nf4_dir = root.join(
+            ctx.upstream("quantize")?
+                .metric("/output_dir")
+                .and_then(|v| v.as_str())
+                .context("quantize artifact has no metrics.output_dir")?,
+        );
+
+        let processor =
+            ImageProcessor::from_config_file(model_dir.join("preprocessor_config.json"))
+                .with_context(|| format!("image processor of {}", model_dir.display()))?;
+        let prompts = PromptBuilder::from_dir(&model_dir)
+            .with_context(|| format!("tokenizer of {}", model_dir.display()))?;
+        let split = |name: &str| ctx.workspace().data().join(format!("splits/{name}.jsonl"));
+        let read = |p: PathBuf| -> anyhow::Result<Vec<Sample>> {
+            let text =
+                std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+            text.lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+                .map(|(i, l)| {
+                    serde_json::from_str(l)
+                        .with_context(|| format!("{} line {}", p.display(), i + 1))
+                })
+                .collect()
+        };
+        let mut warnings = Vec::new();
+        let limit = if cfg.max_samples == 0 {
+            usize::MAX
+        } else {
+            cfg.max_samples
+        };
+        let train_rows: Vec<Sample> = read(split("train"))?.into_iter().take(limit).collect();
+        let val_rows = read(split("val"))?;
+        let train_set = Encoded::build(&train_rows, &root, &processor, &prompts, cfg.max_seq_len)?;
+        let val_set = Encoded::build(&val_rows, &root, &processor, &prompts, cfg.max_seq_len)?;
+        for (name, set) in [("train", &train_set), ("val", &val_set)] {
+            if set.dropped > 0 {
+                warnings.push(format!(
+                    "{name}: {} of {} samples dropped as longer than max_seq_len {}",
+                    set.dropped,
+                    set.dropped + set.samples.len(),
+                    cfg.max_seq_len
+                ));
+            }
+        }
+        if train_set.samples.is_empty() {
+            bail!(
+                "no training sample fits max_seq_len {} ({} dropped)",
+                cfg.max_seq_len,
+                train_set.dropped
+            );
+        }
+
+        let load_clock = Instant::now();
+        let mut model = Qwen25Vl::<AB>::load(&nf4_dir, &device)
+            .with_context(|| format!("loading the NF4 base {}", nf4_dir.display()))?;
+        let total_params = model.num_params() as u64;
+        model.add_lora(
+            &LoraSpec {
+                r: cfg.r,
+                alpha: cfg.lora_alpha,
+                dropout: cfg.lora_dropout,
+                seed: cfg.seed,
+            },
+            &device,
+        );
+        let trainable = (model.num_params() as u64).saturating_sub(total_params);
+        let load_s = load_clock.elapsed().as_secs_f64();
+
+        let tcfg = TrainConfig {
+            lr: cfg.lr,
+            warmup_ratio: cfg.warmup_ratio,
+            epochs: cfg.epochs,
+            batch_size: cfg.batch_size,
+            grad_accum: cfg.grad_accum,
+            max_grad_norm: (cfg.max_grad_norm > 0.0).then_some(cfg.max_grad_norm),
+            weight_decay: cfg.weight_decay,
+            seed: cfg.seed,
+            checkpoint_every: (cfg.checkpoint_every > 0).then_some(cfg.checkpoint_every),
+            eval_every: (cfg.eval_every > 0).then_some(cfg.eval_every),
+            max_samples: None,
+            keep_checkpoints: 2,
+        };
+        let ckpt_dir = ctx.workspace().checkpoints().join("train-state");
+        let window = cfg.batch_size * cfg.grad_accum;
+        let total = (train_set.samples.len().div_ceil(window.max(1)) * cfg.epochs) as u64;
+        let bar = ctx.progress_bar(total, "train");
+        let mut peak_rss = crate::bench::memory::rss_bytes().map(|r| r.1).unwrap_or(0);
+        let mut on_event = |e: &TrainEvent<'_>| {
+            match e {
+                TrainEvent::Step(m) => {
+                    bar.set_position(m.step);
+                    bar.set_message(format!("loss {:.3} lr {:.1e}", m.loss, m.lr));
+                }
+                TrainEvent::Resumed { step, .. } => bar.set_position(*step),
+                _ => {}
+            }
+            if let Some((_, peak)) = crate::bench::memory::rss_bytes() {
+                peak_rss = peak_rss.max(peak);
+            }
+            Flow::Continue
+        };
+        let clock = Instant::now();
+        let valid = (!val_set.samples.is_empty()).then_some(&val_set as &dyn SampleSource<Inner>);
+        let outcome = train::<AB>(
+            model,
+            &train_set,
+            valid,
+            &tcfg,
+            &ckpt_dir,
+            &device,
+            &mut on_event,
+        )
+        .context("training")?;
+        bar.finish_and_clear();
+        let train_time_s = clock.elapsed().as_secs_f64();
+
+        // The adapter to ship: best validation when one ran, else the final weights.
+        let adapter_dir = ctx.workspace().checkpoints().join("adapter");
+        let partial = ctx.workspace().checkpoints().join("adapter.partial");
+        let _ = std::fs::remove_dir_all(&partial);
+        let chosen = match &outcome.best_dir {
+            Some(best) => {
+                copy_dir(best, &partial)?;
+                "best validation"
+            }
+            None => {
+                outcome
+                    .model
+                    .export_adapter(Some(model_dir.display().to_string()))
+                    .context("exporting the adapter")?
+                    .save(&partial)
+                    .context("writing the adapter")?;
+                "final"
+            }
+        };
+        commit_dir(&partial, &adapter_dir)?;
+
+        let st = &outcome.state;
+        let tokens: usize = st.history.iter().map(|m| m.input_tokens).sum();
+        let samples: usize = st.history.iter().map(|m| m.samples).sum();
+        let step_time: f64 = st
+            .history
+            .iter()
+            .filter(|m| m.tokens_per_s > 0.0)
+            .map(|m| m.input_tokens as f64 / m.tokens_per_s)
+            .sum();
+        let report = TrainingMetrics {
+            steps: st
+                .history
+                .iter()
+                .map(|m| TrainStep {
+                    step: m.step as usize,
+                    loss: m.loss,
+                    lr: Some(m.lr),
+                    grad_norm: Some(m.grad_norm),
+                })
+                .collect(),
+            val: st
+                .validations
+                .iter()
+                .map(|v| ValPoint {
+                    step: v.step as usize,
+                    loss: v.loss,
+                })
+                .collect(),
+            total_steps: Some(st.step as usize),
+            epochs: Some(cfg.epochs as f64),
+            tokens_per_s: (step_time > 0.0).then(|| tokens as f64 / step_time),
+            peak_memory_bytes: Some(peak_rss),
+            train_time_s: Some(train_time_s),
+            trainable_params: Some(trainable),
+        };
+        let first = st.history.first().map(|m| m.loss);
+        let last = st.history.last().map(|m| m.loss);
+        let best_val = st
+            .validations
+            .iter()
+            .map(|v| v.loss)
+            .fold(f64::INFINITY, f64::min);
+        let mut metrics = serde_json::to_value(&report)?;
+        let extra = json!({
+            "base_model_dir": model_dir,
+            "nf4_base_dir": ctx.workspace().relative(&nf4_dir),
+            "base_quantization": "nf4 (bitsandbytes layout, double quant); compute f32 on CPU",
+            "adapter_dir": ctx.workspace().relative(&adapter_dir),
+            "adapter_chosen": chosen,
+            "total_params": total_params,
+            "trainable_percent": 100.0 * trainable as f64 / (total_params + trainable).max(1) as f64,
+            "samples_per_s": if step_time > 0.0 { samples as f64 / step_time } else { 0.0 },
+            "train_samples": train_set.samples.len(),
+            "val_samples": val_set.samples.len(),
+            "dropped_too_long": train_set.dropped + val_set.dropped,
+            "first_loss": first,
+            "final_loss": last,
+            "best_val_loss": best_val.is_finite().then_some(best_val),
+            "load_s": load_s,
+            "steps_per_s": if train_time_s > 0.0 { st.step as f64 / train_time_s } else { 0.0 },
+            "config": tcfg,
+        });
+        if let (Some(m), Some(e)) = (metrics.as_object_mut(), extra.as_object()) {
+            m.extend(e.clone());
+        }
+        let _ = std::fs::remove_dir_all(&ckpt_dir);
+        let fmt = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
+        Ok(StageOutput {
+            metrics,
+            outputs: vec![adapter_dir],
+            summary: vec![
+                ("steps".into(), st.step.to_string()),
+                ("loss".into(), format!("{} → {}", fmt(first), fmt(last))),
+                (
+                    "best val loss".into(),
+                    fmt(best_val.is_finite().then_some(best_val)),
+                ),
+                (
+                    "trainable".into(),
+                    format!("{trainable} of {} params", total_params + trainable),
+                ),
+                ("time".into(), format!("{train_time_s:.1} s")),
+            ],
+            warnings,
+        })
+    }
+}
+
+/// A split turned into token ids and pixels once, up front (so over-long samples are
+/// counted before training, and every epoch reuses the decoded pages).
+struct Encoded {
+    samples: Vec<(Vec<u32>, Vec<i64>, Vec<f32>, [usize; 2], Vec<[usize; 3]>)>,
+    dropped: usize,
+}
+
+impl Encoded {
+    fn build(
+        rows: &[Sample],
+        root: &Path,
+        processor: &ImageProcessor,
+        prompts: &PromptBuilder,
+        max_seq_len: usize,
+    ) -> anyhow::Result<Self> {
+        let mut samples = Vec::new();
+        let mut dropped = 0;
+        for row in rows {
+            let path = root.join(&row.image);
+            let px = processor
+                .preprocess(&[ProcImage::Path(path.clone())])
+                .with_context(|| format!("sample {}: {}", row.id, path.display()))?;
+            let ex = prompts
+                .encode_training(None, &row.prompt, &px.grid_thw, &row.target)
+                .with_context(|| format!("sample {}: building the prompt", row.id))?;
+            if ex.input_ids.len() > max_seq_len {
+                dropped += 1;
+                continue;
+            }
+            let grids = px.grid_thw.iter().map(|g| g.map(|v| v as usize)).collect();
+            samples.push((
+                ex.input_ids,
+                ex.labels,
+                px.pixel_values,
+                [px.num_patches, px.patch_dim],
+                grids,
+            ));
+        }
+        Ok(Self { samples, dropped })
+    }
+}
+
+impl SampleSource<Inner> for Encoded {
+    fn len(&self) -> usize {
+        self.samples.len()
+    }
+    fn get(&self, index: usize) -> Result<TrainSample<Inner>, SampleError> {
+        let (ids, labels, px, shape, grids) = self.samples.get(index).ok_or(SampleError {
+            index,
+            reason: format!("out of range ({} samples)", self.samples.len()),
+        })?;
+        let device = Default::default();
+        Ok(TrainSample {
+            input_ids: ids.clone(),
+            labels: labels.clone(),
+            images: Some(ImageInput {
+                pixel_values: Tensor::<Inner, 1>::from_floats(px.as_slice(), &device)
+                    .reshape(*shape),
+                grids: grids.clone(),
+            }),
+        })
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for e in std::fs::read_dir(from).with_context(|| format!("listing {}", from.display()))? {
+        let e = e?;
+        let dst = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &dst)?;
+        } else {
+            let bytes = std::fs::read(e.path())?;
+            crate::pipeline::fs::write_atomic(&dst, &bytes)?;
+        }
+    }
+    Ok(())
+}
