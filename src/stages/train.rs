@@ -349,9 +349,12 @@ impl Stage for Train {
 /// A split turned into token ids and pixels once, up front (so over-long samples are
 /// counted before training, and every epoch reuses the decoded pages).
 struct Encoded {
-    samples: Vec<(Vec<u32>, Vec<i64>, Vec<f32>, [usize; 2], Vec<[usize; 3]>)>,
+    samples: Vec<EncodedSample>,
     dropped: usize,
 }
+
+/// Token ids, labels, flattened pixels, their `[patches, patch_dim]` shape, and the grids.
+type EncodedSample = (Vec<u32>, Vec<i64>, Vec<f32>, [usize; 2], Vec<[usize; 3]>);
 
 impl Encoded {
     fn build(

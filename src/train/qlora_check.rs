@@ -241,7 +241,11 @@ mod tests {
         let (loss, grads) = qlora_step_check(m);
         let step = load_step();
         let rel = (f64::from(loss) - step.loss).abs() / step.loss.abs();
-        assert!(rel <= LOSS_REL_TOL, "loss {loss} vs torch {} (rel {rel:e})", step.loss);
+        assert!(
+            rel <= LOSS_REL_TOL,
+            "loss {loss} vs torch {} (rel {rel:e})",
+            step.loss
+        );
         assert_eq!(grads.len(), step.grads.len());
         for (k, g) in &grads {
             let want = &step.grads[k];
