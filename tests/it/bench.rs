@@ -302,12 +302,21 @@ fn run_to_baseline_writes_baseline_json_that_the_report_reads() {
             "baseline.max_new_tokens=2",
             "--set",
             "baseline.batch_sizes=[1]",
+            "--to",
+            "baseline",
             "--workspace",
         ])
         .arg(ws)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+    // The report alone, on what ran so far (its upstream stages are all optional).
+    let r = medpipe()
+        .args(["run", "--quiet", "--only", "report", "--workspace"])
+        .arg(ws)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}\n{}", stdout(&r), stderr(&r));
     let art: Value =
         serde_json::from_str(&std::fs::read_to_string(ws.join("reports/baseline.json")).unwrap())
             .unwrap();

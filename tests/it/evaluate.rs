@@ -7,8 +7,9 @@ use serde_json::Value;
 
 use crate::common::{run_in, stderr};
 
-/// A small pipeline: 40 synthetic documents (8 in the test split), no contact sheet.
-const SMALL: &str = "[probe]\ndevice = \"cpu\"\n[prepare]\nshard_size = 64\ncontact_sheet_pages = 0\n[prepare.split]\ntrain = 0.6\nval = 0.1\ntest = 0.3\n[[prepare.sources]]\nkind = \"synthetic\"\ncount = 40\n";
+/// A small pipeline: 40 synthetic documents (12 in the test split), no contact sheet, a
+/// one-pass baseline, two QLoRA steps on four samples.
+const SMALL: &str = "[probe]\ndevice = \"cpu\"\n[baseline]\nwarmup_runs = 0\nruns = 1\nbatch_sizes = [1]\nmax_new_tokens = 2\n[quantize]\nlatency_prompts = 1\nmax_new_tokens = 2\nwarmup_runs = 0\n[train]\nr = 4\nlora_alpha = 8.0\nepochs = 1\nbatch_size = 2\ngrad_accum = 1\nmax_samples = 4\n[prepare]\nshard_size = 64\ncontact_sheet_pages = 0\n[prepare.split]\ntrain = 0.6\nval = 0.1\ntest = 0.3\n[[prepare.sources]]\nkind = \"synthetic\"\ncount = 40\n";
 /// Test-split documents scored (`evaluate.max_documents`).
 const TEST_DOCS: usize = 3;
 /// The fixed evaluation documents prepare renders.
@@ -42,7 +43,7 @@ fn run(ws: &Path, to: &str) {
 }
 
 #[test]
-fn evaluate_scores_base_reports_missing_variants_and_feeds_the_report() {
+fn evaluate_scores_base_nf4_and_adapter_variants_and_feeds_the_report() {
     let dir = tempfile::tempdir().unwrap();
     let ws = dir.path();
     run(ws, "evaluate");
@@ -58,7 +59,12 @@ fn evaluate_scores_base_reports_missing_variants_and_feeds_the_report() {
     assert_eq!(m["generation"]["max_new_tokens"], 8);
 
     let variants = m["variants"].as_array().unwrap();
-    assert_eq!(variants.len(), 1, "{variants:?}");
+    let names: Vec<&str> = variants
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["base", "nf4", "nf4+adapter"], "{m}");
+    assert_eq!(m["not_run"].as_array().map(Vec::len), Some(0), "{m}");
     let base = &variants[0];
     assert_eq!(base["name"], "base");
     let overall = &base["scores"]["overall"];
@@ -90,15 +96,11 @@ fn evaluate_scores_base_reports_missing_variants_and_feeds_the_report() {
     assert!(perf["load_time_s"].is_f64());
     assert!(base["rss_after_load_bytes"].as_u64().unwrap() > 0);
 
-    let not_run = m["not_run"].as_array().unwrap();
-    let names: Vec<&str> = not_run
-        .iter()
-        .map(|v| v["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["nf4", "nf4+adapter"]);
-    for v in not_run {
-        assert_eq!(v["status"], "not_run");
-        assert!(v["reason"].as_str().unwrap().contains("quantize"), "{v}");
+    for v in &variants[1..] {
+        assert_eq!(v["scores"]["overall"]["documents"], n, "{v}");
+        let p = ws.join(v["predictions_path"].as_str().unwrap());
+        let lines = std::fs::read_to_string(&p).unwrap().lines().count();
+        assert_eq!(lines, n, "{}", p.display());
     }
 
     let preds = ws.join(base["predictions_path"].as_str().unwrap());
