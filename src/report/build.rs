@@ -263,13 +263,58 @@ impl Inputs {
             "download" => self.download = parse(m)?,
             "baseline" => self.baseline = parse(m)?,
             "quantize" => self.quantize = parse(m)?,
-            "prepare" => self.dataset = parse(m)?,
+            "prepare" => self.dataset = Some(dataset_from_prepare(m)?),
             "train" => self.training = parse(m)?,
             "evaluate" => self.evaluation = parse(m)?,
             _ => {}
         }
         Ok(())
     }
+}
+
+/// Reads the prepare stage's metrics: `sources` is a map `{name: {read, kept, dropped}}` and
+/// each split an object with `count` and `by_doc_type` (see `stages/prepare.rs`); the
+/// crafted-artifact layout (`sources` as a list, plain split counts) is accepted too.
+fn dataset_from_prepare(m: &Value) -> Result<DatasetMetrics, serde_json::Error> {
+    use crate::report::inputs::{SourceStats, SplitSizes};
+    let Some(map) = m.get("sources").and_then(Value::as_object) else {
+        return DatasetMetrics::deserialize(m);
+    };
+    let sources = map
+        .iter()
+        .map(|(name, v)| SourceStats {
+            name: name.clone(),
+            offered: v["read"].as_u64().unwrap_or(0) as usize,
+            kept: v["kept"].as_u64().unwrap_or(0) as usize,
+            dropped: v["dropped"]
+                .as_object()
+                .map(|d| {
+                    d.iter()
+                        .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0) as usize))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+        .collect();
+    let count = |split: &str| m["splits"][split]["count"].as_u64().unwrap_or(0) as usize;
+    let mut doc_types = std::collections::BTreeMap::new();
+    for split in ["train", "val", "test"] {
+        if let Some(types) = m["splits"][split]["by_doc_type"].as_object() {
+            for (t, n) in types {
+                *doc_types.entry(t.clone()).or_insert(0) += n.as_u64().unwrap_or(0) as usize;
+            }
+        }
+    }
+    Ok(DatasetMetrics {
+        seed: m["seed"].as_u64(),
+        sources,
+        splits: SplitSizes {
+            train: count("train"),
+            val: count("val"),
+            test: count("test"),
+        },
+        doc_types,
+    })
 }
 
 /// Builds the report from the inputs. `charts` are the chart files already drawn.
@@ -669,4 +714,31 @@ fn reproduce(git_commit: Option<&str>, device: Option<&str>) -> Vec<String> {
     cmds.push(run);
     cmds.push("./target/release/medpipe status".into());
     cmds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prepare_stage_metrics_are_read_as_dataset_figures() {
+        let m = serde_json::json!({
+            "seed": 42,
+            "sources": {"synthetic": {"kind": "synthetic", "read": 10, "kept": 8,
+                                      "dropped": {"duplicate": 2}}},
+            "splits": {
+                "train": {"count": 6, "by_doc_type": {"lab_panel": 4, "icu_flowsheet": 2}},
+                "val": {"count": 1, "by_doc_type": {"lab_panel": 1}},
+                "test": {"count": 1, "by_doc_type": {"icu_flowsheet": 1}}
+            }
+        });
+        let d = dataset_from_prepare(&m).unwrap();
+        assert_eq!(d.seed, Some(42));
+        assert_eq!(d.sources.len(), 1);
+        assert_eq!((d.sources[0].offered, d.sources[0].kept), (10, 8));
+        assert_eq!(d.sources[0].dropped["duplicate"], 2);
+        assert_eq!((d.splits.train, d.splits.val, d.splits.test), (6, 1, 1));
+        assert_eq!(d.doc_types["lab_panel"], 5);
+        assert_eq!(d.doc_types["icu_flowsheet"], 3);
+    }
 }
