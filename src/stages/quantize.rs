@@ -224,37 +224,19 @@ struct Prompt {
     page: image::DynamicImage,
 }
 
-/// THE LEAD SWITCHES THIS to the prepare stage's evaluation documents once that stage is
-/// merged. Until then: `n` simple rendered "document" pages (white page, dark text-line
-/// bars of varying lengths in a form-like layout, made with `image`), each with an
-/// extraction question. They exercise the same code path (vision tower + prompt + greedy
-/// decoding) at a realistic prompt shape, not realistic content.
+/// The first `n` (at least 1) of the five evaluation documents (`data/eval`, rendered as the
+/// benchmark renders them), each with the extraction instruction: base and NF4 are timed on
+/// the same real pages and prompts.
 fn evaluation_prompts(_model_dir: &Path, n: usize) -> anyhow::Result<Vec<Prompt>> {
-    let questions = [
-        "List every lab test with its value and unit as JSON.",
-        "Extract the medications and doses as JSON.",
-        "What are the patient's vital signs? Answer as JSON.",
-    ];
-    Ok((0..n.max(1))
-        .map(|i| {
-            let (w, h) = (224u32, 280u32);
-            let mut page = image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
-            for line in 0..12u32 {
-                let y0 = 16 + line * 21;
-                // label column and a value column whose width varies per page and line
-                let value_len = 30 + ((line * 37 + i as u32 * 53) % 90);
-                for (x0, len) in [(14u32, 70u32), (100, value_len)] {
-                    for y in y0..(y0 + 9).min(h) {
-                        for x in x0..(x0 + len).min(w) {
-                            page.put_pixel(x, y, image::Rgb([30, 30, 40]));
-                        }
-                    }
-                }
-            }
-            Prompt {
-                question: questions[i % questions.len()].to_string(),
-                page: image::DynamicImage::ImageRgb8(page),
-            }
+    let docs = crate::bench::inputs::evaluation_documents()
+        .context("rendering the evaluation documents")?;
+    Ok(docs
+        .into_iter()
+        .cycle()
+        .take(n.max(1))
+        .map(|d| Prompt {
+            question: d.prompt,
+            page: d.image,
         })
         .collect())
 }
