@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::prelude::*;
-use burn::tensor::TensorData;
 
 use crate::bench::run::BenchError;
 use crate::model::processor::{ImageInput as RawImage, ImageProcessor};
@@ -57,22 +56,7 @@ pub fn generate_answer<B: Backend>(
         let raw: Vec<RawImage> = images.iter().map(|p| RawImage::Path(p.clone())).collect();
         let p = processor.preprocess(&raw)?;
         let ids = prompts.encode_chat(None, prompt, &p.grid_thw)?;
-        let pixel_values = Tensor::<B, 2>::from_data(
-            TensorData::new(p.pixel_values, [p.num_patches, p.patch_dim]),
-            device,
-        );
-        let grids = p
-            .grid_thw
-            .iter()
-            .map(|g| [g[0] as usize, g[1] as usize, g[2] as usize])
-            .collect();
-        (
-            ids,
-            Some(ImageInput {
-                pixel_values,
-                grids,
-            }),
-        )
+        (ids, Some(ImageInput::from_processed(p, device)))
     };
     let preprocess_ms = t.elapsed().as_secs_f64() * 1e3;
 

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use burn::prelude::*;
-use burn::tensor::{Element, TensorData};
+use burn::tensor::Element;
 
 use crate::bench::inputs::{BenchInput, InputError};
 use crate::bench::memory::{growth_bytes_per_s, rss_bytes, MemSample, MemorySampler};
@@ -338,23 +338,11 @@ fn prepare<B: Backend>(
         .map(|input| {
             let p = processor.preprocess(&[RawImage::Image(input.image.clone())])?;
             let input_ids = prompts.encode_chat(None, &input.prompt, &p.grid_thw)?;
-            let pixel_values = Tensor::<B, 2>::from_data(
-                TensorData::new(p.pixel_values, [p.num_patches, p.patch_dim]),
-                device,
-            );
-            let grids = p
-                .grid_thw
-                .iter()
-                .map(|g| [g[0] as usize, g[1] as usize, g[2] as usize])
-                .collect();
             Ok(Prepared {
                 name: input.name.clone(),
                 request: Request {
                     input_ids,
-                    images: Some(ImageInput {
-                        pixel_values,
-                        grids,
-                    }),
+                    images: Some(ImageInput::from_processed(p, device)),
                 },
             })
         })

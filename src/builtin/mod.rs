@@ -205,7 +205,6 @@ mod tests {
         use crate::model::prompt::PromptBuilder;
         use crate::model::{GenerateConfig, ImageInput, Qwen25Vl, Request};
         use crate::test_util::TB;
-        use burn::prelude::*;
 
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("base");
@@ -219,11 +218,7 @@ mod tests {
         let ids = prompt
             .encode_chat(None, "List the lab values as JSON.", &px.grid_thw)
             .unwrap();
-        let images = ImageInput {
-            pixel_values: Tensor::<TB, 1>::from_floats(px.pixel_values.as_slice(), &dev)
-                .reshape([px.num_patches, px.patch_dim]),
-            grids: px.grid_thw.iter().map(|g| g.map(|v| v as usize)).collect(),
-        };
+        let images = ImageInput::<TB>::from_processed(px, &dev);
         let cfg = GenerateConfig {
             max_new_tokens: 4,
             ..Default::default()

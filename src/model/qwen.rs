@@ -26,6 +26,24 @@ pub struct ImageInput<B: Backend> {
     pub grids: Vec<[usize; 3]>,
 }
 
+impl<B: Backend> ImageInput<B> {
+    /// The image processor's output as model input on `device`.
+    pub fn from_processed(
+        px: crate::model::processor::ProcessedImages,
+        device: &B::Device,
+    ) -> Self {
+        let grids = px.grid_thw.iter().map(|g| g.map(|v| v as usize)).collect();
+        let pixel_values = Tensor::from_data(
+            burn::tensor::TensorData::new(px.pixel_values, [px.num_patches, px.patch_dim]),
+            device,
+        );
+        ImageInput {
+            pixel_values,
+            grids,
+        }
+    }
+}
+
 /// Outputs of a full-sequence forward pass.
 #[derive(Debug, Clone)]
 pub struct ForwardOutput<B: Backend> {

@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::bench::memory::{rss_bytes, MemorySampler};
@@ -270,11 +269,7 @@ fn measure(dir: &Path, prompts: &[Prompt], cfg: &QuantizeConfig) -> anyhow::Resu
             let ids = builder
                 .encode_chat(None, &p.question, &px.grid_thw)
                 .context("encoding a timing prompt")?;
-            let images = ImageInput {
-                pixel_values: Tensor::<Cpu, 1>::from_floats(px.pixel_values.as_slice(), &dev)
-                    .reshape([px.num_patches, px.patch_dim]),
-                grids: px.grid_thw.iter().map(|g| g.map(|v| v as usize)).collect(),
-            };
+            let images = ImageInput::<Cpu>::from_processed(px, &dev);
             Ok(Request {
                 input_ids: ids,
                 images: Some(images),
