@@ -2,12 +2,17 @@
 //! packed codes and f32 block scales are constants; the forward dequantizes and multiplies in
 //! f32. Double quant is undone once at load, as the f32 absmax it yields is all the forward
 //! needs.
+//!
+//! On the CPU backends the packed bytes stay on the host and the matmul is
+//! [`super::cpu_kernel`]'s (decode-time GEMV, an autodiff op that keeps no f32 weight alive);
+//! on any other backend the weight is rebuilt from device tensors with generic ops.
 
 use burn::module::{Module, Param};
 use burn::prelude::*;
 use burn::tensor::{ElementConversion, TensorData};
 use safetensors::{Dtype, SafeTensors};
 
+use super::cpu_kernel::{self, HostNf4};
 use super::format::Nf4Tensor;
 use super::QuantError;
 
@@ -17,6 +22,21 @@ const CODE_SHIFTS: [i32; 8] = [4, 0, 12, 8, 20, 16, 28, 24];
 /// `y = x · dequant(W)ᵀ + b` with `W` stored as NF4.
 #[derive(Module, Debug)]
 pub struct Nf4Linear<B: Backend> {
+    /// The packed weight on the host, for backends with a CPU kernel (else `None`).
+    #[module(skip)]
+    host: Option<HostNf4>,
+    /// The packed weight as device tensors, for every other backend (else `None`).
+    on_device: Option<DeviceNf4<B>>,
+    /// Trainable bias, when the layer has one: `[out_features]`.
+    bias: Option<Param<Tensor<B, 1>>>,
+    out_features: usize,
+    in_features: usize,
+    blocksize: usize,
+}
+
+/// An NF4 weight as backend tensors, decoded with generic tensor ops.
+#[derive(Module, Debug)]
+struct DeviceNf4<B: Backend> {
     /// Packed codes, four bitsandbytes bytes (eight codes) per element as a little-endian
     /// 32-bit word, padded to whole blocks with code 7 (zero): `[n_blocks * blocksize / 8]`.
     packed: Tensor<B, 1, Int>,
@@ -24,11 +44,6 @@ pub struct Nf4Linear<B: Backend> {
     absmax: Tensor<B, 1>,
     /// The 16 NF4 values: `[16]`.
     code: Tensor<B, 1>,
-    /// Trainable bias, when the layer has one: `[out_features]`.
-    bias: Option<Param<Tensor<B, 1>>>,
-    out_features: usize,
-    in_features: usize,
-    blocksize: usize,
 }
 
 impl<B: Backend> Nf4Linear<B> {
@@ -59,26 +74,54 @@ impl<B: Backend> Nf4Linear<B> {
             }
         }
         let absmax = w.absmax_f32();
-        let padded_bytes = absmax.len() * w.blocksize / 2;
-        // Every valid blocksize is a multiple of 8 elements, so whole blocks fill whole words.
-        let mut bytes = w.packed.clone();
-        bytes.resize(padded_bytes, 0x77);
-        let packed: Vec<i32> = bytes
-            .chunks_exact(4)
-            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        let n_words = packed.len();
-        let n_blocks = absmax.len();
+        let numel = out_features * in_features;
+        if w.blocksize == 0 || !w.blocksize.is_multiple_of(8) {
+            return Err(QuantError::Invalid {
+                key: key.to_string(),
+                reason: format!("blocksize {} is not a positive multiple of 8", w.blocksize),
+            });
+        }
+        if w.packed.len() < numel.div_ceil(2) {
+            return Err(QuantError::Shape {
+                key: key.to_string(),
+                found: vec![w.packed.len()],
+                expected: format!(
+                    "[{}] packed bytes for shape {:?}",
+                    numel.div_ceil(2),
+                    w.shape
+                ),
+            });
+        }
+        if absmax.len() < numel.div_ceil(w.blocksize) {
+            return Err(QuantError::Shape {
+                key: format!("{key}.absmax"),
+                found: vec![absmax.len()],
+                expected: format!("[{}] block scales", numel.div_ceil(w.blocksize)),
+            });
+        }
+        let bias = bias.map(|b| {
+            Param::from_tensor(Tensor::from_data(
+                TensorData::new(b, [out_features]),
+                device,
+            ))
+        });
+        let (host, on_device) = if cpu_kernel::has_kernel::<B>() {
+            let host = HostNf4::new(
+                w.packed.clone(),
+                absmax,
+                &w.quant_map,
+                out_features,
+                in_features,
+                w.blocksize,
+            );
+            (Some(host), None)
+        } else {
+            (None, Some(DeviceNf4::new(w, absmax, device)))
+        };
         Ok(Self {
-            packed: Tensor::from_data(TensorData::new(packed, [n_words]), device),
-            absmax: Tensor::from_data(TensorData::new(absmax, [n_blocks]), device),
-            code: Tensor::from_data(TensorData::new(w.quant_map.to_vec(), [16]), device),
-            bias: bias.map(|b| {
-                Param::from_tensor(Tensor::from_data(
-                    TensorData::new(b, [out_features]),
-                    device,
-                ))
-            }),
+            host,
+            on_device,
+            bias,
             out_features,
             in_features,
             blocksize: w.blocksize,
@@ -107,6 +150,95 @@ impl<B: Backend> Nf4Linear<B> {
 
     /// The dequantized weight `[out_features, in_features]` (f32).
     pub fn weight(&self) -> Tensor<B, 2> {
+        let shape = [self.out_features, self.in_features];
+        match (&self.host, &self.on_device) {
+            (_, Some(d)) => d.weight(self.blocksize, shape),
+            (Some(h), None) => {
+                Tensor::from_data(TensorData::new(h.dequantize(), shape), &self.bias_device())
+            }
+            (None, None) => unreachable!("from_nf4 sets the host or the device weight"),
+        }
+    }
+
+    /// Where the layer lives (for the host-weight case, which holds no device tensor).
+    fn bias_device(&self) -> B::Device {
+        self.bias
+            .as_ref()
+            .map(|b| b.val().device())
+            .unwrap_or_default()
+    }
+
+    /// Applies the layer.
+    ///
+    /// # Shapes
+    /// - `x`: `[..., in_features]`
+    /// - returns `[..., out_features]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let mut dims = x.dims();
+        let rows = dims[..D - 1].iter().product::<usize>();
+        let x2 = x.reshape([rows, self.in_features]);
+        let y2 = match &self.host {
+            Some(h) => match cpu_kernel::try_matmul(h, x2) {
+                Ok(y) => y,
+                Err(x2) => x2.matmul(self.weight().transpose()),
+            },
+            None => x2.matmul(self.weight().transpose()),
+        };
+        dims[D - 1] = self.out_features;
+        let y = y2.reshape(dims);
+        match &self.bias {
+            Some(b) => y.add(b.val().unsqueeze::<D>()),
+            None => y,
+        }
+    }
+
+    /// `(in_features, out_features)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.in_features, self.out_features)
+    }
+
+    /// Bytes the layer holds: packed codes, block scales, code book (or decode table on the
+    /// host) and bias, each at its element size (device words are the backend's int type).
+    pub fn stored_bytes(&self) -> u64 {
+        let bytes = |numel: usize, dtype: burn::tensor::DType| (numel * dtype.size()) as u64;
+        let weight = match (&self.host, &self.on_device) {
+            (Some(h), _) => h.stored_bytes(),
+            (None, Some(d)) => {
+                bytes(d.packed.shape().num_elements(), d.packed.dtype())
+                    + bytes(d.absmax.shape().num_elements(), d.absmax.dtype())
+                    + bytes(d.code.shape().num_elements(), d.code.dtype())
+            }
+            (None, None) => 0,
+        };
+        weight
+            + self.bias.as_ref().map_or(0, |b| {
+                let b = b.val();
+                bytes(b.shape().num_elements(), b.dtype())
+            })
+    }
+}
+
+impl<B: Backend> DeviceNf4<B> {
+    fn new(w: &Nf4Tensor, absmax: Vec<f32>, device: &B::Device) -> Self {
+        let padded_bytes = absmax.len() * w.blocksize / 2;
+        // Every valid blocksize is a multiple of 8 elements, so whole blocks fill whole words.
+        let mut bytes = w.packed.clone();
+        bytes.resize(padded_bytes, 0x77);
+        let packed: Vec<i32> = bytes
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let n_words = packed.len();
+        let n_blocks = absmax.len();
+        Self {
+            packed: Tensor::from_data(TensorData::new(packed, [n_words]), device),
+            absmax: Tensor::from_data(TensorData::new(absmax, [n_blocks]), device),
+            code: Tensor::from_data(TensorData::new(w.quant_map.to_vec(), [16]), device),
+        }
+    }
+
+    /// The dequantized weight of `shape` `[out, in]`, with generic tensor ops.
+    fn weight(&self, blocksize: usize, shape: [usize; 2]) -> Tensor<B, 2> {
         let n_words = self.packed.dims()[0];
         // Element j of a word sits in byte j/2, high nibble first (bitsandbytes' order); the
         // arithmetic shift of a negative word is harmless because of the mask.
@@ -125,44 +257,12 @@ impl<B: Backend> Nf4Linear<B> {
             .code
             .clone()
             .select(0, codes)
-            .reshape([n_blocks, self.blocksize])
+            .reshape([n_blocks, blocksize])
             .mul(self.absmax.clone().reshape([n_blocks, 1])); // [blocks, blocksize]
         values
-            .reshape([n_blocks * self.blocksize])
-            .narrow(0, 0, self.out_features * self.in_features)
-            .reshape([self.out_features, self.in_features])
-    }
-
-    /// Applies the layer.
-    ///
-    /// # Shapes
-    /// - `x`: `[..., in_features]`
-    /// - returns `[..., out_features]`
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let w = self.weight().transpose().unsqueeze::<D>(); // [1.., in, out]
-        let y = x.matmul(w);
-        match &self.bias {
-            Some(b) => y.add(b.val().unsqueeze::<D>()),
-            None => y,
-        }
-    }
-
-    /// `(in_features, out_features)`.
-    pub fn dims(&self) -> (usize, usize) {
-        (self.in_features, self.out_features)
-    }
-
-    /// Bytes the layer holds on its device: packed codes, block scales, code book and bias,
-    /// each at its tensor's element size (the packed words are the backend's int type).
-    pub fn stored_bytes(&self) -> u64 {
-        let bytes = |numel: usize, dtype: burn::tensor::DType| (numel * dtype.size()) as u64;
-        bytes(self.packed.shape().num_elements(), self.packed.dtype())
-            + bytes(self.absmax.shape().num_elements(), self.absmax.dtype())
-            + bytes(self.code.shape().num_elements(), self.code.dtype())
-            + self.bias.as_ref().map_or(0, |b| {
-                let b = b.val();
-                bytes(b.shape().num_elements(), b.dtype())
-            })
+            .reshape([n_blocks * blocksize])
+            .narrow(0, 0, shape[0] * shape[1])
+            .reshape(shape)
     }
 }
 
