@@ -7,9 +7,12 @@
 //! **Recommendation rule.** Among the variants the evaluate stage scored, the one with the
 //! highest combined accuracy is the *best*. Every variant whose 95% interval of combined
 //! accuracy reaches the best's point estimate is *within the noise* of it. Among those, the
-//! one with the least peak memory wins (memory decides whether the model fits a deployment
-//! GPU at all), then the lower p50 latency, then evaluation order. A variant with no
-//! measured memory ranks after those with one.
+//! one with the least weight memory wins (memory decides whether the model fits a deployment
+//! GPU at all), then the lower p50 latency, then evaluation order. Weight bytes, not peak RSS,
+//! decide: the evaluate stage runs every variant in one process, whose RSS the allocator does
+//! not give back between variants, so peak RSS cannot tell them apart. A variant with no
+//! measured memory ranks after those with one. When the best combined accuracy is zero no
+//! variant extracted anything, and nothing is recommended.
 //!
 //! **Regression rule.** The fine-tuned variant (`nf4+adapter`) is flagged as a regression
 //! when it is worse than `base` beyond the interval: with a paired-bootstrap comparison of
@@ -476,7 +479,22 @@ fn recommend(variants: &[VariantRow], inputs: &Inputs) -> Recommendation {
             reasons: vec![why],
         };
     };
-    let mem = |v: &VariantRow| v.performance.peak_memory_bytes.unwrap_or(u64::MAX);
+    if best_c.value <= 0.0 {
+        return Recommendation {
+            variant: None,
+            reasons: vec![format!(
+                "no recommendation: no variant extracted a single term correctly (best combined accuracy {}, `{}`); none is fit to deploy for this task, whatever its memory or latency",
+                pct_ci(&best_c),
+                best.name
+            )],
+        };
+    }
+    let mem = |v: &VariantRow| {
+        v.performance
+            .weights_bytes
+            .or(v.performance.peak_memory_bytes)
+            .unwrap_or(u64::MAX)
+    };
     let p50 = |v: &VariantRow| {
         v.performance
             .latency_ms
@@ -495,12 +513,13 @@ fn recommend(variants: &[VariantRow], inputs: &Inputs) -> Recommendation {
         .min_by(|a, b| mem(a).cmp(&mem(b)).then(p50(a).total_cmp(&p50(b))))
         .unwrap_or(best);
 
-    let mem_text = |v: &VariantRow| {
-        v.performance
-            .peak_memory_bytes
-            .map(bytes)
-            .unwrap_or_else(|| "n/a".into())
-    };
+    let mem_text =
+        |v: &VariantRow| match (v.performance.weights_bytes, v.performance.peak_memory_bytes) {
+            (Some(w), Some(p)) => format!("{} of weights (process peak {})", bytes(w), bytes(p)),
+            (Some(w), None) => format!("{} of weights", bytes(w)),
+            (None, Some(p)) => format!("process peak {}", bytes(p)),
+            (None, None) => "n/a".into(),
+        };
     let p50_text = |v: &VariantRow| {
         v.performance
             .latency_ms
@@ -539,7 +558,7 @@ fn recommend(variants: &[VariantRow], inputs: &Inputs) -> Recommendation {
             None => "no accuracy",
         };
         reasons.push(format!(
-            "`{}`: combined {acc} ({verdict}); peak memory {} vs {}; p50 latency {} vs {}",
+            "`{}`: combined {acc} ({verdict}); memory {} vs {}; p50 latency {} vs {}",
             v.name,
             mem_text(v),
             mem_text(chosen),

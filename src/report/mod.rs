@@ -448,7 +448,45 @@ mod tests {
             rec.reasons
         );
         assert!(
-            rec.reasons[0].contains("6.80 GiB vs 16.00 GiB"),
+            rec.reasons[0]
+                .contains("5.40 GiB of weights (process peak 6.80 GiB) vs 15.45 GiB of weights"),
+            "{:?}",
+            rec.reasons
+        );
+    }
+
+    #[test]
+    fn weight_bytes_not_the_shared_process_peak_decide_between_tied_variants() {
+        let dir = crafted_reports();
+        edit_metrics(&dir.path().join("evaluation.json"), |v| {
+            let vs = &mut v["metrics"]["variants"];
+            // All three within the noise; one process ran them all, so the peak RSS is the
+            // same high-water mark for each.
+            for i in 0..3 {
+                vs[i]["scores"]["overall"]["combined"] =
+                    serde_json::json!({"value": 0.80, "ci95_low": 0.74, "ci95_high": 0.86});
+                vs[i]["performance"]["peak_memory_bytes"] = 17179869184u64.into();
+            }
+        });
+        let g = generate(dir.path(), STAMP).unwrap();
+        // nf4 holds the fewest weight bytes (5.25 GiB against 5.40 and 15.45).
+        assert_eq!(g.report.recommendation.variant.as_deref(), Some("nf4"));
+    }
+
+    #[test]
+    fn when_no_variant_extracts_anything_nothing_is_recommended() {
+        let dir = crafted_reports();
+        edit_metrics(&dir.path().join("evaluation.json"), |v| {
+            for i in 0..3 {
+                v["metrics"]["variants"][i]["scores"]["overall"]["combined"] =
+                    serde_json::json!({"value": 0.0, "ci95_low": 0.0, "ci95_high": 0.0});
+            }
+        });
+        let g = generate(dir.path(), STAMP).unwrap();
+        let rec = &g.report.recommendation;
+        assert_eq!(rec.variant, None);
+        assert!(
+            rec.reasons[0].contains("no variant extracted a single term"),
             "{:?}",
             rec.reasons
         );
