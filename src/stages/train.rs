@@ -176,7 +176,10 @@ impl Stage for Train {
         let load_clock = Instant::now();
         let mut model = Qwen25Vl::<AB>::load(&nf4_dir, &device)
             .with_context(|| format!("loading the NF4 base {}", nf4_dir.display()))?;
-        let total_params = model.num_params() as u64;
+        // The base's parameter count as transformers reports it: NF4 codes are constants that
+        // burn's `num_params` does not see, so count from the architecture instead.
+        let total_params = model.config().parameter_count();
+        let params_before_lora = model.num_params() as u64;
         model.add_lora(
             &LoraSpec {
                 r: cfg.r,
@@ -186,7 +189,7 @@ impl Stage for Train {
             },
             &device,
         );
-        let trainable = (model.num_params() as u64).saturating_sub(total_params);
+        let trainable = (model.num_params() as u64).saturating_sub(params_before_lora);
         let load_s = load_clock.elapsed().as_secs_f64();
 
         let tcfg = TrainConfig {
