@@ -192,10 +192,8 @@ impl<B: Backend> Qwen25Vl<B> {
 mod tests {
     use super::*;
     use crate::model::qwen::tests::{image, reference, tiny};
-    use crate::model::ImageInput;
     use crate::test_util::{assert_close, fixture, TB};
     use burn::optim::GradientsParams;
-    use burn::tensor::TensorData;
 
     type AD = burn::backend::Autodiff<TB>;
 
@@ -352,13 +350,7 @@ mod tests {
         let mut m = Qwen25Vl::<AD>::load(&fixture("qwen2_5_vl_tiny"), &dev).unwrap();
         m.attach_adapter(&fixture_adapter(), &dev).unwrap();
         let m = m.freeze_except_lora();
-        let img = ImageInput::<AD> {
-            pixel_values: Tensor::from_data(
-                TensorData::new(r.pixel_values.clone(), r.pixel_shape),
-                &dev,
-            ),
-            grids: vec![r.grid],
-        };
+        let img = image::<AD>(&r);
         let out = m
             .forward(std::slice::from_ref(&r.input_ids), None, Some(&img), &dev)
             .unwrap();

@@ -446,7 +446,8 @@ pub(crate) mod tests {
         Qwen25Vl::load(&fixture("qwen2_5_vl_tiny"), &Default::default()).unwrap()
     }
 
-    pub(crate) fn image(r: &Reference) -> ImageInput<TB> {
+    /// The reference image as model input, on any backend.
+    pub(crate) fn image<B: Backend>(r: &Reference) -> ImageInput<B> {
         ImageInput {
             pixel_values: Tensor::from_data(
                 TensorData::new(r.pixel_values.clone(), r.pixel_shape),
@@ -805,13 +806,7 @@ pub(crate) mod tests {
         let r = reference();
         let dev = Default::default();
         let m = Qwen25Vl::<AD>::load(&fixture("qwen2_5_vl_tiny"), &dev).unwrap();
-        let img = ImageInput::<AD> {
-            pixel_values: Tensor::from_data(
-                TensorData::new(r.pixel_values.clone(), r.pixel_shape),
-                &dev,
-            ),
-            grids: vec![r.grid],
-        };
+        let img = image::<AD>(&r);
         let out = m
             .forward(std::slice::from_ref(&r.input_ids), None, Some(&img), &dev)
             .unwrap();

@@ -14,8 +14,8 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::TensorData;
 
 use crate::model::lora::{Adapter, AdapterConfig, LoraWeights, Site, TARGET_MODULES};
-use crate::model::qwen::tests::reference;
-use crate::model::{ImageInput, Qwen25Vl};
+use crate::model::qwen::tests::{image, reference};
+use crate::model::Qwen25Vl;
 use crate::test_util::fixture;
 use crate::train::loss::causal_lm_loss;
 
@@ -107,13 +107,7 @@ pub(crate) fn qlora_step_check<B: AutodiffBackend>(
     let r = reference();
     model.attach_adapter(&step.adapter, &dev).unwrap();
     let model = model.freeze_except_lora();
-    let img = ImageInput::<B> {
-        pixel_values: Tensor::from_data(
-            TensorData::new(r.pixel_values.clone(), r.pixel_shape),
-            &dev,
-        ),
-        grids: vec![r.grid],
-    };
+    let img = image::<B>(&r);
     let out = model
         .forward(std::slice::from_ref(&r.input_ids), None, Some(&img), &dev)
         .unwrap();

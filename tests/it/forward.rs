@@ -1,7 +1,7 @@
 //! `medpipe forward`: the parity harness as a user runs it.
 
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 /// Same bar as the library tests: torch-on-CPU lands within 2e-6 of the reference.
 const LOGITS_ATOL: f32 = 1e-4;
@@ -12,8 +12,11 @@ fn fixture(rel: &str) -> PathBuf {
         .join(rel)
 }
 
-fn f32s(st: &safetensors::SafeTensors<'_>, key: &str) -> Vec<f32> {
-    st.tensor(key)
+/// The `logits` tensor of a safetensors file, as f32.
+fn logits(path: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensor("logits")
         .unwrap()
         .data()
         .chunks_exact(4)
@@ -21,30 +24,35 @@ fn f32s(st: &safetensors::SafeTensors<'_>, key: &str) -> Vec<f32> {
         .collect()
 }
 
-#[test]
-fn forward_subcommand_writes_reference_logits() {
+/// Runs `medpipe forward --model MODEL [--adapter A] --inputs INPUTS --out OUT`.
+fn forward(model: &Path, adapter: Option<&Path>, inputs: &Path, out: &Path) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_medpipe"));
+    cmd.arg("forward").arg("--model").arg(model);
+    if let Some(a) = adapter {
+        cmd.arg("--adapter").arg(a);
+    }
+    cmd.arg("--inputs").arg(inputs).arg("--out").arg(out);
+    cmd.output().unwrap()
+}
+
+/// `forward` on the fixture's reference inputs succeeds and its logits are within
+/// [`LOGITS_ATOL`] of the reference file `want`.
+fn assert_forward_matches(model: &str, adapter: Option<&str>, want: &str) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.safetensors");
-    let inputs = fixture("qwen2_5_vl_tiny/reference.safetensors");
-    let status = Command::new(env!("CARGO_BIN_EXE_medpipe"))
-        .args(["forward", "--model"])
-        .arg(fixture("qwen2_5_vl_tiny"))
-        .arg("--inputs")
-        .arg(&inputs)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
+    let adapter = adapter.map(fixture);
+    let run = forward(
+        &fixture(model),
+        adapter.as_deref(),
+        &fixture("qwen2_5_vl_tiny/reference.safetensors"),
+        &out,
     );
-    let got = std::fs::read(&out).unwrap();
-    let got = safetensors::SafeTensors::deserialize(&got).unwrap();
-    let want = std::fs::read(&inputs).unwrap();
-    let want = safetensors::SafeTensors::deserialize(&want).unwrap();
-    let (g, w) = (f32s(&got, "logits"), f32s(&want, "logits"));
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let (g, w) = (logits(&out), logits(&fixture(want)));
     assert_eq!(g.len(), w.len());
     let worst = g
         .iter()
@@ -52,90 +60,48 @@ fn forward_subcommand_writes_reference_logits() {
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
     assert!(worst <= LOGITS_ATOL, "max |diff| {worst}");
+}
+
+#[test]
+fn forward_subcommand_writes_reference_logits() {
+    assert_forward_matches(
+        "qwen2_5_vl_tiny",
+        None,
+        "qwen2_5_vl_tiny/reference.safetensors",
+    );
 }
 
 #[test]
 fn forward_subcommand_on_a_directory_without_config_fails_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_medpipe"))
-        .args(["forward", "--model"])
-        .arg(dir.path())
-        .arg("--inputs")
-        .arg(fixture("qwen2_5_vl_tiny/reference.safetensors"))
-        .arg("--out")
-        .arg(dir.path().join("o.safetensors"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let out = dir.path().join("o.safetensors");
+    let run = forward(
+        dir.path(),
+        None,
+        &fixture("qwen2_5_vl_tiny/reference.safetensors"),
+        &out,
+    );
+    assert_eq!(run.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&run.stderr);
     assert!(err.contains("config.json"), "{err}");
-    assert!(!dir.path().join("o.safetensors").exists());
+    assert!(!out.exists());
 }
 
 #[test]
 fn forward_subcommand_on_an_nf4_checkpoint_writes_the_bitsandbytes_reference_logits() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.safetensors");
     // Same inputs as the dense reference; the NF4 reference holds only the logits.
-    let inputs = fixture("qwen2_5_vl_tiny/reference.safetensors");
-    let status = Command::new(env!("CARGO_BIN_EXE_medpipe"))
-        .args(["forward", "--model"])
-        .arg(fixture("qwen2_5_vl_tiny/nf4"))
-        .arg("--inputs")
-        .arg(&inputs)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
+    assert_forward_matches(
+        "qwen2_5_vl_tiny/nf4",
+        None,
+        "qwen2_5_vl_tiny/nf4/reference.safetensors",
     );
-    let got = std::fs::read(&out).unwrap();
-    let got = safetensors::SafeTensors::deserialize(&got).unwrap();
-    let want = std::fs::read(fixture("qwen2_5_vl_tiny/nf4/reference.safetensors")).unwrap();
-    let want = safetensors::SafeTensors::deserialize(&want).unwrap();
-    let (g, w) = (f32s(&got, "logits"), f32s(&want, "logits"));
-    assert_eq!(g.len(), w.len());
-    let worst = g
-        .iter()
-        .zip(&w)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(worst <= LOGITS_ATOL, "max |diff| {worst}");
 }
 
 #[test]
 fn forward_subcommand_with_an_adapter_writes_peft_logits() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.safetensors");
-    let status = Command::new(env!("CARGO_BIN_EXE_medpipe"))
-        .args(["forward", "--model"])
-        .arg(fixture("qwen2_5_vl_tiny"))
-        .arg("--adapter")
-        .arg(fixture("qwen2_5_vl_tiny/lora"))
-        .arg("--inputs")
-        .arg(fixture("qwen2_5_vl_tiny/reference.safetensors"))
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
+    assert_forward_matches(
+        "qwen2_5_vl_tiny",
+        Some("qwen2_5_vl_tiny/lora"),
+        "qwen2_5_vl_tiny/lora/reference.safetensors",
     );
-    let got = std::fs::read(&out).unwrap();
-    let got = safetensors::SafeTensors::deserialize(&got).unwrap();
-    let want = std::fs::read(fixture("qwen2_5_vl_tiny/lora/reference.safetensors")).unwrap();
-    let want = safetensors::SafeTensors::deserialize(&want).unwrap();
-    let (g, w) = (f32s(&got, "logits"), f32s(&want, "logits"));
-    assert_eq!(g.len(), w.len());
-    let worst = g
-        .iter()
-        .zip(&w)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(worst <= LOGITS_ATOL, "max |diff| {worst}");
 }
