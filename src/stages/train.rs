@@ -208,13 +208,18 @@ impl Stage for Train {
         let total = (train_set.samples.len().div_ceil(window.max(1)) * cfg.epochs) as u64;
         let bar = ctx.progress_bar(total, "train");
         let mut peak_rss = crate::bench::memory::rss_bytes().map(|r| r.1).unwrap_or(0);
+        // The optimizer step of the checkpoint this run continued from (a killed run resumed).
+        let mut resumed_from_step: Option<u64> = None;
         let mut on_event = |e: &TrainEvent<'_>| {
             match e {
                 TrainEvent::Step(m) => {
                     bar.set_position(m.step);
                     bar.set_message(format!("loss {:.3} lr {:.1e}", m.loss, m.lr));
                 }
-                TrainEvent::Resumed { step, .. } => bar.set_position(*step),
+                TrainEvent::Resumed { step, .. } => {
+                    bar.set_position(*step);
+                    resumed_from_step = Some(*step);
+                }
                 _ => {}
             }
             if let Some((_, peak)) = crate::bench::memory::rss_bytes() {
@@ -317,6 +322,7 @@ impl Stage for Train {
             "final_loss": last,
             "best_val_loss": best_val.is_finite().then_some(best_val),
             "load_s": load_s,
+            "resumed_from_step": resumed_from_step,
             "steps_per_s": if train_time_s > 0.0 { st.step as f64 / train_time_s } else { 0.0 },
             "config": tcfg,
         });
