@@ -78,7 +78,12 @@ fn kill_mid_training(ws: &Path, extra: &[&str]) -> Option<u64> {
     let t = Instant::now();
     while committed_checkpoints(ws).is_empty() {
         if let Some(status) = child.0.try_wait().unwrap() {
-            panic!("medpipe exited ({status}) before the train stage wrote a checkpoint");
+            // Finished between two polls (its checkpoints are removed at the end): too late.
+            assert!(
+                status.success(),
+                "medpipe failed ({status}) before a checkpoint"
+            );
+            return None;
         }
         assert!(
             t.elapsed() < CHECKPOINT_TIMEOUT,

@@ -61,6 +61,7 @@ fn run_from_quantize_to_evaluate_forces_exactly_that_slice_reproduces_its_output
     let reports = ws.join("reports");
     small::run(ws, &["--to", "report"]);
     let before = small::snapshot(&reports);
+    let base_before = small::snapshot(&ws.join("checkpoints/base"));
     let old: BTreeMap<&str, Value> = ARTIFACTS
         .iter()
         .map(|(s, f)| (*s, read_json(&reports.join(f))))
@@ -93,6 +94,10 @@ fn run_from_quantize_to_evaluate_forces_exactly_that_slice_reproduces_its_output
         before.keys().collect::<Vec<_>>(),
         after.keys().collect::<Vec<_>>(),
         "the same files under reports/"
+    );
+    assert!(
+        small::snapshot(&ws.join("checkpoints/base")) == base_before,
+        "download's checkpoints/base was rewritten"
     );
     let slice_files: Vec<&str> = SLICE.iter().map(|s| artifact_of(s)).collect();
     for (p, old_file) in &before {
