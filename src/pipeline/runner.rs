@@ -443,7 +443,17 @@ impl Pipeline {
             match Artifact::read(&p)? {
                 Some(art) if art.status == Status::Completed => {
                     upstream.insert(up.to_string(), art.input_hash.clone());
-                    upstream_outputs.insert(up.to_string(), art.outputs.clone());
+                    // Content only: the stat fingerprint (mtimes) changes when a forced
+                    // upstream rewrites identical bytes, which must not make this stage stale.
+                    let content: Vec<OutputFile> = art
+                        .outputs
+                        .iter()
+                        .map(|o| OutputFile {
+                            stat: None,
+                            ..o.clone()
+                        })
+                        .collect();
+                    upstream_outputs.insert(up.to_string(), content);
                 }
                 _ if stage.upstream().contains(&up) => {
                     stale_upstream = Some(format!("upstream `{up}` has no completed artifact"))

@@ -4,7 +4,8 @@
 //! Writes `checkpoints/adapter/` in peft's format (the adapter of the best validation loss,
 //! or the final one when no validation ran) and `reports/training_metrics.json`. The
 //! trainer checkpoints under `checkpoints/train-state/`; a killed run resumes there on the
-//! next `medpipe run` and reaches the same adapter.
+//! next `medpipe run` and reaches the same adapter. The directory records the inputs its
+//! checkpoints came from (`inputs.sha256`); checkpoints of other inputs are discarded.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -207,17 +208,31 @@ impl Stage for Train {
             keep_checkpoints: 2,
         };
         let ckpt_dir = ctx.workspace().checkpoints().join("train-state");
+        // Resume only checkpoints made from these inputs: the trainer's own run fingerprint
+        // covers the schedule, not the data, the NF4 base or the LoRA shape.
+        let inputs = inputs_fingerprint(ctx, self.upstream())?;
+        if claim_checkpoints(&ckpt_dir, &inputs)? {
+            warnings.push(format!(
+                "discarded checkpoints in {} left by a run with other inputs",
+                ctx.workspace().relative(&ckpt_dir).display()
+            ));
+        }
         let window = cfg.batch_size * cfg.grad_accum;
         let total = (train_set.samples.len().div_ceil(window.max(1)) * cfg.epochs) as u64;
         let bar = ctx.progress_bar(total, "train");
         let mut peak_rss = crate::bench::memory::rss_bytes().map(|r| r.1).unwrap_or(0);
+        // The optimizer step of the checkpoint this run continued from (a killed run resumed).
+        let mut resumed_from_step: Option<u64> = None;
         let mut on_event = |e: &TrainEvent<'_>| {
             match e {
                 TrainEvent::Step(m) => {
                     bar.set_position(m.step);
                     bar.set_message(format!("loss {:.3} lr {:.1e}", m.loss, m.lr));
                 }
-                TrainEvent::Resumed { step, .. } => bar.set_position(*step),
+                TrainEvent::Resumed { step, .. } => {
+                    bar.set_position(*step);
+                    resumed_from_step = Some(*step);
+                }
                 _ => {}
             }
             if let Some((_, peak)) = crate::bench::memory::rss_bytes() {
@@ -320,6 +335,7 @@ impl Stage for Train {
             "final_loss": last,
             "best_val_loss": best_val.is_finite().then_some(best_val),
             "load_s": load_s,
+            "resumed_from_step": resumed_from_step,
             "steps_per_s": if train_time_s > 0.0 { st.step as f64 / train_time_s } else { 0.0 },
             "config": tcfg,
         });
@@ -347,6 +363,45 @@ impl Stage for Train {
             warnings,
         })
     }
+}
+
+/// File in the checkpoint directory naming the inputs its checkpoints were trained from.
+const INPUTS_FILE: &str = "inputs.sha256";
+
+/// sha256 (hex) of what a training run is made from: the `[train]` section and, for each
+/// upstream stage, its input hash and output content (paths and sha256).
+fn inputs_fingerprint(ctx: &StageCtx<'_>, upstream: &[&str]) -> anyhow::Result<String> {
+    let mut up = serde_json::Map::new();
+    for stage in upstream {
+        let a = ctx.upstream(stage)?;
+        let outputs: Vec<_> = a.outputs.iter().map(|o| (&o.path, &o.sha256)).collect();
+        up.insert(
+            stage.to_string(),
+            json!({ "input_hash": a.input_hash, "outputs": outputs }),
+        );
+    }
+    let all = json!({ "train": ctx.config().section_json("train"), "upstream": up });
+    Ok(crate::pipeline::fs::sha256_hex(
+        serde_json::to_string(&all)?.as_bytes(),
+    ))
+}
+
+/// Makes `ckpt_dir` hold only checkpoints trained from `inputs`: when it exists with
+/// another (or no) [`INPUTS_FILE`], it is removed. Then records `inputs` there. Returns
+/// whether something was discarded.
+fn claim_checkpoints(ckpt_dir: &Path, inputs: &str) -> anyhow::Result<bool> {
+    let marker = ckpt_dir.join(INPUTS_FILE);
+    let discarded = match std::fs::read_to_string(&marker) {
+        Ok(recorded) if recorded == inputs => false,
+        _ if ckpt_dir.exists() => {
+            std::fs::remove_dir_all(ckpt_dir)
+                .with_context(|| format!("removing stale checkpoints {}", ckpt_dir.display()))?;
+            true
+        }
+        _ => false,
+    };
+    crate::pipeline::fs::write_atomic(&marker, inputs.as_bytes())?;
+    Ok(discarded)
 }
 
 /// A split turned into token ids and pixels once, up front (so over-long samples are
@@ -429,4 +484,50 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A committed checkpoint directory as the trainer names them.
+    fn fake_checkpoint(ckpt_dir: &Path) -> PathBuf {
+        let step = ckpt_dir.join("step-00000001");
+        std::fs::create_dir_all(&step).unwrap();
+        std::fs::write(step.join("state.json"), b"{}").unwrap();
+        step
+    }
+
+    #[test]
+    fn checkpoints_of_the_same_inputs_are_kept_for_resuming() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("train-state");
+        assert!(
+            !claim_checkpoints(&ckpt, "a").unwrap(),
+            "nothing to discard"
+        );
+        let step = fake_checkpoint(&ckpt);
+        assert!(!claim_checkpoints(&ckpt, "a").unwrap());
+        assert!(step.join("state.json").exists());
+    }
+
+    #[test]
+    fn checkpoints_of_other_inputs_or_of_unknown_inputs_are_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("train-state");
+        claim_checkpoints(&ckpt, "a").unwrap();
+        let step = fake_checkpoint(&ckpt);
+        assert!(claim_checkpoints(&ckpt, "b").unwrap());
+        assert!(!step.exists());
+        assert_eq!(
+            std::fs::read_to_string(ckpt.join(INPUTS_FILE)).unwrap(),
+            "b"
+        );
+
+        // Left by a build that recorded no inputs: they cannot be trusted either.
+        std::fs::remove_file(ckpt.join(INPUTS_FILE)).unwrap();
+        let step = fake_checkpoint(&ckpt);
+        assert!(claim_checkpoints(&ckpt, "b").unwrap());
+        assert!(!step.exists());
+    }
 }

@@ -1,52 +1,15 @@
 //! The evaluate stage end to end on builtin:tiny: `medpipe run --to evaluate`, then
 //! `--to report` picking up evaluation.json.
 
-use std::path::Path;
-
 use serde_json::Value;
 
-use crate::common::{run_in, stderr};
-
-/// A small pipeline: 40 synthetic documents (12 in the test split), no contact sheet, a
-/// one-pass baseline, two QLoRA steps on four samples.
-const SMALL: &str = "[probe]\ndevice = \"cpu\"\n[baseline]\nwarmup_runs = 0\nruns = 1\nbatch_sizes = [1]\nmax_new_tokens = 2\n[quantize]\nlatency_prompts = 1\nmax_new_tokens = 2\nwarmup_runs = 0\n[train]\nr = 4\nlora_alpha = 8.0\nepochs = 1\nbatch_size = 2\ngrad_accum = 1\nmax_samples = 4\n[prepare]\nshard_size = 64\ncontact_sheet_pages = 0\n[prepare.split]\ntrain = 0.6\nval = 0.1\ntest = 0.3\n[[prepare.sources]]\nkind = \"synthetic\"\ncount = 40\n";
-/// Test-split documents scored (`evaluate.max_documents`).
-const TEST_DOCS: usize = 3;
-/// The fixed evaluation documents prepare renders.
-const EVAL_DOCS: usize = 5;
-
-fn read_json(p: &Path) -> Value {
-    let bytes = std::fs::read(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
-    serde_json::from_slice(&bytes).unwrap()
-}
-
-fn run(ws: &Path, to: &str) {
-    let cfg = ws.join("small.toml");
-    std::fs::write(&cfg, SMALL).unwrap();
-    let out = run_in(
-        ws,
-        &[
-            "run",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--to",
-            to,
-            "--set",
-            &format!("evaluate.max_documents={TEST_DOCS}"),
-            "--set",
-            "evaluate.max_new_tokens=8",
-            "--set",
-            "evaluate.bootstrap_resamples=100",
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-}
+use crate::small::{self, read_json, EVAL_DOCS, TEST_DOCS};
 
 #[test]
 fn evaluate_scores_base_nf4_and_adapter_variants_and_feeds_the_report() {
     let dir = tempfile::tempdir().unwrap();
     let ws = dir.path();
-    run(ws, "evaluate");
+    small::run(ws, &["--to", "evaluate"]);
 
     let a = read_json(&ws.join("reports/evaluation.json"));
     assert_eq!(a["status"], "completed");
@@ -126,7 +89,7 @@ fn evaluate_scores_base_nf4_and_adapter_variants_and_feeds_the_report() {
         .iter()
         .any(|o| o["path"].as_str().unwrap_or("").ends_with("base.jsonl")));
 
-    run(ws, "report");
+    small::run(ws, &["--to", "report"]);
     let report = read_json(&ws.join("reports/FINAL_REPORT.json"));
     let row = report["variants"]
         .as_array()

@@ -9,4 +9,7 @@ mod forward;
 mod mock_hub;
 mod prepare;
 mod quantize;
+mod resume;
 mod runner;
+mod slice;
+mod small;

@@ -147,6 +147,53 @@ fn from_forces_that_stage_and_later_and_to_stops_after_a_stage() {
 }
 
 #[test]
+fn a_forced_stage_that_rewrites_identical_bytes_leaves_its_downstream_up_to_date() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = chain();
+    run_chain(&p, dir.path(), &[], RunOptions::default());
+    let before = Artifact::read(&dir.path().join("reports/beta.json"))
+        .unwrap()
+        .unwrap();
+    let alpha_before = Artifact::read(&dir.path().join("reports/alpha.json"))
+        .unwrap()
+        .unwrap();
+    let only = RunOptions {
+        only: Some("alpha".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        actions(&run_chain(&p, dir.path(), &[], only)),
+        pairs(&[("alpha", "ran")])
+    );
+    let alpha_after = Artifact::read(&dir.path().join("reports/alpha.json"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        alpha_after.outputs[0].sha256, alpha_before.outputs[0].sha256,
+        "alpha reproduced the same bytes"
+    );
+    assert_ne!(
+        alpha_after.outputs[0].stat, alpha_before.outputs[0].stat,
+        "alpha rewrote its output (new mtime)"
+    );
+    let r = run_chain(&p, dir.path(), &[], RunOptions::default());
+    assert_eq!(
+        actions(&r),
+        pairs(&[
+            ("alpha", "skipped"),
+            ("beta", "skipped"),
+            ("gamma", "skipped")
+        ]),
+        "{:?}",
+        r.stages.iter().map(|s| &s.reason).collect::<Vec<_>>()
+    );
+    let after = Artifact::read(&dir.path().join("reports/beta.json"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(after, before, "beta's artifact untouched");
+}
+
+#[test]
 fn a_stage_whose_upstream_artifact_is_missing_says_what_to_run() {
     let dir = tempfile::tempdir().unwrap();
     let p = chain();
