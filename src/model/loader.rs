@@ -29,13 +29,13 @@ pub enum LoadError {
     Adapter {
         dir: PathBuf,
         #[source]
-        source: LoraError,
+        source: Box<LoraError>,
     },
     #[error("attaching the adapter in {dir}")]
     Attach {
         dir: PathBuf,
         #[source]
-        source: crate::model::adapt::AdaptError,
+        source: Box<crate::model::adapt::AdaptError>,
     },
     #[error("the device did not finish loading {dir}: {reason}")]
     Sync { dir: PathBuf, reason: String },
@@ -64,13 +64,13 @@ pub fn load_model<B: Backend>(
     if let Some(adir) = adapter {
         let a = Adapter::load(adir).map_err(|source| LoadError::Adapter {
             dir: adir.to_path_buf(),
-            source,
+            source: Box::new(source),
         })?;
         model
             .attach_adapter(&a, device)
             .map_err(|source| LoadError::Attach {
                 dir: adir.to_path_buf(),
-                source,
+                source: Box::new(source),
             })?;
     }
     // Uploads may still be queued on a GPU; the load is done when they are.
