@@ -177,15 +177,10 @@ impl Stage for Baseline {
             .metric("/model_revision")
             .and_then(Value::as_str)
             .map(str::to_string);
-        let probe = &ctx.config().probe;
-        let placement = crate::device::resolve(
-            &probe.device,
-            probe.min_gpu_memory_mib,
-            &model_dir.display().to_string(),
-        )?;
+        let device = ctx.config().probe.resolve_device(&model_dir)?;
         let opts = ctx.config().baseline.options(&model_id, revision);
         let inputs = evaluation_documents()?;
-        let result = run_bench_on(placement.device, &model_dir, &opts, &inputs)
+        let result = run_bench_on(device, &model_dir, &opts, &inputs)
             .with_context(|| format!("benchmarking {}", model_dir.display()))?;
 
         let reports = ctx.workspace().reports();

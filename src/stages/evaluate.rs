@@ -393,13 +393,7 @@ impl Stage for Evaluate {
         // Every variant shares the base checkpoint's tokenizer, chat template and processor.
         let encoder = InputEncoder::from_dir(&base_dir)?;
         let docs = load_documents(ctx, &cfg, &encoder, &prepare)?;
-        let probe = &ctx.config().probe;
-        let device = crate::device::resolve(
-            &probe.device,
-            probe.min_gpu_memory_mib,
-            &base_dir.display().to_string(),
-        )?
-        .device;
+        let device = ctx.config().probe.resolve_device(&base_dir)?;
         struct Job<'a, 'c> {
             ctx: &'a StageCtx<'c>,
             cfg: &'a EvaluateConfig,

@@ -33,6 +33,22 @@ fn default_device() -> String {
     "auto".into()
 }
 
+impl ProbeConfig {
+    /// The device model work on the model in `model_dir` runs on: this section's `device`
+    /// resolved by the probe's rule on this machine (what every model stage calls).
+    ///
+    /// # Errors
+    /// An unknown device, CUDA asked of a CPU build, or a GPU NVML does not list.
+    pub fn resolve_device(&self, model_dir: &Path) -> Result<Device, crate::device::DeviceError> {
+        crate::device::resolve(
+            &self.device,
+            self.min_gpu_memory_mib,
+            &model_dir.display().to_string(),
+        )
+        .map(|p| p.device)
+    }
+}
+
 impl Default for ProbeConfig {
     fn default() -> Self {
         Self {

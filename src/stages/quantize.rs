@@ -126,13 +126,7 @@ impl Stage for Quantize {
             "NF4 checkpoint written"
         );
 
-        let probe = &ctx.config().probe;
-        let device = crate::device::resolve(
-            &probe.device,
-            probe.min_gpu_memory_mib,
-            &model_dir.display().to_string(),
-        )?
-        .device;
+        let device = ctx.config().probe.resolve_device(&model_dir)?;
         let prompts = evaluation_prompts(&model_dir, cfg.latency_prompts)?;
         // NF4 first: its load-time RSS is then not masked by pages freed from the base model.
         let nf4 = measure(device, &out_dir, &prompts, &cfg).context("timing the NF4 model")?;

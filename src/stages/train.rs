@@ -20,8 +20,9 @@ use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::bench::memory::DeviceWatch;
 use crate::data::sample::Sample;
-use crate::device::{run_autodiff_on, AutodiffJob, Target};
+use crate::device::{run_autodiff_on, AutodiffJob, DeviceMemory, Target};
 use crate::model::lora::LoraSpec;
 use crate::model::processor::{ImageInput as ProcImage, ImageProcessor};
 use crate::model::prompt::PromptBuilder;
@@ -194,22 +195,8 @@ impl Stage for Train {
         };
         let ckpt_dir = ctx.workspace().checkpoints().join("train-state");
         let adapter_dir = ctx.workspace().checkpoints().join("adapter");
-        let probe = &ctx.config().probe;
-        let device = crate::device::resolve(
-            &probe.device,
-            probe.min_gpu_memory_mib,
-            &nf4_dir.display().to_string(),
-        )?
-        .device;
-        let Trained {
-            total_params,
-            trainable,
-            load_s,
-            train_time_s,
-            chosen,
-            peak_rss,
-            state,
-        } = run_autodiff_on(
+        let device = ctx.config().probe.resolve_device(&nf4_dir)?;
+        let trained = run_autodiff_on(
             device,
             TrainJob {
                 ctx,
@@ -224,7 +211,7 @@ impl Stage for Train {
             },
         )??;
 
-        let st = &state;
+        let st = &trained.state;
         let tokens: usize = st.history.iter().map(|m| m.input_tokens).sum();
         let samples: usize = st.history.iter().map(|m| m.samples).sum();
         let step_time: f64 = st
@@ -255,9 +242,9 @@ impl Stage for Train {
             total_steps: Some(st.step as usize),
             epochs: Some(cfg.epochs as f64),
             tokens_per_s: (step_time > 0.0).then(|| tokens as f64 / step_time),
-            peak_memory_bytes: Some(peak_rss),
-            train_time_s: Some(train_time_s),
-            trainable_params: Some(trainable),
+            peak_memory_bytes: trained.peak_memory_bytes,
+            train_time_s: Some(trained.train_time_s),
+            trainable_params: Some(trained.trainable),
         };
         let first = st.history.first().map(|m| m.loss);
         let last = st.history.last().map(|m| m.loss);
@@ -275,9 +262,9 @@ impl Stage for Train {
                 if device.is_cuda() { device.to_string() } else { "CPU".into() }
             ),
             "adapter_dir": ctx.workspace().relative(&adapter_dir),
-            "adapter_chosen": chosen,
-            "total_params": total_params,
-            "trainable_percent": 100.0 * trainable as f64 / (total_params + trainable).max(1) as f64,
+            "adapter_chosen": trained.chosen,
+            "total_params": trained.total_params,
+            "trainable_percent": 100.0 * trained.trainable as f64 / (trained.total_params + trained.trainable).max(1) as f64,
             "samples_per_s": if step_time > 0.0 { samples as f64 / step_time } else { 0.0 },
             "train_samples": train_set.samples.len(),
             "val_samples": val_set.samples.len(),
@@ -285,8 +272,8 @@ impl Stage for Train {
             "first_loss": first,
             "final_loss": last,
             "best_val_loss": best_val.is_finite().then_some(best_val),
-            "load_s": load_s,
-            "steps_per_s": if train_time_s > 0.0 { st.step as f64 / train_time_s } else { 0.0 },
+            "load_s": trained.load_s,
+            "steps_per_s": if trained.train_time_s > 0.0 { st.step as f64 / trained.train_time_s } else { 0.0 },
             "config": tcfg,
         });
         if let (Some(m), Some(e)) = (metrics.as_object_mut(), extra.as_object()) {
@@ -306,9 +293,13 @@ impl Stage for Train {
                 ),
                 (
                     "trainable".into(),
-                    format!("{trainable} of {} params", total_params + trainable),
+                    format!(
+                        "{} of {} params",
+                        trained.trainable,
+                        trained.total_params + trained.trainable
+                    ),
                 ),
-                ("time".into(), format!("{train_time_s:.1} s")),
+                ("time".into(), format!("{:.1} s", trained.train_time_s)),
             ],
             warnings,
         })
@@ -327,8 +318,8 @@ struct Trained {
     train_time_s: f64,
     /// `best validation` or `final`: which adapter was shipped.
     chosen: &'static str,
-    /// Process resident peak seen during training, bytes.
-    peak_rss: u64,
+    /// Peak memory of training, bytes: RSS on the CPU, the allocator's pools on a GPU.
+    peak_memory_bytes: Option<u64>,
     state: TrainState,
 }
 
@@ -349,7 +340,7 @@ struct TrainJob<'a, 'c> {
 impl AutodiffJob for TrainJob<'_, '_> {
     type Output = anyhow::Result<Trained>;
 
-    fn run<B: AutodiffBackend>(self, device: B::Device, _target: Target) -> Self::Output {
+    fn run<B: AutodiffBackend>(self, device: B::Device, target: Target) -> Self::Output {
         let TrainJob {
             ctx,
             cfg,
@@ -361,6 +352,7 @@ impl AutodiffJob for TrainJob<'_, '_> {
             train_set,
             val_set,
         } = self;
+        let mut watch = DeviceWatch::new(DeviceMemory::for_device(target.device));
         let load_clock = Instant::now();
         let mut model = Qwen25Vl::<B>::load(nf4_dir, &device)
             .with_context(|| format!("loading the NF4 base {}", nf4_dir.display()))?;
@@ -393,6 +385,7 @@ impl AutodiffJob for TrainJob<'_, '_> {
             if let Some((_, peak)) = crate::bench::memory::rss_bytes() {
                 peak_rss = peak_rss.max(peak);
             }
+            watch.after_call();
             Flow::Continue
         };
         let clock = Instant::now();
@@ -444,7 +437,7 @@ impl AutodiffJob for TrainJob<'_, '_> {
             load_s,
             train_time_s,
             chosen,
-            peak_rss,
+            peak_memory_bytes: watch.peak_memory_bytes(None, Some(peak_rss)),
             state: outcome.state,
         })
     }
