@@ -8,6 +8,7 @@ pub mod bench;
 pub mod builtin;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod hub;
 pub mod metrics;
 pub mod model;

@@ -105,8 +105,9 @@ struct BenchArgs {
     /// Sampling seed, and the seed of builtin:tiny.
     #[arg(long, value_name = "N", default_value_t = 0)]
     seed: u64,
-    /// Device: cpu (the CUDA benchmark path is not built yet).
-    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    /// Device: auto (a GPU when built with CUDA and one is free, else the CPU), cpu, cuda,
+    /// cuda:N.
+    #[arg(long, value_name = "DEVICE", default_value = "auto")]
     device: String,
     /// Write the result JSON here (plus FILE.md and charts beside it); else print the table.
     #[arg(long, value_name = "FILE")]
@@ -133,8 +134,9 @@ struct GenerateArgs {
     /// New tokens at most.
     #[arg(long, value_name = "N", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
     max_new_tokens: u64,
-    /// Device: cpu (CUDA generation from the command line is not built yet).
-    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    /// Device: auto (a GPU when built with CUDA and one is free, else the CPU), cpu, cuda,
+    /// cuda:N.
+    #[arg(long, value_name = "DEVICE", default_value = "auto")]
     device: String,
 }
 
@@ -155,6 +157,9 @@ struct ForwardArgs {
     /// Merge the adapter into the dense weights before the forward.
     #[arg(long, requires = "adapter")]
     merge: bool,
+    /// Device: cpu (the f32 reference path), cuda, cuda:N or auto.
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args, Debug)]
@@ -282,6 +287,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
 }
 
 fn forward(args: ForwardArgs) -> Result<(), Failure> {
+    let device = placement(&args.device, &args.model.display().to_string())?;
     let job = medpipe::model::parity::ForwardJob {
         model_dir: args.model,
         adapter: args.adapter,
@@ -289,11 +295,7 @@ fn forward(args: ForwardArgs) -> Result<(), Failure> {
         inputs: args.inputs,
         out: args.out,
     };
-    let report = medpipe::model::parity::run_forward::<burn::backend::NdArray<f32>>(
-        &job,
-        &Default::default(),
-    )
-    .map_err(|e| Failure {
+    let report = medpipe::model::parity::run_forward_on(device, &job).map_err(|e| Failure {
         code: 1,
         error: anyhow::Error::new(e).context(format!("forward of {}", job.model_dir.display())),
     })?;
@@ -342,15 +344,12 @@ fn quantize(args: QuantizeArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Only the CPU runs the benchmark and `generate` in this build.
-fn check_cpu(device: &str) -> Result<(), Failure> {
-    if device != "cpu" {
-        return Err(anyhow::anyhow!(
-            "--device {device}: only `cpu` is supported by bench/generate so far (the CUDA path is not built)"
-        )
-        .into());
-    }
-    Ok(())
+/// The device a `--device` value stands for on this machine, for the model `model`
+/// (usage error, exit 2, when this binary or machine cannot honour it).
+fn placement(flag: &str, model: &str) -> Result<medpipe::device::Device, Failure> {
+    let p = medpipe::device::resolve(flag, 0, model).with_context(|| format!("--device {flag}"))?;
+    tracing::info!(device = %p.device, reason = %p.reason, "device");
+    Ok(p.device)
 }
 
 fn bench(args: BenchArgs) -> Result<(), Failure> {
@@ -370,7 +369,7 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
         );
         return Ok(());
     }
-    check_cpu(&args.device)?;
+    let device = placement(&args.device, &args.model)?;
     let opts = bench::BenchOptions {
         model_id: args.model.clone(),
         revision: None,
@@ -411,15 +410,7 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
                 .with_context(|| format!("writing {}", path.display()))?;
         }
     }
-    let result = bench::run_bench::<burn::backend::NdArray<f32>>(
-        &dir,
-        &opts,
-        &inputs,
-        &Default::default(),
-        "cpu",
-        "ndarray",
-    )
-    .map_err(|e| Failure {
+    let result = bench::run_bench_on(device, &dir, &opts, &inputs).map_err(|e| Failure {
         code: 1,
         error: anyhow::Error::new(e).context(format!("benchmarking {}", dir.display())),
     })?;
@@ -441,14 +432,14 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
 }
 
 fn generate(args: GenerateArgs) -> Result<(), Failure> {
-    check_cpu(&args.device)?;
+    let device = placement(&args.device, &args.model)?;
     let dir = medpipe::bench::source::resolve_model(&args.model, 0)?;
-    let a = medpipe::bench::oneshot::generate_answer::<burn::backend::NdArray<f32>>(
+    let a = medpipe::bench::oneshot::generate_answer_on(
+        device,
         &dir,
         &args.images,
         &args.prompt,
         args.max_new_tokens as usize,
-        &Default::default(),
     )
     .map_err(|e| Failure {
         code: 1,

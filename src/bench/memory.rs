@@ -1,5 +1,6 @@
 //! Process memory, as the benchmark harness reports it: resident set size now and the peak,
-//! read from `/proc/self/status` (Linux; `VmRSS`, `VmHWM`). A sampler thread records the
+//! read from `/proc/self/status` (Linux; `VmRSS`, `VmHWM`), and on a GPU run the device
+//! memory in use (NVML, through `crate::device::DeviceMemory`). A sampler thread records the
 //! curve while work runs, so a leak shows as a slope (soak mode) and the peak of one phase can
 //! be told from another's.
 
@@ -9,6 +10,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+use crate::device::{AllocatorUsage, DeviceMemory};
 
 /// Resident memory of this process: (current, peak) in bytes, `None` where the OS does not
 /// expose them.
@@ -36,9 +39,13 @@ pub struct MemSample {
     /// Seconds since the sampler started.
     pub t_s: f64,
     pub rss_bytes: u64,
+    /// Device memory in use (NVML, device-wide), bytes; `null` on the CPU or without NVML.
+    #[serde(default)]
+    pub device_used_bytes: Option<u64>,
 }
 
-/// Samples RSS every `interval` on a background thread until stopped.
+/// Samples RSS (and device memory, when given one) every `interval` on a background thread
+/// until stopped.
 pub struct MemorySampler {
     stop: Arc<AtomicBool>,
     samples: Arc<Mutex<Vec<MemSample>>>,
@@ -46,8 +53,13 @@ pub struct MemorySampler {
 }
 
 impl MemorySampler {
-    /// Starts sampling now.
+    /// Starts sampling RSS now.
     pub fn start(interval: Duration) -> Self {
+        Self::start_with(interval, None)
+    }
+
+    /// Starts sampling RSS and, with `device`, its memory in use now.
+    pub fn start_with(interval: Duration, device: Option<Arc<DeviceMemory>>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let samples = Arc::new(Mutex::new(Vec::new()));
         let (s, v) = (stop.clone(), samples.clone());
@@ -59,6 +71,7 @@ impl MemorySampler {
                         v.push(MemSample {
                             t_s: t0.elapsed().as_secs_f64(),
                             rss_bytes: rss,
+                            device_used_bytes: device.as_ref().and_then(|d| d.used_bytes()),
                         });
                     }
                 }
@@ -90,6 +103,66 @@ impl Drop for MemorySampler {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(h) = self.handle.take() {
             let _ = h.join();
+        }
+    }
+}
+
+/// Device memory of one model's run: the [`DeviceMemory`] a sampler reads (on a GPU), and
+/// the allocator's largest figures, read by [`DeviceWatch::after_call`] on the model's thread
+/// (cubecl keeps a pool per thread's stream).
+#[derive(Debug)]
+pub struct DeviceWatch {
+    memory: Arc<DeviceMemory>,
+    /// Largest in-use and largest reserved seen (each its own maximum).
+    peak: Option<AllocatorUsage>,
+}
+
+impl DeviceWatch {
+    /// Watches `memory`, with the allocator's figures now as the first reading.
+    pub fn new(memory: DeviceMemory) -> Self {
+        let memory = Arc::new(memory);
+        let peak = memory.allocator();
+        Self { memory, peak }
+    }
+
+    /// The readings.
+    pub fn memory(&self) -> &DeviceMemory {
+        &self.memory
+    }
+
+    /// What a [`MemorySampler`] should read beside RSS: the device on a GPU, nothing on the
+    /// CPU.
+    pub fn sampled(&self) -> Option<Arc<DeviceMemory>> {
+        self.memory.device().is_cuda().then(|| self.memory.clone())
+    }
+
+    /// Reads the allocator (after a generate call, on the thread that ran it).
+    pub fn after_call(&mut self) {
+        if let Some(now) = self.memory.allocator() {
+            let p = self.peak.get_or_insert(now);
+            p.bytes_in_use = p.bytes_in_use.max(now.bytes_in_use);
+            p.bytes_reserved = p.bytes_reserved.max(now.bytes_reserved);
+            p.allocations = p.allocations.max(now.allocations);
+        }
+    }
+
+    /// The allocator's largest figures so far; `None` on the CPU or without the CUDA backend.
+    pub fn peak(&self) -> Option<AllocatorUsage> {
+        self.peak
+    }
+
+    /// Peak memory of the model for the report's `peak_memory_bytes`: on a GPU the bytes the
+    /// allocator's pools held (else NVML's device-wide peak `device_peak`), on the CPU the
+    /// process's resident peak `rss_peak`.
+    pub fn peak_memory_bytes(
+        &self,
+        device_peak: Option<u64>,
+        rss_peak: Option<u64>,
+    ) -> Option<u64> {
+        if self.memory.device().is_cuda() {
+            self.peak.map(|p| p.bytes_reserved).or(device_peak)
+        } else {
+            rss_peak
         }
     }
 }
@@ -139,6 +212,7 @@ mod tests {
             .map(|i| MemSample {
                 t_s: i as f64,
                 rss_bytes: 1000 + 10 * i,
+                device_used_bytes: None,
             })
             .collect();
         assert!((growth_bytes_per_s(&s).unwrap() - 10.0).abs() < 1e-9);
@@ -153,5 +227,38 @@ mod tests {
         let samples = s.finish();
         assert!(samples.len() >= 2);
         assert!(samples.windows(2).all(|w| w[0].t_s <= w[1].t_s));
+        assert!(samples.iter().all(|s| s.device_used_bytes.is_none()));
+    }
+
+    #[test]
+    fn on_the_cpu_the_peak_memory_is_the_resident_peak_and_the_device_is_not_sampled() {
+        let mut w = DeviceWatch::new(DeviceMemory::for_device(crate::device::Device::Cpu));
+        w.after_call();
+        assert_eq!(w.peak(), None);
+        assert!(w.sampled().is_none());
+        assert_eq!(w.peak_memory_bytes(Some(7), Some(42)), Some(42));
+    }
+
+    #[test]
+    fn on_a_gpu_without_readings_the_peak_memory_is_absent_not_the_rss() {
+        let missing = crate::device::nvml::Nvml::open_from(&["libmedpipe-no-such-nvml.so"]);
+        let mem = DeviceMemory::with_nvml(crate::device::Device::Cuda(0), missing);
+        let w = DeviceWatch::new(mem);
+        assert!(w.sampled().is_some());
+        if !cfg!(feature = "cuda") {
+            assert_eq!(w.peak_memory_bytes(None, Some(42)), None);
+            assert_eq!(w.peak_memory_bytes(Some(7), Some(42)), Some(7));
+        }
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_sampler_given_a_cpu_device_records_no_device_memory() {
+        let cpu = Arc::new(DeviceMemory::for_device(crate::device::Device::Cpu));
+        let s = MemorySampler::start_with(Duration::from_millis(1), Some(cpu));
+        std::thread::sleep(Duration::from_millis(5));
+        let samples = s.finish();
+        assert!(!samples.is_empty());
+        assert!(samples.iter().all(|s| s.device_used_bytes.is_none()));
     }
 }

@@ -6,9 +6,10 @@ use std::time::Instant;
 use burn::prelude::*;
 
 use crate::bench::run::BenchError;
-use crate::model::processor::{ImageInput as RawImage, ImageProcessor};
-use crate::model::prompt::PromptBuilder;
-use crate::model::{GenerateConfig, ImageInput, Qwen25Vl, Request, Sampling};
+use crate::device::{run_on, BackendJob, Device, Target};
+use crate::model::loader::{load_model, InputEncoder};
+use crate::model::processor::ImageInput as RawImage;
+use crate::model::{GenerateConfig, Sampling};
 
 /// What one `generate` produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +32,46 @@ pub struct Answer {
     pub decode_ms: f64,
 }
 
+/// [`generate_answer`] on the backend of `device`.
+///
+/// # Errors
+/// As [`generate_answer`]; [`BenchError::Device`] for a GPU in a build without CUDA.
+pub fn generate_answer_on(
+    device: Device,
+    model_dir: &Path,
+    images: &[PathBuf],
+    prompt: &str,
+    max_new_tokens: usize,
+) -> Result<Answer, BenchError> {
+    struct Job<'a> {
+        model_dir: &'a Path,
+        images: &'a [PathBuf],
+        prompt: &'a str,
+        max_new_tokens: usize,
+    }
+    impl BackendJob for Job<'_> {
+        type Output = Result<Answer, BenchError>;
+        fn run<B: Backend>(self, device: B::Device, _target: Target) -> Self::Output {
+            generate_answer::<B>(
+                self.model_dir,
+                self.images,
+                self.prompt,
+                self.max_new_tokens,
+                &device,
+            )
+        }
+    }
+    run_on(
+        device,
+        Job {
+            model_dir,
+            images,
+            prompt,
+            max_new_tokens,
+        },
+    )?
+}
+
 /// Loads `model_dir` and answers `prompt` about `images` greedily.
 ///
 /// # Errors
@@ -42,22 +83,13 @@ pub fn generate_answer<B: Backend>(
     max_new_tokens: usize,
     device: &B::Device,
 ) -> Result<Answer, BenchError> {
-    let t = Instant::now();
-    let model = Qwen25Vl::<B>::load(model_dir, device)?;
-    let load_ms = t.elapsed().as_secs_f64() * 1e3;
+    let loaded = load_model::<B>(model_dir, None, device)?;
+    let (model, load_ms) = (loaded.model, loaded.load_ms);
 
     let t = Instant::now();
-    let prompts = PromptBuilder::from_dir(model_dir)?;
-    let (input_ids, images) = if images.is_empty() {
-        (prompts.encode_chat(None, prompt, &[])?, None)
-    } else {
-        let processor =
-            ImageProcessor::from_config_file(model_dir.join("preprocessor_config.json"))?;
-        let raw: Vec<RawImage> = images.iter().map(|p| RawImage::Path(p.clone())).collect();
-        let p = processor.preprocess(&raw)?;
-        let ids = prompts.encode_chat(None, prompt, &p.grid_thw)?;
-        (ids, Some(ImageInput::from_processed(p, device)))
-    };
+    let encoder = InputEncoder::from_dir(model_dir)?;
+    let raw: Vec<RawImage> = images.iter().map(|p| RawImage::Path(p.clone())).collect();
+    let request = encoder.encode(&raw, prompt)?.request(device);
     let preprocess_ms = t.elapsed().as_secs_f64() * 1e3;
 
     let cfg = GenerateConfig {
@@ -66,7 +98,7 @@ pub fn generate_answer<B: Backend>(
         seed: 0,
         eos_token_ids: None,
     };
-    let gens = model.generate(&[Request { input_ids, images }], &cfg, device)?;
+    let gens = model.generate(&[request], &cfg, device)?;
     let Some(g) = gens.into_iter().next() else {
         return Err(BenchError::Invalid {
             name: "generate",
@@ -74,7 +106,7 @@ pub fn generate_answer<B: Backend>(
         });
     };
     Ok(Answer {
-        text: prompts.decode(&g.tokens)?,
+        text: encoder.prompts().decode(&g.tokens)?,
         prompt_tokens: g.prompt_tokens,
         new_tokens: g.tokens.len(),
         stopped_on_eos: g.stopped_on_eos,

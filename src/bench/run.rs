@@ -3,6 +3,10 @@
 //! sampling resident memory throughout; optionally a batch × sequence-length grid and a
 //! bounded soak run. Everything lands in a [`BenchResult`].
 //!
+//! On a GPU the device memory is measured too (`crate::device::DeviceMemory`): NVML's used
+//! memory sampled beside RSS, and the allocator's figures read after loading and after every
+//! generate call. [`run_bench_on`] runs the harness on the backend of a [`Device`].
+//!
 //! Timings per call come from [`Qwen25Vl::generate`] (prefill incl. vision tower and first
 //! token, then decode); throughput divides new tokens by the wall time of the calls.
 //! Image preprocessing and tokenization happen once, before timing (they are not model time).
@@ -14,14 +18,14 @@ use burn::prelude::*;
 use burn::tensor::Element;
 
 use crate::bench::inputs::{BenchInput, InputError};
-use crate::bench::memory::{growth_bytes_per_s, rss_bytes, MemSample, MemorySampler};
+use crate::bench::memory::{growth_bytes_per_s, rss_bytes, DeviceWatch, MemSample, MemorySampler};
 use crate::bench::schema::*;
+use crate::device::{run_on, BackendJob, Device, DeviceError, DeviceMemory, Target};
 use crate::metrics::stats::{summarize_ms, StatsError};
-use crate::model::processor::{ImageInput as RawImage, ImageProcessor, ProcessorError};
-use crate::model::prompt::{PromptBuilder, PromptError};
-use crate::model::{
-    GenerateConfig, Generation, ImageInput, ModelError, Qwen25Vl, Request, Sampling,
-};
+use crate::model::loader::{load_model, InputEncoder, LoadError};
+use crate::model::processor::{ImageInput as RawImage, ProcessorError};
+use crate::model::prompt::PromptError;
+use crate::model::{GenerateConfig, Generation, ModelError, Qwen25Vl, Request, Sampling};
 
 /// RSS sampling period while measuring.
 const SAMPLE_EVERY: Duration = Duration::from_millis(10);
@@ -45,6 +49,10 @@ pub enum BenchError {
     Processor(#[from] ProcessorError),
     #[error(transparent)]
     Inputs(#[from] InputError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     #[error("summarizing {what}: {source}")]
     Stats {
         what: String,
@@ -166,9 +174,41 @@ struct Prepared<B: Backend> {
     request: Request<B>,
 }
 
+/// [`run_bench`] on the backend of `device` (NdArray for the CPU, Cuda for a GPU).
+///
+/// # Errors
+/// As [`run_bench`]; [`BenchError::Device`] for a GPU in a build without `--features cuda`.
+pub fn run_bench_on(
+    device: Device,
+    model_dir: &Path,
+    opts: &BenchOptions,
+    inputs: &[BenchInput],
+) -> Result<BenchResult, BenchError> {
+    struct Job<'a> {
+        model_dir: &'a Path,
+        opts: &'a BenchOptions,
+        inputs: &'a [BenchInput],
+    }
+    impl BackendJob for Job<'_> {
+        type Output = Result<BenchResult, BenchError>;
+        fn run<B: Backend>(self, device: B::Device, target: Target) -> Self::Output {
+            run_bench::<B>(self.model_dir, self.opts, self.inputs, &device, target)
+        }
+    }
+    run_on(
+        device,
+        Job {
+            model_dir,
+            opts,
+            inputs,
+        },
+    )?
+}
+
 /// Loads the model in `model_dir` on `device` and measures it on `inputs`.
 ///
-/// `device_label` (`cpu`, `cuda:0`) and `backend` (`ndarray`, `cuda`) are recorded as given.
+/// `target` names the device (`cpu`, `cuda:0`) and backend (`ndarray`, `cuda`) recorded,
+/// and which device memory to read.
 ///
 /// # Errors
 /// Invalid options, no inputs, model/prompt/processor errors, and non-finite timings.
@@ -177,8 +217,7 @@ pub fn run_bench<B: Backend>(
     opts: &BenchOptions,
     inputs: &[BenchInput],
     device: &B::Device,
-    device_label: &str,
-    backend: &str,
+    target: Target,
 ) -> Result<BenchResult, BenchError> {
     opts.validate()?;
     if inputs.is_empty() {
@@ -187,10 +226,16 @@ pub fn run_bench<B: Backend>(
             reason: "no benchmark inputs".into(),
         });
     }
-    let load_start = Instant::now();
-    let model = Qwen25Vl::<B>::load(model_dir, device)?;
-    let load_time_ms = load_start.elapsed().as_secs_f64() * 1e3;
+    // A GPU's allocator pools start from what this model needs, not an earlier run's.
+    B::memory_cleanup(device);
+    let mut watch = DeviceWatch::new(DeviceMemory::for_device(target.device));
+    let device_before_load = watch.memory().used_bytes();
+    let loaded = load_model::<B>(model_dir, None, device)?;
+    let (model, load_time_ms) = (loaded.model, loaded.load_ms);
     let rss_after_load = rss_bytes().map(|r| r.0);
+    let device_after_load = watch.memory().used_bytes();
+    let allocator_after_load = watch.memory().allocator();
+    watch.after_call();
     tracing::info!(load_time_ms, "model loaded for benchmarking");
 
     let prepared = prepare(model_dir, inputs, device)?;
@@ -201,19 +246,19 @@ pub fn run_bench<B: Backend>(
         eos_token_ids: None,
     };
 
-    let sampler = MemorySampler::start(SAMPLE_EVERY);
+    let sampler = MemorySampler::start_with(SAMPLE_EVERY, watch.sampled());
     let mut batches = Vec::new();
     let mut requests = Vec::new();
     for &b in &opts.batch_sizes {
         let cfg = gen_cfg(opts.max_new_tokens);
         for w in 0..opts.warmup_runs {
-            generate(&model, &prepared, w * b, b, &cfg, device)?;
+            generate(&model, &prepared, w * b, b, &cfg, device, &mut watch)?;
         }
         let calls_per_run = prepared.len().div_ceil(b);
         let mut calls = Vec::new();
         for run in 0..opts.runs {
             for c in 0..calls_per_run {
-                let call = generate(&model, &prepared, c * b, b, &cfg, device)?;
+                let call = generate(&model, &prepared, c * b, b, &cfg, device, &mut watch)?;
                 for (name, g) in &call.rows {
                     requests.push(record(b, run, name, g));
                 }
@@ -228,7 +273,7 @@ pub fn run_bench<B: Backend>(
         for &n in &opts.grid_max_new_tokens {
             let cfg = gen_cfg(n);
             let calls = (0..opts.runs)
-                .map(|r| generate(&model, &prepared, r * b, b, &cfg, device))
+                .map(|r| generate(&model, &prepared, r * b, b, &cfg, device, &mut watch))
                 .collect::<Result<Vec<_>, _>>()?;
             let lat: Vec<f64> = calls.iter().map(Call::latency_ms).collect();
             grid.push(GridCell {
@@ -241,6 +286,11 @@ pub fn run_bench<B: Backend>(
     }
     let samples = sampler.finish();
     let sampled_peak = samples.iter().map(|s| s.rss_bytes).max();
+    let device_peak = samples.iter().filter_map(|s| s.device_used_bytes).max();
+    let device_samples = samples
+        .iter()
+        .filter(|s| s.device_used_bytes.is_some())
+        .count();
 
     let soak = if opts.soak_seconds > 0.0 {
         Some(soak(
@@ -249,12 +299,13 @@ pub fn run_bench<B: Backend>(
             &gen_cfg(opts.max_new_tokens),
             opts.soak_seconds,
             device,
+            &mut watch,
         )?)
     } else {
         None
     };
 
-    let gpu = crate::stages::probe::gpu_probe();
+    let gpu = crate::device::nvml::probe();
     Ok(BenchResult {
         schema_version: SCHEMA_VERSION,
         timestamp: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
@@ -263,12 +314,12 @@ pub fn run_bench<B: Backend>(
         versions: Versions {
             medpipe: env!("CARGO_PKG_VERSION").to_string(),
             burn: BURN_VERSION.to_string(),
-            backend: backend.to_string(),
+            backend: target.backend.to_string(),
             rustc: option_env!("MEDPIPE_RUSTC_VERSION")
                 .filter(|s| !s.is_empty())
                 .map(str::to_string),
         },
-        device: device_label.to_string(),
+        device: target.device.to_string(),
         model: ModelInfo {
             id: opts.model_id.clone(),
             dir: model_dir.display().to_string(),
@@ -306,14 +357,21 @@ pub fn run_bench<B: Backend>(
         load: LoadStats {
             load_time_ms,
             rss_after_load_bytes: rss_after_load,
-            device_memory_after_load_bytes: None,
+            device_memory_before_load_bytes: device_before_load,
+            device_memory_after_load_bytes: device_after_load,
+            allocator_in_use_after_load_bytes: allocator_after_load.map(|a| a.bytes_in_use),
+            allocator_reserved_after_load_bytes: allocator_after_load.map(|a| a.bytes_reserved),
         },
         memory: MemoryStats {
             // The kernel updates VmHWM lazily, so a sample can exceed it: take the larger.
             peak_rss_bytes: rss_bytes().map(|r| r.1).max(sampled_peak),
             peak_rss_during_runs_bytes: sampled_peak,
-            device_peak_bytes: None,
+            device_peak_bytes: device_peak,
+            allocator_peak_in_use_bytes: watch.peak().map(|a| a.bytes_in_use),
+            allocator_peak_reserved_bytes: watch.peak().map(|a| a.bytes_reserved),
             samples: samples.len(),
+            device_samples,
+            device_memory_note: watch.memory().note().to_string(),
         },
         batches,
         requests,
@@ -331,19 +389,14 @@ fn prepare<B: Backend>(
     inputs: &[BenchInput],
     device: &B::Device,
 ) -> Result<Vec<Prepared<B>>, BenchError> {
-    let prompts = PromptBuilder::from_dir(model_dir)?;
-    let processor = ImageProcessor::from_config_file(model_dir.join("preprocessor_config.json"))?;
+    let encoder = InputEncoder::from_dir(model_dir)?;
     inputs
         .iter()
         .map(|input| {
-            let p = processor.preprocess(&[RawImage::Image(input.image.clone())])?;
-            let input_ids = prompts.encode_chat(None, &input.prompt, &p.grid_thw)?;
+            let e = encoder.encode(&[RawImage::Image(input.image.clone())], &input.prompt)?;
             Ok(Prepared {
                 name: input.name.clone(),
-                request: Request {
-                    input_ids,
-                    images: Some(ImageInput::from_processed(p, device)),
-                },
+                request: e.request(device),
             })
         })
         .collect()
@@ -380,6 +433,7 @@ fn generate<B: Backend>(
     b: usize,
     cfg: &GenerateConfig,
     device: &B::Device,
+    watch: &mut DeviceWatch,
 ) -> Result<Call, BenchError> {
     let picked: Vec<&Prepared<B>> = (0..b)
         .map(|j| &prepared[(start + j) % prepared.len()])
@@ -388,6 +442,7 @@ fn generate<B: Backend>(
     let t = Instant::now();
     let gens = model.generate(&reqs, cfg, device)?;
     let wall_ms = t.elapsed().as_secs_f64() * 1e3;
+    watch.after_call();
     Ok(Call {
         rows: picked.iter().map(|p| p.name.clone()).zip(gens).collect(),
         wall_ms,
@@ -481,15 +536,19 @@ fn soak<B: Backend>(
     cfg: &GenerateConfig,
     seconds: f64,
     device: &B::Device,
+    watch: &mut DeviceWatch,
 ) -> Result<SoakResult, BenchError> {
     let window_s = (seconds / SOAK_WINDOWS as f64).max(MIN_SOAK_WINDOW_S);
-    let sampler = MemorySampler::start(SAMPLE_EVERY.max(Duration::from_secs_f64(window_s / 20.0)));
+    let sampler = MemorySampler::start_with(
+        SAMPLE_EVERY.max(Duration::from_secs_f64(window_s / 20.0)),
+        watch.sampled(),
+    );
     let start = Instant::now();
     let mut windows: Vec<SoakWindow> = Vec::new();
     let (mut w_requests, mut w_tokens, mut w_start) = (0usize, 0usize, 0.0f64);
     let mut total = 0usize;
     while start.elapsed().as_secs_f64() < seconds {
-        let call = generate(model, prepared, total, 1, cfg, device)?;
+        let call = generate(model, prepared, total, 1, cfg, device, watch)?;
         total += 1;
         w_requests += 1;
         w_tokens += call.new_tokens();
@@ -522,7 +581,7 @@ fn soak<B: Backend>(
 }
 
 /// The machine, from sysinfo and NVML.
-fn platform(gpu: &crate::stages::probe::GpuProbe) -> Platform {
+fn platform(gpu: &crate::device::nvml::GpuProbe) -> Platform {
     use sysinfo::System;
     let mut sys = System::new();
     sys.refresh_memory();

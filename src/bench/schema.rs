@@ -15,9 +15,19 @@
 //!   `batch_sizes`
 //! - `settings`: `warmup_runs`, `runs`, `inputs`, `grid_max_new_tokens`, `soak_seconds`,
 //!   `price_per_device_hour`, `currency`
-//! - `load`: `load_time_ms`, `rss_after_load_bytes`, `device_memory_after_load_bytes`
+//! - `load`: `load_time_ms`, `rss_after_load_bytes`, `device_memory_before_load_bytes`,
+//!   `device_memory_after_load_bytes`, `allocator_in_use_after_load_bytes`,
+//!   `allocator_reserved_after_load_bytes`
 //! - `memory`: `peak_rss_bytes` (process high-water mark), `peak_rss_during_runs_bytes`
-//!   (sampled), `device_peak_bytes`, `samples`
+//!   (sampled), `device_peak_bytes`, `allocator_peak_in_use_bytes`,
+//!   `allocator_peak_reserved_bytes`, `samples`, `device_samples`, `device_memory_note`
+//!
+//! Device memory (GPU runs; `null` on the CPU, `device_memory_note` says why): `device_*` are
+//! NVML's used memory of the whole GPU (every process and the driver's reservations: compare
+//! with `device_memory_before_load_bytes`), sampled on a thread; `allocator_*` are cubecl's
+//! memory manager for this process (live tensor bytes, pool bytes), read on the model's
+//! thread after loading and after every generate call. Schema 1 files (without these keys)
+//! still read, with the new keys `null`/0/empty.
 //! - `batches[]`: per batch size, summaries (see [`BatchResult`]), throughput and cost
 //! - `requests[]`: every measured request (see [`RequestRecord`])
 //! - `grid[]`: batch size × sequence length cells
@@ -28,8 +38,9 @@ use serde::{Deserialize, Serialize};
 use crate::bench::memory::MemSample;
 use crate::metrics::stats::Summary;
 
-/// Version of this layout; bumped on any incompatible change.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Version of this layout; bumped on any incompatible change (2: device and allocator
+/// memory keys in `load` and `memory`).
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// One benchmark run, as written to JSON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -172,8 +183,17 @@ pub struct LoadStats {
     pub load_time_ms: f64,
     /// Resident memory right after loading, bytes.
     pub rss_after_load_bytes: Option<u64>,
-    /// Device memory in use after loading, bytes (`null` on CPU).
+    /// GPU memory in use before loading (NVML, device-wide), bytes (`null` on CPU).
+    #[serde(default)]
+    pub device_memory_before_load_bytes: Option<u64>,
+    /// GPU memory in use after loading (NVML, device-wide), bytes (`null` on CPU).
     pub device_memory_after_load_bytes: Option<u64>,
+    /// Bytes of live tensors in the allocator after loading (`null` on CPU).
+    #[serde(default)]
+    pub allocator_in_use_after_load_bytes: Option<u64>,
+    /// Bytes the allocator's pools hold after loading (`null` on CPU).
+    #[serde(default)]
+    pub allocator_reserved_after_load_bytes: Option<u64>,
 }
 
 /// Memory while running.
@@ -185,10 +205,23 @@ pub struct MemoryStats {
     pub peak_rss_bytes: Option<u64>,
     /// Largest RSS sampled during the measured runs, bytes.
     pub peak_rss_during_runs_bytes: Option<u64>,
-    /// Peak device memory during the runs, bytes (`null` on CPU).
+    /// Peak GPU memory in use during the runs (NVML, device-wide, sampled), bytes (`null`
+    /// on CPU or without NVML).
     pub device_peak_bytes: Option<u64>,
+    /// Most live tensor bytes in the allocator after any generate call (`null` on CPU).
+    #[serde(default)]
+    pub allocator_peak_in_use_bytes: Option<u64>,
+    /// Most bytes held by the allocator's pools after any generate call (`null` on CPU).
+    #[serde(default)]
+    pub allocator_peak_reserved_bytes: Option<u64>,
     /// RSS samples taken during the measured runs.
     pub samples: usize,
+    /// Samples of those with a device-memory reading.
+    #[serde(default)]
+    pub device_samples: usize,
+    /// Where the device figures come from, or why they are `null`.
+    #[serde(default)]
+    pub device_memory_note: String,
 }
 
 /// The figures of one batch size.
@@ -396,13 +429,20 @@ pub(crate) mod tests {
             load: LoadStats {
                 load_time_ms: 10.0,
                 rss_after_load_bytes: Some(1 << 20),
+                device_memory_before_load_bytes: None,
                 device_memory_after_load_bytes: None,
+                allocator_in_use_after_load_bytes: None,
+                allocator_reserved_after_load_bytes: None,
             },
             memory: MemoryStats {
                 peak_rss_bytes: Some(2 << 20),
                 peak_rss_during_runs_bytes: Some(2 << 20),
                 device_peak_bytes: None,
+                allocator_peak_in_use_bytes: None,
+                allocator_peak_reserved_bytes: None,
                 samples: 5,
+                device_samples: 0,
+                device_memory_note: "cpu run: there is no device memory to measure".into(),
             },
             batches: vec![batch(1), batch(2)],
             requests: vec![],
@@ -435,6 +475,30 @@ pub(crate) mod tests {
                 "{name} is stale: rerun with MEDPIPE_WRITE_BENCH_FIXTURES=1"
             );
         }
+    }
+
+    #[test]
+    fn a_schema_1_file_without_the_device_memory_keys_still_reads() {
+        let mut v = serde_json::to_value(crafted(50.0)).unwrap();
+        v["schema_version"] = 1.into();
+        for k in [
+            "device_memory_before_load_bytes",
+            "allocator_in_use_after_load_bytes",
+            "allocator_reserved_after_load_bytes",
+        ] {
+            v["load"].as_object_mut().unwrap().remove(k).unwrap();
+        }
+        for k in [
+            "allocator_peak_in_use_bytes",
+            "allocator_peak_reserved_bytes",
+            "device_samples",
+            "device_memory_note",
+        ] {
+            v["memory"].as_object_mut().unwrap().remove(k).unwrap();
+        }
+        let r: BenchResult = serde_json::from_value(v).unwrap();
+        assert_eq!(r.memory.device_memory_note, "");
+        assert_eq!(r.load.allocator_in_use_after_load_bytes, None);
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //!   `lora`: LoRA pairs and the PEFT adapter format.
 //! - `vision`, `rope`, `text`: vision tower, M-RoPE, decoder; `cache`: per-layer KV cache.
 //! - `processor`: the Qwen2-VL image processor; `prompt`: chat prompts and training labels.
+//! - `loader`: a model directory loaded for generation (weights + adapter, timed) and its
+//!   input side (processor + prompt builder → [`Request`]).
 //! - `qwen`: the assembled [`Qwen25Vl`] (image embeddings merged into the sequence);
 //!   `generate`: batched greedy/sampled generation with timings; `parity`: the
 //!   `medpipe forward` harness.
@@ -25,6 +27,7 @@ pub mod config;
 mod error;
 pub mod generate;
 pub(crate) mod linear;
+pub mod loader;
 pub mod lora;
 pub mod parity;
 pub mod processor;

@@ -72,6 +72,33 @@ fn ints(
     Ok(Some((v, t.shape().to_vec())))
 }
 
+/// Errors of [`run_forward_on`].
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// Runs `job` on the backend of `device` (NdArray f32 for the CPU, Cuda for a GPU).
+///
+/// # Errors
+/// As [`run_forward`]; a GPU in a build without `--features cuda`.
+pub fn run_forward_on(
+    device: crate::device::Device,
+    job: &ForwardJob,
+) -> Result<ForwardReport, ForwardError> {
+    struct Run<'a>(&'a ForwardJob);
+    impl crate::device::BackendJob for Run<'_> {
+        type Output = Result<ForwardReport, ModelError>;
+        fn run<B: Backend>(self, device: B::Device, _: crate::device::Target) -> Self::Output {
+            run_forward::<B>(self.0, &device)
+        }
+    }
+    Ok(crate::device::run_on(device, Run(job))??)
+}
+
 /// Runs `job` on `device`.
 ///
 /// # Errors

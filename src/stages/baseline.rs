@@ -8,9 +8,9 @@
 //! (`crate::bench::schema`). Beside it: `baseline.md` (results table) and the charts
 //! `baseline_latency.{png,svg}`, `baseline_batch_sweep.{png,svg}`.
 //!
-//! Device: the model runs on the CPU (NdArray, f32). The CUDA path of the benchmark is not
-//! built yet; when the config asks for CUDA the stage says so in a warning and records
-//! `device: cpu`.
+//! Device: `probe.device` resolved by the probe's rule (`crate::device::resolve`): NdArray
+//! f32 on the CPU, burn's Cuda backend on a GPU in a `--features cuda` build; the bench
+//! block records the device, and on a GPU its memory (NVML and the allocator).
 
 use std::path::PathBuf;
 
@@ -22,7 +22,7 @@ use crate::bench::charts::write_charts;
 use crate::bench::inputs::evaluation_documents;
 use crate::bench::output::markdown_document;
 use crate::bench::schema::BenchResult;
-use crate::bench::{run_bench, BenchOptions};
+use crate::bench::{run_bench_on, BenchOptions};
 use crate::model::Sampling;
 use crate::pipeline::fs::write_atomic;
 use crate::pipeline::{Stage, StageCtx, StageOutput};
@@ -153,11 +153,12 @@ impl Stage for Baseline {
         &["download"]
     }
     fn config_sections(&self) -> Vec<&'static str> {
-        // `probe`: the device asked for (recorded in a warning while only the CPU runs).
+        // `probe`: the device to run on.
         vec!["baseline", "probe"]
     }
     fn code_version(&self) -> u32 {
-        1
+        // 2: bench schema 2 (device and allocator memory); runs on the chosen device.
+        2
     }
 
     fn run(&self, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
@@ -176,24 +177,11 @@ impl Stage for Baseline {
             .metric("/model_revision")
             .and_then(Value::as_str)
             .map(str::to_string);
-        let mut warnings = Vec::new();
-        if ctx.config().probe.device.starts_with("cuda") {
-            warnings.push(format!(
-                "probe.device = {}: the benchmark has no CUDA path yet; baseline ran on the CPU",
-                ctx.config().probe.device
-            ));
-        }
+        let device = ctx.config().probe.resolve_device(&model_dir)?;
         let opts = ctx.config().baseline.options(&model_id, revision);
         let inputs = evaluation_documents()?;
-        let result = run_bench::<burn::backend::NdArray<f32>>(
-            &model_dir,
-            &opts,
-            &inputs,
-            &Default::default(),
-            "cpu",
-            "ndarray",
-        )
-        .with_context(|| format!("benchmarking {}", model_dir.display()))?;
+        let result = run_bench_on(device, &model_dir, &opts, &inputs)
+            .with_context(|| format!("benchmarking {}", model_dir.display()))?;
 
         let reports = ctx.workspace().reports();
         let md = reports.join("baseline.md");
@@ -210,7 +198,7 @@ impl Stage for Baseline {
             metrics: value,
             outputs,
             summary: summary(&result),
-            warnings,
+            warnings: Vec::new(),
         })
     }
 }
@@ -230,7 +218,14 @@ pub fn baseline_metrics(r: &BenchResult, documents: usize) -> BaselineMetrics {
         performance: Performance {
             load_time_s: Some(r.load.load_time_ms / 1e3),
             weights_bytes: Some(r.model.weights_bytes),
-            peak_memory_bytes: r.memory.device_peak_bytes.or(r.memory.peak_rss_bytes),
+            // GPU: the allocator's pools, else NVML's device-wide peak; CPU: RSS.
+            peak_memory_bytes: if r.device == "cpu" {
+                r.memory.peak_rss_bytes
+            } else {
+                r.memory
+                    .allocator_peak_reserved_bytes
+                    .or(r.memory.device_peak_bytes)
+            },
             latency_ms: first.map(|b| b.latency_ms.clone()),
             first_token_ms: first.map(|b| b.ttft_ms.clone()),
             tokens_per_s: decode_tokens_per_s,
@@ -263,6 +258,7 @@ fn summary(r: &BenchResult) -> Vec<(String, String)> {
             ),
         ));
     }
+    s.push(("device".to_string(), r.device.clone()));
     s
 }
 

@@ -18,27 +18,31 @@
 //! 95% bootstrap intervals, and paired-bootstrap differences of each variant against `base`.
 //! A candidate worse than its baseline beyond the interval is listed in `regressions` and
 //! raised as a warning.
+//!
+//! Variants run on `probe.device` (the probe's rule, `crate::device::resolve`): NdArray f32
+//! on the CPU, burn's Cuda backend on a GPU in a `--features cuda` build; models load
+//! through `crate::model::loader`, as the benchmark loads them.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::bench::memory::{rss_bytes, MemorySampler};
+use crate::bench::memory::{rss_bytes, DeviceWatch, MemorySampler};
 use crate::data::eval_docs;
 use crate::data::sample::Sample;
+use crate::device::{run_on, BackendJob, DeviceMemory, Target};
 use crate::metrics::answer::Item;
 use crate::metrics::extraction::{
     paired_diff, score_document, score_report, Comparison, DocScore, Metric,
 };
 use crate::metrics::stats::summarize_ms;
 use crate::model::generate::{GenerateConfig, Request, Sampling};
-use crate::model::processor::ImageProcessor;
+use crate::model::loader::{load_model, EncodedPrompt, InputEncoder, LoadedModel};
 use crate::model::prompt::PromptBuilder;
-use crate::model::{ImageInput, Qwen25Vl};
 use crate::pipeline::fs::write_atomic_with;
 use crate::pipeline::{Stage, StageCtx, StageOutput};
 use crate::report::inputs::{
@@ -263,25 +267,17 @@ fn plan_one(
     }
 }
 
-/// Loads one variant's model: the checkpoint, then (for `nf4+adapter`) its adapter.
+/// Loads one variant's model (timed): the checkpoint, then (for `nf4+adapter`) its adapter.
 ///
 /// # Errors
-/// Checkpoint load errors naming the directory; for an adapter variant, that the adapter
-/// loader is not built yet.
+/// Checkpoint load errors naming the directory; an adapter that does not read or fit,
+/// naming its directory.
 pub fn load_variant<B: Backend>(
     source: &VariantSource,
     device: &B::Device,
-) -> anyhow::Result<Qwen25Vl<B>> {
-    let mut model = Qwen25Vl::<B>::load(&source.model_dir, device)
-        .with_context(|| format!("loading the model from {}", source.model_dir.display()))?;
-    if let Some(dir) = &source.adapter_dir {
-        let adapter = crate::model::lora::Adapter::load(dir)
-            .with_context(|| format!("loading the adapter in {}", dir.display()))?;
-        model
-            .attach_adapter(&adapter, device)
-            .with_context(|| format!("attaching the adapter in {}", dir.display()))?;
-    }
-    Ok(model)
+) -> anyhow::Result<LoadedModel<B>> {
+    load_model::<B>(&source.model_dir, source.adapter_dir.as_deref(), device)
+        .with_context(|| format!("loading the model from {}", source.model_dir.display()))
 }
 
 /// One document to score.
@@ -290,10 +286,8 @@ struct EvalDoc {
     sample: Sample,
     /// `test` or `eval`.
     set: &'static str,
-    input_ids: Vec<u32>,
-    pixel_values: Vec<f32>,
-    patch_dim: usize,
-    grids: Vec<[usize; 3]>,
+    /// Prompt tokens and preprocessed page.
+    encoded: EncodedPrompt,
 }
 
 /// One line of `reports/predictions/<variant>.jsonl`.
@@ -361,6 +355,10 @@ impl Stage for Evaluate {
     fn optional_upstream(&self) -> &[&'static str] {
         &self.optional
     }
+    fn config_sections(&self) -> Vec<&'static str> {
+        // `probe`: the device the variants run on.
+        vec!["evaluate", "probe"]
+    }
     fn code_version(&self) -> u32 {
         CODE_VERSION
     }
@@ -392,13 +390,41 @@ impl Stage for Evaluate {
             .map(|s| root.join(s))
             .context("download.json has no `metrics.model_dir`")?;
         let prepare = ctx.upstream("prepare")?.metrics.clone();
-        let docs = load_documents(ctx, &cfg, &base_dir, &prepare)?;
-        // DEVICE: variants run on NdArray (CPU). A CUDA build should dispatch here on the
-        // probe's device choice (`evaluate_all::<burn::backend::Cuda>`); not wired yet.
-        let device = burn::backend::ndarray::NdArrayDevice::Cpu;
-        let outcome = evaluate_all::<burn::backend::NdArray<f32>>(
-            ctx, &cfg, &plans, &docs, &base_dir, &device,
-        )?;
+        // Every variant shares the base checkpoint's tokenizer, chat template and processor.
+        let encoder = InputEncoder::from_dir(&base_dir)?;
+        let docs = load_documents(ctx, &cfg, &encoder, &prepare)?;
+        let device = ctx.config().probe.resolve_device(&base_dir)?;
+        struct Job<'a, 'c> {
+            ctx: &'a StageCtx<'c>,
+            cfg: &'a EvaluateConfig,
+            plans: &'a [VariantPlan],
+            docs: &'a [EvalDoc],
+            prompts: &'a PromptBuilder,
+        }
+        impl BackendJob for Job<'_, '_> {
+            type Output = anyhow::Result<Outcome>;
+            fn run<B: Backend>(self, device: B::Device, target: Target) -> Self::Output {
+                evaluate_all::<B>(
+                    self.ctx,
+                    self.cfg,
+                    self.plans,
+                    self.docs,
+                    self.prompts,
+                    &device,
+                    target,
+                )
+            }
+        }
+        let outcome = run_on(
+            device,
+            Job {
+                ctx,
+                cfg: &cfg,
+                plans: &plans,
+                docs: &docs,
+                prompts: encoder.prompts(),
+            },
+        )??;
         let n_test = docs.iter().filter(|d| d.set == "test").count();
         let metrics = EvaluationMetrics {
             test_documents: docs.len(),
@@ -408,7 +434,7 @@ impl Stage for Evaluate {
                 sampling: "greedy".into(),
                 max_new_tokens: cfg.max_new_tokens,
                 batch_size: cfg.batch_size,
-                device: "cpu".into(),
+                device: device.to_string(),
             }),
             variants: outcome.scored.iter().map(|s| s.eval.clone()).collect(),
             comparisons: outcome.comparisons.clone(),
@@ -509,11 +535,10 @@ fn evaluate_all<B: Backend>(
     cfg: &EvaluateConfig,
     plans: &[VariantPlan],
     docs: &[EvalDoc],
-    base_dir: &Path,
+    prompts: &PromptBuilder,
     device: &B::Device,
+    target: Target,
 ) -> anyhow::Result<Outcome> {
-    // Every variant shares the base checkpoint's tokenizer and chat template.
-    let prompts = PromptBuilder::from_dir(base_dir)?;
     let pred_dir = ctx.workspace().reports().join("predictions");
     let mut out = Outcome {
         scored: Vec::new(),
@@ -546,9 +571,10 @@ fn evaluate_all<B: Backend>(
             plan.variant,
             source,
             docs,
-            &prompts,
+            prompts,
             &path,
             device,
+            target,
         ) {
             Ok(s) => {
                 out.outputs.push(path);
@@ -585,12 +611,16 @@ fn run_variant<B: Backend>(
     prompts: &PromptBuilder,
     pred_path: &Path,
     device: &B::Device,
+    target: Target,
 ) -> anyhow::Result<Scored> {
     let name = variant.name();
-    let t0 = Instant::now();
-    let model = load_variant::<B>(source, device)?;
-    let load_time_s = t0.elapsed().as_secs_f64();
+    // A GPU's pools start from what this variant needs, not the previous variant's.
+    B::memory_cleanup(device);
+    let mut watch = DeviceWatch::new(DeviceMemory::for_device(target.device));
+    let loaded = load_variant::<B>(source, device)?;
+    let (model, load_time_s) = (loaded.model, loaded.load_ms / 1e3);
     let rss_after_load = rss_bytes().map(|(now, _)| now);
+    watch.after_call();
     let gen_cfg = GenerateConfig {
         max_new_tokens: cfg.max_new_tokens,
         sampling: Sampling::Greedy,
@@ -598,15 +628,16 @@ fn run_variant<B: Backend>(
         eos_token_ids: None,
     };
     let bar = ctx.progress_bar(docs.len() as u64, format!("evaluate {name}"));
-    let sampler = MemorySampler::start(MEMORY_SAMPLE_INTERVAL);
+    let sampler = MemorySampler::start_with(MEMORY_SAMPLE_INTERVAL, watch.sampled());
     let mut records = Vec::with_capacity(docs.len());
     let mut decode_tokens = 0usize;
     let mut decode_ms = 0.0f64;
     for (b, chunk) in docs.chunks(cfg.batch_size).enumerate() {
-        let requests: Vec<Request<B>> = chunk.iter().map(|d| request(d, device)).collect();
+        let requests: Vec<Request<B>> = chunk.iter().map(|d| d.encoded.request(device)).collect();
         let gens = model
             .generate(&requests, &gen_cfg, device)
             .with_context(|| format!("generating batch {b} of `{name}`"))?;
+        watch.after_call();
         if let Some(g) = gens.first() {
             decode_ms += g.decode_ms;
         }
@@ -643,7 +674,10 @@ fn run_variant<B: Backend>(
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
-    let peak = sampler.finish().iter().map(|s| s.rss_bytes).max();
+    let samples = sampler.finish();
+    let rss_peak = samples.iter().map(|s| s.rss_bytes).max();
+    let device_peak = samples.iter().filter_map(|s| s.device_used_bytes).max();
+    let peak = watch.peak_memory_bytes(device_peak, rss_peak);
     write_predictions(pred_path, &records)?;
 
     let scores: Vec<DocScore> = records.iter().map(|r| r.score.clone()).collect();
@@ -689,21 +723,6 @@ fn remove_stale(path: &Path) {
     }
 }
 
-fn request<B: Backend>(d: &EvalDoc, device: &B::Device) -> Request<B> {
-    let rows = d.pixel_values.len() / d.patch_dim.max(1);
-    let pixel_values = Tensor::<B, 2>::from_data(
-        TensorData::new(d.pixel_values.clone(), [rows, d.patch_dim]),
-        device,
-    );
-    Request {
-        input_ids: d.input_ids.clone(),
-        images: Some(ImageInput {
-            pixel_values,
-            grids: d.grids.clone(),
-        }),
-    }
-}
-
 /// Ground-truth item in the scorer's form (empty unit → none).
 fn to_metric_item(i: &crate::data::document::Item) -> Item {
     Item {
@@ -742,7 +761,7 @@ fn write_predictions(path: &Path, records: &[PredictionRecord]) -> anyhow::Resul
 fn load_documents(
     ctx: &StageCtx<'_>,
     cfg: &EvaluateConfig,
-    model_dir: &Path,
+    encoder: &InputEncoder,
     prepare: &serde_json::Value,
 ) -> anyhow::Result<Vec<EvalDoc>> {
     let test_rel = prepare
@@ -764,28 +783,16 @@ fn load_documents(
             rows.push((s, "eval"));
         }
     }
-    let processor = ImageProcessor::from_config_file(model_dir.join("preprocessor_config.json"))?;
-    let prompts = PromptBuilder::from_dir(model_dir)?;
     rows.into_iter()
         .map(|(sample, set)| {
             let img = ctx.path(&sample.image);
-            let p = processor
-                .preprocess(&[img.clone().into()])
-                .with_context(|| format!("preprocessing {} ({})", img.display(), sample.id))?;
-            let input_ids = prompts
-                .encode_chat(None, &sample.prompt, &p.grid_thw)
-                .with_context(|| format!("encoding the prompt of {}", sample.id))?;
+            let encoded = encoder
+                .encode(&[img.clone().into()], &sample.prompt)
+                .with_context(|| format!("encoding {} ({})", img.display(), sample.id))?;
             Ok(EvalDoc {
-                grids: p
-                    .grid_thw
-                    .iter()
-                    .map(|g| [g[0] as usize, g[1] as usize, g[2] as usize])
-                    .collect(),
                 sample,
                 set,
-                input_ids,
-                pixel_values: p.pixel_values,
-                patch_dim: p.patch_dim,
+                encoded,
             })
         })
         .collect()
@@ -936,12 +943,14 @@ mod tests {
             model_dir: fixture("qwen2_5_vl_tiny"),
             adapter_dir: Some(fixture("qwen2_5_vl_tiny/lora")),
         };
-        let adapted = load_variant::<TB>(&src, &Default::default()).unwrap();
+        let adapted = load_variant::<TB>(&src, &Default::default()).unwrap().model;
         let base = VariantSource {
             adapter_dir: None,
             ..src.clone()
         };
-        let base = load_variant::<TB>(&base, &Default::default()).unwrap();
+        let base = load_variant::<TB>(&base, &Default::default())
+            .unwrap()
+            .model;
         let ids = vec![vec![1u32, 2, 3]];
         let dev = Default::default();
         let a = adapted.forward(&ids, None, None, &dev).unwrap().logits;

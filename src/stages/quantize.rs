@@ -8,9 +8,10 @@
 //! quantization time, memory after load, and latency/tokens per second of both models on
 //! the same prompts with greedy decoding.
 //!
-//! CPU only: the forward dequantizes per block and multiplies in f32 (`quant::Nf4Linear`).
-//! The CUDA path of the issue (fused NF4 dequant + GEMV for decode, dequant to bf16 + matmul
-//! for prefill) is not built here.
+//! Timing runs on `probe.device` (the probe's rule, `crate::device::resolve`): NdArray f32
+//! on the CPU, burn's Cuda backend on a GPU in a `--features cuda` build. The NF4 forward
+//! is `quant::Nf4Linear` on either; peak memory is RSS on the CPU and the allocator's pools
+//! on a GPU.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -18,17 +19,17 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::bench::memory::{rss_bytes, MemorySampler};
+use burn::prelude::Backend;
+
+use crate::bench::memory::{rss_bytes, DeviceWatch, MemorySampler};
+use crate::device::{run_on, BackendJob, Device, DeviceMemory, Target};
 use crate::metrics::stats::summarize_ms;
-use crate::model::processor::{ImageInput as ProcImage, ImageProcessor};
-use crate::model::prompt::PromptBuilder;
-use crate::model::{GenerateConfig, ImageInput, Qwen25Vl, Request};
+use crate::model::loader::{load_model, InputEncoder};
+use crate::model::processor::ImageInput as ProcImage;
+use crate::model::GenerateConfig;
 use crate::pipeline::{Stage, StageCtx, StageOutput};
 use crate::quant::{quantize_checkpoint, QuantizeOptions, QuantizeReport};
 use crate::report::inputs::{Performance, QuantizeMetrics, QuantizedLayer};
-
-/// The backend the stage measures on (the CPU build).
-type Cpu = burn::backend::NdArray<f32>;
 
 /// How often the memory sampler reads RSS while generating.
 const MEMORY_SAMPLE_INTERVAL: Duration = Duration::from_millis(10);
@@ -91,6 +92,10 @@ impl Stage for Quantize {
     fn upstream(&self) -> &'static [&'static str] {
         &["download"]
     }
+    fn config_sections(&self) -> Vec<&'static str> {
+        // `probe`: the device the timing runs on.
+        vec!["quantize", "probe"]
+    }
     fn code_version(&self) -> u32 {
         1
     }
@@ -121,10 +126,11 @@ impl Stage for Quantize {
             "NF4 checkpoint written"
         );
 
+        let device = ctx.config().probe.resolve_device(&model_dir)?;
         let prompts = evaluation_prompts(&model_dir, cfg.latency_prompts)?;
         // NF4 first: its load-time RSS is then not masked by pages freed from the base model.
-        let nf4 = measure(&out_dir, &prompts, &cfg).context("timing the NF4 model")?;
-        let base = measure(&model_dir, &prompts, &cfg).context("timing the base model")?;
+        let nf4 = measure(device, &out_dir, &prompts, &cfg).context("timing the NF4 model")?;
+        let base = measure(device, &model_dir, &prompts, &cfg).context("timing the base model")?;
 
         let mut metrics = metrics_of(&report, &cfg.skip);
         metrics.quantize_peak_rss_bytes = quantize_peak;
@@ -158,6 +164,7 @@ impl Stage for Quantize {
         };
         summary.push(("nf4 decode".into(), tps(&Some(metrics.performance.clone()))));
         summary.push(("base decode".into(), tps(&metrics.base)));
+        summary.push(("device".into(), device.to_string()));
         Ok(StageOutput {
             metrics: serde_json::to_value(&metrics).context("serializing quantize metrics")?,
             outputs: vec![out_dir],
@@ -247,49 +254,75 @@ struct Measured {
     load_growth: Option<u64>,
 }
 
+/// [`measure_on`] on the backend of `device`.
+fn measure(
+    device: Device,
+    dir: &Path,
+    prompts: &[Prompt],
+    cfg: &QuantizeConfig,
+) -> anyhow::Result<Measured> {
+    struct Job<'a> {
+        dir: &'a Path,
+        prompts: &'a [Prompt],
+        cfg: &'a QuantizeConfig,
+    }
+    impl BackendJob for Job<'_> {
+        type Output = anyhow::Result<Measured>;
+        fn run<B: Backend>(self, device: B::Device, target: Target) -> Self::Output {
+            measure_on::<B>(self.dir, self.prompts, self.cfg, &device, target)
+        }
+    }
+    run_on(device, Job { dir, prompts, cfg })?
+}
+
 /// Loads the model in `dir`, then times greedy generation on every prompt.
-fn measure(dir: &Path, prompts: &[Prompt], cfg: &QuantizeConfig) -> anyhow::Result<Measured> {
-    let dev = Default::default();
+fn measure_on<B: Backend>(
+    dir: &Path,
+    prompts: &[Prompt],
+    cfg: &QuantizeConfig,
+    dev: &B::Device,
+    target: Target,
+) -> anyhow::Result<Measured> {
+    // A GPU's pools start from what this model needs, not the previous model's.
+    B::memory_cleanup(dev);
+    let mut watch = DeviceWatch::new(DeviceMemory::for_device(target.device));
     let rss_before = rss_bytes().map(|(now, _)| now);
-    let t0 = Instant::now();
-    let model =
-        Qwen25Vl::<Cpu>::load(dir, &dev).with_context(|| format!("loading {}", dir.display()))?;
-    let load_time_s = t0.elapsed().as_secs_f64();
+    let loaded =
+        load_model::<B>(dir, None, dev).with_context(|| format!("loading {}", dir.display()))?;
+    let (model, load_time_s) = (loaded.model, loaded.load_ms / 1e3);
     let rss_after_load = rss_bytes().map(|(now, _)| now);
-    let processor = ImageProcessor::from_config_file(dir.join("preprocessor_config.json"))
-        .with_context(|| format!("reading the image processor config of {}", dir.display()))?;
-    let builder = PromptBuilder::from_dir(dir)
-        .with_context(|| format!("reading the tokenizer of {}", dir.display()))?;
+    watch.after_call();
+    let encoder = InputEncoder::from_dir(dir).with_context(|| {
+        format!(
+            "reading the tokenizer and image processor of {}",
+            dir.display()
+        )
+    })?;
     let requests = prompts
         .iter()
         .map(|p| {
-            let px = processor
-                .preprocess(&[ProcImage::Image(p.page.clone())])
-                .context("preprocessing a timing page")?;
-            let ids = builder
-                .encode_chat(None, &p.question, &px.grid_thw)
-                .context("encoding a timing prompt")?;
-            let images = ImageInput::<Cpu>::from_processed(px, &dev);
-            Ok(Request {
-                input_ids: ids,
-                images: Some(images),
-            })
+            let e = encoder
+                .encode(&[ProcImage::Image(p.page.clone())], &p.question)
+                .context("encoding a timing page and prompt")?;
+            Ok(e.request::<B>(dev))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let gen_cfg = GenerateConfig {
         max_new_tokens: cfg.max_new_tokens,
         ..GenerateConfig::default()
     };
-    let sampler = MemorySampler::start(MEMORY_SAMPLE_INTERVAL);
+    let sampler = MemorySampler::start_with(MEMORY_SAMPLE_INTERVAL, watch.sampled());
     for r in requests.iter().cycle().take(cfg.warmup_runs) {
-        model.generate(std::slice::from_ref(r), &gen_cfg, &dev)?;
+        model.generate(std::slice::from_ref(r), &gen_cfg, dev)?;
+        watch.after_call();
     }
     let (mut latency, mut first, mut decode_ms, mut decode_tokens) =
         (Vec::new(), Vec::new(), 0f64, 0usize);
     for r in &requests {
         let t = Instant::now();
-        let g = model.generate(std::slice::from_ref(r), &gen_cfg, &dev)?;
+        let g = model.generate(std::slice::from_ref(r), &gen_cfg, dev)?;
         latency.push(t.elapsed().as_secs_f64() * 1e3);
+        watch.after_call();
         if let Some(g) = g.first() {
             first.push(g.prefill_ms);
             decode_ms += g.decode_ms;
@@ -303,12 +336,13 @@ fn measure(dir: &Path, prompts: &[Prompt], cfg: &QuantizeConfig) -> anyhow::Resu
         .map(|s| s.rss_bytes)
         .chain(rss_after_load)
         .max();
+    let device_peak = samples.iter().filter_map(|s| s.device_used_bytes).max();
     let weights_bytes = safetensors_bytes(dir)?;
     Ok(Measured {
         performance: Performance {
             load_time_s: Some(load_time_s),
             weights_bytes: Some(weights_bytes),
-            peak_memory_bytes: peak,
+            peak_memory_bytes: watch.peak_memory_bytes(device_peak, peak),
             latency_ms: summarize_ms(&latency).ok(),
             first_token_ms: summarize_ms(&first).ok(),
             tokens_per_s: (decode_ms > 0.0).then(|| decode_tokens as f64 / (decode_ms / 1e3)),

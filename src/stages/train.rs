@@ -6,18 +6,24 @@
 //! trainer checkpoints under `checkpoints/train-state/`; a killed run resumes there on the
 //! next `medpipe run` and reaches the same adapter. The directory records the inputs its
 //! checkpoints came from (`inputs.sha256`); checkpoints of other inputs are discarded.
+//!
+//! Device: `probe.device` by the probe's rule (`crate::device::resolve`): autodiff over
+//! NdArray f32 on the CPU, over burn's Cuda backend (f32) on a GPU in a `--features cuda`
+//! build.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use burn::backend::{Autodiff, NdArray};
 use burn::module::Module;
 use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::bench::memory::DeviceWatch;
 use crate::data::sample::Sample;
+use crate::device::{run_autodiff_on, AutodiffJob, DeviceMemory, Target};
 use crate::model::lora::LoraSpec;
 use crate::model::processor::{ImageInput as ProcImage, ImageProcessor};
 use crate::model::prompt::PromptBuilder;
@@ -26,11 +32,8 @@ use crate::pipeline::fs::commit_dir;
 use crate::pipeline::{Stage, StageCtx, StageOutput};
 use crate::report::inputs::{TrainStep, TrainingMetrics, ValPoint};
 use crate::train::batch::{SampleError, SampleSource, TrainSample};
+use crate::train::checkpoint::TrainState;
 use crate::train::trainer::{train, Flow, TrainConfig, TrainEvent};
-
-/// CPU training backend: f32 NdArray under autodiff.
-type Inner = NdArray<f32>;
-type AB = Autodiff<Inner>;
 
 /// `[train]` config section. Defaults: the QLoRA recipe of the project brief.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -106,6 +109,10 @@ impl Stage for Train {
     fn upstream(&self) -> &'static [&'static str] {
         &["download", "quantize", "prepare"]
     }
+    fn config_sections(&self) -> Vec<&'static str> {
+        // `probe`: the device training runs on.
+        vec!["train", "probe"]
+    }
     fn code_version(&self) -> u32 {
         1
     }
@@ -119,7 +126,6 @@ impl Stage for Train {
                 .context("download artifact has no metrics.model_dir")?,
         );
         let root = ctx.workspace().root().to_path_buf();
-        let device = Default::default();
         // QLoRA: the frozen base is the quantize stage's NF4 checkpoint.
         let nf4_dir = root.join(
             ctx.upstream("quantize")?
@@ -174,25 +180,6 @@ impl Stage for Train {
             );
         }
 
-        let load_clock = Instant::now();
-        let mut model = Qwen25Vl::<AB>::load(&nf4_dir, &device)
-            .with_context(|| format!("loading the NF4 base {}", nf4_dir.display()))?;
-        // The base's parameter count as transformers reports it: NF4 codes are constants that
-        // burn's `num_params` does not see, so count from the architecture instead.
-        let total_params = model.config().parameter_count();
-        let params_before_lora = model.num_params() as u64;
-        model.add_lora(
-            &LoraSpec {
-                r: cfg.r,
-                alpha: cfg.lora_alpha,
-                dropout: cfg.lora_dropout,
-                seed: cfg.seed,
-            },
-            &device,
-        );
-        let trainable = (model.num_params() as u64).saturating_sub(params_before_lora);
-        let load_s = load_clock.elapsed().as_secs_f64();
-
         let tcfg = TrainConfig {
             lr: cfg.lr,
             warmup_ratio: cfg.warmup_ratio,
@@ -217,66 +204,24 @@ impl Stage for Train {
                 ctx.workspace().relative(&ckpt_dir).display()
             ));
         }
-        let window = cfg.batch_size * cfg.grad_accum;
-        let total = (train_set.samples.len().div_ceil(window.max(1)) * cfg.epochs) as u64;
-        let bar = ctx.progress_bar(total, "train");
-        let mut peak_rss = crate::bench::memory::rss_bytes().map(|r| r.1).unwrap_or(0);
-        // The optimizer step of the checkpoint this run continued from (a killed run resumed).
-        let mut resumed_from_step: Option<u64> = None;
-        let mut on_event = |e: &TrainEvent<'_>| {
-            match e {
-                TrainEvent::Step(m) => {
-                    bar.set_position(m.step);
-                    bar.set_message(format!("loss {:.3} lr {:.1e}", m.loss, m.lr));
-                }
-                TrainEvent::Resumed { step, .. } => {
-                    bar.set_position(*step);
-                    resumed_from_step = Some(*step);
-                }
-                _ => {}
-            }
-            if let Some((_, peak)) = crate::bench::memory::rss_bytes() {
-                peak_rss = peak_rss.max(peak);
-            }
-            Flow::Continue
-        };
-        let clock = Instant::now();
-        let valid = (!val_set.samples.is_empty()).then_some(&val_set as &dyn SampleSource<Inner>);
-        let outcome = train::<AB>(
-            model,
-            &train_set,
-            valid,
-            &tcfg,
-            &ckpt_dir,
-            &device,
-            &mut on_event,
-        )
-        .context("training")?;
-        bar.finish_and_clear();
-        let train_time_s = clock.elapsed().as_secs_f64();
-
-        // The adapter to ship: best validation when one ran, else the final weights.
         let adapter_dir = ctx.workspace().checkpoints().join("adapter");
-        let partial = ctx.workspace().checkpoints().join("adapter.partial");
-        let _ = std::fs::remove_dir_all(&partial);
-        let chosen = match &outcome.best_dir {
-            Some(best) => {
-                copy_dir(best, &partial)?;
-                "best validation"
-            }
-            None => {
-                outcome
-                    .model
-                    .export_adapter(Some(model_dir.display().to_string()))
-                    .context("exporting the adapter")?
-                    .save(&partial)
-                    .context("writing the adapter")?;
-                "final"
-            }
-        };
-        commit_dir(&partial, &adapter_dir)?;
+        let device = ctx.config().probe.resolve_device(&nf4_dir)?;
+        let trained = run_autodiff_on(
+            device,
+            TrainJob {
+                ctx,
+                cfg: &cfg,
+                tcfg: &tcfg,
+                model_dir: &model_dir,
+                nf4_dir: &nf4_dir,
+                ckpt_dir: &ckpt_dir,
+                adapter_dir: &adapter_dir,
+                train_set: &train_set,
+                val_set: &val_set,
+            },
+        )??;
 
-        let st = &outcome.state;
+        let st = &trained.state;
         let tokens: usize = st.history.iter().map(|m| m.input_tokens).sum();
         let samples: usize = st.history.iter().map(|m| m.samples).sum();
         let step_time: f64 = st
@@ -307,9 +252,9 @@ impl Stage for Train {
             total_steps: Some(st.step as usize),
             epochs: Some(cfg.epochs as f64),
             tokens_per_s: (step_time > 0.0).then(|| tokens as f64 / step_time),
-            peak_memory_bytes: Some(peak_rss),
-            train_time_s: Some(train_time_s),
-            trainable_params: Some(trainable),
+            peak_memory_bytes: trained.peak_memory_bytes,
+            train_time_s: Some(trained.train_time_s),
+            trainable_params: Some(trained.trainable),
         };
         let first = st.history.first().map(|m| m.loss);
         let last = st.history.last().map(|m| m.loss);
@@ -322,11 +267,14 @@ impl Stage for Train {
         let extra = json!({
             "base_model_dir": model_dir,
             "nf4_base_dir": ctx.workspace().relative(&nf4_dir),
-            "base_quantization": "nf4 (bitsandbytes layout, double quant); compute f32 on CPU",
+            "base_quantization": format!(
+                "nf4 (bitsandbytes layout, double quant); compute f32 on {}",
+                if device.is_cuda() { device.to_string() } else { "CPU".into() }
+            ),
             "adapter_dir": ctx.workspace().relative(&adapter_dir),
-            "adapter_chosen": chosen,
-            "total_params": total_params,
-            "trainable_percent": 100.0 * trainable as f64 / (total_params + trainable).max(1) as f64,
+            "adapter_chosen": trained.chosen,
+            "total_params": trained.total_params,
+            "trainable_percent": 100.0 * trained.trainable as f64 / (trained.total_params + trained.trainable).max(1) as f64,
             "samples_per_s": if step_time > 0.0 { samples as f64 / step_time } else { 0.0 },
             "train_samples": train_set.samples.len(),
             "val_samples": val_set.samples.len(),
@@ -334,9 +282,9 @@ impl Stage for Train {
             "first_loss": first,
             "final_loss": last,
             "best_val_loss": best_val.is_finite().then_some(best_val),
-            "load_s": load_s,
-            "resumed_from_step": resumed_from_step,
-            "steps_per_s": if train_time_s > 0.0 { st.step as f64 / train_time_s } else { 0.0 },
+            "load_s": trained.load_s,
+            "resumed_from_step": trained.resumed_from_step,
+            "steps_per_s": if trained.train_time_s > 0.0 { st.step as f64 / trained.train_time_s } else { 0.0 },
             "config": tcfg,
         });
         if let (Some(m), Some(e)) = (metrics.as_object_mut(), extra.as_object()) {
@@ -356,9 +304,13 @@ impl Stage for Train {
                 ),
                 (
                     "trainable".into(),
-                    format!("{trainable} of {} params", total_params + trainable),
+                    format!(
+                        "{} of {} params",
+                        trained.trainable,
+                        trained.total_params + trained.trainable
+                    ),
                 ),
-                ("time".into(), format!("{train_time_s:.1} s")),
+                ("time".into(), format!("{:.1} s", trained.train_time_s)),
             ],
             warnings,
         })
@@ -402,6 +354,154 @@ fn claim_checkpoints(ckpt_dir: &Path, inputs: &str) -> anyhow::Result<bool> {
     };
     crate::pipeline::fs::write_atomic(&marker, inputs.as_bytes())?;
     Ok(discarded)
+}
+
+/// What a training run on some backend hands back to the stage.
+struct Trained {
+    /// Parameters of the NF4 base (before LoRA).
+    total_params: u64,
+    /// LoRA parameters added.
+    trainable: u64,
+    /// Load of the base + LoRA init, s.
+    load_s: f64,
+    /// Training wall time, s.
+    train_time_s: f64,
+    /// `best validation` or `final`: which adapter was shipped.
+    chosen: &'static str,
+    /// The optimizer step of the checkpoint a resumed run continued from.
+    resumed_from_step: Option<u64>,
+    /// Peak memory of training, bytes: RSS on the CPU, the allocator's pools on a GPU.
+    peak_memory_bytes: Option<u64>,
+    state: TrainState,
+}
+
+/// Loads the NF4 base with fresh LoRA pairs, trains (resuming from `ckpt_dir`), and commits
+/// the adapter to ship into `adapter_dir`, on the backend `run_autodiff_on` picks.
+struct TrainJob<'a, 'c> {
+    ctx: &'a StageCtx<'c>,
+    cfg: &'a TrainStageConfig,
+    tcfg: &'a TrainConfig,
+    model_dir: &'a Path,
+    nf4_dir: &'a Path,
+    ckpt_dir: &'a Path,
+    adapter_dir: &'a Path,
+    train_set: &'a Encoded,
+    val_set: &'a Encoded,
+}
+
+impl AutodiffJob for TrainJob<'_, '_> {
+    type Output = anyhow::Result<Trained>;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device, target: Target) -> Self::Output {
+        let TrainJob {
+            ctx,
+            cfg,
+            tcfg,
+            model_dir,
+            nf4_dir,
+            ckpt_dir,
+            adapter_dir,
+            train_set,
+            val_set,
+        } = self;
+        let mut watch = DeviceWatch::new(DeviceMemory::for_device(target.device));
+        let load_clock = Instant::now();
+        let mut model = Qwen25Vl::<B>::load(nf4_dir, &device)
+            .with_context(|| format!("loading the NF4 base {}", nf4_dir.display()))?;
+        // The base's parameter count as transformers reports it: NF4 codes are constants that
+        // burn's `num_params` does not see, so count from the architecture instead.
+        let total_params = model.config().parameter_count();
+        let params_before_lora = model.num_params() as u64;
+        model.add_lora(
+            &LoraSpec {
+                r: cfg.r,
+                alpha: cfg.lora_alpha,
+                dropout: cfg.lora_dropout,
+                seed: cfg.seed,
+            },
+            &device,
+        );
+        let trainable = (model.num_params() as u64).saturating_sub(params_before_lora);
+        let load_s = load_clock.elapsed().as_secs_f64();
+
+        let window = cfg.batch_size * cfg.grad_accum;
+        let total = (train_set.samples.len().div_ceil(window.max(1)) * cfg.epochs) as u64;
+        let bar = ctx.progress_bar(total, "train");
+        let mut peak_rss = crate::bench::memory::rss_bytes().map(|r| r.1).unwrap_or(0);
+        // The optimizer step of the checkpoint this run continued from (a killed run resumed).
+        let mut resumed_from_step: Option<u64> = None;
+        let mut on_event = |e: &TrainEvent<'_>| {
+            match e {
+                TrainEvent::Step(m) => {
+                    bar.set_position(m.step);
+                    bar.set_message(format!("loss {:.3} lr {:.1e}", m.loss, m.lr));
+                }
+                TrainEvent::Resumed { step, .. } => {
+                    bar.set_position(*step);
+                    resumed_from_step = Some(*step);
+                }
+                _ => {}
+            }
+            if let Some((_, peak)) = crate::bench::memory::rss_bytes() {
+                peak_rss = peak_rss.max(peak);
+            }
+            watch.after_call();
+            Flow::Continue
+        };
+        let clock = Instant::now();
+        let train_src = OnDevice::<B::InnerBackend> {
+            set: train_set,
+            device: device.clone(),
+        };
+        let val_src = OnDevice::<B::InnerBackend> {
+            set: val_set,
+            device: device.clone(),
+        };
+        let valid =
+            (!val_set.samples.is_empty()).then_some(&val_src as &dyn SampleSource<B::InnerBackend>);
+        let outcome = train::<B>(
+            model,
+            &train_src,
+            valid,
+            tcfg,
+            ckpt_dir,
+            &device,
+            &mut on_event,
+        )
+        .context("training")?;
+        bar.finish_and_clear();
+        let train_time_s = clock.elapsed().as_secs_f64();
+
+        // The adapter to ship: best validation when one ran, else the final weights.
+        let partial = ctx.workspace().checkpoints().join("adapter.partial");
+        let _ = std::fs::remove_dir_all(&partial);
+        let chosen = match &outcome.best_dir {
+            Some(best) => {
+                copy_dir(best, &partial)?;
+                "best validation"
+            }
+            None => {
+                outcome
+                    .model
+                    .export_adapter(Some(model_dir.display().to_string()))
+                    .context("exporting the adapter")?
+                    .save(&partial)
+                    .context("writing the adapter")?;
+                "final"
+            }
+        };
+        commit_dir(&partial, adapter_dir)?;
+        Ok(Trained {
+            total_params,
+            trainable,
+            load_s,
+            train_time_s,
+            chosen,
+            resumed_from_step,
+            peak_memory_bytes: watch.peak_memory_bytes(None, Some(peak_rss)),
+            state: outcome.state,
+        })
+    }
 }
 
 /// A split turned into token ids and pixels once, up front (so over-long samples are
@@ -449,21 +549,26 @@ impl Encoded {
     }
 }
 
-impl SampleSource<Inner> for Encoded {
+/// An encoded split whose samples become tensors on `device`.
+struct OnDevice<'a, B: Backend> {
+    set: &'a Encoded,
+    device: B::Device,
+}
+
+impl<B: Backend> SampleSource<B> for OnDevice<'_, B> {
     fn len(&self) -> usize {
-        self.samples.len()
+        self.set.samples.len()
     }
-    fn get(&self, index: usize) -> Result<TrainSample<Inner>, SampleError> {
-        let (ids, labels, px, shape, grids) = self.samples.get(index).ok_or(SampleError {
+    fn get(&self, index: usize) -> Result<TrainSample<B>, SampleError> {
+        let (ids, labels, px, shape, grids) = self.set.samples.get(index).ok_or(SampleError {
             index,
-            reason: format!("out of range ({} samples)", self.samples.len()),
+            reason: format!("out of range ({} samples)", self.set.samples.len()),
         })?;
-        let device = Default::default();
         Ok(TrainSample {
             input_ids: ids.clone(),
             labels: labels.clone(),
             images: Some(ImageInput {
-                pixel_values: Tensor::<Inner, 1>::from_floats(px.as_slice(), &device)
+                pixel_values: Tensor::<B, 1>::from_floats(px.as_slice(), &self.device)
                     .reshape(*shape),
                 grids: grids.clone(),
             }),

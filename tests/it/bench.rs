@@ -134,11 +134,19 @@ fn bench_on_builtin_tiny_writes_every_schema_field_with_its_type() {
         ("/settings/currency", &s),
         ("/load/load_time_ms", &n),
         ("/load/rss_after_load_bytes", &u),
+        ("/load/device_memory_before_load_bytes", &["null"]),
         ("/load/device_memory_after_load_bytes", &["null"]),
+        ("/load/allocator_in_use_after_load_bytes", &["null"]),
+        ("/load/allocator_reserved_after_load_bytes", &["null"]),
         ("/memory/peak_rss_bytes", &u),
         ("/memory/peak_rss_during_runs_bytes", &u),
         ("/memory/device_peak_bytes", &["null"]),
+        ("/memory/allocator_peak_in_use_bytes", &["null"]),
+        ("/memory/allocator_peak_reserved_bytes", &["null"]),
         ("/memory/samples", &u),
+        ("/memory/device_samples", &u),
+        ("/memory/device_memory_note", &s),
+        ("/soak/memory_samples/0/device_used_bytes", &["null"]),
         ("/soak/duration_s", &n),
         ("/soak/requests", &u),
         ("/soak/windows/0/tokens_per_s", &n),
@@ -150,6 +158,14 @@ fn bench_on_builtin_tiny_writes_every_schema_field_with_its_type() {
         field(&v, p, k);
     }
     assert_eq!(v["device"], "cpu");
+    assert!(
+        v["memory"]["device_memory_note"]
+            .as_str()
+            .unwrap()
+            .starts_with("cpu run"),
+        "{}",
+        v["memory"]["device_memory_note"]
+    );
     assert_eq!(v["settings"]["inputs"].as_array().unwrap().len(), 5);
     let batches = v["batches"].as_array().unwrap();
     assert_eq!(batches.len(), 2);
@@ -327,7 +343,7 @@ fn run_to_baseline_writes_baseline_json_that_the_report_reads() {
     assert_eq!(m["latency_ms"]["n"], 10);
     assert!(m["load_time_s"].as_f64().unwrap() > 0.0);
     assert!(m["tokens_per_s"].as_f64().is_some(), "{m}");
-    assert_eq!(m["bench"]["schema_version"], 1);
+    assert_eq!(m["bench"]["schema_version"], 2);
     assert_eq!(m["bench"]["model"]["id"], "builtin:tiny");
     assert!(ws.join("reports/baseline.md").is_file());
     assert!(ws.join("reports/baseline_batch_sweep.svg").is_file());

@@ -105,3 +105,33 @@ fn forward_subcommand_with_an_adapter_writes_peft_logits() {
         "qwen2_5_vl_tiny/lora/reference.safetensors",
     );
 }
+
+#[test]
+#[cfg(not(feature = "cuda"))]
+fn forward_and_generate_on_cuda_in_a_cpu_build_exit_2_naming_the_rebuild_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let forward = Command::new(env!("CARGO_BIN_EXE_medpipe"))
+        .args(["forward", "--device", "cuda:0", "--model"])
+        .arg(fixture("qwen2_5_vl_tiny"))
+        .arg("--inputs")
+        .arg(fixture("qwen2_5_vl_tiny/reference.safetensors"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let generate = Command::new(env!("CARGO_BIN_EXE_medpipe"))
+        .args(["generate", "--device", "cuda", "--prompt", "x", "--model"])
+        .arg(fixture("qwen2_5_vl_tiny"))
+        .output()
+        .unwrap();
+    for (what, o) in [("forward", forward), ("generate", generate)] {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{what}: {err}");
+        assert!(
+            err.contains("--device cuda") && err.contains("--features cuda"),
+            "{what}: {err}"
+        );
+    }
+    assert!(!out.exists(), "nothing is written");
+}

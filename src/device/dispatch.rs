@@ -1,0 +1,193 @@
+//! Runs backend-generic work on the backend of a [`Device`]: NdArray (f32) for the CPU,
+//! burn's `Cuda<f32, i32>` (fusion + autotune) for a GPU when the binary is built with
+//! `--features cuda`.
+//!
+//! Rust has no generic closures, so the work is a value implementing [`BackendJob`] (or
+//! [`AutodiffJob`] for training): its `run::<B>` is monomorphized once per backend built in,
+//! and [`run_on`] picks one at run time.
+//!
+//! ```
+//! use burn::prelude::*;
+//! use medpipe::device::{run_on, BackendJob, Device, Target};
+//!
+//! struct Sum(Vec<f32>);
+//! impl BackendJob for Sum {
+//!     type Output = f32;
+//!     fn run<B: Backend>(self, device: B::Device, _target: Target) -> f32 {
+//!         let n = self.0.len();
+//!         let t = Tensor::<B, 1>::from_data(TensorData::new(self.0, [n]), &device);
+//!         t.sum().into_scalar().elem()
+//!     }
+//! }
+//! assert_eq!(run_on(Device::Cpu, Sum(vec![1.0, 2.0])).unwrap(), 3.0);
+//! ```
+
+use burn::backend::ndarray::NdArrayDevice;
+use burn::backend::{Autodiff, NdArray};
+use burn::prelude::Backend;
+use burn::tensor::backend::AutodiffBackend;
+
+use crate::device::choice::{Device, DeviceError};
+
+/// The CPU backend.
+pub type CpuBackend = NdArray<f32>;
+/// The GPU backend (fused, autotuned CubeCL kernels).
+#[cfg(feature = "cuda")]
+pub type CudaBackend = burn::backend::Cuda<f32, i32>;
+
+/// Where a job runs, for the records it writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub device: Device,
+    /// burn backend name: `ndarray` or `cuda`.
+    pub backend: &'static str,
+}
+
+/// Work generic over an inference backend.
+pub trait BackendJob {
+    type Output;
+    /// Does the work on `device` of backend `B`.
+    fn run<B: Backend>(self, device: B::Device, target: Target) -> Self::Output;
+}
+
+/// Work generic over a training (autodiff) backend.
+pub trait AutodiffJob {
+    type Output;
+    /// Does the work on `device` of backend `B` (its inner backend does the arithmetic).
+    fn run<B: AutodiffBackend>(self, device: B::Device, target: Target) -> Self::Output;
+}
+
+/// Runs `job` on the backend of `device`.
+///
+/// # Errors
+/// [`DeviceError::NotBuilt`] for a GPU in a binary built without `--features cuda`.
+pub fn run_on<J: BackendJob>(device: Device, job: J) -> Result<J::Output, DeviceError> {
+    match device {
+        Device::Cpu => Ok(job.run::<CpuBackend>(NdArrayDevice::Cpu, cpu_target())),
+        Device::Cuda(index) => cuda::run(index, job),
+    }
+}
+
+/// Runs `job` on the autodiff backend over the backend of `device`.
+///
+/// # Errors
+/// As [`run_on`].
+pub fn run_autodiff_on<J: AutodiffJob>(device: Device, job: J) -> Result<J::Output, DeviceError> {
+    match device {
+        Device::Cpu => Ok(job.run::<Autodiff<CpuBackend>>(NdArrayDevice::Cpu, cpu_target())),
+        Device::Cuda(index) => cuda::run_autodiff(index, job),
+    }
+}
+
+fn cpu_target() -> Target {
+    Target {
+        device: Device::Cpu,
+        backend: "ndarray",
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use burn::backend::cuda::CudaDevice;
+    use burn::backend::Autodiff;
+
+    use super::{AutodiffJob, BackendJob, CudaBackend, Target};
+    use crate::device::choice::{Device, DeviceError};
+
+    fn target(index: usize) -> Target {
+        Target {
+            device: Device::Cuda(index),
+            backend: "cuda",
+        }
+    }
+
+    pub(super) fn run<J: BackendJob>(index: usize, job: J) -> Result<J::Output, DeviceError> {
+        Ok(job.run::<CudaBackend>(CudaDevice { index }, target(index)))
+    }
+
+    pub(super) fn run_autodiff<J: AutodiffJob>(
+        index: usize,
+        job: J,
+    ) -> Result<J::Output, DeviceError> {
+        Ok(job.run::<Autodiff<CudaBackend>>(CudaDevice { index }, target(index)))
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod cuda {
+    use super::{AutodiffJob, BackendJob};
+    use crate::device::choice::{Device, DeviceError};
+
+    pub(super) fn run<J: BackendJob>(index: usize, _job: J) -> Result<J::Output, DeviceError> {
+        Err(DeviceError::NotBuilt {
+            device: Device::Cuda(index),
+        })
+    }
+
+    pub(super) fn run_autodiff<J: AutodiffJob>(
+        index: usize,
+        _job: J,
+    ) -> Result<J::Output, DeviceError> {
+        Err(DeviceError::NotBuilt {
+            device: Device::Cuda(index),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::prelude::*;
+
+    use super::*;
+    use crate::device::choice::Device;
+
+    /// Reports the backend's float dtype and the target it was given.
+    struct WhereAmI;
+    impl BackendJob for WhereAmI {
+        type Output = (String, Target);
+        fn run<B: Backend>(self, device: B::Device, target: Target) -> Self::Output {
+            let t = Tensor::<B, 1>::ones([2], &device);
+            (format!("{:?}", t.dtype()), target)
+        }
+    }
+
+    /// One gradient through the autodiff backend: d(sum(x²))/dx at x = 3 is 6.
+    struct Grad;
+    impl AutodiffJob for Grad {
+        type Output = f32;
+        fn run<B: AutodiffBackend>(self, device: B::Device, _target: Target) -> f32 {
+            let x = Tensor::<B, 1>::from_data(TensorData::new(vec![3.0f32], [1]), &device)
+                .require_grad();
+            let grads = (x.clone() * x.clone()).sum().backward();
+            x.grad(&grads)
+                .map(|g| g.into_scalar().elem())
+                .unwrap_or(f32::NAN)
+        }
+    }
+
+    #[test]
+    fn the_cpu_runs_on_ndarray_in_f32() {
+        let (dtype, target) = run_on(Device::Cpu, WhereAmI).unwrap();
+        assert_eq!(dtype, "F32");
+        assert_eq!(target, cpu_target());
+        assert_eq!(target.backend, "ndarray");
+    }
+
+    #[test]
+    fn training_work_gets_an_autodiff_backend() {
+        assert_eq!(run_autodiff_on(Device::Cpu, Grad).unwrap(), 6.0);
+    }
+
+    #[test]
+    #[cfg(not(feature = "cuda"))]
+    fn a_gpu_asked_of_a_cpu_build_is_refused_with_the_rebuild_command() {
+        let err = run_on(Device::Cuda(0), WhereAmI).unwrap_err();
+        assert!(err.to_string().contains("--features cuda"), "{err}");
+        assert!(matches!(
+            run_autodiff_on(Device::Cuda(1), Grad).unwrap_err(),
+            DeviceError::NotBuilt {
+                device: Device::Cuda(1)
+            }
+        ));
+    }
+}

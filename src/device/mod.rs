@@ -1,0 +1,17 @@
+//! The device model work runs on, and running backend-generic code there.
+//!
+//! - `choice`: the device rule (`auto`, `cpu`, `cuda`, `cuda:N`) shared by the probe stage,
+//!   the model stages and the CLI
+//! - `dispatch`: [`run_on`] / [`run_autodiff_on`] run a [`BackendJob`] / [`AutodiffJob`] on
+//!   NdArray or, with `--features cuda`, burn's Cuda backend
+//! - `nvml`: NVML loaded at run time (GPU list, memory in use)
+//! - `memory`: device memory of a running model (NVML and cubecl's allocator)
+
+pub mod choice;
+pub mod dispatch;
+pub mod memory;
+pub mod nvml;
+
+pub use choice::{choose_device, resolve, Device, DeviceError, Placement};
+pub use dispatch::{run_autodiff_on, run_on, AutodiffJob, BackendJob, Target};
+pub use memory::{AllocatorUsage, DeviceMemory};
