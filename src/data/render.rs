@@ -291,28 +291,64 @@ fn font(bold: bool) -> &'static FontRef<'static> {
     }
 }
 
+/// Unscaled horizontal advances (font units) of the ASCII characters, regular then bold:
+/// text measuring is the inner loop of layout, and a cmap lookup per character dominated it.
+fn ascii_advances() -> &'static [[f32; 128]; 2] {
+    static ADV: OnceLock<[[f32; 128]; 2]> = OnceLock::new();
+    ADV.get_or_init(|| {
+        let mut t = [[0.0f32; 128]; 2];
+        for (b, row) in t.iter_mut().enumerate() {
+            let f = font(b == 1);
+            for (c, a) in row.iter_mut().enumerate() {
+                *a = f.h_advance_unscaled(f.glyph_id(char::from(c as u8)));
+            }
+        }
+        t
+    })
+}
+
+/// Advance of `c` in font units (unscaled).
+fn advance_unscaled(c: char, bold: bool) -> f32 {
+    match usize::try_from(u32::from(c)) {
+        Ok(i) if i < 128 => ascii_advances()[usize::from(bold)][i],
+        _ => {
+            let f = font(bold);
+            f.h_advance_unscaled(f.glyph_id(c))
+        }
+    }
+}
+
+/// Pixels per font unit at `px`.
+fn scale_factor(px: f32, bold: bool) -> f32 {
+    font(bold).as_scaled(PxScale::from(px)).h_scale_factor()
+}
+
 /// Width of `text` in pixels at `px`, as [`draw_text`] lays it out.
 fn text_width(text: &str, px: f32, bold: bool) -> f32 {
-    let f = font(bold).as_scaled(PxScale::from(px));
-    text.chars().map(|c| f.h_advance(f.glyph_id(c))).sum()
+    text.chars().map(|c| advance_unscaled(c, bold)).sum::<f32>() * scale_factor(px, bold)
 }
 
 /// Greedy word wrap to `max_w` pixels; a word longer than a line gets a line of its own.
+/// Widths add up word by word (text width is a sum of advances: no kerning).
 fn wrap(text: &str, px: f32, bold: bool, max_w: f32) -> Vec<String> {
+    let space = text_width(" ", px, bold);
     let mut lines = Vec::new();
     for para in text.split('\n') {
         let mut line = String::new();
+        let mut line_w = 0.0;
         for word in para.split_whitespace() {
-            let candidate = if line.is_empty() {
-                word.to_string()
-            } else {
-                format!("{line} {word}")
-            };
-            if line.is_empty() || text_width(&candidate, px, bold) <= max_w {
-                line = candidate;
+            let word_w = text_width(word, px, bold);
+            if line.is_empty() {
+                line.push_str(word);
+                line_w = word_w;
+            } else if line_w + space + word_w <= max_w {
+                line.push(' ');
+                line.push_str(word);
+                line_w += space + word_w;
             } else {
                 lines.push(std::mem::take(&mut line));
-                line = word.to_string();
+                line.push_str(word);
+                line_w = word_w;
             }
         }
         if !line.is_empty() {
@@ -504,8 +540,10 @@ fn rasterize(bold: bool, id: GlyphId, px: f32) -> Option<GlyphBitmap> {
 /// Draws black `text` with its baseline at `y`, starting at `x`, glyphs on whole pixels.
 pub(crate) fn draw_text(img: &mut GrayImage, x: f32, y: f32, text: &str, px: f32, bold: bool) {
     let scaled = font(bold).as_scaled(PxScale::from(px));
+    let factor = scaled.h_scale_factor();
     let key_px = (px * 4.0).round() as u32;
     let (iw, ih) = (img.width() as i32, img.height() as i32);
+    let buf: &mut [u8] = img;
     let base_y = y.round() as i32;
     let mut pen = x;
     GLYPHS.with(|cache| {
@@ -516,28 +554,27 @@ pub(crate) fn draw_text(img: &mut GrayImage, x: f32, y: f32, text: &str, px: f32
                 .entry((bold, id, key_px))
                 .or_insert_with(|| rasterize(bold, id, px));
             if let Some(bm) = bm {
+                let gw = bm.width as i32;
+                let gh = bm.coverage.len() as i32 / gw.max(1);
                 let ox = pen.round() as i32 + bm.left;
                 let oy = base_y + bm.top;
-                let bh = (bm.coverage.len() as u32 / bm.width.max(1)) as i32;
-                for gy in 0..bh {
-                    let py = oy + gy;
-                    if py < 0 || py >= ih {
-                        continue;
-                    }
-                    for gx in 0..bm.width as i32 {
-                        let px_ = ox + gx;
-                        if px_ < 0 || px_ >= iw {
-                            continue;
-                        }
-                        let cov = bm.coverage[(gy * bm.width as i32 + gx) as usize] as u32;
-                        if cov > 0 {
-                            let p = img.get_pixel_mut(px_ as u32, py as u32);
-                            p.0[0] = (p.0[0] as u32 * (255 - cov) / 255) as u8;
+                // The glyph's rows and columns that land on the page.
+                let (gx0, gx1) = ((-ox).max(0), gw.min(iw - ox));
+                let (gy0, gy1) = ((-oy).max(0), gh.min(ih - oy));
+                if gx0 < gx1 {
+                    for gy in gy0..gy1 {
+                        let src = &bm.coverage[(gy * gw + gx0) as usize..(gy * gw + gx1) as usize];
+                        let at = ((oy + gy) * iw + ox + gx0) as usize;
+                        let dst = &mut buf[at..at + src.len()];
+                        for (d, &cov) in dst.iter_mut().zip(src) {
+                            if cov > 0 {
+                                *d = (*d as u32 * (255 - cov as u32) / 255) as u8;
+                            }
                         }
                     }
                 }
             }
-            pen += scaled.h_advance(id);
+            pen += advance_unscaled(c, bold) * factor;
         }
     });
 }
@@ -545,10 +582,13 @@ pub(crate) fn draw_text(img: &mut GrayImage, x: f32, y: f32, text: &str, px: f32
 /// Fills `[x0, x1) × [y0, y1)` (clipped) with gray `shade`.
 pub(crate) fn fill_rect(img: &mut GrayImage, x0: i32, y0: i32, x1: i32, y1: i32, shade: u8) {
     let (w, h) = (img.width() as i32, img.height() as i32);
+    let (x0, x1) = (x0.clamp(0, w), x1.clamp(0, w));
+    if x0 >= x1 {
+        return;
+    }
+    let buf: &mut [u8] = img;
     for y in y0.max(0)..y1.min(h) {
-        for x in x0.max(0)..x1.min(w) {
-            img.put_pixel(x as u32, y as u32, Luma([shade]));
-        }
+        buf[(y * w + x0) as usize..(y * w + x1) as usize].fill(shade);
     }
 }
 
@@ -639,26 +679,33 @@ fn gaussian_blur(img: &GrayImage, sigma: f32) -> GrayImage {
 /// Rotates by `theta` radians about the centre, bilinear, white outside the page.
 fn rotate_about_center(img: &GrayImage, theta: f32) -> GrayImage {
     let (w, h) = img.dimensions();
+    let (wi, hi) = (w as i32, h as i32);
     let (cx, cy) = (w as f32 / 2.0, h as f32 / 2.0);
     let (s, c) = theta.sin_cos();
+    let raw = img.as_raw();
     let src = |x: i32, y: i32| -> f32 {
-        if x < 0 || y < 0 || x >= w as i32 || y >= h as i32 {
+        if x < 0 || y < 0 || x >= wi || y >= hi {
             255.0
         } else {
-            img.get_pixel(x as u32, y as u32).0[0] as f32
+            raw[(y * wi + x) as usize] as f32
         }
     };
-    GrayImage::from_fn(w, h, |x, y| {
-        let (dx, dy) = (x as f32 - cx, y as f32 - cy);
-        let sx = c * dx + s * dy + cx;
-        let sy = -s * dx + c * dy + cy;
-        let (x0, y0) = (sx.floor(), sy.floor());
-        let (fx, fy) = (sx - x0, sy - y0);
-        let (x0, y0) = (x0 as i32, y0 as i32);
-        let top = src(x0, y0) * (1.0 - fx) + src(x0 + 1, y0) * fx;
-        let bot = src(x0, y0 + 1) * (1.0 - fx) + src(x0 + 1, y0 + 1) * fx;
-        Luma([(top * (1.0 - fy) + bot * fy).round().clamp(0.0, 255.0) as u8])
-    })
+    let mut out = vec![0u8; raw.len()];
+    for (y, row) in out.chunks_exact_mut(w as usize).enumerate() {
+        let dy = y as f32 - cy;
+        for (x, o) in row.iter_mut().enumerate() {
+            let dx = x as f32 - cx;
+            let sx = c * dx + s * dy + cx;
+            let sy = -s * dx + c * dy + cy;
+            let (x0, y0) = (sx.floor(), sy.floor());
+            let (fx, fy) = (sx - x0, sy - y0);
+            let (x0, y0) = (x0 as i32, y0 as i32);
+            let top = src(x0, y0) * (1.0 - fx) + src(x0 + 1, y0) * fx;
+            let bot = src(x0, y0 + 1) * (1.0 - fx) + src(x0 + 1, y0 + 1) * fx;
+            *o = (top * (1.0 - fy) + bot * fy).round().clamp(0.0, 255.0) as u8;
+        }
+    }
+    GrayImage::from_raw(w, h, out).expect("the buffer has width × height bytes")
 }
 
 /// A grid of page thumbnails, each with a few caption lines under it.
@@ -794,26 +841,22 @@ mod tests {
     }
 
     #[test]
-    fn rendering_rate_on_this_machine_is_printed() {
-        use rayon::prelude::*;
-        let docs: Vec<Document> = synthetic::documents(5, 400).collect();
-        let cfg = RenderConfig::default();
-        let t = std::time::Instant::now();
-        let n: usize = docs
-            .par_iter()
-            .map(|d| {
-                encode_png(&render(d, &cfg, 1).unwrap().image)
-                    .unwrap()
-                    .len()
-            })
-            .filter(|&b| b > 0)
-            .count();
-        let s = t.elapsed().as_secs_f64();
-        println!(
-            "rendered+encoded {n} pages in {s:.2}s = {:.0} pages/s on {} threads",
-            n as f64 / s,
-            rayon::current_num_threads()
-        );
-        assert_eq!(n, 400);
+    fn text_at_the_page_edges_is_clipped_to_exactly_what_a_larger_page_shows() {
+        // Drawn on a 60×24 page with the text hanging over every edge, versus drawn 20 px
+        // further in on a 100×64 page and cropped back: the pixels must agree.
+        let mut small = GrayImage::from_pixel(60, 24, Luma([255]));
+        draw_text(&mut small, -6.0, 22.0, "Hg Wy 8.5 mmol/L Qj", 14.0, true);
+        draw_text(&mut small, 40.0, 6.0, "Top", 14.0, false);
+        let mut big = GrayImage::from_pixel(100, 64, Luma([255]));
+        draw_text(&mut big, 14.0, 42.0, "Hg Wy 8.5 mmol/L Qj", 14.0, true);
+        draw_text(&mut big, 60.0, 26.0, "Top", 14.0, false);
+        let crop = image::imageops::crop_imm(&big, 20, 20, 60, 24).to_image();
+        assert!(ink(&small) > 20, "the visible part is drawn");
+        assert_eq!(small.as_raw(), crop.as_raw());
+        let mut off = GrayImage::from_pixel(30, 30, Luma([255]));
+        draw_text(&mut off, -200.0, 15.0, "gone", 12.0, false);
+        draw_text(&mut off, 5.0, 200.0, "gone", 12.0, false);
+        fill_rect(&mut off, -10, -10, -1, 40, 0);
+        assert_eq!(ink(&off), 0, "nothing off the page lands on it");
     }
 }
