@@ -514,8 +514,36 @@ struct GlyphBitmap {
 }
 
 thread_local! {
-    /// (bold, glyph, size in 1/4 px) → bitmap; `None` for glyphs with no outline (space).
-    static GLYPHS: RefCell<HashMap<(bool, GlyphId, u32), Option<GlyphBitmap>>> = RefCell::new(HashMap::new());
+    /// (bold, size in 1/4 px) → that font size's bitmaps.
+    static GLYPHS: RefCell<HashMap<(bool, u32), SizeCache>> = RefCell::new(HashMap::new());
+}
+
+/// The bitmaps of one font at one size: ASCII by code (one index per character), the rest
+/// by glyph. Each entry is `None` until rasterized, `Some(None)` for outline-less glyphs.
+#[derive(Default)]
+struct SizeCache {
+    ascii: Vec<Option<Option<GlyphBitmap>>>,
+    other: HashMap<GlyphId, Option<GlyphBitmap>>,
+}
+
+impl SizeCache {
+    /// The bitmap of `c` (glyph `id`), rasterized on first use.
+    fn get(&mut self, c: char, id: GlyphId, bold: bool, px: f32) -> Option<&GlyphBitmap> {
+        let code = u32::from(c) as usize;
+        if code < 128 {
+            if self.ascii.is_empty() {
+                self.ascii.resize_with(128, || None);
+            }
+            self.ascii[code]
+                .get_or_insert_with(|| rasterize(bold, id, px))
+                .as_ref()
+        } else {
+            self.other
+                .entry(id)
+                .or_insert_with(|| rasterize(bold, id, px))
+                .as_ref()
+        }
+    }
 }
 
 fn rasterize(bold: bool, id: GlyphId, px: f32) -> Option<GlyphBitmap> {
@@ -548,12 +576,10 @@ pub(crate) fn draw_text(img: &mut GrayImage, x: f32, y: f32, text: &str, px: f32
     let mut pen = x;
     GLYPHS.with(|cache| {
         let mut cache = cache.borrow_mut();
+        let sized = cache.entry((bold, key_px)).or_default();
         for c in text.chars() {
             let id = scaled.glyph_id(c);
-            let bm = cache
-                .entry((bold, id, key_px))
-                .or_insert_with(|| rasterize(bold, id, px));
-            if let Some(bm) = bm {
+            if let Some(bm) = sized.get(c, id, bold, px) {
                 let gw = bm.width as i32;
                 let gh = bm.coverage.len() as i32 / gw.max(1);
                 let ox = pen.round() as i32 + bm.left;
