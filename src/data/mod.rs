@@ -7,6 +7,7 @@
 //! train/val/test.
 
 pub mod document;
+pub mod downloaded;
 pub mod eval_docs;
 pub mod filter;
 pub mod mtsamples;
@@ -46,6 +47,10 @@ pub enum DataError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("source `{source_name}` needs `path` (a local file) or `dataset` (one the download stage fetched)")]
+    NoInput { source_name: String },
+    #[error(transparent)]
+    Downloaded(#[from] downloaded::DownloadedError),
     #[error("encoding image {path}")]
     Encode {
         path: PathBuf,

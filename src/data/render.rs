@@ -291,28 +291,64 @@ fn font(bold: bool) -> &'static FontRef<'static> {
     }
 }
 
+/// Unscaled horizontal advances (font units) of the ASCII characters, regular then bold:
+/// text measuring is the inner loop of layout, and a cmap lookup per character dominated it.
+fn ascii_advances() -> &'static [[f32; 128]; 2] {
+    static ADV: OnceLock<[[f32; 128]; 2]> = OnceLock::new();
+    ADV.get_or_init(|| {
+        let mut t = [[0.0f32; 128]; 2];
+        for (b, row) in t.iter_mut().enumerate() {
+            let f = font(b == 1);
+            for (c, a) in row.iter_mut().enumerate() {
+                *a = f.h_advance_unscaled(f.glyph_id(char::from(c as u8)));
+            }
+        }
+        t
+    })
+}
+
+/// Advance of `c` in font units (unscaled).
+fn advance_unscaled(c: char, bold: bool) -> f32 {
+    match usize::try_from(u32::from(c)) {
+        Ok(i) if i < 128 => ascii_advances()[usize::from(bold)][i],
+        _ => {
+            let f = font(bold);
+            f.h_advance_unscaled(f.glyph_id(c))
+        }
+    }
+}
+
+/// Pixels per font unit at `px`.
+fn scale_factor(px: f32, bold: bool) -> f32 {
+    font(bold).as_scaled(PxScale::from(px)).h_scale_factor()
+}
+
 /// Width of `text` in pixels at `px`, as [`draw_text`] lays it out.
 fn text_width(text: &str, px: f32, bold: bool) -> f32 {
-    let f = font(bold).as_scaled(PxScale::from(px));
-    text.chars().map(|c| f.h_advance(f.glyph_id(c))).sum()
+    text.chars().map(|c| advance_unscaled(c, bold)).sum::<f32>() * scale_factor(px, bold)
 }
 
 /// Greedy word wrap to `max_w` pixels; a word longer than a line gets a line of its own.
+/// Widths add up word by word (text width is a sum of advances: no kerning).
 fn wrap(text: &str, px: f32, bold: bool, max_w: f32) -> Vec<String> {
+    let space = text_width(" ", px, bold);
     let mut lines = Vec::new();
     for para in text.split('\n') {
         let mut line = String::new();
+        let mut line_w = 0.0;
         for word in para.split_whitespace() {
-            let candidate = if line.is_empty() {
-                word.to_string()
-            } else {
-                format!("{line} {word}")
-            };
-            if line.is_empty() || text_width(&candidate, px, bold) <= max_w {
-                line = candidate;
+            let word_w = text_width(word, px, bold);
+            if line.is_empty() {
+                line.push_str(word);
+                line_w = word_w;
+            } else if line_w + space + word_w <= max_w {
+                line.push(' ');
+                line.push_str(word);
+                line_w += space + word_w;
             } else {
                 lines.push(std::mem::take(&mut line));
-                line = word.to_string();
+                line.push_str(word);
+                line_w = word_w;
             }
         }
         if !line.is_empty() {
@@ -478,8 +514,36 @@ struct GlyphBitmap {
 }
 
 thread_local! {
-    /// (bold, glyph, size in 1/4 px) → bitmap; `None` for glyphs with no outline (space).
-    static GLYPHS: RefCell<HashMap<(bool, GlyphId, u32), Option<GlyphBitmap>>> = RefCell::new(HashMap::new());
+    /// (bold, size in 1/4 px) → that font size's bitmaps.
+    static GLYPHS: RefCell<HashMap<(bool, u32), SizeCache>> = RefCell::new(HashMap::new());
+}
+
+/// The bitmaps of one font at one size: ASCII by code (one index per character), the rest
+/// by glyph. Each entry is `None` until rasterized, `Some(None)` for outline-less glyphs.
+#[derive(Default)]
+struct SizeCache {
+    ascii: Vec<Option<Option<GlyphBitmap>>>,
+    other: HashMap<GlyphId, Option<GlyphBitmap>>,
+}
+
+impl SizeCache {
+    /// The bitmap of `c` (glyph `id`), rasterized on first use.
+    fn get(&mut self, c: char, id: GlyphId, bold: bool, px: f32) -> Option<&GlyphBitmap> {
+        let code = u32::from(c) as usize;
+        if code < 128 {
+            if self.ascii.is_empty() {
+                self.ascii.resize_with(128, || None);
+            }
+            self.ascii[code]
+                .get_or_insert_with(|| rasterize(bold, id, px))
+                .as_ref()
+        } else {
+            self.other
+                .entry(id)
+                .or_insert_with(|| rasterize(bold, id, px))
+                .as_ref()
+        }
+    }
 }
 
 fn rasterize(bold: bool, id: GlyphId, px: f32) -> Option<GlyphBitmap> {
@@ -504,40 +568,39 @@ fn rasterize(bold: bool, id: GlyphId, px: f32) -> Option<GlyphBitmap> {
 /// Draws black `text` with its baseline at `y`, starting at `x`, glyphs on whole pixels.
 pub(crate) fn draw_text(img: &mut GrayImage, x: f32, y: f32, text: &str, px: f32, bold: bool) {
     let scaled = font(bold).as_scaled(PxScale::from(px));
+    let factor = scaled.h_scale_factor();
     let key_px = (px * 4.0).round() as u32;
     let (iw, ih) = (img.width() as i32, img.height() as i32);
+    let buf: &mut [u8] = img;
     let base_y = y.round() as i32;
     let mut pen = x;
     GLYPHS.with(|cache| {
         let mut cache = cache.borrow_mut();
+        let sized = cache.entry((bold, key_px)).or_default();
         for c in text.chars() {
             let id = scaled.glyph_id(c);
-            let bm = cache
-                .entry((bold, id, key_px))
-                .or_insert_with(|| rasterize(bold, id, px));
-            if let Some(bm) = bm {
+            if let Some(bm) = sized.get(c, id, bold, px) {
+                let gw = bm.width as i32;
+                let gh = bm.coverage.len() as i32 / gw.max(1);
                 let ox = pen.round() as i32 + bm.left;
                 let oy = base_y + bm.top;
-                let bh = (bm.coverage.len() as u32 / bm.width.max(1)) as i32;
-                for gy in 0..bh {
-                    let py = oy + gy;
-                    if py < 0 || py >= ih {
-                        continue;
-                    }
-                    for gx in 0..bm.width as i32 {
-                        let px_ = ox + gx;
-                        if px_ < 0 || px_ >= iw {
-                            continue;
-                        }
-                        let cov = bm.coverage[(gy * bm.width as i32 + gx) as usize] as u32;
-                        if cov > 0 {
-                            let p = img.get_pixel_mut(px_ as u32, py as u32);
-                            p.0[0] = (p.0[0] as u32 * (255 - cov) / 255) as u8;
+                // The glyph's rows and columns that land on the page.
+                let (gx0, gx1) = ((-ox).max(0), gw.min(iw - ox));
+                let (gy0, gy1) = ((-oy).max(0), gh.min(ih - oy));
+                if gx0 < gx1 {
+                    for gy in gy0..gy1 {
+                        let src = &bm.coverage[(gy * gw + gx0) as usize..(gy * gw + gx1) as usize];
+                        let at = ((oy + gy) * iw + ox + gx0) as usize;
+                        let dst = &mut buf[at..at + src.len()];
+                        for (d, &cov) in dst.iter_mut().zip(src) {
+                            if cov > 0 {
+                                *d = (*d as u32 * (255 - cov as u32) / 255) as u8;
+                            }
                         }
                     }
                 }
             }
-            pen += scaled.h_advance(id);
+            pen += advance_unscaled(c, bold) * factor;
         }
     });
 }
@@ -545,10 +608,13 @@ pub(crate) fn draw_text(img: &mut GrayImage, x: f32, y: f32, text: &str, px: f32
 /// Fills `[x0, x1) × [y0, y1)` (clipped) with gray `shade`.
 pub(crate) fn fill_rect(img: &mut GrayImage, x0: i32, y0: i32, x1: i32, y1: i32, shade: u8) {
     let (w, h) = (img.width() as i32, img.height() as i32);
+    let (x0, x1) = (x0.clamp(0, w), x1.clamp(0, w));
+    if x0 >= x1 {
+        return;
+    }
+    let buf: &mut [u8] = img;
     for y in y0.max(0)..y1.min(h) {
-        for x in x0.max(0)..x1.min(w) {
-            img.put_pixel(x as u32, y as u32, Luma([shade]));
-        }
+        buf[(y * w + x0) as usize..(y * w + x1) as usize].fill(shade);
     }
 }
 
@@ -595,70 +661,127 @@ fn degrade(img: &mut GrayImage, cfg: &DegradeConfig, seed: u64) -> Vec<&'static 
     applied
 }
 
+/// Fixed-point bits of the blur weights (they sum to exactly `1 << BLUR_BITS`).
+const BLUR_BITS: u32 = 10;
+
 /// Separable Gaussian blur with integer weights (radius ⌈2σ⌉, edges clamped). Cheaper
-/// than `image::imageops::blur` for the sub-pixel sigmas used here.
+/// than `image::imageops::blur` for the sub-pixel sigmas used here. The centre weight takes
+/// the rounding slack so the weights sum to a power of two and normalizing is a shift; the
+/// vertical pass accumulates whole rows so it runs along memory.
 fn gaussian_blur(img: &GrayImage, sigma: f32) -> GrayImage {
-    let r = (2.0 * sigma).ceil().max(1.0) as i32;
-    let raw: Vec<f32> = (-r..=r)
-        .map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp())
+    let r = (2.0 * sigma).ceil().max(1.0) as usize;
+    let raw: Vec<f32> = (0..=2 * r)
+        .map(|i| {
+            let d = i as f32 - r as f32;
+            (-(d * d) / (2.0 * sigma * sigma)).exp()
+        })
         .collect();
     let total: f32 = raw.iter().sum();
-    let weights: Vec<u32> = raw
+    let one = 1u32 << BLUR_BITS;
+    let mut weights: Vec<u32> = raw
         .iter()
-        .map(|w| (w / total * 1024.0).round() as u32)
+        .map(|w| (w / total * one as f32).round() as u32)
         .collect();
-    let norm: u32 = weights.iter().sum();
-    let (w, h) = (img.width() as i32, img.height() as i32);
+    let others: u32 = weights.iter().sum::<u32>() - weights[r];
+    weights[r] = one.saturating_sub(others);
+    let half = one / 2;
+    let (w, h) = (img.width() as usize, img.height() as usize);
     let src = img.as_raw();
     let mut tmp = vec![0u8; src.len()];
-    for y in 0..h {
-        let row = &src[(y * w) as usize..((y + 1) * w) as usize];
-        for x in 0..w {
-            let mut acc = 0u32;
-            for (k, wt) in weights.iter().enumerate() {
-                let sx = (x + k as i32 - r).clamp(0, w - 1);
-                acc += row[sx as usize] as u32 * wt;
-            }
-            tmp[(y * w + x) as usize] = ((acc + norm / 2) / norm) as u8;
+    for (srow, trow) in src.chunks_exact(w).zip(tmp.chunks_exact_mut(w)) {
+        for (x, t) in trow.iter_mut().enumerate() {
+            let acc: u32 = if x >= r && x + r < w {
+                weights
+                    .iter()
+                    .zip(&srow[x - r..=x + r])
+                    .map(|(wt, &p)| wt * p as u32)
+                    .sum()
+            } else {
+                weights
+                    .iter()
+                    .enumerate()
+                    .map(|(k, wt)| wt * srow[(x + k).saturating_sub(r).min(w - 1)] as u32)
+                    .sum()
+            };
+            *t = ((acc + half) >> BLUR_BITS) as u8;
         }
     }
     let mut out = vec![0u8; src.len()];
-    for y in 0..h {
-        for x in 0..w {
-            let mut acc = 0u32;
-            for (k, wt) in weights.iter().enumerate() {
-                let sy = (y + k as i32 - r).clamp(0, h - 1);
-                acc += tmp[(sy * w + x) as usize] as u32 * wt;
+    let mut acc = vec![0u32; w];
+    for (y, orow) in out.chunks_exact_mut(w).enumerate() {
+        acc.fill(half);
+        for (k, &wt) in weights.iter().enumerate() {
+            let sy = (y + k).saturating_sub(r).min(h - 1);
+            for (a, &p) in acc.iter_mut().zip(&tmp[sy * w..(sy + 1) * w]) {
+                *a += wt * p as u32;
             }
-            out[(y * w + x) as usize] = ((acc + norm / 2) / norm) as u8;
+        }
+        for (o, a) in orow.iter_mut().zip(&acc) {
+            *o = (a >> BLUR_BITS) as u8;
         }
     }
     GrayImage::from_raw(w as u32, h as u32, out).expect("the buffer has width × height bytes")
 }
 
+/// Fractional bits of the fixed-point source coordinates in [`rotate_about_center`].
+const ROT_FRAC_BITS: u32 = 16;
+
 /// Rotates by `theta` radians about the centre, bilinear, white outside the page.
+///
+/// Source coordinates are stepped along each row in 16.16 fixed point and the bilinear
+/// weights are 8-bit, so the loop is integer-only (the float version spent most of its time
+/// in `floorf`/`roundf` calls); the stepping error over a row is below 0.01 px.
 fn rotate_about_center(img: &GrayImage, theta: f32) -> GrayImage {
     let (w, h) = img.dimensions();
-    let (cx, cy) = (w as f32 / 2.0, h as f32 / 2.0);
-    let (s, c) = theta.sin_cos();
-    let src = |x: i32, y: i32| -> f32 {
-        if x < 0 || y < 0 || x >= w as i32 || y >= h as i32 {
-            255.0
+    let (wi, hi) = (w as i64, h as i64);
+    let (cx, cy) = (w as f64 / 2.0, h as f64 / 2.0);
+    let (s, c) = (theta as f64).sin_cos();
+    let one = (1i64 << ROT_FRAC_BITS) as f64;
+    let fixed = |v: f64| (v * one).round() as i64;
+    let raw = img.as_raw();
+    let at = |x: i64, y: i64| -> u32 {
+        if x < 0 || y < 0 || x >= wi || y >= hi {
+            255
         } else {
-            img.get_pixel(x as u32, y as u32).0[0] as f32
+            raw[(y * wi + x) as usize] as u32
         }
     };
-    GrayImage::from_fn(w, h, |x, y| {
-        let (dx, dy) = (x as f32 - cx, y as f32 - cy);
-        let sx = c * dx + s * dy + cx;
-        let sy = -s * dx + c * dy + cy;
-        let (x0, y0) = (sx.floor(), sy.floor());
-        let (fx, fy) = (sx - x0, sy - y0);
-        let (x0, y0) = (x0 as i32, y0 as i32);
-        let top = src(x0, y0) * (1.0 - fx) + src(x0 + 1, y0) * fx;
-        let bot = src(x0, y0 + 1) * (1.0 - fx) + src(x0 + 1, y0 + 1) * fx;
-        Luma([(top * (1.0 - fy) + bot * fy).round().clamp(0.0, 255.0) as u8])
-    })
+    let (step_x, step_y) = (fixed(c), fixed(-s));
+    let mut out = vec![0u8; raw.len()];
+    for (y, row) in out.chunks_exact_mut(w as usize).enumerate() {
+        // Source of pixel (0, y): rotate (0 - cx, y - cy) back by theta.
+        let dy = y as f64 - cy;
+        let mut sx = fixed(c * -cx + s * dy + cx);
+        let mut sy = fixed(-s * -cx + c * dy + cy);
+        for o in row.iter_mut() {
+            let (x0, y0) = (sx >> ROT_FRAC_BITS, sy >> ROT_FRAC_BITS);
+            let fx = ((sx >> (ROT_FRAC_BITS - 8)) & 0xff) as u32;
+            let fy = ((sy >> (ROT_FRAC_BITS - 8)) & 0xff) as u32;
+            let (p00, p01, p10, p11) = if x0 >= 0 && y0 >= 0 && x0 + 1 < wi && y0 + 1 < hi {
+                let i = (y0 * wi + x0) as usize;
+                let j = i + w as usize;
+                (
+                    raw[i] as u32,
+                    raw[i + 1] as u32,
+                    raw[j] as u32,
+                    raw[j + 1] as u32,
+                )
+            } else {
+                (
+                    at(x0, y0),
+                    at(x0 + 1, y0),
+                    at(x0, y0 + 1),
+                    at(x0 + 1, y0 + 1),
+                )
+            };
+            let top = p00 * (256 - fx) + p01 * fx;
+            let bot = p10 * (256 - fx) + p11 * fx;
+            *o = ((top * (256 - fy) + bot * fy + (1 << 15)) >> 16) as u8;
+            sx += step_x;
+            sy += step_y;
+        }
+    }
+    GrayImage::from_raw(w, h, out).expect("the buffer has width × height bytes")
 }
 
 /// A grid of page thumbnails, each with a few caption lines under it.
@@ -793,27 +916,90 @@ mod tests {
         }
     }
 
+    /// Bilinear rotation about the centre in plain f64, white outside: the reference the
+    /// fixed-point [`rotate_about_center`] is checked against.
+    fn rotate_reference(img: &GrayImage, theta: f64) -> GrayImage {
+        let (w, h) = img.dimensions();
+        let (cx, cy) = (w as f64 / 2.0, h as f64 / 2.0);
+        let (s, c) = theta.sin_cos();
+        let at = |x: f64, y: f64| -> f64 {
+            if x < 0.0 || y < 0.0 || x >= w as f64 || y >= h as f64 {
+                255.0
+            } else {
+                img.get_pixel(x as u32, y as u32).0[0] as f64
+            }
+        };
+        GrayImage::from_fn(w, h, |x, y| {
+            let (dx, dy) = (x as f64 - cx, y as f64 - cy);
+            let (sx, sy) = (c * dx + s * dy + cx, -s * dx + c * dy + cy);
+            let (x0, y0) = (sx.floor(), sy.floor());
+            let (fx, fy) = (sx - x0, sy - y0);
+            let top = at(x0, y0) * (1.0 - fx) + at(x0 + 1.0, y0) * fx;
+            let bot = at(x0, y0 + 1.0) * (1.0 - fx) + at(x0 + 1.0, y0 + 1.0) * fx;
+            Luma([(top * (1.0 - fy) + bot * fy).round() as u8])
+        })
+    }
+
+    /// Gray levels the fixed-point rotation may differ from the f64 reference by: 8-bit
+    /// bilinear weights (up to 255/256 of a level each way) plus the final rounding.
+    const ROTATE_MAX_LEVEL_DIFF: i32 = 2;
+
     #[test]
-    fn rendering_rate_on_this_machine_is_printed() {
-        use rayon::prelude::*;
-        let docs: Vec<Document> = synthetic::documents(5, 400).collect();
-        let cfg = RenderConfig::default();
-        let t = std::time::Instant::now();
-        let n: usize = docs
-            .par_iter()
-            .map(|d| {
-                encode_png(&render(d, &cfg, 1).unwrap().image)
-                    .unwrap()
-                    .len()
-            })
-            .filter(|&b| b > 0)
-            .count();
-        let s = t.elapsed().as_secs_f64();
-        println!(
-            "rendered+encoded {n} pages in {s:.2}s = {:.0} pages/s on {} threads",
-            n as f64 / s,
-            rayon::current_num_threads()
-        );
-        assert_eq!(n, 400);
+    fn rotation_by_zero_is_the_identity_and_by_a_degree_matches_a_float_reference() {
+        let page = render(&synthetic::document(3, 1), &plain(), 0)
+            .unwrap()
+            .image;
+        assert_eq!(rotate_about_center(&page, 0.0).as_raw(), page.as_raw());
+        for deg in [1.0f32, -0.7] {
+            let fast = rotate_about_center(&page, deg.to_radians());
+            let slow = rotate_reference(&page, (deg as f64).to_radians());
+            let worst = fast
+                .as_raw()
+                .iter()
+                .zip(slow.as_raw())
+                .map(|(&a, &b)| (a as i32 - b as i32).abs())
+                .max()
+                .unwrap();
+            assert!(
+                worst <= ROTATE_MAX_LEVEL_DIFF,
+                "{deg}°: off by {worst} levels"
+            );
+            assert_ne!(fast.as_raw(), page.as_raw(), "{deg}° moves the page");
+        }
+    }
+
+    #[test]
+    fn blur_keeps_flat_areas_and_total_ink_and_softens_edges() {
+        let mut img = GrayImage::from_pixel(40, 30, Luma([255]));
+        fill_rect(&mut img, 10, 10, 30, 20, 0);
+        let b = gaussian_blur(&img, 0.8);
+        assert_eq!(b.get_pixel(0, 0).0[0], 255, "flat white stays white");
+        assert_eq!(b.get_pixel(20, 15).0[0], 0, "flat black stays black");
+        let edge = b.get_pixel(10, 15).0[0];
+        assert!(edge > 0 && edge < 255, "the edge is softened: {edge}");
+        let sum = |i: &GrayImage| i.as_raw().iter().map(|&p| 255 - p as i64).sum::<i64>();
+        // Rounding each of the 1200 pixels in two passes moves the total by a few levels.
+        let (before, after) = (sum(&img), sum(&b));
+        assert!((before - after).abs() <= 1200, "{before} vs {after}");
+    }
+
+    #[test]
+    fn text_at_the_page_edges_is_clipped_to_exactly_what_a_larger_page_shows() {
+        // Drawn on a 60×24 page with the text hanging over every edge, versus drawn 20 px
+        // further in on a 100×64 page and cropped back: the pixels must agree.
+        let mut small = GrayImage::from_pixel(60, 24, Luma([255]));
+        draw_text(&mut small, -6.0, 22.0, "Hg Wy 8.5 mmol/L Qj", 14.0, true);
+        draw_text(&mut small, 40.0, 6.0, "Top", 14.0, false);
+        let mut big = GrayImage::from_pixel(100, 64, Luma([255]));
+        draw_text(&mut big, 14.0, 42.0, "Hg Wy 8.5 mmol/L Qj", 14.0, true);
+        draw_text(&mut big, 60.0, 26.0, "Top", 14.0, false);
+        let crop = image::imageops::crop_imm(&big, 20, 20, 60, 24).to_image();
+        assert!(ink(&small) > 20, "the visible part is drawn");
+        assert_eq!(small.as_raw(), crop.as_raw());
+        let mut off = GrayImage::from_pixel(30, 30, Luma([255]));
+        draw_text(&mut off, -200.0, 15.0, "gone", 12.0, false);
+        draw_text(&mut off, 5.0, 200.0, "gone", 12.0, false);
+        fill_rect(&mut off, -10, -10, -1, 40, 0);
+        assert_eq!(ink(&off), 0, "nothing off the page lands on it");
     }
 }

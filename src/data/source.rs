@@ -2,12 +2,17 @@
 //!
 //! A source is read as a stream of [`Raw`] items: a document to render, a ready image (VQA
 //! datasets), or a row the reader had to reject (with the reason, so it is counted).
+//!
+//! File sources read a local `path`, or a `dataset` the download stage fetched (looked up in
+//! `reports/download.json` by its `[[download.datasets]]` name or hub id, see
+//! [`super::downloaded`]); then `path`, when given, is relative to that dataset's folder.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::document::{Document, Item};
+use super::downloaded::{self, Downloaded};
 use super::filter::DropReason;
 use super::parquet::{ColumnMap, Preset};
 use super::{mtsamples, parquet, synthetic, DataError};
@@ -32,8 +37,13 @@ pub enum SourceConfig {
         /// Name in sample ids, image folders and reports.
         #[serde(default = "default_mtsamples_name")]
         name: String,
-        /// The CSV file; relative paths are resolved against the workspace.
-        path: PathBuf,
+        /// The CSV file; relative paths are resolved against the workspace, or against the
+        /// dataset's folder when `dataset` is set (default there: its only `.csv` file).
+        #[serde(default)]
+        path: Option<PathBuf>,
+        /// A dataset from `reports/download.json` (its download name or hub id `owner/name`).
+        #[serde(default)]
+        dataset: Option<String>,
         /// Transcription characters kept per page (cut at a sentence end).
         #[serde(default = "default_max_chars")]
         max_chars: usize,
@@ -49,8 +59,13 @@ pub enum SourceConfig {
         /// Name in sample ids, image folders and reports.
         #[serde(default = "default_parquet_name")]
         name: String,
-        /// A `.parquet` file or a directory searched for them; relative to the workspace.
-        path: PathBuf,
+        /// A `.parquet` file or a directory searched for them; relative to the workspace, or
+        /// to the dataset's folder when `dataset` is set (default there: the whole folder).
+        #[serde(default)]
+        path: Option<PathBuf>,
+        /// A dataset from `reports/download.json` (its download name or hub id `owner/name`).
+        #[serde(default)]
+        dataset: Option<String>,
         /// `pathvqa` or `pubmedvision`: the column mapping of that dataset.
         #[serde(default)]
         preset: Option<Preset>,
@@ -118,14 +133,50 @@ impl SourceConfig {
         }
     }
 
-    /// Opens the source for reading; relative paths are resolved against `root`.
+    /// The downloaded dataset this source reads, when it names one.
+    pub fn dataset(&self) -> Option<&str> {
+        match self {
+            SourceConfig::Synthetic { .. } => None,
+            SourceConfig::Mtsamples { dataset, .. } | SourceConfig::Parquet { dataset, .. } => {
+                dataset.as_deref()
+            }
+        }
+    }
+
+    /// The file (or folder) a file source reads: `path` against `root`, or inside its
+    /// downloaded dataset. `datasets` is download.json's list (`None`: download has not
+    /// completed); `suffix` picks the dataset's only matching file when `path` is absent.
+    fn input(
+        &self,
+        root: &Path,
+        path: Option<&Path>,
+        datasets: Option<&[Downloaded]>,
+        suffix: Option<&str>,
+    ) -> Result<PathBuf, DataError> {
+        match (self.dataset(), path) {
+            (Some(id), path) => Ok(downloaded::path_in(
+                downloaded::find(datasets, id)?,
+                path,
+                suffix,
+            )?),
+            (None, Some(p)) => Ok(resolve(root, p)),
+            (None, None) => Err(DataError::NoInput {
+                source_name: self.name().to_string(),
+            }),
+        }
+    }
+
+    /// Opens the source for reading; relative paths are resolved against `root`, datasets
+    /// looked up in `datasets` (download.json's list; `None` when download has not completed).
     ///
     /// # Errors
-    /// A missing or unreadable file, or one without the expected columns.
+    /// Neither `path` nor `dataset`, a dataset download.json does not have, a missing or
+    /// unreadable file, or one without the expected columns.
     pub fn open(
         &self,
         root: &Path,
         seed: u64,
+        datasets: Option<&[Downloaded]>,
     ) -> Result<Box<dyn Iterator<Item = Result<Raw, DataError>> + Send>, DataError> {
         match self {
             SourceConfig::Synthetic { count, .. } => Ok(Box::new(
@@ -137,7 +188,8 @@ impl SourceConfig {
                 limit,
                 ..
             } => {
-                let rows = mtsamples::open(&resolve(root, path), *max_chars)?;
+                let file = self.input(root, path.as_deref(), datasets, Some(".csv"))?;
+                let rows = mtsamples::open(&file, *max_chars)?;
                 let limit = if *limit == 0 { usize::MAX } else { *limit };
                 Ok(Box::new(rows.take(limit)))
             }
@@ -151,8 +203,9 @@ impl SourceConfig {
                 ..
             } => {
                 let root_dir = image_root.as_ref().map(|p| resolve(root, p));
+                let input = self.input(root, path.as_deref(), datasets, None)?;
                 let rows = parquet::open(
-                    &resolve(root, path),
+                    &input,
                     &columns.resolve(*preset),
                     root_dir.as_deref(),
                     doc_type,

@@ -18,7 +18,8 @@ pub fn registry() -> Vec<Box<dyn Stage>> {
         Box::new(download::Download),
         Box::new(baseline::Baseline),
         Box::new(quantize::Quantize),
-        Box::new(prepare::Prepare),
+        // Prepare resolves `dataset = ..` sources through download.json (registered above).
+        Box::new(prepare::Prepare::new(&["download"])),
         Box::new(train::Train),
     ];
     // Evaluate reads the variant stages (quantize, train) registered before it, when present.

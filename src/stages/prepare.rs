@@ -6,9 +6,12 @@
 //! the dataset report as this stage's artifact (`reports/dataset.json`).
 //!
 //! Resumable: each source is processed in shards of `shard_size` items. A shard's images are
-//! written atomically, then its manifest (`data/.prepare/<config key>/<source>/shard-N.json`)
-//! atomically, so after a kill -9 only complete shards are reused; a shard without a manifest
-//! is rebuilt, identically, since every document, render and degradation is seeded.
+//! written through a temp file and a rename (no fsync per page: that cost more than drawing
+//! it), then its manifest (`data/.prepare/<config key>/<source>/shard-N.json`) atomically
+//! with fsync, recording every image's sha256. A shard is reused only when its manifest
+//! exists and every image still has the recorded hash, so neither a kill -9 nor a power loss
+//! makes a half-written page count as done; any other shard is rebuilt, identically, since
+//! every document, render and degradation is seeded.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -22,6 +25,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::data::downloaded::{self, Downloaded};
 use crate::data::filter::{
     check_image, check_text, content_hash, Dedup, DropReason, FilterConfig, Tally,
 };
@@ -30,11 +34,11 @@ use crate::data::sample::{target_json, Sample, PROMPT};
 use crate::data::source::{Raw, SourceConfig};
 use crate::data::split::{split, SplitConfig};
 use crate::data::{eval_docs, Document};
-use crate::pipeline::fs::{hash_file, write_atomic, write_atomic_with};
+use crate::pipeline::fs::{hash_file, sha256_hex, write_atomic, write_atomic_with, write_replace};
 use crate::pipeline::{Stage, StageCtx, StageOutput};
 
 /// Bumped when this stage's output for the same config changes.
-const CODE_VERSION: u32 = 1;
+const CODE_VERSION: u32 = 2;
 
 /// `[prepare]` config section.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -102,12 +106,32 @@ struct ShardManifest {
     /// reused shard feeds de-duplication exactly as a rebuilt one would.
     hashes: Vec<String>,
     samples: Vec<Sample>,
+    /// sha256 (hex) of each sample's image file, in the order of `samples`.
+    image_sha256: Vec<String>,
     /// Degradation names applied, counted.
     degradations: BTreeMap<String, u64>,
 }
 
 /// The prepare stage.
-pub struct Prepare;
+#[derive(Debug, Default)]
+pub struct Prepare {
+    /// `["download"]` when the download stage is registered before this one: then a source's
+    /// `dataset` resolves through download.json, and a changed download re-runs prepare.
+    optional: Vec<&'static str>,
+}
+
+impl Prepare {
+    /// The stage, reading download.json when `download` is among the `earlier` stages.
+    pub fn new(earlier: &[&'static str]) -> Self {
+        Self {
+            optional: earlier
+                .iter()
+                .copied()
+                .filter(|s| *s == "download")
+                .collect(),
+        }
+    }
+}
 
 impl Stage for Prepare {
     fn name(&self) -> &'static str {
@@ -122,6 +146,9 @@ impl Stage for Prepare {
     fn upstream(&self) -> &'static [&'static str] {
         &["probe"]
     }
+    fn optional_upstream(&self) -> &[&'static str] {
+        &self.optional
+    }
     fn code_version(&self) -> u32 {
         CODE_VERSION
     }
@@ -132,7 +159,11 @@ impl Stage for Prepare {
         cfg.split.validate()?;
         validate_sources(&cfg.sources)?;
         let root = ctx.workspace().root().to_path_buf();
-        let key = config_key(&cfg);
+        let datasets = match ctx.upstream("download") {
+            Ok(a) => Some(downloaded::from_metrics(&a.metrics)?),
+            Err(_) => None,
+        };
+        let key = config_key(&cfg, datasets.as_deref())?;
         let shard_root = ctx.workspace().data().join(".prepare");
         let shard_dir = shard_root.join(&key);
 
@@ -147,7 +178,7 @@ impl Stage for Prepare {
         for source in &cfg.sources {
             let name = source.name().to_string();
             let items = source
-                .open(&root, cfg.seed)
+                .open(&root, cfg.seed, datasets.as_deref())
                 .with_context(|| format!("opening source `{name}`"))?;
             let bar = ctx.progress_bar(0, format!("prepare {name}"));
             let mut tally = Tally::default();
@@ -352,8 +383,23 @@ fn validate_sources(sources: &[SourceConfig]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A short key for everything that decides shard contents.
-fn config_key(cfg: &PrepareConfig) -> String {
+/// A short key for everything that decides shard contents: the config and, for sources
+/// that read a downloaded dataset, where it is and the revision it resolved to.
+///
+/// # Errors
+/// A source naming a dataset that download.json does not have.
+fn config_key(cfg: &PrepareConfig, datasets: Option<&[Downloaded]>) -> anyhow::Result<String> {
+    let mut used = serde_json::Map::new();
+    for s in &cfg.sources {
+        if let Some(id) = s.dataset() {
+            let d =
+                downloaded::find(datasets, id).with_context(|| format!("source `{}`", s.name()))?;
+            used.insert(
+                s.name().to_string(),
+                json!({"dir": d.dir, "revision": d.revision, "files": d.files}),
+            );
+        }
+    }
     let v = json!({
         "code": CODE_VERSION,
         "seed": cfg.seed,
@@ -361,9 +407,10 @@ fn config_key(cfg: &PrepareConfig) -> String {
         "render": cfg.render,
         "filters": cfg.filters,
         "sources": cfg.sources,
+        "datasets": used,
     });
     let text = serde_json::to_string(&crate::config::canonical(v)).expect("plain JSON serializes");
-    crate::pipeline::fs::sha256_hex(text.as_bytes())[..16].to_string()
+    Ok(sha256_hex(text.as_bytes())[..16].to_string())
 }
 
 /// The degradation seed of one page.
@@ -372,14 +419,17 @@ fn page_seed(seed: u64, source: &str, id: &str) -> u64 {
     u64::from_le_bytes(h[..8].try_into().expect("8 bytes of a 32-byte hash"))
 }
 
-/// A complete shard manifest whose images all exist, or `None` (then the shard is rebuilt).
+/// A complete shard manifest whose images all exist with their recorded hashes, or `None`
+/// (then the shard is rebuilt).
 fn reuse(path: &Path, root: &Path) -> Option<ShardManifest> {
     let bytes = std::fs::read(path).ok()?;
     let m: ShardManifest = serde_json::from_slice(&bytes).ok()?;
-    m.samples
-        .iter()
-        .all(|s| root.join(&s.image).is_file())
-        .then_some(m)
+    (m.samples.len() == m.image_sha256.len()
+        && m.samples
+            .par_iter()
+            .zip(&m.image_sha256)
+            .all(|(s, want)| hash_file(&root.join(&s.image)).is_ok_and(|(got, _)| &got == want)))
+    .then_some(m)
 }
 
 fn to_sample(source: &str, doc: &Document, image: String) -> Sample {
@@ -402,7 +452,7 @@ enum Pending {
 }
 
 /// A kept sample with the degradations applied to its page, or why it was dropped.
-type ShardItem = Result<(Sample, Vec<&'static str>), DropReason>;
+type ShardItem = Result<(Sample, String, Vec<&'static str>), DropReason>;
 
 /// Filters, de-duplicates (in order), renders (in parallel) and writes one shard's images.
 fn build_shard(
@@ -475,8 +525,9 @@ fn build_shard(
                         }
                         let png =
                             encode_png(&r.image).with_context(|| format!("encoding {rel}"))?;
-                        write_atomic(&root.join(&rel), &png)?;
-                        Ok(Ok((to_sample(source, &doc, rel), r.degradations)))
+                        write_replace(&root.join(&rel), &png)?;
+                        let sha = sha256_hex(&png);
+                        Ok(Ok((to_sample(source, &doc, rel), sha, r.degradations)))
                     }
                 }
             }
@@ -520,7 +571,8 @@ fn build_shard(
                 decoded
                     .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
                     .with_context(|| format!("encoding {rel}"))?;
-                write_atomic(&root.join(&rel), &png)?;
+                write_replace(&root.join(&rel), &png)?;
+                let sha = sha256_hex(&png);
                 Ok(Ok((
                     Sample {
                         id: format!("{source}/{id}"),
@@ -531,6 +583,7 @@ fn build_shard(
                         target,
                         ground_truth,
                     },
+                    sha,
                     Vec::new(),
                 )))
             }
@@ -539,16 +592,18 @@ fn build_shard(
         .collect();
 
     let mut samples = Vec::new();
+    let mut image_sha256 = Vec::new();
     let mut degradations = BTreeMap::new();
     for r in results {
         match r? {
             Err(reason) => tally.drop(reason),
-            Ok((s, degr)) => {
+            Ok((s, sha, degr)) => {
                 tally.kept += 1;
                 for d in degr {
                     *degradations.entry(d.to_string()).or_default() += 1;
                 }
                 samples.push(s);
+                image_sha256.push(sha);
             }
         }
     }
@@ -556,6 +611,7 @@ fn build_shard(
         tally,
         hashes,
         samples,
+        image_sha256,
         degradations,
     })
 }
@@ -671,7 +727,7 @@ mod tests {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         let cfg = Config::from_toml(toml, Path::new("test.toml"), &sets).unwrap();
         let ws = Workspace::open(dir).unwrap();
-        let p = Pipeline::new(vec![Box::new(Probe), Box::new(Prepare)]);
+        let p = Pipeline::new(vec![Box::new(Probe), Box::new(Prepare::default())]);
         let opts = RunOptions {
             quiet: true,
             ..RunOptions::default()
@@ -825,6 +881,14 @@ mod tests {
         std::fs::remove_file(shards.join("shard-00002.json")).unwrap();
         let row = &read_rows(&dir.path().join("data/splits/train.jsonl"))[0];
         std::fs::remove_file(dir.path().join(&row.image)).unwrap();
+        // A page that a power loss left empty under its final name (no fsync per page).
+        // (a sample of the first shard, which is reused).
+        let torn = read_rows(&dir.path().join("data/splits/train.jsonl"))
+            .into_iter()
+            .find(|r| r.id != row.id && r.id.as_str() < "synthetic/syn-000016")
+            .unwrap();
+        let torn_bytes = std::fs::read(dir.path().join(&torn.image)).unwrap();
+        std::fs::write(dir.path().join(&torn.image), b"").unwrap();
         std::fs::write(
             dir.path()
                 .join("data/images/synthetic/.syn-000047.png.tmp999"),
@@ -842,6 +906,11 @@ mod tests {
             );
         }
         assert!(dir.path().join(&row.image).is_file());
+        assert_eq!(
+            std::fs::read(dir.path().join(&torn.image)).unwrap(),
+            torn_bytes,
+            "a page whose hash no longer matches its manifest is redrawn"
+        );
         assert!(!dir
             .path()
             .join("data/images/synthetic/.syn-000047.png.tmp999")
@@ -879,6 +948,157 @@ mod tests {
         assert!(rows
             .iter()
             .all(|r| r.doc_type == "cardiology" && r.target.contains("Metoprolol")));
+    }
+
+    /// Stands in for the download stage: completes with a fixed `datasets` list.
+    struct FakeDownload(Value);
+
+    impl Stage for FakeDownload {
+        fn name(&self) -> &'static str {
+            "download"
+        }
+        fn description(&self) -> &'static str {
+            "test stand-in for download"
+        }
+        fn artifact_file(&self) -> &'static str {
+            "download.json"
+        }
+        fn upstream(&self) -> &'static [&'static str] {
+            &["probe"]
+        }
+        fn code_version(&self) -> u32 {
+            1
+        }
+        fn run(&self, _: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
+            Ok(StageOutput {
+                metrics: json!({"model_dir": "checkpoints/base", "datasets": self.0}),
+                ..StageOutput::default()
+            })
+        }
+    }
+
+    /// Writes an MTSamples CSV of 12 cardiology rows to `path`.
+    fn write_mtsamples(path: &Path) {
+        let mut csv =
+            b"description,medical_specialty,sample_name,transcription,keywords\n".to_vec();
+        for i in 0..12 {
+            csv.extend_from_slice(format!("\"Visit {i}.\",\" Cardiology\",\"Follow-up {i}\",\"VITALS:, Blood pressure 13{i}/80, pulse 7{i}. Metoprolol {i}5 mg twice daily.\",\"cardiology, metoprolol\"\n").as_bytes());
+        }
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, csv).unwrap();
+    }
+
+    /// Runs probe → a download listing one dataset (`someone/mtsamples` at `revision`, its
+    /// CSV in `<dir>/hub/mt/data/mt.csv`) → prepare with `toml`.
+    fn run_with_download(dir: &Path, toml: &str, revision: &str) -> RunReport {
+        let ds = dir.join("hub/mt");
+        write_mtsamples(&ds.join("data/mt.csv"));
+        let datasets = json!([{
+            "name": "mt",
+            "source": format!("hf-dataset:someone/mtsamples@{revision}"),
+            "revision": revision,
+            "dir": ds,
+            "files": ["README.md", "data/mt.csv"],
+        }]);
+        let cfg = Config::from_toml(toml, Path::new("test.toml"), &[]).unwrap();
+        let ws = Workspace::open(dir).unwrap();
+        let p = Pipeline::new(vec![
+            Box::new(Probe),
+            Box::new(FakeDownload(datasets)),
+            Box::new(Prepare::new(&["probe", "download"])),
+        ]);
+        let opts = RunOptions {
+            quiet: true,
+            ..RunOptions::default()
+        };
+        p.run(&ws, &cfg, &opts, &mut |_| {}).unwrap()
+    }
+
+    #[test]
+    fn a_source_reads_a_downloaded_dataset_named_by_its_hub_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = format!(
+            "{SMALL}[[prepare.sources]]\nkind = \"mtsamples\"\ndataset = \"someone/mtsamples\"\n"
+        );
+        let rep = run_with_download(dir.path(), &toml, "r1");
+        assert!(!rep.failed(), "{rep:?}");
+        let m = &report(dir.path())["metrics"];
+        assert_eq!(m["sources"]["mtsamples"]["read"], 12);
+        assert_eq!(m["sources"]["mtsamples"]["kept"], 12);
+        let a = report(dir.path());
+        assert!(
+            a["upstream"].get("download").is_some(),
+            "download is hashed into prepare's input: {}",
+            a["upstream"]
+        );
+    }
+
+    #[test]
+    fn a_changed_download_re_runs_prepare_and_a_new_revision_redraws_its_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        // A [download] edit makes download (and so prepare) run again.
+        let toml = |download_seed: u32| {
+            format!("{SMALL}[[prepare.sources]]\nkind = \"mtsamples\"\ndataset = \"mt\"\n[download]\nseed = {download_seed}\n")
+        };
+        assert!(!run_with_download(dir.path(), &toml(1), "r1").failed());
+        let rendered =
+            |d: &Path| report(d)["metrics"]["render"]["pages_rendered_this_run"].as_u64();
+
+        let rep = run_with_download(dir.path(), &toml(2), "r1");
+        let prep = rep.stages.iter().find(|s| s.stage == "prepare").unwrap();
+        assert_eq!(prep.action, "ran", "{prep:?}");
+        assert!(prep.reason.contains("download"), "{}", prep.reason);
+        assert_eq!(
+            rendered(dir.path()),
+            Some(0),
+            "same revision: shards reused"
+        );
+
+        assert!(!run_with_download(dir.path(), &toml(3), "r2").failed());
+        assert_eq!(
+            rendered(dir.path()),
+            Some(60),
+            "another revision: every page redrawn"
+        );
+    }
+
+    #[test]
+    fn a_dataset_download_json_lacks_fails_naming_it_and_listing_those_it_has() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = format!(
+            "{SMALL}[[prepare.sources]]\nkind = \"parquet\"\npreset = \"pathvqa\"\ndataset = \"other/pathvqa\"\n"
+        );
+        let rep = run_with_download(dir.path(), &toml, "r1");
+        assert!(rep.failed());
+        let err = rep.stages.last().unwrap().error.clone().unwrap();
+        assert!(
+            err.contains("dataset `other/pathvqa` is not in reports/download.json"),
+            "{err}"
+        );
+        assert!(
+            err.contains("`mt` (hf-dataset:someone/mtsamples@r1)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_dataset_source_without_the_download_stage_or_a_source_without_input_fails_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = format!("{SMALL}[[prepare.sources]]\nkind = \"mtsamples\"\ndataset = \"mt\"\n");
+        let rep = run_in(dir.path(), &toml, &[]);
+        let err = rep.stages.last().unwrap().error.clone().unwrap();
+        assert!(
+            err.contains("dataset `mt` needs the download stage")
+                && err.contains("has not completed"),
+            "{err}"
+        );
+        let toml = format!("{SMALL}[[prepare.sources]]\nkind = \"mtsamples\"\n");
+        let rep = run_in(dir.path(), &toml, &[]);
+        let err = rep.stages.last().unwrap().error.clone().unwrap();
+        assert!(
+            err.contains("source `mtsamples` needs `path` (a local file) or `dataset`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -67,8 +67,21 @@ impl Env {
 
     /// `medpipe run --to download` with the hub at `endpoint`.
     fn run(&self, endpoint: &str, args: &[&str], extra_env: &[(&str, &str)]) -> Output {
+        self.run_range(&["--to", "download"], endpoint, args, extra_env)
+    }
+
+    /// `medpipe run <range>` (e.g. `--only prepare`) with the hub at `endpoint`.
+    fn run_range(
+        &self,
+        range: &[&str],
+        endpoint: &str,
+        args: &[&str],
+        extra_env: &[(&str, &str)],
+    ) -> Output {
         let mut c = Command::new(env!("CARGO_BIN_EXE_medpipe"));
-        c.args(["run", "--to", "download", "-q", "--workspace"])
+        c.arg("run")
+            .args(range)
+            .args(["-q", "--workspace"])
             .arg(&self.ws)
             .args(args)
             .env("HF_HOME", &self.hf_home)
@@ -526,6 +539,39 @@ fn hf_dataset_fetches_only_the_matching_files() {
     assert!(!dir.join("README.md").exists());
     // The default model is still builtin:tiny.
     assert_eq!(a["metrics"]["model_kind"], "builtin");
+}
+
+#[test]
+fn issue_5_prepare_reads_an_mtsamples_csv_the_download_stage_fetched_named_by_hub_id() {
+    let mut csv = b"description,medical_specialty,sample_name,transcription,keywords\n".to_vec();
+    for i in 0..6 {
+        csv.extend_from_slice(format!("\"Visit {i}.\",\" Cardiology\",\"Follow-up {i}\",\"Pulse 7{i}. Metoprolol {i}5 mg twice daily.\",\"metoprolol\"\n").as_bytes());
+    }
+    let ds = MockRepo {
+        kind: "datasets",
+        id: "test/mt".into(),
+        commit: COMMIT.into(),
+        files: vec![MockFile::new("data/mtsamples.csv", csv, false)],
+        gated: false,
+    };
+    let hub = MockHub::start(vec![ds], None);
+    let e = Env::new();
+    let sets = [
+        "--set",
+        r#"download.datasets=[{name = "mt", source = "hf-dataset:test/mt@main"}]"#,
+        "--set",
+        r#"prepare.sources=[{kind = "synthetic", count = 8}, {kind = "mtsamples", dataset = "test/mt"}]"#,
+        "--set",
+        "prepare.contact_sheet_pages=0",
+    ];
+    ok(&e.run(&hub.url(), &sets, &[]));
+    ok(&e.run_range(&["--only", "prepare"], &hub.url(), &sets, &[]));
+    let text = std::fs::read_to_string(e.ws.join("reports/dataset.json")).unwrap();
+    let a: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(a["status"], "completed", "{a:#}");
+    assert_eq!(a["metrics"]["sources"]["mtsamples"]["read"], 6, "{a:#}");
+    assert_eq!(a["metrics"]["sources"]["mtsamples"]["kept"], 6, "{a:#}");
+    assert!(a["upstream"].get("download").is_some(), "{}", a["upstream"]);
 }
 
 #[test]
