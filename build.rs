@@ -20,8 +20,20 @@ fn main() {
         "cargo:rustc-env=MEDPIPE_RUSTC_VERSION={}",
         run(&rustc, &["--version"])
     );
-    for p in [".git/HEAD", ".git/refs/heads", ".git/packed-refs"] {
-        if std::path::Path::new(p).exists() {
+    // Re-run when the commit moves. Ask git where its files are: in a worktree or a
+    // submodule `.git` is a file, and HEAD and the branch refs live elsewhere.
+    let git_dir = run("git", &["rev-parse", "--git-dir"]);
+    let common_dir = run("git", &["rev-parse", "--git-common-dir"]);
+    let branch = run("git", &["symbolic-ref", "-q", "HEAD"]);
+    let mut watch = vec![
+        format!("{git_dir}/HEAD"),
+        format!("{common_dir}/packed-refs"),
+    ];
+    if !branch.is_empty() {
+        watch.push(format!("{common_dir}/{branch}"));
+    }
+    for p in watch {
+        if std::path::Path::new(&p).exists() {
             println!("cargo:rerun-if-changed={p}");
         }
     }
