@@ -31,6 +31,8 @@ pub enum DeviceError {
     NotBuilt { device: Device },
     #[error("device {device} requested, but NVML lists {count} GPU(s)")]
     NoSuchGpu { device: Device, count: usize },
+    #[error("device {device} requested, but no GPU can be seen: {why}")]
+    NoGpu { device: Device, why: String },
 }
 
 impl Device {
@@ -97,8 +99,15 @@ pub fn choose_device(
             if !cuda_built {
                 return Err(DeviceError::NotBuilt { device });
             }
-            // Without NVML (a note instead of a list) the CUDA runtime has the last word.
-            if n >= gpu.gpus.len() && gpu.note.is_none() {
+            // NVML ships with the NVIDIA driver: without it there is no GPU to run on, and the
+            // CUDA runtime would fail later with a panic instead of this message.
+            if let (true, Some(why)) = (gpu.gpus.is_empty(), &gpu.note) {
+                return Err(DeviceError::NoGpu {
+                    device,
+                    why: why.clone(),
+                });
+            }
+            if n >= gpu.gpus.len() {
                 return Err(DeviceError::NoSuchGpu {
                     device,
                     count: gpu.gpus.len(),
@@ -240,6 +249,17 @@ mod tests {
     fn cuda_requested_of_a_cpu_build_is_an_error() {
         let err = choose_device("cuda:0", &h100(80), 1, false).unwrap_err();
         assert!(err.to_string().contains("--features cuda"), "{err}");
+    }
+
+    #[test]
+    fn cuda_requested_where_no_driver_is_found_is_an_error_with_the_reason() {
+        let none = GpuProbe {
+            note: Some("NVML (libnvidia-ml) not found".into()),
+            ..Default::default()
+        };
+        let err = choose_device("cuda", &none, 1, true).unwrap_err();
+        assert!(matches!(err, DeviceError::NoGpu { .. }), "{err}");
+        assert!(err.to_string().contains("libnvidia-ml"), "{err}");
     }
 
     #[test]
