@@ -126,13 +126,49 @@ pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<
 
 /// Renames a finished `<dir>.partial` directory to `dir`, replacing an older `dir`.
 ///
+/// The older `dir` is first renamed to `<dir>.old` and removed only after the new one is in
+/// place, so a kill at any point leaves a complete directory under `dir` or `<dir>.old`;
+/// [`recover_dir`] puts the latter back.
+///
 /// # Errors
 /// I/O failures, naming the directory.
 pub fn commit_dir(partial: &Path, dir: &Path) -> Result<(), FsError> {
-    if dir.exists() {
-        fs::remove_dir_all(dir).map_err(err("removing old", dir))?;
+    let old = old_path(dir);
+    if old.exists() {
+        fs::remove_dir_all(&old).map_err(err("removing old", &old))?;
     }
-    fs::rename(partial, dir).map_err(err("renaming into place", dir))
+    if dir.exists() {
+        fs::rename(dir, &old).map_err(err("moving aside", dir))?;
+    }
+    fs::rename(partial, dir).map_err(err("renaming into place", dir))?;
+    if old.exists() {
+        fs::remove_dir_all(&old).map_err(err("removing old", &old))?;
+    }
+    Ok(())
+}
+
+/// Undoes an interrupted [`commit_dir`]: when `dir` is missing but `<dir>.old` exists, the
+/// old directory is moved back; a `<dir>.old` left beside a committed `dir` is removed.
+///
+/// # Errors
+/// I/O failures, naming the directory.
+pub fn recover_dir(dir: &Path) -> Result<(), FsError> {
+    let old = old_path(dir);
+    if !old.exists() {
+        return Ok(());
+    }
+    if dir.exists() {
+        fs::remove_dir_all(&old).map_err(err("removing old", &old))
+    } else {
+        fs::rename(&old, dir).map_err(err("restoring", dir))
+    }
+}
+
+/// `<dir>.old`, where [`commit_dir`] keeps the replaced directory until the new one is in place.
+fn old_path(dir: &Path) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(".old");
+    dir.with_file_name(name)
 }
 
 /// sha256 (hex) and size in bytes of a file, or of a directory (hash over the sorted relative
@@ -247,6 +283,40 @@ mod tests {
         assert_eq!(fs::read(&p).unwrap(), b"hello");
         let names: Vec<_> = fs::read_dir(p.parent().unwrap()).unwrap().collect();
         assert_eq!(names.len(), 1, "only the final file remains");
+    }
+
+    fn dir_with(root: &Path, name: &str, content: &[u8]) -> PathBuf {
+        let d = root.join(name);
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join("f"), content).unwrap();
+        d
+    }
+
+    #[test]
+    fn commit_dir_replaces_the_old_directory_and_leaves_nothing_aside() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = dir_with(root.path(), "best", b"old");
+        let partial = dir_with(root.path(), "best.partial", b"new");
+        commit_dir(&partial, &dir).unwrap();
+        assert_eq!(fs::read(dir.join("f")).unwrap(), b"new");
+        assert_eq!(fs::read_dir(root.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_commit_killed_between_its_renames_is_recovered_to_the_old_directory() {
+        let root = tempfile::tempdir().unwrap();
+        // What a kill after "move aside" and before "rename into place" leaves.
+        dir_with(root.path(), "best.old", b"old");
+        dir_with(root.path(), "best.partial", b"new");
+        let dir = root.path().join("best");
+        recover_dir(&dir).unwrap();
+        assert_eq!(fs::read(dir.join("f")).unwrap(), b"old");
+        assert!(!root.path().join("best.old").exists());
+        // A kill after the new one is in place: the leftover is removed, the new one kept.
+        dir_with(root.path(), "best.old", b"older");
+        recover_dir(&dir).unwrap();
+        assert_eq!(fs::read(dir.join("f")).unwrap(), b"old");
+        assert!(!root.path().join("best.old").exists());
     }
 
     #[test]

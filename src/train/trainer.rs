@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::adapt::AdaptError;
 use crate::model::{ImageInput, ModelError, Qwen25Vl};
-use crate::pipeline::fs::{commit_dir, write_json_atomic, FsError};
+use crate::pipeline::fs::{commit_dir, recover_dir, write_json_atomic, FsError};
 use crate::train::batch::{collate, Batch, SampleError, SampleSource, TrainSample};
 use crate::train::checkpoint::{self, BestVal, CheckpointError, RunFingerprint, TrainState};
 use crate::train::loss::causal_lm_loss;
@@ -239,6 +239,8 @@ pub fn train<B: AutodiffBackend>(
     if n == 0 {
         return Err(TrainError::NoSamples);
     }
+    // A kill while the best adapter was being replaced leaves it beside its place.
+    recover_dir(&ckpt_dir.join("best"))?;
     let window = cfg.batch_size * cfg.grad_accum;
     let steps_per_epoch = n.div_ceil(window) as u64;
     let total_steps = steps_per_epoch * cfg.epochs as u64;
