@@ -74,6 +74,7 @@ pub fn batch_sweep(r: &BenchResult) -> Option<Chart> {
                 .map(|b| (b.batch_size as f64, b.throughput_tokens_per_s))
                 .collect(),
         )],
+        y_from_zero: true,
     }))
 }
 

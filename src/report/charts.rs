@@ -69,6 +69,9 @@ pub struct LineChart {
     pub y_label: String,
     /// (legend name, points) per series.
     pub series: Vec<(String, Vec<(f64, f64)>)>,
+    /// Start the y axis at zero (quantities such as throughput, where a cut axis would
+    /// exaggerate differences); else it spans the data (a loss curve's shape).
+    pub y_from_zero: bool,
 }
 
 /// What to draw.
@@ -270,12 +273,17 @@ fn draw_lines<DB: DrawingBackend>(
         x1 = x0 + 1.0;
     }
     let pad = ((y1 - y0) * 0.05).max(1e-6);
+    let lower = if c.y_from_zero {
+        0.0
+    } else {
+        (y0 - pad).max(0.0)
+    };
     let mut chart = ChartBuilder::on(root)
         .caption(&c.title, (FAMILY, 22))
         .margin(16)
         .x_label_area_size(40)
         .y_label_area_size(64)
-        .build_cartesian_2d(x0..x1, (y0 - pad).max(0.0)..y1 + pad)
+        .build_cartesian_2d(x0..x1, lower..y1 + pad)
         .map_err(|e| e.to_string())?;
     chart
         .configure_mesh()
@@ -350,6 +358,7 @@ mod tests {
             x_label: "step".into(),
             y_label: "loss".into(),
             series: vec![("train".into(), vec![(1.0, 2.0), (2.0, 1.5), (3.0, 1.2)])],
+            y_from_zero: false,
         });
         for (i, c) in [bars(), lines].iter().enumerate() {
             let a = render(c, &dir.path().join(format!("a{i}"))).unwrap();

@@ -118,6 +118,7 @@ fn chart_specs(inputs: &Inputs) -> Vec<(&'static str, Chart)> {
                 x_label: "optimizer step".into(),
                 y_label: "cross-entropy (nats)".into(),
                 series,
+                y_from_zero: false,
             }),
         ));
     }
@@ -515,6 +516,7 @@ mod tests {
                 x_label: "x".into(),
                 y_label: "y".into(),
                 series: vec![("s".into(), vec![(1.0, 1.0)])],
+                y_from_zero: true,
             }),
         ];
         for (i, c) in cases.iter().enumerate() {
