@@ -44,16 +44,7 @@ pub fn write_atomic_with(
     path: &Path,
     fill: impl FnOnce(&mut io::BufWriter<&File>) -> io::Result<()>,
 ) -> Result<(), FsError> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    fs::create_dir_all(dir).map_err(err("creating directory", dir))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let (dir, tmp) = temp_beside(path)?;
     let result = (|| {
         let file = File::create(&tmp)?;
         {
@@ -79,15 +70,9 @@ pub fn write_atomic_with(
     })
 }
 
-/// Writes `bytes` to `path` through a temp file and a rename, creating parent directories,
-/// but without fsync: a kill -9 never leaves a half-written file under `path`, yet after a
-/// power loss `path` may be empty or old. Only for many small files whose sha256 is recorded
-/// (itself with [`write_atomic`]) and checked before reuse, such as the prepare stage's page
-/// images, where an fsync per file (about 7 ms here) would cost more than drawing the page.
-///
-/// # Errors
-/// Any I/O failure; the temp file is then removed.
-pub fn write_replace(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
+/// The directory of `path` (created if missing) and a temp file name beside `path`, unique
+/// to this process, for writing then renaming into place.
+fn temp_beside(path: &Path) -> Result<(&Path, PathBuf), FsError> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -98,6 +83,19 @@ pub fn write_replace(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    Ok((dir, tmp))
+}
+
+/// Writes `bytes` to `path` through a temp file and a rename, creating parent directories,
+/// but without fsync: a kill -9 never leaves a half-written file under `path`, yet after a
+/// power loss `path` may be empty or old. Only for many small files whose sha256 is recorded
+/// (itself with [`write_atomic`]) and checked before reuse, such as the prepare stage's page
+/// images, where an fsync per file (about 7 ms here) would cost more than drawing the page.
+///
+/// # Errors
+/// Any I/O failure; the temp file is then removed.
+pub fn write_replace(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
+    let (_, tmp) = temp_beside(path)?;
     fs::write(&tmp, bytes)
         .and_then(|()| fs::rename(&tmp, path))
         .map_err(|source| {
