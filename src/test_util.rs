@@ -40,3 +40,25 @@ pub fn assert_close(label: &str, got: &[f32], want: &[f32], atol: f32) {
         want[at]
     );
 }
+
+/// The values of the little-endian F32 tensor `key` in `st`.
+#[allow(dead_code)]
+#[track_caller]
+pub fn st_f32s(st: &safetensors::SafeTensors<'_>, key: &str) -> Vec<f32> {
+    st.tensor(key)
+        .unwrap_or_else(|e| panic!("tensor {key}: {e}"))
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// The values of the F32 tensor `key` in the fixture safetensors file `rel`.
+#[allow(dead_code)]
+#[track_caller]
+pub fn fixture_f32s(rel: &str, key: &str) -> Vec<f32> {
+    let path = fixture(rel);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st_f32s(&st, key)
+}

@@ -192,7 +192,7 @@ impl<B: Backend> Qwen25Vl<B> {
 mod tests {
     use super::*;
     use crate::model::qwen::tests::{image, reference, tiny};
-    use crate::test_util::{assert_close, fixture, TB};
+    use crate::test_util::{assert_close, fixture, fixture_f32s, TB};
     use burn::optim::GradientsParams;
 
     type AD = burn::backend::Autodiff<TB>;
@@ -204,14 +204,7 @@ mod tests {
     const MERGE_ATOL: f32 = 1e-4;
 
     fn lora_reference() -> Vec<f32> {
-        let bytes = std::fs::read(fixture("qwen2_5_vl_tiny/lora/reference.safetensors")).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        st.tensor("logits")
-            .unwrap()
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
+        fixture_f32s("qwen2_5_vl_tiny/lora/reference.safetensors", "logits")
     }
 
     fn logits(m: &Qwen25Vl<TB>) -> Vec<f32> {

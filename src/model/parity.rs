@@ -239,19 +239,10 @@ pub fn run_forward<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{assert_close, fixture, TB};
+    use crate::test_util::{assert_close, fixture, st_f32s, TB};
 
     /// Same bar as the model tests: torch-on-CPU lands within 2e-6 of the reference.
     const ATOL: f32 = 1e-4;
-
-    fn read_f32(st: &SafeTensors<'_>, k: &str) -> Vec<f32> {
-        st.tensor(k)
-            .unwrap()
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
-    }
 
     #[test]
     fn forward_job_writes_reference_logits_embeds_and_positions() {
@@ -272,14 +263,14 @@ mod tests {
         let want = SafeTensors::deserialize(&want).unwrap();
         assert_close(
             "logits",
-            &read_f32(&got, "logits"),
-            &read_f32(&want, "logits"),
+            &st_f32s(&got, "logits"),
+            &st_f32s(&want, "logits"),
             ATOL,
         );
         assert_close(
             "image_embeds",
-            &read_f32(&got, "image_embeds"),
-            &read_f32(&want, "image_embeds"),
+            &st_f32s(&got, "image_embeds"),
+            &st_f32s(&want, "image_embeds"),
             ATOL,
         );
         let pos: Vec<f32> = want
@@ -289,14 +280,14 @@ mod tests {
             .chunks_exact(8)
             .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32)
             .collect();
-        assert_eq!(read_f32(&got, "position_ids"), pos);
+        assert_eq!(st_f32s(&got, "position_ids"), pos);
     }
 
     #[test]
     fn forward_job_with_the_fixture_adapter_writes_peft_logits_merged_or_not() {
         let dir = tempfile::tempdir().unwrap();
         let want = std::fs::read(fixture("qwen2_5_vl_tiny/lora/reference.safetensors")).unwrap();
-        let want = read_f32(&SafeTensors::deserialize(&want).unwrap(), "logits");
+        let want = st_f32s(&SafeTensors::deserialize(&want).unwrap(), "logits");
         for merge in [false, true] {
             let job = ForwardJob {
                 model_dir: fixture("qwen2_5_vl_tiny"),
@@ -310,7 +301,7 @@ mod tests {
             let got = SafeTensors::deserialize(&got).unwrap();
             assert_close(
                 &format!("merge {merge}"),
-                &read_f32(&got, "logits"),
+                &st_f32s(&got, "logits"),
                 &want,
                 ATOL,
             );
@@ -370,7 +361,7 @@ mod tests {
         let got = SafeTensors::deserialize(&got).unwrap();
         assert!(got.tensor("image_embeds").is_err());
         assert_eq!(
-            read_f32(&got, "position_ids"),
+            st_f32s(&got, "position_ids"),
             (0..3)
                 .flat_map(|_| 0..5)
                 .map(|x| x as f32)

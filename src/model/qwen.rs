@@ -379,7 +379,7 @@ fn attention_mask<B: Backend>(
 pub(crate) mod tests {
     use super::*;
     use crate::model::generate::{GenerateConfig, Request, Sampling};
-    use crate::test_util::{assert_close, fixture, TB};
+    use crate::test_util::{assert_close, fixture, fixture_f32s, st_f32s, TB};
 
     /// Torch on CPU lands within 2e-6 of the reference logits (fixtures README); 1e-4
     /// leaves room for a different summation order in f32 matmuls.
@@ -404,14 +404,7 @@ pub(crate) mod tests {
     pub(crate) fn reference() -> Reference {
         let bytes = std::fs::read(fixture("qwen2_5_vl_tiny/reference.safetensors")).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let f32s = |k: &str| -> Vec<f32> {
-            st.tensor(k)
-                .unwrap()
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect()
-        };
+        let f32s = |k: &str| st_f32s(&st, k);
         let i64s = |k: &str| -> Vec<i64> {
             st.tensor(k)
                 .unwrap()
@@ -827,14 +820,7 @@ pub(crate) mod tests {
     }
 
     fn nf4_reference_logits() -> Vec<f32> {
-        let bytes = std::fs::read(fixture("qwen2_5_vl_tiny/nf4/reference.safetensors")).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        st.tensor("logits")
-            .unwrap()
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
+        fixture_f32s("qwen2_5_vl_tiny/nf4/reference.safetensors", "logits")
     }
 
     fn nf4_logits(dir: &Path) -> Vec<f32> {
