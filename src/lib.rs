@@ -10,6 +10,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod hub;
+pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

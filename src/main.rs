@@ -105,8 +105,9 @@ struct BenchArgs {
     /// Sampling seed, and the seed of builtin:tiny.
     #[arg(long, value_name = "N", default_value_t = 0)]
     seed: u64,
-    /// Device: auto (a GPU when built with CUDA and one is free, else the CPU), cpu, cuda,
-    /// cuda:N.
+    /// Device: auto (a CUDA GPU when built with CUDA and one is free, else a hardware wgpu
+    /// adapter, else the CPU), cpu, cuda, cuda:N, or wgpu (any Vulkan/Metal/DX12 adapter,
+    /// software ones such as lavapipe included).
     #[arg(long, value_name = "DEVICE", default_value = "auto")]
     device: String,
     /// Write the result JSON here (plus FILE.md and charts beside it); else print the table.
@@ -134,8 +135,9 @@ struct GenerateArgs {
     /// New tokens at most.
     #[arg(long, value_name = "N", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
     max_new_tokens: u64,
-    /// Device: auto (a GPU when built with CUDA and one is free, else the CPU), cpu, cuda,
-    /// cuda:N.
+    /// Device: auto (a CUDA GPU when built with CUDA and one is free, else a hardware wgpu
+    /// adapter, else the CPU), cpu, cuda, cuda:N, or wgpu (any Vulkan/Metal/DX12 adapter,
+    /// software ones such as lavapipe included).
     #[arg(long, value_name = "DEVICE", default_value = "auto")]
     device: String,
 }
@@ -157,7 +159,7 @@ struct ForwardArgs {
     /// Merge the adapter into the dense weights before the forward.
     #[arg(long, requires = "adapter")]
     merge: bool,
-    /// Device: cpu (the f32 reference path), cuda, cuda:N or auto.
+    /// Device: cpu (the f32 reference path), cuda, cuda:N, wgpu or auto.
     #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     device: String,
 }
@@ -207,7 +209,7 @@ struct RunArgs {
     /// Re-run every stage in the range even if up to date.
     #[arg(long)]
     force: bool,
-    /// Device for model work: auto, cpu, cuda or cuda:N (same as --set probe.device=…).
+    /// Device for model work: auto, cpu, cuda, cuda:N or wgpu (same as --set probe.device=…).
     #[arg(long, value_name = "DEVICE")]
     device: Option<String>,
     /// No progress bars.

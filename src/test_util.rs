@@ -62,3 +62,23 @@ pub fn fixture_f32s(rel: &str, key: &str) -> Vec<f32> {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     st_f32s(&st, key)
 }
+
+/// Whether the wgpu tests can run: true when wgpu finds an adapter (lavapipe in CI).
+///
+/// Without one the test is skipped with a message, except under `CI=true`, where a missing
+/// adapter fails the run: CI proves the GPU path on every run, it never skips it.
+#[allow(dead_code)]
+#[track_caller]
+pub fn wgpu_available(test: &str) -> bool {
+    static ADAPTERS: std::sync::OnceLock<Vec<crate::device::wgpu::AdapterFacts>> =
+        std::sync::OnceLock::new();
+    let adapters = ADAPTERS.get_or_init(crate::device::wgpu::adapters);
+    if !adapters.is_empty() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test}: CI=true but wgpu finds no adapter (.ci/run installs mesa-vulkan-drivers)");
+    }
+    eprintln!("SKIPPED {test}: no wgpu adapter (apt-get install mesa-vulkan-drivers)");
+    false
+}

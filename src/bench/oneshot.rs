@@ -3,10 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::prelude::*;
-
 use crate::bench::run::BenchError;
 use crate::device::{run_on, BackendJob, Device, Target};
+use crate::kernels::Kernels;
 use crate::model::loader::{load_model, InputEncoder};
 use crate::model::processor::ImageInput as RawImage;
 use crate::model::{GenerateConfig, Sampling};
@@ -51,7 +50,7 @@ pub fn generate_answer_on(
     }
     impl BackendJob for Job<'_> {
         type Output = Result<Answer, BenchError>;
-        fn run<B: Backend>(self, device: B::Device, _target: Target) -> Self::Output {
+        fn run<B: Kernels>(self, device: B::Device, _target: Target) -> Self::Output {
             generate_answer::<B>(
                 self.model_dir,
                 self.images,
@@ -76,7 +75,7 @@ pub fn generate_answer_on(
 ///
 /// # Errors
 /// Model, processor (a missing or undecodable image names its path) or prompt errors.
-pub fn generate_answer<B: Backend>(
+pub fn generate_answer<B: Kernels>(
     model_dir: &Path,
     images: &[PathBuf],
     prompt: &str,

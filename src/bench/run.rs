@@ -14,13 +14,13 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use burn::prelude::*;
 use burn::tensor::Element;
 
 use crate::bench::inputs::{BenchInput, InputError};
 use crate::bench::memory::{growth_bytes_per_s, rss_bytes, DeviceWatch, MemSample, MemorySampler};
 use crate::bench::schema::*;
 use crate::device::{run_on, BackendJob, Device, DeviceError, DeviceMemory, Target};
+use crate::kernels::Kernels;
 use crate::metrics::stats::{summarize_ms, StatsError};
 use crate::model::loader::{load_model, InputEncoder, LoadError};
 use crate::model::processor::{ImageInput as RawImage, ProcessorError};
@@ -169,7 +169,7 @@ pub fn parse_list(what: &'static str, text: &str) -> Result<Vec<usize>, BenchErr
 }
 
 /// One prepared input: its name and the request the model gets.
-struct Prepared<B: Backend> {
+struct Prepared<B: Kernels> {
     name: String,
     request: Request<B>,
 }
@@ -191,7 +191,7 @@ pub fn run_bench_on(
     }
     impl BackendJob for Job<'_> {
         type Output = Result<BenchResult, BenchError>;
-        fn run<B: Backend>(self, device: B::Device, target: Target) -> Self::Output {
+        fn run<B: Kernels>(self, device: B::Device, target: Target) -> Self::Output {
             run_bench::<B>(self.model_dir, self.opts, self.inputs, &device, target)
         }
     }
@@ -212,7 +212,7 @@ pub fn run_bench_on(
 ///
 /// # Errors
 /// Invalid options, no inputs, model/prompt/processor errors, and non-finite timings.
-pub fn run_bench<B: Backend>(
+pub fn run_bench<B: Kernels>(
     model_dir: &Path,
     opts: &BenchOptions,
     inputs: &[BenchInput],
@@ -384,7 +384,7 @@ pub fn run_bench<B: Backend>(
 pub const BURN_VERSION: &str = "0.21.0";
 
 /// Image preprocessing and prompt encoding of every input, once.
-fn prepare<B: Backend>(
+fn prepare<B: Kernels>(
     model_dir: &Path,
     inputs: &[BenchInput],
     device: &B::Device,
@@ -426,7 +426,7 @@ impl Call {
 }
 
 /// Generates for `b` inputs starting at `start` (wrapping around the inputs).
-fn generate<B: Backend>(
+fn generate<B: Kernels>(
     model: &Qwen25Vl<B>,
     prepared: &[Prepared<B>],
     start: usize,
@@ -530,7 +530,7 @@ pub fn cost_per_1k(price_per_hour: f64, wall_ms: f64, requests: usize) -> f64 {
 }
 
 /// Batch-size-1 generation over the inputs, round robin, for `seconds`.
-fn soak<B: Backend>(
+fn soak<B: Kernels>(
     model: &Qwen25Vl<B>,
     prepared: &[Prepared<B>],
     cfg: &GenerateConfig,

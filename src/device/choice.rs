@@ -20,12 +20,15 @@ pub enum Device {
     Cpu,
     /// burn's Cuda backend on this CUDA device index.
     Cuda(usize),
+    /// burn's Wgpu backend (fusion on) on wgpu's default adapter: Vulkan, Metal or DX12, any
+    /// vendor, and software adapters such as Mesa's lavapipe when nothing else exists.
+    Wgpu,
 }
 
 /// Errors choosing a device.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    #[error("unknown device `{given}` (expected auto, cpu, cuda or cuda:N)")]
+    #[error("unknown device `{given}` (expected auto, cpu, cuda, cuda:N or wgpu)")]
     Unknown { given: String },
     #[error("device {device} requested, but this binary was built without CUDA (rebuild with `cargo build --release --features cuda`)")]
     NotBuilt { device: Device },
@@ -33,6 +36,8 @@ pub enum DeviceError {
     NoSuchGpu { device: Device, count: usize },
     #[error("device {device} requested, but no GPU can be seen: {why}")]
     NoGpu { device: Device, why: String },
+    #[error("device wgpu requested, but wgpu finds no adapter (no Vulkan, Metal or DX12 driver; on Debian `apt-get install mesa-vulkan-drivers` gives a software one)")]
+    NoWgpuAdapter,
 }
 
 impl Device {
@@ -44,6 +49,7 @@ impl Device {
         match s {
             "cpu" => Ok(Self::Cpu),
             "cuda" => Ok(Self::Cuda(0)),
+            "wgpu" => Ok(Self::Wgpu),
             _ => match s.strip_prefix("cuda:").map(str::parse) {
                 Some(Ok(n)) => Ok(Self::Cuda(n)),
                 _ => Err(DeviceError::Unknown {
@@ -57,6 +63,11 @@ impl Device {
     pub fn is_cuda(self) -> bool {
         matches!(self, Self::Cuda(_))
     }
+
+    /// Whether this is a GPU backend (CUDA or wgpu).
+    pub fn is_gpu(self) -> bool {
+        !matches!(self, Self::Cpu)
+    }
 }
 
 impl std::fmt::Display for Device {
@@ -64,6 +75,7 @@ impl std::fmt::Display for Device {
         match self {
             Self::Cpu => write!(f, "cpu"),
             Self::Cuda(n) => write!(f, "cuda:{n}"),
+            Self::Wgpu => write!(f, "wgpu"),
         }
     }
 }
@@ -166,7 +178,24 @@ pub fn resolve(
     } else {
         estimate_model_mib(model)
     };
-    let (device, reason) = choose_device(wanted, &gpu, need, cuda_built())?;
+    let (mut device, mut reason) = choose_device(wanted, &gpu, need, cuda_built())?;
+    if device == Device::Wgpu && crate::device::wgpu::adapters().is_empty() {
+        return Err(DeviceError::NoWgpuAdapter);
+    }
+    // `auto` takes a hardware wgpu adapter when CUDA is not there to take (never a software
+    // one: lavapipe is for tests, and slower than the CPU backend).
+    if wanted == "auto" && device == Device::Cpu && (!cuda_built() || gpu.gpus.is_empty()) {
+        if let Some(a) = crate::device::wgpu::adapters()
+            .into_iter()
+            .find(|a| !a.software)
+        {
+            device = Device::Wgpu;
+            reason = format!(
+                "auto: wgpu adapter {} ({}, {})",
+                a.name, a.device_type, a.backend
+            );
+        }
+    }
     tracing::info!(%device, %reason, "device chosen");
     Ok(Placement { device, reason })
 }
@@ -280,6 +309,8 @@ mod tests {
             .to_string()
             .contains("expected auto, cpu, cuda"));
         assert!(Device::parse("cuda:x").is_err());
+        assert_eq!(Device::parse("wgpu").unwrap(), Device::Wgpu);
+        assert_eq!(Device::Wgpu.to_string(), "wgpu");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Runs backend-generic work on the backend of a [`Device`]: NdArray (f32) for the CPU,
-//! burn's `Cuda<f32, i32>` (fusion + autotune) for a GPU when the binary is built with
-//! `--features cuda`.
+//! burn's `Wgpu<f32, i32>` (fusion) on any Vulkan/Metal/DX12 adapter, and burn's
+//! `Cuda<f32, i32>` (fusion + autotune) for an NVIDIA GPU when the binary is built with
+//! `--features cuda`. Every backend implements the kernel seam ([`crate::kernels::Kernels`]).
 //!
 //! Rust has no generic closures, so the work is a value implementing [`BackendJob`] (or
 //! [`AutodiffJob`] for training): its `run::<B>` is monomorphized once per backend built in,
@@ -9,11 +10,12 @@
 //! ```
 //! use burn::prelude::*;
 //! use medpipe::device::{run_on, BackendJob, Device, Target};
+//! use medpipe::kernels::Kernels;
 //!
 //! struct Sum(Vec<f32>);
 //! impl BackendJob for Sum {
 //!     type Output = f32;
-//!     fn run<B: Backend>(self, device: B::Device, _target: Target) -> f32 {
+//!     fn run<B: Kernels>(self, device: B::Device, _target: Target) -> f32 {
 //!         let n = self.0.len();
 //!         let t = Tensor::<B, 1>::from_data(TensorData::new(self.0, [n]), &device);
 //!         t.sum().into_scalar().elem()
@@ -23,15 +25,17 @@
 //! ```
 
 use burn::backend::ndarray::NdArrayDevice;
+use burn::backend::wgpu::WgpuDevice;
 use burn::backend::{Autodiff, NdArray};
-use burn::prelude::Backend;
-use burn::tensor::backend::AutodiffBackend;
 
 use crate::device::choice::{Device, DeviceError};
+use crate::kernels::{AutodiffKernels, Kernels};
 
 /// The CPU backend.
 pub type CpuBackend = NdArray<f32>;
-/// The GPU backend (fused, autotuned CubeCL kernels).
+/// The wgpu backend (fused CubeCL kernels compiled to WGSL/SPIR-V).
+pub type WgpuBackend = burn::backend::Wgpu<f32, i32>;
+/// The CUDA backend (fused, autotuned CubeCL kernels).
 #[cfg(feature = "cuda")]
 pub type CudaBackend = burn::backend::Cuda<f32, i32>;
 
@@ -39,7 +43,7 @@ pub type CudaBackend = burn::backend::Cuda<f32, i32>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Target {
     pub device: Device,
-    /// burn backend name: `ndarray` or `cuda`.
+    /// burn backend name: `ndarray`, `wgpu` or `cuda`.
     pub backend: &'static str,
 }
 
@@ -47,14 +51,14 @@ pub struct Target {
 pub trait BackendJob {
     type Output;
     /// Does the work on `device` of backend `B`.
-    fn run<B: Backend>(self, device: B::Device, target: Target) -> Self::Output;
+    fn run<B: Kernels>(self, device: B::Device, target: Target) -> Self::Output;
 }
 
 /// Work generic over a training (autodiff) backend.
 pub trait AutodiffJob {
     type Output;
     /// Does the work on `device` of backend `B` (its inner backend does the arithmetic).
-    fn run<B: AutodiffBackend>(self, device: B::Device, target: Target) -> Self::Output;
+    fn run<B: AutodiffKernels>(self, device: B::Device, target: Target) -> Self::Output;
 }
 
 /// Runs `job` on the backend of `device`.
@@ -65,6 +69,7 @@ pub fn run_on<J: BackendJob>(device: Device, job: J) -> Result<J::Output, Device
     match device {
         Device::Cpu => Ok(job.run::<CpuBackend>(NdArrayDevice::Cpu, cpu_target())),
         Device::Cuda(index) => cuda::run(index, job),
+        Device::Wgpu => Ok(job.run::<WgpuBackend>(WgpuDevice::DefaultDevice, wgpu_target())),
     }
 }
 
@@ -76,6 +81,9 @@ pub fn run_autodiff_on<J: AutodiffJob>(device: Device, job: J) -> Result<J::Outp
     match device {
         Device::Cpu => Ok(job.run::<Autodiff<CpuBackend>>(NdArrayDevice::Cpu, cpu_target())),
         Device::Cuda(index) => cuda::run_autodiff(index, job),
+        Device::Wgpu => {
+            Ok(job.run::<Autodiff<WgpuBackend>>(WgpuDevice::DefaultDevice, wgpu_target()))
+        }
     }
 }
 
@@ -83,6 +91,13 @@ fn cpu_target() -> Target {
     Target {
         device: Device::Cpu,
         backend: "ndarray",
+    }
+}
+
+fn wgpu_target() -> Target {
+    Target {
+        device: Device::Wgpu,
+        backend: "wgpu",
     }
 }
 
@@ -145,7 +160,7 @@ mod tests {
     struct WhereAmI;
     impl BackendJob for WhereAmI {
         type Output = (String, Target);
-        fn run<B: Backend>(self, device: B::Device, target: Target) -> Self::Output {
+        fn run<B: Kernels>(self, device: B::Device, target: Target) -> Self::Output {
             let t = Tensor::<B, 1>::ones([2], &device);
             (format!("{:?}", t.dtype()), target)
         }
@@ -155,7 +170,7 @@ mod tests {
     struct Grad;
     impl AutodiffJob for Grad {
         type Output = f32;
-        fn run<B: AutodiffBackend>(self, device: B::Device, _target: Target) -> f32 {
+        fn run<B: AutodiffKernels>(self, device: B::Device, _target: Target) -> f32 {
             let x = Tensor::<B, 1>::from_data(TensorData::new(vec![3.0f32], [1]), &device)
                 .require_grad();
             let grads = (x.clone() * x.clone()).sum().backward();

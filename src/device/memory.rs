@@ -43,6 +43,11 @@ impl DeviceMemory {
         match device {
             Device::Cpu => Self::cpu(),
             Device::Cuda(_) => Self::with_nvml(device, Nvml::open()),
+            Device::Wgpu => Self {
+                device,
+                nvml: None,
+                note: "device memory: wgpu adapter, no NVML reading; allocator: cubecl's memory manager of this process".into(),
+            },
         }
     }
 
@@ -111,6 +116,7 @@ impl DeviceMemory {
         match self.device {
             Device::Cpu => None,
             Device::Cuda(index) => allocator_usage(index),
+            Device::Wgpu => Some(wgpu_allocator_usage()),
         }
     }
 }
@@ -149,6 +155,23 @@ fn allocator_usage(index: usize) -> Option<AllocatorUsage> {
 #[cfg(not(feature = "cuda"))]
 fn allocator_usage(_index: usize) -> Option<AllocatorUsage> {
     None
+}
+
+/// cubecl's allocator on wgpu's default adapter (the one [`Device::Wgpu`] runs on).
+fn wgpu_allocator_usage() -> AllocatorUsage {
+    use cubecl::Runtime;
+    let client = cubecl::wgpu::WgpuRuntime::client(&cubecl::wgpu::WgpuDevice::DefaultDevice);
+    match client.memory_usage() {
+        Ok(u) => AllocatorUsage {
+            bytes_in_use: u.bytes_in_use,
+            bytes_reserved: u.bytes_reserved,
+            allocations: u.number_allocs,
+        },
+        Err(e) => {
+            tracing::debug!(error = ?e, "cubecl memory_usage failed");
+            AllocatorUsage::default()
+        }
+    }
 }
 
 #[cfg(test)]

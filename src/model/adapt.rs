@@ -8,8 +8,8 @@
 use std::collections::BTreeMap;
 
 use burn::module::{Module, ParamId};
-use burn::prelude::*;
 
+use crate::kernels::Kernels;
 use crate::model::lora::{Adapter, AdapterConfig, Lora, LoraSpec, Site, TARGET_MODULES};
 use crate::model::qwen::Qwen25Vl;
 
@@ -55,7 +55,7 @@ pub enum AdaptError {
     },
 }
 
-impl<B: Backend> Qwen25Vl<B> {
+impl<B: Kernels> Qwen25Vl<B> {
     /// Attaches every pair of `adapter` (replacing pairs already there). All sites and shapes
     /// are checked before anything is attached; an adapter may cover a subset of the targets.
     ///

@@ -4,11 +4,12 @@
 
 use burn::prelude::*;
 
+use crate::kernels::Kernels;
 use crate::model::error::ModelError;
 
 /// Keys and values of one decoder layer for a batch.
 #[derive(Debug, Clone)]
-pub struct KvCache<B: Backend> {
+pub struct KvCache<B: Kernels> {
     // Options only so `append` can move the buffers out (no copy-on-write clone).
     k: Option<Tensor<B, 4>>,
     v: Option<Tensor<B, 4>>,
@@ -16,7 +17,7 @@ pub struct KvCache<B: Backend> {
     len: usize,
 }
 
-impl<B: Backend> KvCache<B> {
+impl<B: Kernels> KvCache<B> {
     /// An empty cache of `capacity` positions.
     ///
     /// # Shapes

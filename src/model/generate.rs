@@ -8,11 +8,11 @@
 
 use std::time::Instant;
 
-use burn::prelude::*;
 use burn::tensor::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::kernels::Kernels;
 use crate::model::error::ModelError;
 use crate::model::qwen::{ImageInput, Qwen25Vl};
 
@@ -59,7 +59,7 @@ impl Default for GenerateConfig {
 
 /// One prompt: token ids (with image placeholders already expanded) and its images.
 #[derive(Debug, Clone)]
-pub struct Request<B: Backend> {
+pub struct Request<B: Kernels> {
     /// Prompt tokens.
     pub input_ids: Vec<u32>,
     /// The prompt's images, if any.
@@ -83,7 +83,7 @@ pub struct Generation {
     pub batch_size: usize,
 }
 
-impl<B: Backend> Qwen25Vl<B> {
+impl<B: Kernels> Qwen25Vl<B> {
     /// Generates for several prompts at once (left padding + attention masks).
     ///
     /// # Errors
@@ -290,7 +290,7 @@ fn sample_row(
 
 /// All requests' images concatenated in batch order (the order their placeholders appear
 /// in the flattened batch).
-fn concat_images<B: Backend>(requests: &[Request<B>]) -> Option<ImageInput<B>> {
+fn concat_images<B: Kernels>(requests: &[Request<B>]) -> Option<ImageInput<B>> {
     let with: Vec<&ImageInput<B>> = requests.iter().filter_map(|r| r.images.as_ref()).collect();
     if with.is_empty() {
         return None;

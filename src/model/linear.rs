@@ -24,6 +24,7 @@ use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::DType;
 
+use crate::kernels::Kernels;
 use crate::model::error::ModelError;
 use crate::model::lora::Lora;
 use crate::model::weights::WeightSource;
@@ -31,7 +32,7 @@ use crate::quant::Nf4Linear;
 
 /// The frozen base of a projection.
 #[derive(Module, Debug)]
-pub enum BaseProj<B: Backend> {
+pub enum BaseProj<B: Kernels> {
     /// Full-precision weight `[d_in, d_out]` (+ bias `[d_out]`).
     Dense(Linear<B>),
     /// bitsandbytes NF4 weight, dequantized per block on the fly in the forward (+ bias).
@@ -41,7 +42,7 @@ pub enum BaseProj<B: Backend> {
 
 /// A projection `y = x·Wᵀ + b` through the seam.
 #[derive(Module, Debug)]
-pub struct Proj<B: Backend> {
+pub struct Proj<B: Kernels> {
     base: BaseProj<B>,
     /// Low-rank update added to the base output (`None`: plain projection).
     lora: Option<Lora<B>>,
@@ -58,7 +59,7 @@ pub(crate) struct ProjSpec {
     pub bias: bool,
 }
 
-impl<B: Backend> Proj<B> {
+impl<B: Kernels> Proj<B> {
     /// Loads `{prefix}.weight` (`[d_out, d_in]`) and, if `spec.bias`, `{prefix}.bias`. A
     /// weight stored as bitsandbytes 4-bit (it has `{prefix}.weight.quant_state.
     /// bitsandbytes__nf4`) becomes an NF4 base.
@@ -196,12 +197,12 @@ impl<B: Backend> Proj<B> {
 /// RMSNorm as Qwen2 computes it: `w · x / sqrt(mean(x²) + eps)` in f32. The field is
 /// `weight` so module paths equal checkpoint keys.
 #[derive(Module, Debug)]
-pub struct RmsNorm<B: Backend> {
+pub struct RmsNorm<B: Kernels> {
     weight: Param<Tensor<B, 1>>,
     eps: f64,
 }
 
-impl<B: Backend> RmsNorm<B> {
+impl<B: Kernels> RmsNorm<B> {
     /// Loads `{prefix}.weight` of width `d`.
     ///
     /// # Errors

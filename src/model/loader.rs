@@ -9,8 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::prelude::*;
-
+use crate::kernels::Kernels;
 use crate::model::lora::{Adapter, LoraError};
 use crate::model::processor::{ImageInput as RawImage, ImageProcessor, ProcessedImages};
 use crate::model::prompt::PromptBuilder;
@@ -43,7 +42,7 @@ pub enum LoadError {
 
 /// A model on its device and how long loading took.
 #[derive(Debug)]
-pub struct LoadedModel<B: Backend> {
+pub struct LoadedModel<B: Kernels> {
     pub model: Qwen25Vl<B>,
     /// Files on disk → weights (and adapter) ready on the device, ms.
     pub load_ms: f64,
@@ -54,7 +53,7 @@ pub struct LoadedModel<B: Backend> {
 ///
 /// # Errors
 /// Checkpoint errors; an adapter that does not read or does not fit, naming its directory.
-pub fn load_model<B: Backend>(
+pub fn load_model<B: Kernels>(
     dir: &Path,
     adapter: Option<&Path>,
     device: &B::Device,
@@ -102,7 +101,7 @@ pub struct EncodedPrompt {
 
 impl EncodedPrompt {
     /// The model request on `device` (the pixels are copied there).
-    pub fn request<B: Backend>(&self, device: &B::Device) -> Request<B> {
+    pub fn request<B: Kernels>(&self, device: &B::Device) -> Request<B> {
         Request {
             input_ids: self.input_ids.clone(),
             images: self

@@ -14,6 +14,7 @@ use burn::module::{Param, ParamId};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::kernels::Kernels;
 use crate::pipeline::fs::{write_atomic, write_json_atomic, FsError};
 
 /// The projections QLoRA adapts, in the language model (the vision tower stays frozen).
@@ -403,7 +404,7 @@ pub struct LoraSpec {
 /// Param ids are derived from the site's peft key, so optimizer state saved by one process
 /// finds its params in the next (resume).
 #[derive(Module, Debug)]
-pub struct Lora<B: Backend> {
+pub struct Lora<B: Kernels> {
     /// `[r, d_in]` (peft `lora_A.weight`).
     lora_a: Param<Tensor<B, 2>>,
     /// `[d_out, r]` (peft `lora_B.weight`).
@@ -424,7 +425,7 @@ fn stable_id(key: &str) -> ParamId {
     ParamId::from(h)
 }
 
-impl<B: Backend> Lora<B> {
+impl<B: Kernels> Lora<B> {
     /// A pair from loaded weights.
     pub fn from_weights(
         site: &Site,

@@ -11,6 +11,7 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 
+use crate::kernels::Kernels;
 use crate::model::error::ModelError;
 use crate::model::lora::Adapter;
 use crate::model::qwen::{ImageInput, Qwen25Vl};
@@ -92,7 +93,7 @@ pub fn run_forward_on(
     struct Run<'a>(&'a ForwardJob);
     impl crate::device::BackendJob for Run<'_> {
         type Output = Result<ForwardReport, ModelError>;
-        fn run<B: Backend>(self, device: B::Device, _: crate::device::Target) -> Self::Output {
+        fn run<B: Kernels>(self, device: B::Device, _: crate::device::Target) -> Self::Output {
             run_forward::<B>(self.0, &device)
         }
     }
@@ -104,7 +105,7 @@ pub fn run_forward_on(
 /// # Errors
 /// Loading errors, unreadable/malformed inputs (naming the file and key), model input
 /// errors, and write errors.
-pub fn run_forward<B: Backend>(
+pub fn run_forward<B: Kernels>(
     job: &ForwardJob,
     device: &B::Device,
 ) -> Result<ForwardReport, ModelError> {

@@ -8,6 +8,7 @@ use std::path::Path;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
+use crate::kernels::Kernels;
 use crate::model::cache::KvCache;
 use crate::model::config::{HfConfig, Qwen25VlConfig};
 use crate::model::error::ModelError;
@@ -19,14 +20,14 @@ use crate::model::weights::WeightSource;
 
 /// Images of one prompt (or of a whole batch, concatenated in prompt order).
 #[derive(Debug, Clone)]
-pub struct ImageInput<B: Backend> {
+pub struct ImageInput<B: Kernels> {
     /// `[Σ t·h·w, C·T·P·P]` flattened patches, as the image processor emits them.
     pub pixel_values: Tensor<B, 2>,
     /// `(t, h, w)` patch grid of each image, in order of appearance.
     pub grids: Vec<[usize; 3]>,
 }
 
-impl<B: Backend> ImageInput<B> {
+impl<B: Kernels> ImageInput<B> {
     /// The image processor's output as model input on `device`.
     pub fn from_processed(
         px: crate::model::processor::ProcessedImages,
@@ -46,7 +47,7 @@ impl<B: Backend> ImageInput<B> {
 
 /// Outputs of a full-sequence forward pass.
 #[derive(Debug, Clone)]
-pub struct ForwardOutput<B: Backend> {
+pub struct ForwardOutput<B: Kernels> {
     /// `[batch, seq, vocab]`
     pub logits: Tensor<B, 3>,
     /// `[image tokens, hidden]` vision tower output, when images were given.
@@ -57,7 +58,7 @@ pub struct ForwardOutput<B: Backend> {
 
 /// Qwen2.5-VL for conditional generation. Field names are checkpoint prefixes.
 #[derive(Module, Debug)]
-pub struct Qwen25Vl<B: Backend> {
+pub struct Qwen25Vl<B: Kernels> {
     visual: VisionTransformer<B>,
     model: TextModel<B>,
     /// `None` when tied to `model.embed_tokens`.
@@ -66,13 +67,13 @@ pub struct Qwen25Vl<B: Backend> {
     config: Qwen25VlConfig,
 }
 
-pub(crate) struct Prefill<B: Backend> {
+pub(crate) struct Prefill<B: Kernels> {
     pub hidden: Tensor<B, 3>,
     pub image_embeds: Option<Tensor<B, 2>>,
     pub positions: MropePositions,
 }
 
-impl<B: Backend> Qwen25Vl<B> {
+impl<B: Kernels> Qwen25Vl<B> {
     /// Loads `dir/config.json` (+ `generation_config.json` when present) and the weights
     /// (`model.safetensors` or shards), checking every tensor against the config first.
     ///
@@ -348,7 +349,7 @@ impl<B: Backend> Qwen25Vl<B> {
 /// Causal + padding mask `[batch, 1, seq, past + seq]` (true = hidden), or `None` when a
 /// single-token step may see every key. `keys[b][j]` is false for padded keys; a query
 /// always sees itself, so padded rows stay finite.
-fn attention_mask<B: Backend>(
+fn attention_mask<B: Kernels>(
     keys: &[Vec<bool>],
     past: usize,
     seq: usize,
@@ -440,7 +441,7 @@ pub(crate) mod tests {
     }
 
     /// The reference image as model input, on any backend.
-    pub(crate) fn image<B: Backend>(r: &Reference) -> ImageInput<B> {
+    pub(crate) fn image<B: Kernels>(r: &Reference) -> ImageInput<B> {
         ImageInput {
             pixel_values: Tensor::from_data(
                 TensorData::new(r.pixel_values.clone(), r.pixel_shape),

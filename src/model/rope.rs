@@ -11,6 +11,7 @@
 use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
 
+use crate::kernels::Kernels;
 use crate::model::config::{Qwen25VlConfig, TextConfig};
 use crate::model::error::ModelError;
 
@@ -167,14 +168,14 @@ pub fn position_ids(
 
 /// Cos/sin tables for one forward call, already split by M-RoPE section.
 #[derive(Debug, Clone)]
-pub struct RopeTables<B: Backend> {
+pub struct RopeTables<B: Kernels> {
     /// `[batch, 1, seq, head_dim]`
     pub cos: Tensor<B, 4>,
     /// `[batch, 1, seq, head_dim]`
     pub sin: Tensor<B, 4>,
 }
 
-impl<B: Backend> RopeTables<B> {
+impl<B: Kernels> RopeTables<B> {
     /// Tables for position ids `ids` laid out `[3, batch, seq]` (`shape` = `[batch, seq]`),
     /// computed in f32 (as the reference does, whatever the activation dtype) and cast to
     /// `dtype`.
@@ -224,7 +225,7 @@ impl<B: Backend> RopeTables<B> {
 }
 
 /// `[-x₂, x₁]` for `x = [x₁, x₂]` split in halves along the last dim.
-pub(crate) fn rotate_half<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+pub(crate) fn rotate_half<B: Kernels, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     let d = x.dims()[D - 1];
     let x1 = x.clone().narrow(D - 1, 0, d / 2);
     let x2 = x.narrow(D - 1, d / 2, d - d / 2);
@@ -235,7 +236,7 @@ pub(crate) fn rotate_half<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor
 ///
 /// # Shapes
 /// - `x`: `[batch, heads, seq, head_dim]`; `cos`, `sin`: `[batch, 1, seq, head_dim]`
-pub(crate) fn apply_rotary<B: Backend>(
+pub(crate) fn apply_rotary<B: Kernels>(
     x: Tensor<B, 4>,
     cos: &Tensor<B, 4>,
     sin: &Tensor<B, 4>,

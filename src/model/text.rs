@@ -14,6 +14,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
+use crate::kernels::Kernels;
 use crate::model::cache::KvCache;
 use crate::model::config::TextConfig;
 use crate::model::error::ModelError;
@@ -24,7 +25,7 @@ use crate::model::weights::WeightSource;
 
 /// Causal self-attention with grouped key/value heads.
 #[derive(Module, Debug)]
-pub struct Attention<B: Backend> {
+pub struct Attention<B: Kernels> {
     q_proj: Proj<B>,
     k_proj: Proj<B>,
     v_proj: Proj<B>,
@@ -34,7 +35,7 @@ pub struct Attention<B: Backend> {
     head_dim: usize,
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: Kernels> Attention<B> {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]`; `mask`: `[batch, 1, seq, past + seq]` (true = hidden)
     /// - returns `[batch, seq, hidden]`
@@ -84,7 +85,7 @@ impl<B: Backend> Attention<B> {
 
 /// SiLU-gated MLP without biases.
 #[derive(Module, Debug)]
-pub struct Mlp<B: Backend> {
+pub struct Mlp<B: Kernels> {
     gate_proj: Proj<B>,
     up_proj: Proj<B>,
     down_proj: Proj<B>,
@@ -92,7 +93,7 @@ pub struct Mlp<B: Backend> {
 
 /// One decoder layer.
 #[derive(Module, Debug)]
-pub struct DecoderLayer<B: Backend> {
+pub struct DecoderLayer<B: Kernels> {
     self_attn: Attention<B>,
     mlp: Mlp<B>,
     input_layernorm: RmsNorm<B>,
@@ -101,13 +102,13 @@ pub struct DecoderLayer<B: Backend> {
 
 /// Embeddings, decoder stack and final norm (checkpoint prefix `model.`).
 #[derive(Module, Debug)]
-pub struct TextModel<B: Backend> {
+pub struct TextModel<B: Kernels> {
     embed_tokens: Embedding<B>,
     layers: Vec<DecoderLayer<B>>,
     norm: RmsNorm<B>,
 }
 
-impl<B: Backend> TextModel<B> {
+impl<B: Kernels> TextModel<B> {
     /// Loads `model.*` (canonical keys).
     ///
     /// # Errors
@@ -281,7 +282,7 @@ impl<B: Backend> TextModel<B> {
 }
 
 /// Memory accounting, kept apart from the forward code.
-impl<B: Backend> TextModel<B> {
+impl<B: Kernels> TextModel<B> {
     /// Bytes held by the decoder's projections (see [`Proj::stored_bytes`]).
     pub(crate) fn linear_bytes(&self) -> u64 {
         self.layers

@@ -18,6 +18,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, TensorData};
 
+use crate::kernels::Kernels;
 use crate::model::config::VisionConfig;
 use crate::model::error::ModelError;
 use crate::model::linear::{Proj, ProjSpec, RmsNorm};
@@ -31,7 +32,7 @@ const VISION_NORM_EPS: f64 = 1e-6;
 const VISION_ROPE_THETA: f64 = 10_000.0;
 
 /// Where each window/frame segment lives in the reordered patch sequence.
-struct Segments<B: Backend> {
+struct Segments<B: Kernels> {
     /// Number of segments.
     count: usize,
     /// Longest segment (patches).
@@ -40,7 +41,7 @@ struct Segments<B: Backend> {
     padded: Option<PaddedLayout<B>>,
 }
 
-struct PaddedLayout<B: Backend> {
+struct PaddedLayout<B: Kernels> {
     /// `[count·max_len]` source row of each padded slot (pads point at row 0).
     gather: Tensor<B, 1, Int>,
     /// `[seq]` padded slot of each real row.
@@ -49,7 +50,7 @@ struct PaddedLayout<B: Backend> {
     mask: Tensor<B, 4, Bool>,
 }
 
-impl<B: Backend> Segments<B> {
+impl<B: Kernels> Segments<B> {
     fn new(lens: &[usize], device: &B::Device) -> Self {
         let count = lens.len();
         let max_len = lens.iter().copied().max().unwrap_or(0);
@@ -96,14 +97,14 @@ impl<B: Backend> Segments<B> {
 
 /// Self-attention over segments (windows or frames) with 2-D rotary.
 #[derive(Module, Debug)]
-pub struct VisionAttention<B: Backend> {
+pub struct VisionAttention<B: Kernels> {
     qkv: Proj<B>,
     proj: Proj<B>,
     num_heads: usize,
     head_dim: usize,
 }
 
-impl<B: Backend> VisionAttention<B> {
+impl<B: Kernels> VisionAttention<B> {
     /// # Shapes
     /// - `x`: `[seq, hidden]`; `cos`, `sin`: `[seq, 1, head_dim]` → `[seq, hidden]`
     fn forward(
@@ -157,7 +158,7 @@ impl<B: Backend> VisionAttention<B> {
 
 /// Gated SiLU MLP with biases.
 #[derive(Module, Debug)]
-pub struct VisionMlp<B: Backend> {
+pub struct VisionMlp<B: Kernels> {
     gate_proj: Proj<B>,
     up_proj: Proj<B>,
     down_proj: Proj<B>,
@@ -165,7 +166,7 @@ pub struct VisionMlp<B: Backend> {
 
 /// One vision block.
 #[derive(Module, Debug)]
-pub struct VisionBlock<B: Backend> {
+pub struct VisionBlock<B: Kernels> {
     norm1: RmsNorm<B>,
     norm2: RmsNorm<B>,
     attn: VisionAttention<B>,
@@ -174,7 +175,7 @@ pub struct VisionBlock<B: Backend> {
 
 /// Merges `merge²` neighbouring patches into one LLM token.
 #[derive(Module, Debug)]
-pub struct PatchMerger<B: Backend> {
+pub struct PatchMerger<B: Kernels> {
     ln_q: RmsNorm<B>,
     /// Checkpoint key `merger.mlp.0`.
     fc1: Proj<B>,
@@ -185,7 +186,7 @@ pub struct PatchMerger<B: Backend> {
 
 /// The whole vision tower.
 #[derive(Module, Debug)]
-pub struct VisionTransformer<B: Backend> {
+pub struct VisionTransformer<B: Kernels> {
     /// Checkpoint key `patch_embed.proj` (Conv3d weight flattened to a projection).
     patch_embed: Proj<B>,
     blocks: Vec<VisionBlock<B>>,
@@ -251,7 +252,7 @@ pub(crate) fn window_layout(cfg: &VisionConfig, grids: &[[usize; 3]]) -> WindowL
     out
 }
 
-impl<B: Backend> VisionTransformer<B> {
+impl<B: Kernels> VisionTransformer<B> {
     /// Loads `visual.*` (canonical keys).
     ///
     /// # Errors
@@ -421,7 +422,7 @@ impl<B: Backend> VisionTransformer<B> {
 }
 
 /// Memory accounting, kept apart from the forward code.
-impl<B: Backend> VisionTransformer<B> {
+impl<B: Kernels> VisionTransformer<B> {
     /// Bytes held by the tower's projections, patch embedding included (see
     /// [`Proj::stored_bytes`]).
     pub(crate) fn linear_bytes(&self) -> u64 {

@@ -30,6 +30,7 @@ use burn::tensor::{DType, TensorData};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 
+use crate::kernels::Kernels;
 use crate::model::config::Qwen25VlConfig;
 use crate::model::error::ModelError;
 use crate::quant::{Nf4Tensor, QuantStateBlob, BLOB_SUFFIX};
@@ -524,7 +525,7 @@ impl WeightSource {
     }
 
     /// [`Self::data`] as a tensor on `device`.
-    pub(crate) fn tensor<B: Backend, const D: usize>(
+    pub(crate) fn tensor<B: Kernels, const D: usize>(
         &mut self,
         key: &str,
         shape: [usize; D],

@@ -1,32 +1,31 @@
 //! A Linear layer whose weight is NF4 (bitsandbytes `Linear4bit`, `bitsandbytes/nn/modules.py`):
-//! packed codes and f32 block scales are constants; the forward dequantizes and multiplies in
-//! f32. Double quant is undone once at load, as the f32 absmax it yields is all the forward
-//! needs.
+//! packed codes and f32 block scales are constants; the forward multiplies by the
+//! dequantized weight. Double quant is undone once at load, as the f32 absmax it yields is
+//! all the forward needs.
 //!
-//! On the CPU backends the packed bytes stay on the host and the matmul is
-//! [`super::cpu_kernel`]'s (decode-time GEMV, an autodiff op that keeps no f32 weight alive);
-//! on any other backend the weight is rebuilt from device tensors with generic ops.
+//! The matmul goes through the kernel seam ([`crate::kernels::Kernels::nf4_matmul`]): the
+//! CPU decodes on the host straight into dot products, CubeCL backends dequantize with a
+//! kernel, and the autodiff backend keeps only the packed weight for backward.
 
 use burn::module::{Module, Param};
 use burn::prelude::*;
-use burn::tensor::{ElementConversion, TensorData};
+use burn::tensor::{DType, TensorData, TensorPrimitive};
 use safetensors::{Dtype, SafeTensors};
 
-use super::cpu_kernel::{self, HostNf4};
 use super::format::Nf4Tensor;
 use super::QuantError;
-
-/// Bit offset of element `j` (0..8) inside a little-endian word of four packed bytes.
-const CODE_SHIFTS: [i32; 8] = [4, 0, 12, 8, 20, 16, 28, 24];
+use crate::kernels::{self, Kernels, Nf4Weight};
 
 /// `y = x · dequant(W)ᵀ + b` with `W` stored as NF4.
 #[derive(Module, Debug)]
-pub struct Nf4Linear<B: Backend> {
-    /// The packed weight on the host, for backends with a CPU kernel (else `None`).
-    #[module(skip)]
-    host: Option<HostNf4>,
-    /// The packed weight as device tensors, for every other backend (else `None`).
-    on_device: Option<DeviceNf4<B>>,
+pub struct Nf4Linear<B: Kernels> {
+    /// Packed codes, laid out as the backend's kernel wants them
+    /// ([`Kernels::nf4_layout`]).
+    packed: Tensor<B, 1, Int>,
+    /// f32 scale per block: `[n_blocks]`.
+    absmax: Tensor<B, 1>,
+    /// The 16 NF4 values: `[16]`.
+    code: Tensor<B, 1>,
     /// Trainable bias, when the layer has one: `[out_features]`.
     bias: Option<Param<Tensor<B, 1>>>,
     out_features: usize,
@@ -34,19 +33,7 @@ pub struct Nf4Linear<B: Backend> {
     blocksize: usize,
 }
 
-/// An NF4 weight as backend tensors, decoded with generic tensor ops.
-#[derive(Module, Debug)]
-struct DeviceNf4<B: Backend> {
-    /// Packed codes, four bitsandbytes bytes (eight codes) per element as a little-endian
-    /// 32-bit word, padded to whole blocks with code 7 (zero): `[n_blocks * blocksize / 8]`.
-    packed: Tensor<B, 1, Int>,
-    /// f32 scale per block: `[n_blocks]`.
-    absmax: Tensor<B, 1>,
-    /// The 16 NF4 values: `[16]`.
-    code: Tensor<B, 1>,
-}
-
-impl<B: Backend> Nf4Linear<B> {
+impl<B: Kernels> Nf4Linear<B> {
     /// Builds the layer from a quantized weight of shape `[out_features, in_features]`.
     ///
     /// # Errors
@@ -105,22 +92,18 @@ impl<B: Backend> Nf4Linear<B> {
                 device,
             ))
         });
-        let (host, on_device) = if cpu_kernel::has_kernel::<B>() {
-            let host = HostNf4::new(
-                w.packed.clone(),
-                absmax,
-                &w.quant_map,
-                out_features,
-                in_features,
-                w.blocksize,
-            );
-            (Some(host), None)
-        } else {
-            (None, Some(DeviceNf4::new(w, absmax, device)))
-        };
+        let weight = kernels::nf4_upload::<B>(
+            &w.packed,
+            &absmax,
+            &w.quant_map,
+            [out_features, in_features],
+            w.blocksize,
+            device,
+        );
         Ok(Self {
-            host,
-            on_device,
+            packed: Tensor::from_primitive(weight.packed),
+            absmax: Tensor::from_primitive(TensorPrimitive::Float(weight.absmax)),
+            code: Tensor::from_primitive(TensorPrimitive::Float(weight.code)),
             bias,
             out_features,
             in_features,
@@ -148,24 +131,20 @@ impl<B: Backend> Nf4Linear<B> {
         Self::from_nf4(&wkey, &w, bias, device)
     }
 
-    /// The dequantized weight `[out_features, in_features]` (f32).
-    pub fn weight(&self) -> Tensor<B, 2> {
-        let shape = [self.out_features, self.in_features];
-        match (&self.host, &self.on_device) {
-            (_, Some(d)) => d.weight(self.blocksize, shape),
-            (Some(h), None) => {
-                Tensor::from_data(TensorData::new(h.dequantize(), shape), &self.bias_device())
-            }
-            (None, None) => unreachable!("from_nf4 sets the host or the device weight"),
+    /// The packed weight as the kernel seam takes it.
+    fn nf4(&self) -> Nf4Weight<B> {
+        Nf4Weight {
+            packed: self.packed.clone().into_primitive(),
+            absmax: self.absmax.clone().into_primitive().tensor(),
+            code: self.code.clone().into_primitive().tensor(),
+            shape: [self.out_features, self.in_features],
+            blocksize: self.blocksize,
         }
     }
 
-    /// Where the layer lives (for the host-weight case, which holds no device tensor).
-    fn bias_device(&self) -> B::Device {
-        self.bias
-            .as_ref()
-            .map(|b| b.val().device())
-            .unwrap_or_default()
+    /// The dequantized weight `[out_features, in_features]` (f32).
+    pub fn weight(&self) -> Tensor<B, 2> {
+        kernels::nf4_dequantize(&self.nf4(), DType::F32)
     }
 
     /// Applies the layer.
@@ -177,17 +156,14 @@ impl<B: Backend> Nf4Linear<B> {
         let mut dims = x.dims();
         let rows = dims[..D - 1].iter().product::<usize>();
         let x2 = x.reshape([rows, self.in_features]);
-        let y2 = match &self.host {
-            Some(h) => match cpu_kernel::try_matmul(h, x2) {
-                Ok(y) => y,
-                Err(x2) => x2.matmul(self.weight().transpose()),
-            },
-            None => x2.matmul(self.weight().transpose()),
-        };
+        let y2 = kernels::nf4_matmul(x2, &self.nf4());
         dims[D - 1] = self.out_features;
         let y = y2.reshape(dims);
         match &self.bias {
-            Some(b) => y.add(b.val().unsqueeze::<D>()),
+            Some(b) => {
+                let dtype = y.dtype();
+                y.add(b.val().cast(dtype).unsqueeze::<D>())
+            }
             None => y,
         }
     }
@@ -197,72 +173,17 @@ impl<B: Backend> Nf4Linear<B> {
         (self.in_features, self.out_features)
     }
 
-    /// Bytes the layer holds: packed codes, block scales, code book (or decode table on the
-    /// host) and bias, each at its element size (device words are the backend's int type).
+    /// Bytes the layer holds: packed codes, block scales, code book and bias, each at its
+    /// element size.
     pub fn stored_bytes(&self) -> u64 {
-        let bytes = |numel: usize, dtype: burn::tensor::DType| (numel * dtype.size()) as u64;
-        let weight = match (&self.host, &self.on_device) {
-            (Some(h), _) => h.stored_bytes(),
-            (None, Some(d)) => {
-                bytes(d.packed.shape().num_elements(), d.packed.dtype())
-                    + bytes(d.absmax.shape().num_elements(), d.absmax.dtype())
-                    + bytes(d.code.shape().num_elements(), d.code.dtype())
-            }
-            (None, None) => 0,
-        };
-        weight
+        let bytes = |numel: usize, dtype: DType| (numel * dtype.size()) as u64;
+        bytes(self.packed.shape().num_elements(), self.packed.dtype())
+            + bytes(self.absmax.shape().num_elements(), self.absmax.dtype())
+            + bytes(self.code.shape().num_elements(), self.code.dtype())
             + self.bias.as_ref().map_or(0, |b| {
                 let b = b.val();
                 bytes(b.shape().num_elements(), b.dtype())
             })
-    }
-}
-
-impl<B: Backend> DeviceNf4<B> {
-    fn new(w: &Nf4Tensor, absmax: Vec<f32>, device: &B::Device) -> Self {
-        let padded_bytes = absmax.len() * w.blocksize / 2;
-        // Every valid blocksize is a multiple of 8 elements, so whole blocks fill whole words.
-        let mut bytes = w.packed.clone();
-        bytes.resize(padded_bytes, 0x77);
-        let packed: Vec<i32> = bytes
-            .chunks_exact(4)
-            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        let n_words = packed.len();
-        let n_blocks = absmax.len();
-        Self {
-            packed: Tensor::from_data(TensorData::new(packed, [n_words]), device),
-            absmax: Tensor::from_data(TensorData::new(absmax, [n_blocks]), device),
-            code: Tensor::from_data(TensorData::new(w.quant_map.to_vec(), [16]), device),
-        }
-    }
-
-    /// The dequantized weight of `shape` `[out, in]`, with generic tensor ops.
-    fn weight(&self, blocksize: usize, shape: [usize; 2]) -> Tensor<B, 2> {
-        let n_words = self.packed.dims()[0];
-        // Element j of a word sits in byte j/2, high nibble first (bitsandbytes' order); the
-        // arithmetic shift of a negative word is harmless because of the mask.
-        let nibbles = CODE_SHIFTS
-            .iter()
-            .map(|&s| {
-                self.packed
-                    .clone()
-                    .bitwise_right_shift_scalar(s.elem())
-                    .bitwise_and_scalar(15i32.elem())
-            })
-            .collect();
-        let codes = Tensor::stack::<2>(nibbles, 1).reshape([n_words * 8]); // element order
-        let n_blocks = self.absmax.dims()[0];
-        let values = self
-            .code
-            .clone()
-            .select(0, codes)
-            .reshape([n_blocks, blocksize])
-            .mul(self.absmax.clone().reshape([n_blocks, 1])); // [blocks, blocksize]
-        values
-            .reshape([n_blocks * blocksize])
-            .narrow(0, 0, shape[0] * shape[1])
-            .reshape(shape)
     }
 }
 

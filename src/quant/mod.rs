@@ -3,7 +3,6 @@
 //! CUDA kernels `csrc/kernels.cu`), its transformers checkpoint format, a quantized linear
 //! layer for burn, and the streaming quantizer of a whole checkpoint directory.
 
-mod cpu_kernel;
 mod double_quant;
 mod error;
 mod format;

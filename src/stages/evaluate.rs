@@ -27,7 +27,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -35,6 +34,7 @@ use crate::bench::memory::{rss_bytes, DeviceWatch, MemorySampler};
 use crate::data::eval_docs;
 use crate::data::sample::Sample;
 use crate::device::{run_on, BackendJob, DeviceMemory, Target};
+use crate::kernels::Kernels;
 use crate::metrics::answer::Item;
 use crate::metrics::extraction::{
     paired_diff, score_document, score_report, Comparison, DocScore, Metric,
@@ -272,7 +272,7 @@ fn plan_one(
 /// # Errors
 /// Checkpoint load errors naming the directory; an adapter that does not read or fit,
 /// naming its directory.
-pub fn load_variant<B: Backend>(
+pub fn load_variant<B: Kernels>(
     source: &VariantSource,
     device: &B::Device,
 ) -> anyhow::Result<LoadedModel<B>> {
@@ -403,7 +403,7 @@ impl Stage for Evaluate {
         }
         impl BackendJob for Job<'_, '_> {
             type Output = anyhow::Result<Outcome>;
-            fn run<B: Backend>(self, device: B::Device, target: Target) -> Self::Output {
+            fn run<B: Kernels>(self, device: B::Device, target: Target) -> Self::Output {
                 evaluate_all::<B>(
                     self.ctx,
                     self.cfg,
@@ -530,7 +530,7 @@ struct Outcome {
     outputs: Vec<PathBuf>,
 }
 
-fn evaluate_all<B: Backend>(
+fn evaluate_all<B: Kernels>(
     ctx: &StageCtx<'_>,
     cfg: &EvaluateConfig,
     plans: &[VariantPlan],
@@ -602,7 +602,7 @@ fn evaluate_all<B: Backend>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_variant<B: Backend>(
+fn run_variant<B: Kernels>(
     ctx: &StageCtx<'_>,
     cfg: &EvaluateConfig,
     variant: Variant,

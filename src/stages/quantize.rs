@@ -19,10 +19,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use burn::prelude::Backend;
-
 use crate::bench::memory::{rss_bytes, DeviceWatch, MemorySampler};
 use crate::device::{run_on, BackendJob, Device, DeviceMemory, Target};
+use crate::kernels::Kernels;
 use crate::metrics::stats::summarize_ms;
 use crate::model::loader::{load_model, InputEncoder};
 use crate::model::processor::ImageInput as ProcImage;
@@ -268,7 +267,7 @@ fn measure(
     }
     impl BackendJob for Job<'_> {
         type Output = anyhow::Result<Measured>;
-        fn run<B: Backend>(self, device: B::Device, target: Target) -> Self::Output {
+        fn run<B: Kernels>(self, device: B::Device, target: Target) -> Self::Output {
             measure_on::<B>(self.dir, self.prompts, self.cfg, &device, target)
         }
     }
@@ -276,7 +275,7 @@ fn measure(
 }
 
 /// Loads the model in `dir`, then times greedy generation on every prompt.
-fn measure_on<B: Backend>(
+fn measure_on<B: Kernels>(
     dir: &Path,
     prompts: &[Prompt],
     cfg: &QuantizeConfig,

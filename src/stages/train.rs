@@ -17,13 +17,13 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use burn::module::Module;
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::bench::memory::DeviceWatch;
 use crate::data::sample::Sample;
 use crate::device::{run_autodiff_on, AutodiffJob, DeviceMemory, Target};
+use crate::kernels::{AutodiffKernels, Kernels};
 use crate::model::lora::LoraSpec;
 use crate::model::processor::{ImageInput as ProcImage, ImageProcessor};
 use crate::model::prompt::PromptBuilder;
@@ -392,7 +392,7 @@ struct TrainJob<'a, 'c> {
 impl AutodiffJob for TrainJob<'_, '_> {
     type Output = anyhow::Result<Trained>;
 
-    fn run<B: AutodiffBackend>(self, device: B::Device, target: Target) -> Self::Output {
+    fn run<B: AutodiffKernels>(self, device: B::Device, target: Target) -> Self::Output {
         let TrainJob {
             ctx,
             cfg,
@@ -550,12 +550,12 @@ impl Encoded {
 }
 
 /// An encoded split whose samples become tensors on `device`.
-struct OnDevice<'a, B: Backend> {
+struct OnDevice<'a, B: Kernels> {
     set: &'a Encoded,
     device: B::Device,
 }
 
-impl<B: Backend> SampleSource<B> for OnDevice<'_, B> {
+impl<B: Kernels> SampleSource<B> for OnDevice<'_, B> {
     fn len(&self) -> usize {
         self.set.samples.len()
     }

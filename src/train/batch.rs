@@ -6,12 +6,13 @@
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
+use crate::kernels::Kernels;
 use crate::model::ImageInput;
 use crate::train::loss::IGNORE_INDEX;
 
 /// One supervised example: the full prompt + answer tokens and their labels.
 #[derive(Debug, Clone)]
-pub struct TrainSample<B: Backend> {
+pub struct TrainSample<B: Kernels> {
     /// Prompt and answer token ids (image placeholders expanded).
     pub input_ids: Vec<u32>,
     /// Same length as `input_ids`: the token id where the loss counts, [`IGNORE_INDEX`]
@@ -23,7 +24,7 @@ pub struct TrainSample<B: Backend> {
 }
 
 /// Random access to samples, so a resumed run can replay the same shuffled order.
-pub trait SampleSource<B: Backend> {
+pub trait SampleSource<B: Kernels> {
     /// Number of samples.
     fn len(&self) -> usize;
     /// Whether there are no samples.
@@ -47,7 +48,7 @@ pub struct SampleError {
     pub reason: String,
 }
 
-impl<B: Backend> SampleSource<B> for [TrainSample<B>] {
+impl<B: Kernels> SampleSource<B> for [TrainSample<B>] {
     fn len(&self) -> usize {
         <[TrainSample<B>]>::len(self)
     }
@@ -60,7 +61,7 @@ impl<B: Backend> SampleSource<B> for [TrainSample<B>] {
     }
 }
 
-impl<B: Backend> SampleSource<B> for Vec<TrainSample<B>> {
+impl<B: Kernels> SampleSource<B> for Vec<TrainSample<B>> {
     fn len(&self) -> usize {
         self.as_slice().len()
     }
@@ -72,7 +73,7 @@ impl<B: Backend> SampleSource<B> for Vec<TrainSample<B>> {
 
 /// A right-padded micro-batch.
 #[derive(Debug, Clone)]
-pub struct Batch<B: Backend> {
+pub struct Batch<B: Kernels> {
     /// `batch` rows of `seq` ids (padding: 0).
     pub input_ids: Vec<Vec<u32>>,
     /// `batch` rows of `seq` flags, false on padding.
@@ -100,7 +101,7 @@ pub fn counted_tokens(labels: &[i64]) -> usize {
 ///
 /// # Errors
 /// [`SampleError`] for an empty sample or labels of a different length than its ids.
-pub fn collate<B: Backend>(
+pub fn collate<B: Kernels>(
     samples: &[TrainSample<B>],
     indices: &[usize],
     device: &B::Device,

@@ -20,6 +20,7 @@ use burn::module::ParamId;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::kernels::Kernels;
 use crate::model::lora::{Adapter, LoraError};
 use crate::pipeline::fs::{commit_dir, write_atomic, write_json_atomic, FsError};
 use crate::train::optim::{AdamW, Moments};
@@ -101,7 +102,7 @@ fn invalid(path: &Path, reason: impl Into<String>) -> CheckpointError {
 ///
 /// # Errors
 /// I/O failures, naming the path.
-pub fn save<B: Backend>(
+pub fn save<B: Kernels>(
     root: &Path,
     state: &TrainState,
     adapter: &Adapter,
@@ -153,7 +154,7 @@ pub fn save<B: Backend>(
 
 /// A loaded checkpoint.
 #[derive(Debug)]
-pub struct Loaded<B: Backend> {
+pub struct Loaded<B: Kernels> {
     pub dir: PathBuf,
     pub state: TrainState,
     pub adapter: Adapter,
@@ -195,7 +196,7 @@ pub fn list(root: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
 ///
 /// # Errors
 /// Unreadable or inconsistent files, naming them.
-pub fn load_latest<B: Backend>(
+pub fn load_latest<B: Kernels>(
     root: &Path,
     device: &B::Device,
 ) -> Result<Option<Loaded<B>>, CheckpointError> {

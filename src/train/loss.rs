@@ -2,6 +2,7 @@
 //! logits at position t predict label t+1; labels of -100 are ignored; the mean is over the
 //! tokens that count (loss_utils.py `fixed_cross_entropy` with reduction "mean").
 
+use crate::kernels::Kernels;
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 
@@ -14,7 +15,7 @@ pub const IGNORE_INDEX: i64 = -100;
 /// - `logits`: `[batch, seq, vocab]`
 /// - `labels`: `[batch, seq]` (token ids, or [`IGNORE_INDEX`])
 /// - returns a scalar `[1]` tensor (0 when no token counts) and the count.
-pub fn causal_lm_loss<B: Backend>(
+pub fn causal_lm_loss<B: Kernels>(
     logits: Tensor<B, 3>,
     labels: Tensor<B, 2, Int>,
 ) -> (Tensor<B, 1>, usize) {

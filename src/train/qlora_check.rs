@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 
 use burn::optim::GradientsParams;
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::TensorData;
 
+use crate::kernels::AutodiffKernels;
 use crate::model::lora::{Adapter, AdapterConfig, LoraWeights, Site, TARGET_MODULES};
 use crate::model::qwen::tests::{image, reference};
 use crate::model::Qwen25Vl;
@@ -99,7 +99,7 @@ pub(crate) fn load_step() -> QloraStep {
 /// inputs (image included) with the fixture's labels, and returns the masked causal-LM loss
 /// and the gradient of every LoRA param, keyed as in `step.safetensors` (without `.grad`),
 /// in key order. Compare against [`load_step`]'s `loss` and `grads` for an NF4 base.
-pub(crate) fn qlora_step_check<B: AutodiffBackend>(
+pub(crate) fn qlora_step_check<B: AutodiffKernels>(
     mut model: Qwen25Vl<B>,
 ) -> (f32, Vec<(String, Vec<f32>)>) {
     let dev = Default::default();

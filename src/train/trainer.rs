@@ -20,11 +20,11 @@ use std::time::Instant;
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use crate::kernels::{AutodiffKernels, Kernels};
 use crate::model::adapt::AdaptError;
 use crate::model::{ImageInput, ModelError, Qwen25Vl};
 use crate::pipeline::fs::{commit_dir, recover_dir, write_json_atomic, FsError};
@@ -180,7 +180,7 @@ pub enum TrainError {
 
 /// The result of [`train`].
 #[derive(Debug)]
-pub struct TrainOutcome<B: Backend> {
+pub struct TrainOutcome<B: Kernels> {
     /// The model with its trained LoRA pairs.
     pub model: Qwen25Vl<B>,
     /// Final position, best validation, and the metrics of the whole run (resumes included).
@@ -214,7 +214,7 @@ fn dropout_seed(seed: u64, step: u64, micro: usize) -> u64 {
 /// # Errors
 /// Invalid config, no LoRA pairs, no samples, malformed samples, model errors, a checkpoint
 /// of another run, I/O failures, a non-finite loss.
-pub fn train<B: AutodiffBackend>(
+pub fn train<B: AutodiffKernels>(
     model: Qwen25Vl<B>,
     train: &dyn SampleSource<B::InnerBackend>,
     valid: Option<&dyn SampleSource<B::InnerBackend>>,
@@ -435,7 +435,7 @@ pub fn train<B: AutodiffBackend>(
     Ok(finish(model, state, true, ckpt_dir))
 }
 
-fn finish<B: AutodiffBackend>(
+fn finish<B: AutodiffKernels>(
     model: Qwen25Vl<B>,
     state: TrainState,
     completed: bool,
@@ -458,7 +458,7 @@ type AdBatch<B> = (
     Option<ImageInput<B>>,
 );
 
-fn to_autodiff<B: AutodiffBackend>(b: Batch<B::InnerBackend>) -> AdBatch<B> {
+fn to_autodiff<B: AutodiffKernels>(b: Batch<B::InnerBackend>) -> AdBatch<B> {
     let images = b.images.map(|i| ImageInput {
         pixel_values: Tensor::from_inner(i.pixel_values),
         grids: i.grids,
@@ -472,7 +472,7 @@ fn to_autodiff<B: AutodiffBackend>(b: Batch<B::InnerBackend>) -> AdBatch<B> {
 }
 
 /// Token-mean loss of `valid` under the model without autodiff, and the tokens counted.
-fn validate<B: AutodiffBackend>(
+fn validate<B: AutodiffKernels>(
     model: &Qwen25Vl<B>,
     valid: &dyn SampleSource<B::InnerBackend>,
     batch_size: usize,
@@ -501,7 +501,7 @@ fn validate<B: AutodiffBackend>(
 }
 
 /// Saves the current adapter as `<ckpt_dir>/best` (atomically) with `best.json`.
-fn save_best<B: AutodiffBackend>(
+fn save_best<B: AutodiffKernels>(
     model: &Qwen25Vl<B>,
     ckpt_dir: &Path,
     step: u64,

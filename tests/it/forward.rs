@@ -12,54 +12,149 @@ fn fixture(rel: &str) -> PathBuf {
         .join(rel)
 }
 
-/// The `logits` tensor of a safetensors file, as f32.
-fn logits(path: &Path) -> Vec<f32> {
+/// Vision tower + merger output: same bar as the library tests.
+const EMBEDS_ATOL: f32 = 1e-4;
+
+/// Tensor `key` of a safetensors file, as f32 (F32 or I64 storage).
+fn tensor(path: &Path, key: &str) -> Vec<f32> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensor("logits")
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    let t = st
+        .tensor(key)
+        .unwrap_or_else(|e| panic!("{}: {key}: {e}", path.display()));
+    match t.dtype() {
+        safetensors::Dtype::I64 => t
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32)
+            .collect(),
+        _ => t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    }
 }
 
-/// Runs `medpipe forward --model MODEL [--adapter A] --inputs INPUTS --out OUT`.
-fn forward(model: &Path, adapter: Option<&Path>, inputs: &Path, out: &Path) -> Output {
+fn logits(path: &Path) -> Vec<f32> {
+    tensor(path, "logits")
+}
+
+/// Runs `medpipe forward --model MODEL [--adapter A] --inputs INPUTS --out OUT --device D`.
+fn forward_on(
+    device: &str,
+    model: &Path,
+    adapter: Option<&Path>,
+    inputs: &Path,
+    out: &Path,
+) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_medpipe"));
     cmd.arg("forward").arg("--model").arg(model);
     if let Some(a) = adapter {
         cmd.arg("--adapter").arg(a);
     }
     cmd.arg("--inputs").arg(inputs).arg("--out").arg(out);
+    cmd.args(["--device", device]);
     cmd.output().unwrap()
 }
 
-/// `forward` on the fixture's reference inputs succeeds and its logits are within
-/// [`LOGITS_ATOL`] of the reference file `want`.
-fn assert_forward_matches(model: &str, adapter: Option<&str>, want: &str) {
+fn forward(model: &Path, adapter: Option<&Path>, inputs: &Path, out: &Path) -> Output {
+    forward_on("cpu", model, adapter, inputs, out)
+}
+
+fn max_diff(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max)
+}
+
+/// `forward --device DEVICE` on the fixture's reference inputs succeeds; its logits are
+/// within [`LOGITS_ATOL`] of the reference file `want`, and (dense model) its image embeds
+/// within [`EMBEDS_ATOL`] and its M-RoPE position ids exact.
+fn assert_forward_matches_on(device: &str, model: &str, adapter: Option<&str>, want: &str) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.safetensors");
     let adapter = adapter.map(fixture);
-    let run = forward(
+    let reference = fixture("qwen2_5_vl_tiny/reference.safetensors");
+    let run = forward_on(
+        device,
         &fixture(model),
         adapter.as_deref(),
-        &fixture("qwen2_5_vl_tiny/reference.safetensors"),
+        &reference,
         &out,
     );
     assert!(
         run.status.success(),
-        "{}",
+        "{device}: {}",
         String::from_utf8_lossy(&run.stderr)
     );
-    let (g, w) = (logits(&out), logits(&fixture(want)));
-    assert_eq!(g.len(), w.len());
-    let worst = g
-        .iter()
-        .zip(&w)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(worst <= LOGITS_ATOL, "max |diff| {worst}");
+    let worst = max_diff(&logits(&out), &logits(&fixture(want)));
+    assert!(worst <= LOGITS_ATOL, "{device} {model}: max |diff| {worst}");
+    if model == "qwen2_5_vl_tiny" {
+        let embeds = max_diff(
+            &tensor(&out, "image_embeds"),
+            &tensor(&reference, "image_embeds"),
+        );
+        assert!(embeds <= EMBEDS_ATOL, "{device}: image_embeds {embeds}");
+        assert_eq!(
+            tensor(&out, "position_ids"),
+            tensor(&reference, "position_ids"),
+            "{device}: position ids"
+        );
+    }
+}
+
+fn assert_forward_matches(model: &str, adapter: Option<&str>, want: &str) {
+    assert_forward_matches_on("cpu", model, adapter, want);
+}
+
+/// Whether a Vulkan driver is installed (lavapipe in CI); under `CI=true` a missing one
+/// fails the test: CI proves the GPU path on every run, it never skips it.
+fn wgpu_available(test: &str) -> bool {
+    let found = Command::new("sh")
+        .args([
+            "-c",
+            "ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json 2>/dev/null | grep -q .",
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    if found {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test}: CI=true but no Vulkan driver (.ci/run installs mesa-vulkan-drivers)");
+    }
+    eprintln!("SKIPPED {test}: no Vulkan driver (apt-get install mesa-vulkan-drivers)");
+    false
+}
+
+/// The wgpu backend (fusion on, CubeCL kernels; lavapipe in CI) reproduces every f32
+/// reference through the CLI: dense, NF4 (the seam's dequantization kernel) and LoRA.
+#[test]
+fn forward_on_wgpu_writes_the_reference_logits_embeds_and_positions() {
+    if !wgpu_available("forward_on_wgpu_writes_the_reference_logits_embeds_and_positions") {
+        return;
+    }
+    assert_forward_matches_on(
+        "wgpu",
+        "qwen2_5_vl_tiny",
+        None,
+        "qwen2_5_vl_tiny/reference.safetensors",
+    );
+    assert_forward_matches_on(
+        "wgpu",
+        "qwen2_5_vl_tiny/nf4",
+        None,
+        "qwen2_5_vl_tiny/nf4/reference.safetensors",
+    );
+    assert_forward_matches_on(
+        "wgpu",
+        "qwen2_5_vl_tiny",
+        Some("qwen2_5_vl_tiny/lora"),
+        "qwen2_5_vl_tiny/lora/reference.safetensors",
+    );
 }
 
 #[test]

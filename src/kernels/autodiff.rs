@@ -1,0 +1,71 @@
+//! The kernels on the autodiff backend: forward through the inner backend's kernel, and a
+//! backward op that keeps only the packed weight.
+//!
+//! Why an op of our own: with burn's matmul, a weight dequantized inside `forward` is kept
+//! alive by the matmul's backward node until `backward()` (BURN_NOTES §3), so QLoRA training
+//! would hold every layer's dequantized weight at once. [`Nf4MatmulBackward`] stores the
+//! packed weight (reference-counted tensors shared with the module) and decodes it again in
+//! backward. The frozen NF4 weight gets no gradient; only `x` does.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, TensorMetadata};
+
+use super::{Kernels, Nf4Weight, PackedLayout};
+
+/// The inner backend's view of an autodiff weight (the packed codes are plain int tensors
+/// on both; the float constants are unwrapped).
+fn inner<B: Kernels, C: CheckpointStrategy>(w: &Nf4Weight<Autodiff<B, C>>) -> Nf4Weight<B> {
+    Nf4Weight {
+        packed: w.packed.clone(),
+        absmax: w.absmax.primitive.clone(),
+        code: w.code.primitive.clone(),
+        shape: w.shape,
+        blocksize: w.blocksize,
+    }
+}
+
+/// Backward of `y = x · dequant(W)ᵀ` with a frozen `W`: `dx = dy · dequant(W)`.
+#[derive(Debug)]
+struct Nf4MatmulBackward;
+
+impl<B: Kernels> Backward<B, 1> for Nf4MatmulBackward {
+    type State = Nf4Weight<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let w = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |dy| {
+            let weight = B::nf4_dequantize(&w, dy.dtype());
+            B::float_matmul(dy, weight)
+        });
+    }
+}
+
+impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
+    fn nf4_layout() -> PackedLayout {
+        B::nf4_layout()
+    }
+
+    fn nf4_dequantize(w: &Nf4Weight<Self>, dtype: DType) -> FloatTensor<Self> {
+        // A constant: it has no parents and records nothing.
+        <Self as AutodiffBackend>::from_inner(B::nf4_dequantize(&inner(w), dtype))
+    }
+
+    fn nf4_matmul(x: FloatTensor<Self>, w: &Nf4Weight<Self>) -> FloatTensor<Self> {
+        let w = inner(w);
+        let y = B::nf4_matmul(x.primitive.clone(), &w);
+        match Nf4MatmulBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(w, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! The kernels on burn's fusion backend: each kernel call is registered as a custom
+//! operation in the fusion stream, which hands the fused backend's tensors to that backend's
+//! own kernel when the stream executes (burn-vision's pattern).
+
+use std::marker::PhantomData;
+
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Shape};
+use burn_fusion::stream::{Operation, OperationStreams};
+use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
+
+use super::{Kernels, Nf4Weight, PackedLayout};
+
+/// The fused backend's NF4 dequantization, run when the stream reaches it.
+#[derive(Clone, Debug)]
+struct Nf4Dequantize<B> {
+    desc: CustomOpIr,
+    shape: [usize; 2],
+    blocksize: usize,
+    dtype: DType,
+    _backend: PhantomData<B>,
+}
+
+impl<B: FusionBackend + Kernels> Operation<B::FusionRuntime> for Nf4Dequantize<B> {
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+    ) {
+        let ([packed, absmax, code], [out]) = self.desc.as_fixed();
+        let w = Nf4Weight::<B> {
+            packed: handles.get_int_tensor::<B>(packed),
+            absmax: handles.get_float_tensor::<B>(absmax),
+            code: handles.get_float_tensor::<B>(code),
+            shape: self.shape,
+            blocksize: self.blocksize,
+        };
+        let weight = B::nf4_dequantize(&w, self.dtype);
+        handles.register_float_tensor::<B>(&out.id, weight);
+    }
+}
+
+impl<B: FusionBackend + Kernels> Kernels for Fusion<B> {
+    fn nf4_layout() -> PackedLayout {
+        B::nf4_layout()
+    }
+
+    fn nf4_dequantize(w: &Nf4Weight<Self>, dtype: DType) -> FloatTensor<Self> {
+        let client = w.packed.client.clone();
+        let streams = OperationStreams::with_inputs([&w.packed, &w.absmax, &w.code]);
+        let out = TensorIr::uninit(client.create_empty_handle(), Shape::new(w.shape), dtype);
+        let desc = CustomOpIr::new(
+            "medpipe_nf4_dequantize",
+            &[
+                w.packed.clone().into_ir(),
+                w.absmax.clone().into_ir(),
+                w.code.clone().into_ir(),
+            ],
+            &[out],
+        );
+        let op = Nf4Dequantize::<B> {
+            desc: desc.clone(),
+            shape: w.shape,
+            blocksize: w.blocksize,
+            dtype,
+            _backend: PhantomData,
+        };
+        client
+            .register(streams, OperationIr::Custom(desc), op)
+            .output()
+    }
+}

@@ -1,0 +1,148 @@
+//! The one seam for custom kernels (burn-vision's backend-extension pattern).
+//!
+//! [`Kernels`] is a backend trait whose methods have generic default bodies built from
+//! ordinary tensor ops, so every backend is correct without a kernel. Backends with a
+//! faster way override them:
+//!
+//! | backend | where | what it does |
+//! |---|---|---|
+//! | `NdArray<f32>` | [`host`] | NF4 decoded on the host straight into dot products (GEMV) or one f32 weight (GEMM) |
+//! | `Autodiff<B, C>` | [`autodiff`] | the inner backend's kernel forward; a backward op that keeps only the packed weight and decodes it again |
+//! | `CubeBackend<R, ..>` | [`cube`] | CubeCL kernels for any runtime: CUDA and wgpu (Vulkan, Metal, DX12, lavapipe) |
+//! | `Fusion<B>` | [`fusion`] | a custom op in the fusion stream that calls the fused backend's kernel |
+//!
+//! The model is generic over `B: Kernels` (a supertrait of `Backend`), so a call such as
+//! `B::nf4_matmul(x, &w)` reaches the kernel of whatever backend the job runs on. Before this
+//! seam the CPU kernel was found by an `Any` downcast that silently fell back to the 20x
+//! slower generic path for any backend type it did not list; here a backend without an
+//! override is a compile-time choice, visible in the `impl` list above.
+
+pub mod autodiff;
+pub mod cube;
+pub mod fusion;
+pub mod host;
+pub mod nf4_generic;
+
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{DType, TensorMetadata, TensorPrimitive};
+
+/// How a backend wants NF4 codes stored (chosen by [`Kernels::nf4_layout`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackedLayout {
+    /// bitsandbytes' bytes as a `U8` tensor: element `e` in byte `e / 2`, high nibble first.
+    Bytes,
+    /// Four of those bytes per little-endian 32-bit word (`U32` tensor), padded with code 7
+    /// (zero) to whole quantization blocks: GPU kernels read whole words.
+    Words,
+}
+
+/// An NF4 weight `[out_features, in_features]` as backend primitives (cheap to clone: every
+/// backend's tensors are reference-counted).
+#[derive(Debug, Clone)]
+pub struct Nf4Weight<B: Backend> {
+    /// The packed codes, laid out as `B::nf4_layout()` says.
+    pub packed: IntTensor<B>,
+    /// f32 scale of each block of `blocksize` flattened elements: `[n_blocks]`.
+    pub absmax: FloatTensor<B>,
+    /// The 16 NF4 values (f32): `[16]`.
+    pub code: FloatTensor<B>,
+    /// `[out_features, in_features]`.
+    pub shape: [usize; 2],
+    /// Elements per scale (a positive multiple of 8).
+    pub blocksize: usize,
+}
+
+impl<B: Backend> Nf4Weight<B> {
+    /// Elements of the (unpadded) weight.
+    pub fn numel(&self) -> usize {
+        self.shape[0] * self.shape[1]
+    }
+}
+
+/// Backend operations with a custom kernel on some backends. Every method has a correct
+/// generic default body.
+pub trait Kernels: Backend {
+    /// How [`Nf4Weight::packed`] is laid out for this backend.
+    fn nf4_layout() -> PackedLayout {
+        PackedLayout::Words
+    }
+
+    /// The dequantized weight `[out_features, in_features]` in float `dtype`.
+    fn nf4_dequantize(w: &Nf4Weight<Self>, dtype: DType) -> FloatTensor<Self> {
+        nf4_generic::dequantize::<Self>(w, dtype)
+    }
+
+    /// `x · dequant(W)ᵀ`: `x` `[m, in_features]` → `[m, out_features]`, in `x`'s dtype.
+    fn nf4_matmul(x: FloatTensor<Self>, w: &Nf4Weight<Self>) -> FloatTensor<Self> {
+        let weight = Self::nf4_dequantize(w, x.dtype());
+        Self::float_matmul(x, Self::float_transpose(weight))
+    }
+}
+
+/// A training backend whose inner backend has the kernels too (what the trainer needs).
+pub trait AutodiffKernels: AutodiffBackend<InnerBackend: Kernels> + Kernels {}
+impl<B: AutodiffBackend<InnerBackend: Kernels> + Kernels> AutodiffKernels for B {}
+
+/// Uploads an NF4 weight in the layout `B` asks for.
+///
+/// `packed` holds at least `ceil(out·in / 2)` bytes and `absmax` one f32 scale per block;
+/// the caller has validated both against `shape`.
+pub fn nf4_upload<B: Kernels>(
+    packed: &[u8],
+    absmax: &[f32],
+    code: &[f32; 16],
+    shape: [usize; 2],
+    blocksize: usize,
+    device: &B::Device,
+) -> Nf4Weight<B> {
+    let numel = shape[0] * shape[1];
+    let n_blocks = numel.div_ceil(blocksize);
+    let absmax = &absmax[..n_blocks];
+    let packed = match B::nf4_layout() {
+        PackedLayout::Bytes => {
+            let bytes = packed[..numel.div_ceil(2)].to_vec();
+            let n = bytes.len();
+            Tensor::<B, 1, Int>::from_data(TensorData::new(bytes, [n]), (device, DType::U8))
+        }
+        PackedLayout::Words => {
+            let mut bytes = packed[..numel.div_ceil(2)].to_vec();
+            // Whole blocks of a multiple of 8 elements fill whole words.
+            bytes.resize(n_blocks * blocksize / 2, 0x77);
+            let words: Vec<u32> = bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            let n = words.len();
+            Tensor::<B, 1, Int>::from_data(TensorData::new(words, [n]), (device, DType::U32))
+        }
+    };
+    let f32_tensor = |v: Vec<f32>| {
+        let n = v.len();
+        Tensor::<B, 1>::from_data(TensorData::new(v, [n]), (device, DType::F32))
+            .into_primitive()
+            .tensor()
+    };
+    Nf4Weight {
+        packed: packed.into_primitive(),
+        absmax: f32_tensor(absmax.to_vec()),
+        code: f32_tensor(code.to_vec()),
+        shape,
+        blocksize,
+    }
+}
+
+/// Tensor-level wrappers, so model code reads as tensor code.
+pub fn nf4_matmul<B: Kernels>(x: Tensor<B, 2>, w: &Nf4Weight<B>) -> Tensor<B, 2> {
+    let y = B::nf4_matmul(x.into_primitive().tensor(), w);
+    Tensor::from_primitive(TensorPrimitive::Float(y))
+}
+
+/// The dequantized weight `[out_features, in_features]` in float `dtype`.
+pub fn nf4_dequantize<B: Kernels>(w: &Nf4Weight<B>, dtype: DType) -> Tensor<B, 2> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::nf4_dequantize(w, dtype)))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,234 @@
+//! The seam's contract: on every backend, each kernel equals the host reference
+//! (bitsandbytes' dequantization order) on awkward shapes: 1, 8 and 9 rows, rows that
+//! straddle bytes and quantization blocks, column counts that are not a multiple of 64.
+
+use burn::backend::{Autodiff, NdArray};
+use burn::prelude::*;
+use burn::tensor::DType;
+
+use super::*;
+use crate::quant::Nf4Tensor;
+use crate::test_util::{assert_close, wgpu_available};
+
+/// `(out, in, blocksize)`: odd rows start mid-byte (13×11), rows cross blocks (5×130), a
+/// tail block (7×9 at 128), one row, nine rows of 70.
+const SHAPES: [(usize, usize, usize); 6] = [
+    (13, 11, 64),
+    (5, 130, 64),
+    (3, 64, 64),
+    (7, 9, 128),
+    (1, 200, 64),
+    (9, 70, 64),
+];
+
+/// Input rows: decode (1, 8: the GEMV path on the CPU) and prefill (9, 13).
+const ROWS: [usize; 4] = [1, 8, 9, 13];
+
+/// f32 dot products of a few hundred terms summed in another order than the f64 reference.
+const ATOL: f32 = 1e-4;
+
+/// A quantized weight and its bitsandbytes-order dequantization.
+fn weight(out: usize, inn: usize, blocksize: usize) -> (Nf4Tensor, Vec<f32>) {
+    let values: Vec<f32> = (0..out * inn)
+        .map(|i| (((i * 7919) % 211) as f32 - 105.0) / 50.0)
+        .collect();
+    let w = Nf4Tensor::quantize("w", &values, &[out, inn], "float32", blocksize, true).unwrap();
+    let deq = w.dequantize();
+    (w, deq)
+}
+
+fn upload<B: Kernels>(w: &Nf4Tensor, device: &B::Device) -> Nf4Weight<B> {
+    nf4_upload::<B>(
+        &w.packed,
+        &w.absmax_f32(),
+        &w.quant_map,
+        [w.shape[0], w.shape[1]],
+        w.blocksize,
+        device,
+    )
+}
+
+fn inputs(m: usize, inn: usize) -> Vec<f32> {
+    (0..m * inn)
+        .map(|i| ((i % 17) as f32 - 8.0) / 9.0)
+        .collect()
+}
+
+fn reference(x: &[f32], w: &[f32], m: usize, inn: usize, out: usize) -> Vec<f32> {
+    let mut y = vec![0f32; m * out];
+    for r in 0..m {
+        for o in 0..out {
+            y[r * out + o] = (0..inn)
+                .map(|i| x[r * inn + i] as f64 * w[o * inn + i] as f64)
+                .sum::<f64>() as f32;
+        }
+    }
+    y
+}
+
+fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+}
+
+/// Dequantization is exact in f32 and the matmul equals `x · Wᵀ`, on backend `B`.
+fn check_backend<B: Kernels>(label: &str, device: &B::Device) {
+    for (out, inn, bs) in SHAPES {
+        let (w, want) = weight(out, inn, bs);
+        let nf4 = upload::<B>(&w, device);
+        let got = values(nf4_dequantize(&nf4, DType::F32));
+        assert_eq!(got, want, "{label}: dequantize {out}x{inn} blocksize {bs}");
+        for m in ROWS {
+            let x = inputs(m, inn);
+            let xt = Tensor::<B, 2>::from_data(TensorData::new(x.clone(), [m, inn]), device);
+            let y = values(nf4_matmul(xt, &nf4));
+            let label = format!("{label}: matmul {out}x{inn}, {m} rows");
+            assert_close(&label, &y, &reference(&x, &want, m, inn, out), ATOL);
+        }
+    }
+}
+
+/// On the autodiff backend over `B`: `d(Σ y ⊙ dy)/dx = dy · W`, and the forward is the
+/// inner kernel's.
+fn check_backward<B: AutodiffKernels>(label: &str, device: &B::Device) {
+    let (out, inn, m) = (6, 70, 4);
+    let (w, deq) = weight(out, inn, 64);
+    let nf4 = upload::<B>(&w, device);
+    let x: Vec<f32> = (0..m * inn).map(|i| ((i % 5) as f32 - 2.0) / 3.0).collect();
+    let xt = Tensor::<B, 2>::from_data(TensorData::new(x.clone(), [m, inn]), device).require_grad();
+    let dy: Vec<f32> = (0..m * out).map(|i| (i % 7) as f32 - 3.0).collect();
+    let dyt = Tensor::<B, 2>::from_data(TensorData::new(dy.clone(), [m, out]), device);
+    let y = nf4_matmul(xt.clone(), &nf4);
+    assert_close(
+        &format!("{label}: forward"),
+        &values(y.clone()),
+        &reference(&x, &deq, m, inn, out),
+        ATOL,
+    );
+    let grads = (y * dyt).sum().backward();
+    let got = values(xt.grad(&grads).expect("x has a gradient"));
+    let mut want = vec![0f32; m * inn];
+    for r in 0..m {
+        for i in 0..inn {
+            want[r * inn + i] = (0..out).map(|o| dy[r * out + o] * deq[o * inn + i]).sum();
+        }
+    }
+    assert_close(&format!("{label}: dx"), &got, &want, ATOL);
+}
+
+#[test]
+fn the_cpu_kernel_matches_bitsandbytes_and_x_times_w_transposed() {
+    check_backend::<NdArray<f32>>("ndarray f32 (host kernel)", &Default::default());
+}
+
+#[test]
+fn a_backend_without_a_kernel_is_correct_through_the_default_bodies() {
+    assert_eq!(<NdArray<f64> as Kernels>::nf4_layout(), PackedLayout::Words);
+    check_backend::<NdArray<f64>>("ndarray f64 (default bodies)", &Default::default());
+}
+
+#[test]
+fn the_autodiff_op_gives_the_input_gradient_on_the_cpu() {
+    check_backward::<Autodiff<NdArray<f32>>>("autodiff ndarray f32", &Default::default());
+    check_backward::<Autodiff<NdArray<f64>>>("autodiff ndarray f64", &Default::default());
+}
+
+#[test]
+fn the_cpu_kernel_stores_bytes_and_the_gpu_kernels_words() {
+    assert_eq!(<NdArray<f32> as Kernels>::nf4_layout(), PackedLayout::Bytes);
+    assert_eq!(
+        <Autodiff<NdArray<f32>> as Kernels>::nf4_layout(),
+        PackedLayout::Bytes
+    );
+    assert_eq!(
+        <crate::device::dispatch::WgpuBackend as Kernels>::nf4_layout(),
+        PackedLayout::Words
+    );
+}
+
+mod wgpu {
+    use burn::backend::wgpu::{WgpuDevice, WgpuRuntime};
+    use burn::backend::Wgpu;
+    use burn_cubecl::CubeBackend;
+
+    use super::*;
+
+    /// The CubeCL kernel alone (no fusion).
+    type Cube = CubeBackend<WgpuRuntime, f32, i32, u32>;
+
+    #[test]
+    fn the_cubecl_kernel_matches_the_cpu_on_wgpu() {
+        if wgpu_available("the_cubecl_kernel_matches_the_cpu_on_wgpu") {
+            check_backend::<Cube>("wgpu cube f32", &WgpuDevice::DefaultDevice);
+        }
+    }
+
+    #[test]
+    fn the_fusion_custom_op_matches_the_cpu_on_wgpu() {
+        if wgpu_available("the_fusion_custom_op_matches_the_cpu_on_wgpu") {
+            check_backend::<Wgpu>("wgpu fusion f32", &WgpuDevice::DefaultDevice);
+        }
+    }
+
+    #[test]
+    fn the_autodiff_op_gives_the_input_gradient_on_wgpu() {
+        if wgpu_available("the_autodiff_op_gives_the_input_gradient_on_wgpu") {
+            check_backward::<Autodiff<Wgpu>>("autodiff wgpu", &WgpuDevice::DefaultDevice);
+        }
+    }
+
+    /// f16 output: each element is the f32 value rounded to f16 (the kernel computes the
+    /// product in f32 and casts once), so the match is exact.
+    #[test]
+    fn the_kernel_dequantizes_to_f16_exactly_as_f32_rounded() {
+        if !wgpu_available("the_kernel_dequantizes_to_f16_exactly_as_f32_rounded") {
+            return;
+        }
+        let device = WgpuDevice::DefaultDevice;
+        for (out, inn, bs) in SHAPES {
+            let (w, want) = weight(out, inn, bs);
+            for label in ["cube", "fusion"] {
+                let got = match label {
+                    "cube" => {
+                        let t = nf4_dequantize(&upload::<Cube>(&w, &device), DType::F16);
+                        assert_eq!(t.dtype(), DType::F16);
+                        values(t)
+                    }
+                    _ => values(nf4_dequantize(&upload::<Wgpu>(&w, &device), DType::F16)),
+                };
+                let want: Vec<f32> = want
+                    .iter()
+                    .map(|&v| half::f16::from_f32(v).to_f32())
+                    .collect();
+                assert_eq!(got, want, "{label} f16 {out}x{inn} blocksize {bs}");
+            }
+        }
+    }
+
+    /// An f16 matmul lands within f16 rounding of the f32 reference.
+    #[test]
+    fn an_f16_matmul_stays_within_half_precision_of_f32() {
+        if !wgpu_available("an_f16_matmul_stays_within_half_precision_of_f32") {
+            return;
+        }
+        let device = WgpuDevice::DefaultDevice;
+        let (out, inn, bs) = (9, 70, 64);
+        let (w, deq) = weight(out, inn, bs);
+        let nf4 = upload::<Wgpu>(&w, &device);
+        for m in ROWS {
+            let x = inputs(m, inn);
+            let xt = Tensor::<Wgpu, 2>::from_data(TensorData::new(x.clone(), [m, inn]), &device)
+                .cast(DType::F16);
+            let y = nf4_matmul(xt, &nf4);
+            assert_eq!(y.dtype(), DType::F16);
+            let want = reference(&x, &deq, m, inn, out);
+            let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+            // 70 products in f16: a few units of the last place (2⁻¹⁰) of the largest value.
+            assert_close(
+                &format!("f16 matmul, {m} rows"),
+                &values(y),
+                &want,
+                scale * 8e-3,
+            );
+        }
+    }
+}
