@@ -514,7 +514,24 @@ pub(crate) mod tests {
 
     #[test]
     fn greedy_generation_with_kv_cache_yields_the_reference_tokens() {
-        let (m, r) = (tiny(), reference());
+        greedy_tokens_are_the_reference::<TB>();
+    }
+
+    /// The model on wgpu (fusion, CubeCL; lavapipe in CI): the reference's 16 greedy tokens,
+    /// and a batch gives each prompt its solo tokens.
+    #[test]
+    fn on_wgpu_greedy_tokens_are_the_reference_and_batching_changes_nothing() {
+        if crate::test_util::wgpu_available(
+            "on_wgpu_greedy_tokens_are_the_reference_and_batching_changes_nothing",
+        ) {
+            greedy_tokens_are_the_reference::<burn::backend::Wgpu>();
+            batched_equals_alone::<burn::backend::Wgpu>();
+        }
+    }
+
+    fn greedy_tokens_are_the_reference<B: Kernels>() {
+        let r = reference();
+        let m = Qwen25Vl::<B>::load(&fixture("qwen2_5_vl_tiny"), &Default::default()).unwrap();
         // The reference forced 16 tokens (min_new_tokens = 16): no eos stop.
         let cfg = GenerateConfig {
             max_new_tokens: 16,
@@ -587,8 +604,13 @@ pub(crate) mod tests {
 
     #[test]
     fn batched_generation_gives_each_prompt_its_solo_tokens() {
-        let (m, r) = (tiny(), reference());
+        batched_equals_alone::<TB>();
+    }
+
+    fn batched_equals_alone<B: Kernels>() {
+        let r = reference();
         let dev = Default::default();
+        let m = Qwen25Vl::<B>::load(&fixture("qwen2_5_vl_tiny"), &dev).unwrap();
         let cfg = GenerateConfig {
             max_new_tokens: 6,
             eos_token_ids: Some(vec![]),
@@ -599,12 +621,12 @@ pub(crate) mod tests {
             images: Some(image(&r)),
         };
         // Shorter text prompt: the text row is left-padded.
-        let short = Request::<TB> {
+        let short = Request::<B> {
             input_ids: vec![1990, 11, 12, 13, 100, 101, 102],
             images: None,
         };
         // Longer text prompt: the image row is left-padded.
-        let long = Request::<TB> {
+        let long = Request::<B> {
             input_ids: (0..60).map(|i| 100 + i).collect(),
             images: None,
         };

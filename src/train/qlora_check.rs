@@ -230,8 +230,21 @@ mod tests {
 
     #[test]
     fn qlora_step_on_the_nf4_base_matches_peft_loss_and_gradients() {
+        qlora_step_matches_peft::<AD>();
+    }
+
+    /// The same step on wgpu: NF4 dequantized by the CubeCL kernel through the fusion custom
+    /// op, the backward through the seam's autodiff op.
+    #[test]
+    fn qlora_step_on_wgpu_matches_peft_loss_and_gradients() {
+        if crate::test_util::wgpu_available("qlora_step_on_wgpu_matches_peft_loss_and_gradients") {
+            qlora_step_matches_peft::<burn::backend::Autodiff<burn::backend::Wgpu>>();
+        }
+    }
+
+    fn qlora_step_matches_peft<B: AutodiffKernels>() {
         let dev = Default::default();
-        let m = Qwen25Vl::<AD>::load(&fixture("qwen2_5_vl_tiny/nf4"), &dev).unwrap();
+        let m = Qwen25Vl::<B>::load(&fixture("qwen2_5_vl_tiny/nf4"), &dev).unwrap();
         let (loss, grads) = qlora_step_check(m);
         let step = load_step();
         let rel = (f64::from(loss) - step.loss).abs() / step.loss.abs();
