@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use crate::device::nvml::GpuProbe;
+use crate::device::wgpu::AdapterFacts;
 
 /// GPU memory assumed for a model whose weights are not on disk yet, MiB (a 7B model in
 /// bf16 with activations and cache).
@@ -155,6 +156,35 @@ pub fn choose_device(
     }
 }
 
+/// [`choose_device`] plus wgpu: an explicit `wgpu` needs an adapter, and `auto` takes a
+/// hardware wgpu adapter when CUDA is not there to take, never a software one (lavapipe is
+/// for tests, and slower than the CPU backend). `adapters` is asked only when needed.
+///
+/// # Errors
+/// As [`choose_device`]; [`DeviceError::NoWgpuAdapter`] for `wgpu` without an adapter.
+pub fn choose_with_wgpu(
+    wanted: &str,
+    gpu: &GpuProbe,
+    need_mib: u64,
+    cuda_built: bool,
+    adapters: impl Fn() -> Vec<AdapterFacts>,
+) -> Result<(Device, String), DeviceError> {
+    let (device, reason) = choose_device(wanted, gpu, need_mib, cuda_built)?;
+    if device == Device::Wgpu && adapters().is_empty() {
+        return Err(DeviceError::NoWgpuAdapter);
+    }
+    if wanted == "auto" && device == Device::Cpu && (!cuda_built || gpu.gpus.is_empty()) {
+        if let Some(a) = adapters().into_iter().find(|a| !a.software) {
+            let why = format!(
+                "auto: wgpu adapter {} ({}, {})",
+                a.name, a.device_type, a.backend
+            );
+            return Ok((Device::Wgpu, why));
+        }
+    }
+    Ok((device, reason))
+}
+
 /// Resolves `wanted` on this machine for the model at `model` (a source such as
 /// `builtin:tiny` or a directory): GPUs from NVML, the memory need from
 /// `min_gpu_memory_mib` (0: [`estimate_model_mib`]). NVML is not asked for `cpu`.
@@ -178,24 +208,13 @@ pub fn resolve(
     } else {
         estimate_model_mib(model)
     };
-    let (mut device, mut reason) = choose_device(wanted, &gpu, need, cuda_built())?;
-    if device == Device::Wgpu && crate::device::wgpu::adapters().is_empty() {
-        return Err(DeviceError::NoWgpuAdapter);
-    }
-    // `auto` takes a hardware wgpu adapter when CUDA is not there to take (never a software
-    // one: lavapipe is for tests, and slower than the CPU backend).
-    if wanted == "auto" && device == Device::Cpu && (!cuda_built() || gpu.gpus.is_empty()) {
-        if let Some(a) = crate::device::wgpu::adapters()
-            .into_iter()
-            .find(|a| !a.software)
-        {
-            device = Device::Wgpu;
-            reason = format!(
-                "auto: wgpu adapter {} ({}, {})",
-                a.name, a.device_type, a.backend
-            );
-        }
-    }
+    let (device, reason) = choose_with_wgpu(
+        wanted,
+        &gpu,
+        need,
+        cuda_built(),
+        crate::device::wgpu::adapters,
+    )?;
     tracing::info!(%device, %reason, "device chosen");
     Ok(Placement { device, reason })
 }
@@ -311,6 +330,43 @@ mod tests {
         assert!(Device::parse("cuda:x").is_err());
         assert_eq!(Device::parse("wgpu").unwrap(), Device::Wgpu);
         assert_eq!(Device::Wgpu.to_string(), "wgpu");
+    }
+
+    fn adapter(name: &str, device_type: &str, software: bool) -> AdapterFacts {
+        AdapterFacts {
+            name: name.into(),
+            device_type: device_type.into(),
+            backend: "vulkan".into(),
+            driver: String::new(),
+            driver_info: String::new(),
+            software,
+        }
+    }
+
+    #[test]
+    fn auto_never_picks_a_software_wgpu_adapter_but_takes_a_hardware_one() {
+        let none = GpuProbe::default();
+        let lavapipe = || vec![adapter("llvmpipe (LLVM 15.0.6, 256 bits)", "cpu", true)];
+        let (d, _) = choose_with_wgpu("auto", &none, 1, false, lavapipe).unwrap();
+        assert_eq!(d, Device::Cpu);
+        let radeon = || vec![adapter("AMD Radeon RX 7900", "discrete", false)];
+        let (d, why) = choose_with_wgpu("auto", &none, 1, false, radeon).unwrap();
+        assert_eq!(d, Device::Wgpu);
+        assert!(why.contains("AMD Radeon RX 7900"), "{why}");
+        // A CUDA build with a free NVIDIA GPU keeps CUDA.
+        let (d, _) = choose_with_wgpu("auto", &h100(80), 1, true, radeon).unwrap();
+        assert_eq!(d, Device::Cuda(0));
+    }
+
+    #[test]
+    fn explicit_wgpu_takes_a_software_adapter_and_needs_one() {
+        let none = GpuProbe::default();
+        let lavapipe = || vec![adapter("llvmpipe", "cpu", true)];
+        let (d, why) = choose_with_wgpu("wgpu", &none, 1, false, lavapipe).unwrap();
+        assert_eq!((d, why.as_str()), (Device::Wgpu, "requested explicitly"));
+        let err = choose_with_wgpu("wgpu", &none, 1, false, Vec::new).unwrap_err();
+        assert!(matches!(err, DeviceError::NoWgpuAdapter), "{err}");
+        assert!(err.to_string().contains("mesa-vulkan-drivers"), "{err}");
     }
 
     #[test]

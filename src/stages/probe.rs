@@ -66,7 +66,7 @@ pub fn gpu_probe() -> GpuProbe {
 
 /// Backends compiled into this binary.
 pub fn built_backends() -> Vec<&'static str> {
-    let mut b = vec!["ndarray (cpu)"];
+    let mut b = vec!["ndarray (cpu)", "wgpu (vulkan/metal/dx12)"];
     if cfg!(feature = "cuda") {
         b.push("cuda");
     }
@@ -81,7 +81,7 @@ impl Stage for Probe {
         "probe"
     }
     fn description(&self) -> &'static str {
-        "record OS, CPU, RAM, disk, GPUs (NVML), backends; choose the device"
+        "record OS, CPU, RAM, disk, GPUs (NVML), wgpu adapters, backends; choose the device"
     }
     fn artifact_file(&self) -> &'static str {
         "environment.json"
@@ -115,7 +115,14 @@ impl Stage for Probe {
         } else {
             estimate_model_mib(&ctx.config().model.source)
         };
-        let (device, reason) = choose_device(&cfg.device, &gpu, need_mib, cfg!(feature = "cuda"))?;
+        let adapters = crate::device::wgpu::adapters();
+        let (device, reason) = crate::device::choice::choose_with_wgpu(
+            &cfg.device,
+            &gpu,
+            need_mib,
+            cfg!(feature = "cuda"),
+            || adapters.clone(),
+        )?;
 
         let metrics = json!({
             "os": {
@@ -139,6 +146,7 @@ impl Stage for Probe {
                 "free_bytes": disk_free,
             },
             "gpu": gpu,
+            "wgpu_adapters": adapters,
             "backends_built": built_backends(),
             "versions": {
                 "medpipe": env!("CARGO_PKG_VERSION"),
@@ -178,6 +186,25 @@ impl Stage for Probe {
                 gpu.gpus
                     .iter()
                     .map(|g| format!("{} ({})", g.name, gib(g.memory_total_bytes)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        ));
+        summary.push((
+            "wgpu adapters".into(),
+            if adapters.is_empty() {
+                "none".into()
+            } else {
+                adapters
+                    .iter()
+                    .map(|a| {
+                        let kind = if a.software {
+                            "software"
+                        } else {
+                            &a.device_type
+                        };
+                        format!("{} ({kind}, {}, {})", a.name, a.backend, a.driver)
+                    })
                     .collect::<Vec<_>>()
                     .join(", ")
             },
