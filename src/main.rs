@@ -162,6 +162,14 @@ struct ForwardArgs {
     /// Device: cpu (the f32 reference path), cuda, cuda:N, wgpu or auto.
     #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     device: String,
+    /// Compute precision: f32 (everywhere), f16 (wgpu, cuda) or bf16 (cuda). Outputs are
+    /// written as f32.
+    #[arg(long, value_name = "DTYPE", default_value = "f32")]
+    dtype: String,
+    /// Also generate N tokens greedily per row (KV cache, no eos stop) and write them as
+    /// `greedy_new_tokens` (I64).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    greedy: usize,
 }
 
 #[derive(Args, Debug)]
@@ -290,17 +298,31 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
 
 fn forward(args: ForwardArgs) -> Result<(), Failure> {
     let device = placement(&args.device, &args.model.display().to_string())?;
+    let precision = medpipe::device::Precision::parse(&args.dtype).map_err(|e| Failure {
+        code: 2,
+        error: anyhow::Error::new(e).context("--dtype"),
+    })?;
+    if device == medpipe::device::Device::Cpu && precision != medpipe::device::Precision::F32 {
+        return Err(Failure {
+            code: 2,
+            error: anyhow::anyhow!(
+                "--dtype {precision} on the CPU: the CPU backend computes in f32 (f16 runs on wgpu and cuda, bf16 on cuda)"
+            ),
+        });
+    }
     let job = medpipe::model::parity::ForwardJob {
         model_dir: args.model,
         adapter: args.adapter,
         merge: args.merge,
         inputs: args.inputs,
         out: args.out,
+        greedy: args.greedy,
     };
-    let report = medpipe::model::parity::run_forward_on(device, &job).map_err(|e| Failure {
-        code: 1,
-        error: anyhow::Error::new(e).context(format!("forward of {}", job.model_dir.display())),
-    })?;
+    let report =
+        medpipe::model::parity::run_forward_as(device, precision, &job).map_err(|e| Failure {
+            code: 1,
+            error: anyhow::Error::new(e).context(format!("forward of {}", job.model_dir.display())),
+        })?;
     println!(
         "wrote {}: logits {:?}, {} image tokens",
         job.out.display(),

@@ -10,10 +10,12 @@
 
 pub mod choice;
 pub mod dispatch;
+pub mod dtype;
 pub mod memory;
 pub mod nvml;
 pub mod wgpu;
 
 pub use choice::{choose_device, resolve, Device, DeviceError, Placement};
 pub use dispatch::{run_autodiff_on, run_on, AutodiffJob, BackendJob, Target};
+pub use dtype::{Precision, PrecisionError};
 pub use memory::{AllocatorUsage, DeviceMemory};

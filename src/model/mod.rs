@@ -17,11 +17,12 @@
 //!
 //! Weights and activations take the device's default float dtype (burn's
 //! `set_default_dtypes` before [`Qwen25Vl::load`] gives a bf16 model); rotary tables and
-//! norms are computed in f32 as in the reference.
+//! norms and the attention softmax (`attend`) are computed in f32 as in the reference.
 //!
 //! Reference: transformers `models/qwen2_5_vl/modeling_qwen2_5_vl.py@00b676f8f0489b88652a31d70751cc540dd06305`.
 
 pub mod adapt;
+mod attend;
 mod cache;
 pub mod config;
 mod error;

@@ -29,6 +29,9 @@ pub struct ForwardJob {
     pub inputs: PathBuf,
     /// Output safetensors.
     pub out: PathBuf,
+    /// Also generate this many tokens greedily (KV cache, no eos stop) per row and write
+    /// them as `greedy_new_tokens` `[batch, N]` (I64); 0 for none.
+    pub greedy: usize,
 }
 
 /// What a parity run produced.
@@ -80,6 +83,8 @@ pub enum ForwardError {
     Device(#[from] crate::device::DeviceError),
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Precision(#[from] crate::device::PrecisionError),
 }
 
 /// Runs `job` on the backend of `device` (NdArray f32 for the CPU, Cuda for a GPU).
@@ -90,14 +95,28 @@ pub fn run_forward_on(
     device: crate::device::Device,
     job: &ForwardJob,
 ) -> Result<ForwardReport, ForwardError> {
-    struct Run<'a>(&'a ForwardJob);
+    run_forward_as(device, crate::device::Precision::F32, job)
+}
+
+/// [`run_forward_on`] computing in `precision` (weights and activations; the outputs are
+/// written as f32).
+///
+/// # Errors
+/// As [`run_forward_on`]; a precision the device does not support.
+pub fn run_forward_as(
+    device: crate::device::Device,
+    precision: crate::device::Precision,
+    job: &ForwardJob,
+) -> Result<ForwardReport, ForwardError> {
+    struct Run<'a>(&'a ForwardJob, crate::device::Precision);
     impl crate::device::BackendJob for Run<'_> {
-        type Output = Result<ForwardReport, ModelError>;
-        fn run<B: Kernels>(self, device: B::Device, _: crate::device::Target) -> Self::Output {
-            run_forward::<B>(self.0, &device)
+        type Output = Result<ForwardReport, ForwardError>;
+        fn run<B: Kernels>(self, device: B::Device, t: crate::device::Target) -> Self::Output {
+            self.1.apply::<B>(&device, &t.device.to_string())?;
+            Ok(run_forward::<B>(self.0, &device)?)
         }
     }
-    Ok(crate::device::run_on(device, Run(job))??)
+    crate::device::run_on(device, Run(job, precision))?
 }
 
 /// Runs `job` on `device`.
@@ -183,6 +202,39 @@ pub fn run_forward<B: Kernels>(
         }
         Err(_) => None,
     };
+    if job.greedy > 0 && rows.len() != 1 {
+        return Err(ModelError::Input {
+            name: "input_ids",
+            reason: format!(
+                "--greedy takes one row (the images belong to it), found {}",
+                rows.len()
+            ),
+        });
+    }
+    let greedy = if job.greedy > 0 {
+        let requests: Vec<crate::model::Request<B>> = rows
+            .iter()
+            .map(|ids| crate::model::Request {
+                input_ids: ids.clone(),
+                images: images.clone(),
+            })
+            .collect();
+        let cfg = crate::model::GenerateConfig {
+            max_new_tokens: job.greedy,
+            sampling: crate::model::Sampling::Greedy,
+            seed: 0,
+            eos_token_ids: Some(vec![]),
+        };
+        let gens = model.generate(&requests, &cfg, device)?;
+        let tokens: Vec<u8> = gens
+            .iter()
+            .flat_map(|g| g.tokens.iter().map(|&t| i64::from(t)))
+            .flat_map(i64::to_le_bytes)
+            .collect();
+        Some((tokens, vec![gens.len(), job.greedy]))
+    } else {
+        None
+    };
     let out = model.forward(&rows, None, images.as_ref(), device)?;
     let logits_shape = out.logits.dims();
     let to_f32 = |t: TensorData, what: &'static str| -> Result<Vec<u8>, ModelError> {
@@ -225,6 +277,11 @@ pub fn run_forward<B: Kernels>(
     if let Some(e) = &embeds {
         tensors.push(("image_embeds".to_string(), view(e, eshape.clone())));
     }
+    if let Some((tokens, shape)) = &greedy {
+        let v = TensorView::new(StDtype::I64, shape.clone(), tokens)
+            .expect("shape and byte length agree by construction");
+        tensors.push(("greedy_new_tokens".to_string(), v));
+    }
     let bytes =
         safetensors::serialize(tensors, None).map_err(|source| ModelError::Safetensors {
             path: job.out.clone(),
@@ -254,6 +311,7 @@ mod tests {
             merge: false,
             inputs: fixture("qwen2_5_vl_tiny/reference.safetensors"),
             out: dir.path().join("out.safetensors"),
+            greedy: 0,
         };
         let rep = run_forward::<TB>(&job, &Default::default()).unwrap();
         assert_eq!(rep.logits_shape, [1, 48, 2048]);
@@ -296,6 +354,7 @@ mod tests {
                 merge,
                 inputs: fixture("qwen2_5_vl_tiny/reference.safetensors"),
                 out: dir.path().join(format!("out-{merge}.safetensors")),
+                greedy: 0,
             };
             run_forward::<TB>(&job, &Default::default()).unwrap();
             let got = std::fs::read(&job.out).unwrap();
@@ -318,6 +377,7 @@ mod tests {
             merge: false,
             inputs: fixture("qwen2_5_vl_tiny/reference.safetensors"),
             out: dir.path().join("out.safetensors"),
+            greedy: 0,
         };
         let e = run_forward::<TB>(&job, &Default::default())
             .unwrap_err()
@@ -349,6 +409,7 @@ mod tests {
             merge: false,
             inputs,
             out: dir.path().join("out.safetensors"),
+            greedy: 0,
         };
         let rep = run_forward::<TB>(&job, &Default::default()).unwrap();
         assert_eq!(
@@ -387,6 +448,7 @@ mod tests {
             merge: false,
             inputs: inputs.clone(),
             out: dir.path().join("out.safetensors"),
+            greedy: 0,
         };
         let e = run_forward::<TB>(&job, &Default::default())
             .unwrap_err()

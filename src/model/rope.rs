@@ -206,8 +206,8 @@ impl<B: Kernels> RopeTables<B> {
                 })
                 .collect();
             start += len;
-            let inv: Tensor<B, 3> = Tensor::<B, 1>::from_data(TensorData::new(inv, [half]), device)
-                .reshape([1, 1, half]);
+            let inv: Tensor<B, 3> =
+                Tensor::<B, 1>::from_data(TensorData::new(inv, [half]), f32_).reshape([1, 1, half]);
             let p = pos.clone().narrow(0, axis, 1).reshape([batch, seq, 1]);
             let f = p * inv; // [batch, seq, half]
             freqs = Some(match freqs {

@@ -12,10 +12,9 @@
 //! and `Qwen2_5_VLPatchMerger` (RMSNorm `ln_q`, concat 2×2, Linear–GELU(erf)–Linear),
 //! followed by the inverse window permutation.
 
+use crate::model::attend::attend;
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, silu};
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, TensorData};
 
 use crate::kernels::Kernels;
@@ -139,14 +138,7 @@ impl<B: Kernels> VisionAttention<B> {
             .padded
             .as_ref()
             .map(|p| p.mask.clone().expand([n, h, l, l]));
-        let o = attention(
-            split(q),
-            split(k),
-            split(v),
-            mask,
-            None,
-            AttentionModuleOptions::default(),
-        );
+        let o = attend(split(q), split(k), split(v), mask);
         let o = o.swap_dims(1, 2).reshape([n * l, d]); // [segments·len, hidden]
         let o = match &seg.padded {
             Some(p) => o.select(0, p.scatter.clone()),
