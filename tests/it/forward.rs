@@ -40,9 +40,9 @@ fn logits(path: &Path) -> Vec<f32> {
     tensor(path, "logits")
 }
 
-/// Runs `medpipe forward --model MODEL [--adapter A] --inputs INPUTS --out OUT --device D`.
-fn forward_on(
-    device: &str,
+/// Runs `medpipe forward --model MODEL [--adapter A] --inputs INPUTS --out OUT EXTRA…`.
+fn forward_with(
+    extra: &[&str],
     model: &Path,
     adapter: Option<&Path>,
     inputs: &Path,
@@ -54,8 +54,18 @@ fn forward_on(
         cmd.arg("--adapter").arg(a);
     }
     cmd.arg("--inputs").arg(inputs).arg("--out").arg(out);
-    cmd.args(["--device", device]);
+    cmd.args(extra);
     cmd.output().unwrap()
+}
+
+fn forward_on(
+    device: &str,
+    model: &Path,
+    adapter: Option<&Path>,
+    inputs: &Path,
+    out: &Path,
+) -> Output {
+    forward_with(&["--device", device], model, adapter, inputs, out)
 }
 
 fn forward(model: &Path, adapter: Option<&Path>, inputs: &Path, out: &Path) -> Output {
@@ -206,15 +216,13 @@ fn forward_subcommand_with_an_adapter_writes_peft_logits() {
 fn forward_and_generate_on_cuda_in_a_cpu_build_exit_2_naming_the_rebuild_command() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.safetensors");
-    let forward = Command::new(env!("CARGO_BIN_EXE_medpipe"))
-        .args(["forward", "--device", "cuda:0", "--model"])
-        .arg(fixture("qwen2_5_vl_tiny"))
-        .arg("--inputs")
-        .arg(fixture("qwen2_5_vl_tiny/reference.safetensors"))
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let forward = forward_on(
+        "cuda:0",
+        &fixture("qwen2_5_vl_tiny"),
+        None,
+        &fixture("qwen2_5_vl_tiny/reference.safetensors"),
+        &out,
+    );
     let generate = Command::new(env!("CARGO_BIN_EXE_medpipe"))
         .args(["generate", "--device", "cuda", "--prompt", "x", "--model"])
         .arg(fixture("qwen2_5_vl_tiny"))
@@ -292,15 +300,13 @@ fn forward_in_f16_on_wgpu_stays_within_the_references_half_precision_distance() 
 fn half_precision_on_the_cpu_is_refused_as_a_usage_error() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o.safetensors");
-    let run = Command::new(env!("CARGO_BIN_EXE_medpipe"))
-        .args(["forward", "--device", "cpu", "--dtype", "f16", "--model"])
-        .arg(fixture("qwen2_5_vl_tiny"))
-        .arg("--inputs")
-        .arg(fixture("qwen2_5_vl_tiny/reference.safetensors"))
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let run = forward_with(
+        &["--device", "cpu", "--dtype", "f16"],
+        &fixture("qwen2_5_vl_tiny"),
+        None,
+        &fixture("qwen2_5_vl_tiny/reference.safetensors"),
+        &out,
+    );
     assert_eq!(run.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&run.stderr).contains("computes in f32"));
     assert!(!out.exists());
