@@ -100,7 +100,9 @@ impl Default for PrepareConfig {
 
 impl PrepareConfig {
     /// Checks `[prepare]`: at least one source, each named well and once; split fractions
-    /// that sum to 1; a usable page geometry; probabilities in [0, 1].
+    /// that sum to 1; a usable page geometry; probabilities in [0, 1]. Filters that drop
+    /// everything are allowed: the stage then fails naming them (or keeps going with
+    /// `allow_empty`).
     ///
     /// # Errors
     /// The first value outside its range. An empty source list is refused here, not after
@@ -179,19 +181,7 @@ impl PrepareConfig {
             d.jpeg_quality,
             "must be in [1, 100]",
         )?;
-        let f = &self.filters;
-        check(
-            f.min_answer_chars <= f.max_answer_chars,
-            "prepare.filters.max_answer_chars",
-            f.max_answer_chars,
-            &format!("must be at least min_answer_chars ({})", f.min_answer_chars),
-        )?;
-        check(
-            f.min_image_pixels <= f.max_image_pixels,
-            "prepare.filters.max_image_pixels",
-            f.max_image_pixels,
-            &format!("must be at least min_image_pixels ({})", f.min_image_pixels),
-        )
+        Ok(())
     }
 }
 

@@ -357,3 +357,45 @@ fn issue_15_a_copied_workspace_loads_its_own_model_and_reverifies_what_it_inheri
         wsf.canonicalize().unwrap()
     );
 }
+
+#[test]
+fn issue_15_generate_refuses_a_request_longer_than_the_model_holds_up_front_and_takes_an_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("page.png");
+    image::RgbImage::from_pixel(56, 56, image::Rgb([240, 240, 240]))
+        .save(&img)
+        .unwrap();
+    let generate = |extra: &[&str]| {
+        medpipe()
+            .env("MEDPIPE_CACHE", tmp.path().join("cache"))
+            .args(["generate", "--model", "builtin:tiny", "--device", "cpu"])
+            .args(["--prompt", "List the lab values", "--image"])
+            .arg(&img)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // builtin:tiny holds 4096 positions; 2^64-1 used to overflow into "KV cache full".
+    for n in ["100000", "18446744073709551615"] {
+        let out = generate(&["--max-new-tokens", n]);
+        assert_eq!(out.status.code(), Some(2), "{n}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains(&format!(
+                "plus {n} new tokens exceeds the model's max_position_embeddings 4096"
+            )),
+            "{err}"
+        );
+        assert!(err.contains("(allowed: at most "), "{err}");
+    }
+    // --adapter is read (as forward's is): a directory without an adapter is named.
+    let missing = tmp.path().join("no-adapter");
+    let out = generate(&[
+        "--max-new-tokens",
+        "2",
+        "--adapter",
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no-adapter"), "{}", stderr(&out));
+}
