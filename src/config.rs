@@ -35,9 +35,11 @@ pub enum ConfigError {
     BadOverride { assignment: String },
     #[error("--set {assignment}: {message}")]
     Override { assignment: String, message: String },
-    #[error("config {path}: {invalid}")]
+    #[error("config {path}{}: {invalid}", .via.as_ref().map(|v| format!(" (--set {v})")).unwrap_or_default())]
     Invalid {
         path: PathBuf,
+        /// The `--set` assignment that gave the value, when one did.
+        via: Option<String>,
         invalid: InvalidValue,
     },
 }
@@ -222,6 +224,18 @@ impl Config {
         cfg.origin = origin.to_path_buf();
         cfg.validate().map_err(|invalid| ConfigError::Invalid {
             path: origin.to_path_buf(),
+            // The last override of this key (or of a section holding it) decided the value.
+            via: overrides
+                .iter()
+                .rev()
+                .find(|o| {
+                    let key = o.split('=').next().unwrap_or("").trim();
+                    !key.is_empty()
+                        && invalid.key.strip_prefix(key).is_some_and(|rest| {
+                            rest.is_empty() || rest.starts_with('.') || rest.starts_with('[')
+                        })
+                })
+                .cloned(),
             invalid,
         })?;
         Ok(cfg)
@@ -396,6 +410,15 @@ mod tests {
         assert_eq!(
             err,
             "config test.toml: train.lora_dropout = 1.5 is not allowed (must be in [0, 1))"
+        );
+    }
+
+    #[test]
+    fn an_out_of_range_override_is_named_as_the_set_that_gave_it() {
+        let err = parse("", &["train.r=0"]).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "config test.toml (--set train.r=0): train.r = 0 is not allowed (must be at least 1)"
         );
     }
 
