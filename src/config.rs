@@ -35,6 +35,63 @@ pub enum ConfigError {
     BadOverride { assignment: String },
     #[error("--set {assignment}: {message}")]
     Override { assignment: String, message: String },
+    #[error("config {path}{}: {invalid}", .via.as_ref().map(|v| format!(" (--set {v})")).unwrap_or_default())]
+    Invalid {
+        path: PathBuf,
+        /// The `--set` assignment that gave the value, when one did.
+        via: Option<String>,
+        invalid: InvalidValue,
+    },
+}
+
+/// A config value outside what its key allows: the key (dotted), the value as given, and
+/// the allowed range, so the message alone says what to change.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{key} = {value} is not allowed ({allowed})")]
+pub struct InvalidValue {
+    /// Dotted key, `section.key` (`prepare.sources[1].name` for list items).
+    pub key: String,
+    /// The value as given.
+    pub value: String,
+    /// What the key accepts (`at least 1`, `in [0, 1)`).
+    pub allowed: String,
+}
+
+/// `Ok` when `ok`, else an [`InvalidValue`] for `key = value` allowing `allowed`.
+///
+/// # Errors
+/// When `ok` is false.
+pub(crate) fn check(
+    ok: bool,
+    key: &str,
+    value: impl std::fmt::Display,
+    allowed: &str,
+) -> Result<(), InvalidValue> {
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidValue {
+            key: key.to_string(),
+            value: value.to_string(),
+            allowed: allowed.to_string(),
+        })
+    }
+}
+
+/// `key` must be at least 1 (a count, a size, a rank).
+pub(crate) fn at_least_one(key: &str, value: impl Into<u64>) -> Result<(), InvalidValue> {
+    let v = value.into();
+    check(v >= 1, key, v, "must be at least 1")
+}
+
+/// `key` must be a finite number in `[0, 1]`.
+pub(crate) fn fraction(key: &str, value: f64) -> Result<(), InvalidValue> {
+    check(
+        value.is_finite() && (0.0..=1.0).contains(&value),
+        key,
+        value,
+        "must be in [0, 1]",
+    )
 }
 
 /// Which model the pipeline works on. Shared by several stages.
@@ -49,6 +106,25 @@ pub struct ModelConfig {
 
 fn default_model_source() -> String {
     "builtin:tiny".into()
+}
+
+impl ModelConfig {
+    /// Checks `[model]`: a source of a known kind.
+    ///
+    /// # Errors
+    /// An empty source, or a `builtin:` model other than `builtin:tiny`.
+    pub fn validate(&self) -> Result<(), InvalidValue> {
+        let s = self.source.trim();
+        let allowed =
+            "builtin:tiny, hf:org/name[@revision], or a directory (relative to the workspace)";
+        check(!s.is_empty(), "model.source", "\"\"", allowed)?;
+        check(
+            s.strip_prefix("builtin:").is_none_or(|n| n == "tiny"),
+            "model.source",
+            format!("{s:?}"),
+            allowed,
+        )
+    }
 }
 
 impl Default for ModelConfig {
@@ -126,21 +202,59 @@ impl Config {
             message: e.to_string().trim_end().to_string(),
         };
         // First pass on the text itself, so errors carry line and column.
-        let mut cfg: Config = toml::from_str(text).map_err(parse_err)?;
-        if !overrides.is_empty() {
-            let mut table: toml::Table = toml::from_str(text).map_err(parse_err)?;
-            for assignment in overrides {
-                apply_override(&mut table, assignment)?;
-            }
-            cfg = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
+        toml::from_str::<Config>(text).map_err(parse_err)?;
+        // Then the file is laid over the embedded default: a section or key the file does
+        // not set takes the value pipeline/default.toml shows (issue 15), not a code default.
+        let mut table: toml::Table =
+            toml::from_str(DEFAULT_CONFIG).expect("the embedded default config is valid TOML");
+        merge(&mut table, toml::from_str(text).map_err(parse_err)?);
+        for assignment in overrides {
+            apply_override(&mut table, assignment)?;
+        }
+        let mut cfg = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
+            if overrides.is_empty() {
+                parse_err(e)
+            } else {
                 ConfigError::Override {
                     assignment: overrides.join(" --set "),
                     message: e.to_string().trim_end().to_string(),
                 }
-            })?;
-        }
+            }
+        })?;
         cfg.origin = origin.to_path_buf();
+        cfg.validate().map_err(|invalid| ConfigError::Invalid {
+            path: origin.to_path_buf(),
+            // The last override of this key (or of a section holding it) decided the value.
+            via: overrides
+                .iter()
+                .rev()
+                .find(|o| {
+                    let key = o.split('=').next().unwrap_or("").trim();
+                    !key.is_empty()
+                        && invalid.key.strip_prefix(key).is_some_and(|rest| {
+                            rest.is_empty() || rest.starts_with('.') || rest.starts_with('[')
+                        })
+                })
+                .cloned(),
+            invalid,
+        })?;
         Ok(cfg)
+    }
+
+    /// Checks every section's values (each section's own `validate`), so a bad value is
+    /// refused before the first stage runs, whichever stage would read it.
+    ///
+    /// # Errors
+    /// The first value outside its allowed range.
+    pub fn validate(&self) -> Result<(), InvalidValue> {
+        self.model.validate()?;
+        self.probe.validate()?;
+        self.download.validate()?;
+        self.baseline.validate()?;
+        self.quantize.validate()?;
+        self.prepare.validate()?;
+        self.train.validate()?;
+        self.evaluate.validate()
     }
 
     /// The named section as canonical JSON (sorted keys), for hashing and for artifacts.
@@ -179,6 +293,19 @@ fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), Confi
     }
     node.insert(path[path.len() - 1].to_string(), value);
     Ok(())
+}
+
+/// Lays `over` onto `base`: tables merge key by key (recursively), anything else (values,
+/// arrays, arrays of tables such as `[[prepare.sources]]`) replaces what `base` had.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
 }
 
 /// Sorts object keys recursively so equal configs hash equally whatever the field order.
@@ -251,6 +378,48 @@ mod tests {
             parse("", &["source=x"]),
             Err(ConfigError::BadOverride { .. })
         ));
+    }
+
+    #[test]
+    fn a_file_without_a_section_takes_the_values_default_toml_shows() {
+        let cfg = parse("[evaluate]\nmax_new_tokens = 32\n", &[]).unwrap();
+        let default = Config::load(None, &[]).unwrap();
+        assert_eq!(cfg.train, default.train);
+        assert_eq!(
+            cfg.train.r, 16,
+            "pipeline/default.toml's r, not the recipe's 64"
+        );
+        assert_eq!(cfg.prepare, default.prepare);
+        assert_eq!(cfg.evaluate.max_new_tokens, 32);
+        assert_eq!(cfg.evaluate.batch_size, default.evaluate.batch_size);
+    }
+
+    #[test]
+    fn the_7b_config_keeps_the_full_qlora_recipe() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipeline/qwen2.5-vl-7b.toml");
+        let cfg = Config::load(Some(&path), &[]).unwrap();
+        let (r, alpha, samples) = (cfg.train.r, cfg.train.lora_alpha, cfg.train.max_samples);
+        assert_eq!((r, alpha, samples), (64, 128.0, 0));
+    }
+
+    #[test]
+    fn an_out_of_range_value_names_file_key_value_and_range() {
+        let err = parse("[train]\nlora_dropout = 1.5\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "config test.toml: train.lora_dropout = 1.5 is not allowed (must be in [0, 1))"
+        );
+    }
+
+    #[test]
+    fn an_out_of_range_override_is_named_as_the_set_that_gave_it() {
+        let err = parse("", &["train.r=0"]).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "config test.toml (--set train.r=0): train.r = 0 is not allowed (must be at least 1)"
+        );
     }
 
     #[test]

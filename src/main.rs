@@ -132,9 +132,13 @@ struct GenerateArgs {
     /// The user prompt.
     #[arg(long, value_name = "TEXT")]
     prompt: String,
-    /// New tokens at most.
+    /// New tokens at most (prompt plus new tokens must fit the model's
+    /// max_position_embeddings).
     #[arg(long, value_name = "N", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
     max_new_tokens: u64,
+    /// peft LoRA adapter directory to attach to the language model (as `forward --adapter`).
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
     /// Device: auto (a CUDA GPU when built with CUDA and one is free, else a hardware wgpu
     /// adapter, else the CPU), cpu, cuda, cuda:N, or wgpu (any Vulkan/Metal/DX12 adapter,
     /// software ones such as lavapipe included).
@@ -458,15 +462,20 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
 fn generate(args: GenerateArgs) -> Result<(), Failure> {
     let device = placement(&args.device, &args.model)?;
     let dir = medpipe::bench::source::resolve_model(&args.model, 0)?;
-    let a = medpipe::bench::oneshot::generate_answer_on(
-        device,
-        &dir,
-        &args.images,
-        &args.prompt,
-        args.max_new_tokens as usize,
-    )
-    .map_err(|e| Failure {
-        code: 1,
+    let job = medpipe::bench::oneshot::GenerateJob {
+        model_dir: dir.clone(),
+        adapter: args.adapter,
+        images: args.images,
+        prompt: args.prompt,
+        max_new_tokens: usize::try_from(args.max_new_tokens).unwrap_or(usize::MAX),
+    };
+    let a = medpipe::bench::oneshot::generate_answer_on(device, &job).map_err(|e| Failure {
+        // A request the model cannot hold is a usage error, refused before any work.
+        code: if matches!(e, medpipe::bench::BenchError::Invalid { .. }) {
+            2
+        } else {
+            1
+        },
         error: anyhow::Error::new(e).context(format!("generating with {}", dir.display())),
     })?;
     println!("{}", a.text);

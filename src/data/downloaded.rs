@@ -21,7 +21,8 @@ pub struct Downloaded {
     /// The commit a hub dataset resolved to (`None` for a local directory).
     #[serde(default)]
     pub revision: Option<String>,
-    /// Absolute directory holding its files (HF snapshot or the local directory).
+    /// Directory holding its files: relative to the workspace when inside it, else absolute
+    /// (an HF snapshot or a local directory elsewhere).
     pub dir: PathBuf,
     /// Its files, relative to `dir`, `/`-separated.
     #[serde(default)]

@@ -18,6 +18,7 @@
 //! warnings        [ text ]
 //! error           { message, causes[] } when failed, else null
 //! medpipe_version, git_commit
+//! workspace       the workspace root it was written in (absent in older artifacts)
 //! ```
 
 use std::collections::BTreeMap;
@@ -118,6 +119,11 @@ pub struct Artifact {
     pub error: Option<ErrorRecord>,
     pub medpipe_version: String,
     pub git_commit: Option<String>,
+    /// The absolute workspace root the stage ran in. Read from another root, the workspace
+    /// was copied or moved: its outputs are re-verified by content, not trusted by their
+    /// stat fingerprints (issue 15).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<PathBuf>,
 }
 
 impl Artifact {

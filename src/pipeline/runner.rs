@@ -55,6 +55,12 @@ pub enum RunError {
         upstream: String,
         path: PathBuf,
     },
+    #[error("--only {stage}: upstream `{upstream}` is stale ({reason}); run `medpipe run --to {stage}` to bring it up to date, or add --force to run `{stage}` on it anyway")]
+    UpstreamStale {
+        stage: String,
+        upstream: String,
+        reason: String,
+    },
     #[error(transparent)]
     Workspace(#[from] WorkspaceError),
     #[error(transparent)]
@@ -267,6 +273,22 @@ impl Pipeline {
             }
         }
 
+        // `--only` runs one stage on its upstream as it is on disk: refuse when that is stale
+        // (it would be re-run by a plain `run`), unless forced.
+        if let (Some(only), false) = (&opts.only, opts.force) {
+            let states = self.status(ws, config)?;
+            let stale = all_upstream(self.stages[first].as_ref())
+                .filter_map(|u| states.iter().find(|s| s.stage == u))
+                .find(|s| s.state == "stale");
+            if let Some(s) = stale {
+                return Err(RunError::UpstreamStale {
+                    stage: only.clone(),
+                    upstream: s.stage.clone(),
+                    reason: s.reason.clone(),
+                });
+            }
+        }
+
         for (i, stage) in self.stages.iter().enumerate().take(last + 1).skip(first) {
             let a = self.assess(stage.as_ref(), ws, config)?;
             let upstream_ran = all_upstream(stage.as_ref()).find(|u| ran.contains(u));
@@ -293,6 +315,9 @@ impl Pipeline {
                     summary: prev.map(|p| p.summary.clone()).unwrap_or_default(),
                     error: None,
                 };
+                if let Some(p) = prev.filter(|p| p.workspace.as_deref() != Some(ws.root())) {
+                    adopt(ws, stage.artifact_file(), p)?;
+                }
                 tracing::info!(stage = stage.name(), "skipping: up to date");
                 on_event(Event::Finished(&rep));
                 report.stages.push(rep);
@@ -391,6 +416,7 @@ impl Pipeline {
             error: None,
             medpipe_version: MEDPIPE_VERSION.into(),
             git_commit: git_commit(),
+            workspace: Some(ws.root().to_path_buf()),
         };
         match result {
             Ok((out, files)) => {
@@ -427,13 +453,19 @@ impl Pipeline {
         ws: &Workspace,
         config: &Config,
     ) -> Result<Assessment, RunError> {
-        let config_json = canonical(Value::Object(
-            stage
-                .config_sections()
-                .into_iter()
-                .map(|s| (s.to_string(), config.section_json(s)))
-                .collect(),
-        ));
+        let config_json = canonical(
+            stage.resolve_config(
+                canonical(Value::Object(
+                    stage
+                        .config_sections()
+                        .into_iter()
+                        .map(|s| (s.to_string(), config.section_json(s)))
+                        .collect(),
+                )),
+                config,
+                ws,
+            ),
+        );
         let mut upstream = BTreeMap::new();
         let mut upstream_outputs = BTreeMap::new();
         let mut stale_upstream = None;
@@ -528,6 +560,24 @@ impl Pipeline {
     }
 }
 
+/// Records that a copied or moved workspace's artifact was re-verified here: the current root
+/// and fresh stat fingerprints, so the next run trusts them again. Nothing else changes.
+fn adopt(ws: &Workspace, file: &str, prev: &Artifact) -> Result<(), RunError> {
+    let mut a = prev.clone();
+    tracing::info!(
+        stage = %a.stage,
+        from = ?a.workspace,
+        to = %ws.root().display(),
+        "artifact re-verified in a moved workspace"
+    );
+    a.workspace = Some(ws.root().to_path_buf());
+    for o in &mut a.outputs {
+        o.stat = fs::stat_fingerprint(&ws.root().join(&o.path)).ok();
+    }
+    fs::write_json_atomic(&ws.reports().join(file), &a)?;
+    Ok(())
+}
+
 /// Required and optional upstream stages.
 fn all_upstream(stage: &dyn Stage) -> impl Iterator<Item = &'static str> + '_ {
     stage
@@ -573,10 +623,13 @@ fn why_stale(
     if prev.input_hash != input_hash {
         return Some("inputs changed (upstream outputs or medpipe version)".into());
     }
+    // A workspace copied or moved from elsewhere (`cp -a` keeps sizes and mtimes): its
+    // stat fingerprints prove nothing about these files, so every output is re-hashed.
+    let moved = prev.workspace.as_deref() != Some(root);
     for out in &prev.outputs {
         let p = root.join(&out.path);
         let stat = fs::stat_fingerprint(&p).ok();
-        if stat.is_some() && stat == out.stat {
+        if !moved && stat.is_some() && stat == out.stat {
             continue; // untouched since hashed: skip re-reading it
         }
         match fs::hash_path(&p) {

@@ -33,6 +33,13 @@ pub trait Stage: Send + Sync {
     fn config_sections(&self) -> Vec<&'static str> {
         vec![self.name()]
     }
+    /// The config this stage's input hash covers, given its `config_sections` as written
+    /// (canonical JSON, one key per section). Default: as written. A stage that resolves a
+    /// setting against the machine hashes the resolved value instead (the probe hashes the
+    /// device it chooses, so `auto` and `cpu` on a CPU machine are the same input).
+    fn resolve_config(&self, sections: Value, _config: &Config, _ws: &Workspace) -> Value {
+        sections
+    }
     /// Bump when the stage's code changes what it produces: old artifacts become stale.
     fn code_version(&self) -> u32;
     /// Does the work. Every file it writes goes through `pipeline::fs::write_atomic`
@@ -85,6 +92,22 @@ impl<'a> StageCtx<'a> {
             .find(|(n, _)| *n == stage)
             .map(|(_, a)| a)
             .ok_or_else(|| anyhow::anyhow!("stage did not declare `{stage}` as upstream"))
+    }
+
+    /// The device model work runs on: the one the probe resolved (`metrics.device` of
+    /// `reports/environment.json`), so every stage uses the device that was hashed into
+    /// its inputs. The stage must declare `probe` as upstream.
+    ///
+    /// # Errors
+    /// No probe upstream, or an artifact without a valid `metrics.device`.
+    pub fn device(&self) -> anyhow::Result<crate::device::Device> {
+        let probe = self.upstream("probe")?;
+        let name = probe
+            .metric("/device")
+            .and_then(Value::as_str)
+            .ok_or_else(|| anyhow::anyhow!("reports/environment.json has no metrics.device"))?;
+        crate::device::Device::parse(name)
+            .map_err(|e| anyhow::Error::new(e).context("reports/environment.json metrics.device"))
     }
 
     /// Absolute path of a workspace-relative path.

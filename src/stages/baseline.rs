@@ -12,8 +12,6 @@
 //! f32 on the CPU, burn's Cuda backend on a GPU in a `--features cuda` build; the bench
 //! block records the device, and on a GPU its memory (NVML and the allocator).
 
-use std::path::PathBuf;
-
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -89,6 +87,61 @@ fn one() -> f32 {
     1.0
 }
 
+impl BaselineConfig {
+    /// Checks `[baseline]` (the same rules `medpipe bench` applies to its flags).
+    ///
+    /// # Errors
+    /// `runs`, `max_new_tokens`, a batch size or a grid length of 0; no batch size; a soak
+    /// or price out of range; sampling with a temperature ≤ 0 or `top_p` outside (0, 1].
+    pub fn validate(&self) -> Result<(), crate::config::InvalidValue> {
+        use crate::config::{at_least_one, check};
+        at_least_one("baseline.runs", self.runs as u64)?;
+        at_least_one("baseline.max_new_tokens", self.max_new_tokens as u64)?;
+        check(
+            !self.batch_sizes.is_empty() && !self.batch_sizes.contains(&0),
+            "baseline.batch_sizes",
+            format!("{:?}", self.batch_sizes),
+            "must list at least one batch size, each at least 1",
+        )?;
+        check(
+            !self.grid_max_new_tokens.contains(&0),
+            "baseline.grid_max_new_tokens",
+            format!("{:?}", self.grid_max_new_tokens),
+            "each must be at least 1",
+        )?;
+        let max_soak = crate::bench::run::MAX_SOAK_SECONDS;
+        check(
+            self.soak_seconds.is_finite() && (0.0..=max_soak).contains(&self.soak_seconds),
+            "baseline.soak_seconds",
+            self.soak_seconds,
+            &format!("must be in [0, {max_soak}]"),
+        )?;
+        if let Some(p) = self.price_per_device_hour {
+            check(
+                p.is_finite() && p >= 0.0,
+                "baseline.price_per_device_hour",
+                p,
+                "must be at least 0",
+            )?;
+        }
+        if self.do_sample {
+            check(
+                self.temperature.is_finite() && self.temperature > 0.0,
+                "baseline.temperature",
+                self.temperature,
+                "must be greater than 0 when do_sample = true",
+            )?;
+            check(
+                self.top_p > 0.0 && self.top_p <= 1.0,
+                "baseline.top_p",
+                self.top_p,
+                "must be in (0, 1] when do_sample = true",
+            )?;
+        }
+        Ok(())
+    }
+}
+
 impl Default for BaselineConfig {
     fn default() -> Self {
         Self {
@@ -150,11 +203,11 @@ impl Stage for Baseline {
         "baseline.json"
     }
     fn upstream(&self) -> &'static [&'static str] {
-        &["download"]
+        &["probe", "download"]
     }
     fn config_sections(&self) -> Vec<&'static str> {
-        // `probe`: the device to run on.
-        vec!["baseline", "probe"]
+        // The device comes from the probe (an upstream): resolved once, hashed there.
+        vec!["baseline"]
     }
     fn code_version(&self) -> u32 {
         // 2: bench schema 2 (device and allocator memory); runs on the chosen device.
@@ -166,7 +219,8 @@ impl Stage for Baseline {
         let model_dir = download
             .metric("/model_dir")
             .and_then(Value::as_str)
-            .map(PathBuf::from)
+            // Workspace-relative when the model lives in the workspace (issue 15).
+            .map(|d| ctx.path(d))
             .context("download.json has no metrics.model_dir")?;
         let model_id = download
             .metric("/model_source")
@@ -177,7 +231,7 @@ impl Stage for Baseline {
             .metric("/model_revision")
             .and_then(Value::as_str)
             .map(str::to_string);
-        let device = ctx.config().probe.resolve_device(&model_dir)?;
+        let device = ctx.device()?;
         let opts = ctx.config().baseline.options(&model_id, revision);
         let inputs = evaluation_documents()?;
         let result = run_bench_on(device, &model_dir, &opts, &inputs)

@@ -6,8 +6,11 @@
 //!   verified against the hub's sha256, and pinned to the commit it resolved to.
 //! - A local directory is used in place (its files are hashed).
 //!
-//! Writes `reports/download.json`. Its metrics carry `model_dir` (absolute path of the model
-//! in HF layout: what later stages load) and `datasets: [{name, dir, files}]`.
+//! Writes `reports/download.json`. Its metrics carry `model_dir` (the model in HF layout:
+//! what later stages load) and `datasets: [{name, dir, files}]`. A directory inside the
+//! workspace (`checkpoints/base`) is recorded relative to it, so a copied or moved workspace
+//! loads its own files; the HF cache and directories elsewhere stay absolute. Local sources
+//! (`model.source`, a dataset's `source`) resolve against the workspace, as prepare's do.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -93,6 +96,52 @@ impl Default for DownloadConfig {
     }
 }
 
+impl DownloadConfig {
+    /// Checks `[download]`: something to fetch, and datasets with distinct names.
+    ///
+    /// # Errors
+    /// Empty `model_files`, a dataset without a name, files or source, or two datasets of one
+    /// name.
+    pub fn validate(&self) -> Result<(), crate::config::InvalidValue> {
+        use crate::config::check;
+        check(
+            !self.model_files.is_empty(),
+            "download.model_files",
+            "[]",
+            "must list at least config.json and *.safetensors",
+        )?;
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, d) in self.datasets.iter().enumerate() {
+            let key = |k: &str| format!("download.datasets[{i}].{k}");
+            check(
+                !d.name.trim().is_empty(),
+                &key("name"),
+                "\"\"",
+                "must not be empty",
+            )?;
+            check(
+                seen.insert(d.name.as_str()),
+                &key("name"),
+                format!("{:?}", d.name),
+                "must differ from every other dataset's name",
+            )?;
+            check(
+                !d.source.trim().is_empty(),
+                &key("source"),
+                "\"\"",
+                "must be hf-dataset:org/name[@revision] or a directory",
+            )?;
+            check(
+                !d.files.is_empty(),
+                &key("files"),
+                "[]",
+                "must list at least one pattern",
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// Files a model directory must have.
 const REQUIRED_MODEL_FILES: [&str; 2] = ["config.json", "*.safetensors"];
 
@@ -116,7 +165,8 @@ impl Stage for Download {
         vec!["model", "download"]
     }
     fn code_version(&self) -> u32 {
-        1
+        // 2: workspace-relative model_dir, dataset dirs and cache paths (issue 15).
+        2
     }
 
     fn run(&self, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
@@ -148,9 +198,11 @@ impl Stage for Download {
             ("hf", Placed::from_hub(fetched))
         } else {
             let required = REQUIRED_MODEL_FILES.map(String::from);
-            let placed = place_local(&source, &cfg.model_files, &required).with_context(|| {
-                format!("[model] source `{source}` (a Hugging Face model directory)")
-            })?;
+            let dir = ctx.workspace().root().join(&source);
+            let placed =
+                place_local(&source, &dir, &cfg.model_files, &required).with_context(|| {
+                    format!("[model] source `{source}` (a Hugging Face model directory)")
+                })?;
             ("local", placed)
         };
         check_shards(&model.dir)?;
@@ -175,13 +227,24 @@ impl Stage for Download {
                     ds.name,
                     ds.source
                 ),
-                None => place_local(&ds.source, &ds.files, &ds.files)
-                    .with_context(|| format!("dataset `{}`", ds.name))?,
+                None => {
+                    let dir = ctx.workspace().root().join(&ds.source);
+                    place_local(&ds.source, &dir, &ds.files, &ds.files)
+                        .with_context(|| format!("dataset `{}`", ds.name))?
+                }
             };
             sets.push((ds, placed));
         }
         if let Some(b) = bar {
             b.finish_and_clear();
+        }
+        // Record what lives in the workspace relative to it (issue 15: a copy must not load
+        // the original's files).
+        let ws = ctx.workspace();
+        let mut model = model;
+        model.relativize(ws);
+        for (_, p) in &mut sets {
+            p.relativize(ws);
         }
 
         let datasets: Vec<Value> = sets
@@ -258,6 +321,17 @@ struct Placed {
 }
 
 impl Placed {
+    /// Rewrites the directory and the files' `cache_path` relative to the workspace when
+    /// they are inside it.
+    fn relativize(&mut self, ws: &crate::pipeline::Workspace) {
+        self.dir = ws.relative(&self.dir);
+        for r in &mut self.records {
+            if let Some(p) = r["cache_path"].as_str().map(PathBuf::from) {
+                r["cache_path"] = json!(ws.relative(&p));
+            }
+        }
+    }
+
     fn from_hub(f: FetchedRepo) -> Self {
         Self {
             records: hub_records(&f),
@@ -305,10 +379,15 @@ fn place_builtin_tiny(ctx: &StageCtx<'_>, seed: u64) -> anyhow::Result<Placed> {
     })
 }
 
-/// A local directory used in place (relative paths resolve against the current directory):
-/// its files matching `patterns`, each pattern in `required` matching at least one.
-fn place_local(source: &str, patterns: &[String], required: &[String]) -> anyhow::Result<Placed> {
-    let dir = std::path::absolute(source).with_context(|| format!("resolving `{source}`"))?;
+/// The local directory `dir` (the source `source` resolved against the workspace) used in
+/// place: its files matching `patterns`, each pattern in `required` matching at least one.
+fn place_local(
+    source: &str,
+    dir: &Path,
+    patterns: &[String],
+    required: &[String],
+) -> anyhow::Result<Placed> {
+    let dir = std::path::absolute(dir).with_context(|| format!("resolving `{source}`"))?;
     let names = local_files(&dir, patterns)?;
     if let Some(p) = required
         .iter()

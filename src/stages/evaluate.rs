@@ -106,6 +106,18 @@ fn default_resamples() -> usize {
     1000
 }
 
+impl EvaluateConfig {
+    /// Checks `[evaluate]` (`max_new_tokens = 0` used to surface only after training).
+    ///
+    /// # Errors
+    /// `batch_size` or `max_new_tokens` of 0.
+    pub fn validate(&self) -> Result<(), crate::config::InvalidValue> {
+        use crate::config::at_least_one;
+        at_least_one("evaluate.batch_size", self.batch_size as u64)?;
+        at_least_one("evaluate.max_new_tokens", self.max_new_tokens as u64)
+    }
+}
+
 impl Default for EvaluateConfig {
     fn default() -> Self {
         Self {
@@ -350,14 +362,14 @@ impl Stage for Evaluate {
         "evaluation.json"
     }
     fn upstream(&self) -> &'static [&'static str] {
-        &["download", "prepare"]
+        &["probe", "download", "prepare"]
     }
     fn optional_upstream(&self) -> &[&'static str] {
         &self.optional
     }
     fn config_sections(&self) -> Vec<&'static str> {
-        // `probe`: the device the variants run on.
-        vec!["evaluate", "probe"]
+        // The device comes from the probe (an upstream): resolved once, hashed there.
+        vec!["evaluate"]
     }
     fn code_version(&self) -> u32 {
         CODE_VERSION
@@ -393,7 +405,7 @@ impl Stage for Evaluate {
         // Every variant shares the base checkpoint's tokenizer, chat template and processor.
         let encoder = InputEncoder::from_dir(&base_dir)?;
         let docs = load_documents(ctx, &cfg, &encoder, &prepare)?;
-        let device = ctx.config().probe.resolve_device(&base_dir)?;
+        let device = ctx.device()?;
         struct Job<'a, 'c> {
             ctx: &'a StageCtx<'c>,
             cfg: &'a EvaluateConfig,

@@ -98,6 +98,93 @@ impl Default for PrepareConfig {
     }
 }
 
+impl PrepareConfig {
+    /// Checks `[prepare]`: at least one source, each named well and once; split fractions
+    /// that sum to 1; a usable page geometry; probabilities in [0, 1]. Filters that drop
+    /// everything are allowed: the stage then fails naming them (or keeps going with
+    /// `allow_empty`).
+    ///
+    /// # Errors
+    /// The first value outside its range. An empty source list is refused here, not after
+    /// training found nothing to train on (issue 15).
+    pub fn validate(&self) -> Result<(), crate::config::InvalidValue> {
+        use crate::config::{at_least_one, check, fraction};
+        check(
+            !self.sources.is_empty(),
+            "prepare.sources",
+            "[]",
+            "must list at least one [[prepare.sources]]",
+        )?;
+        let mut seen = BTreeSet::new();
+        for (i, s) in self.sources.iter().enumerate() {
+            let n = s.name();
+            let key = format!("prepare.sources[{i}].name");
+            check(
+                !n.is_empty()
+                    && n.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
+                &key,
+                format!("{n:?}"),
+                "must be letters, digits, `_` or `-`",
+            )?;
+            check(
+                n != eval_docs::SOURCE,
+                &key,
+                format!("{n:?}"),
+                "is reserved for the evaluation documents",
+            )?;
+            check(
+                seen.insert(n),
+                &key,
+                format!("{n:?}"),
+                "must differ from every other source's name",
+            )?;
+        }
+        at_least_one("prepare.shard_size", self.shard_size as u64)?;
+        let sp = &self.split;
+        for (k, v) in [("train", sp.train), ("val", sp.val), ("test", sp.test)] {
+            fraction(&format!("prepare.split.{k}"), v)?;
+        }
+        check(
+            sp.validate().is_ok(),
+            "prepare.split",
+            format!("train {} + val {} + test {}", sp.train, sp.val, sp.test),
+            "the three fractions must sum to 1",
+        )?;
+        let r = &self.render;
+        check(
+            r.width_px >= crate::data::render::SIDE_MULTIPLE,
+            "prepare.render.width_px",
+            r.width_px,
+            &format!("must be at least {}", crate::data::render::SIDE_MULTIPLE),
+        )?;
+        at_least_one("prepare.render.max_pixels", r.max_pixels)?;
+        at_least_one("prepare.render.min_font_px", r.min_font_px)?;
+        check(
+            r.font_px >= r.min_font_px,
+            "prepare.render.font_px",
+            r.font_px,
+            &format!("must be at least min_font_px ({})", r.min_font_px),
+        )?;
+        let d = &r.degrade;
+        for (k, v) in [
+            ("rotate_prob", d.rotate_prob),
+            ("blur_prob", d.blur_prob),
+            ("speckle_prob", d.speckle_prob),
+            ("jpeg_prob", d.jpeg_prob),
+        ] {
+            fraction(&format!("prepare.render.degrade.{k}"), v)?;
+        }
+        check(
+            (1..=100).contains(&d.jpeg_quality),
+            "prepare.render.degrade.jpeg_quality",
+            d.jpeg_quality,
+            "must be in [1, 100]",
+        )?;
+        Ok(())
+    }
+}
+
 /// A completed shard, as stored in its manifest.
 #[derive(Debug, Serialize, Deserialize)]
 struct ShardManifest {
@@ -156,14 +243,23 @@ impl Stage for Prepare {
     fn run(&self, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
         let started = Instant::now();
         let cfg = ctx.config().prepare.clone();
-        cfg.split.validate()?;
-        validate_sources(&cfg.sources)?;
+        cfg.validate()?;
         let root = ctx.workspace().root().to_path_buf();
         let datasets = match ctx.upstream("download") {
             Ok(a) => Some(downloaded::from_metrics(&a.metrics)?),
             Err(_) => None,
         };
         let key = config_key(&cfg, datasets.as_deref())?;
+        // download.json records datasets inside the workspace relative to it (the key above
+        // keeps that form, so a moved workspace reuses its shards); read them from here.
+        let datasets = datasets.map(|ds| {
+            ds.into_iter()
+                .map(|d| Downloaded {
+                    dir: root.join(&d.dir),
+                    ..d
+                })
+                .collect::<Vec<_>>()
+        });
         let shard_root = ctx.workspace().data().join(".prepare");
         let shard_dir = shard_root.join(&key);
 
@@ -360,27 +456,6 @@ impl Stage for Prepare {
             warnings,
         })
     }
-}
-
-fn validate_sources(sources: &[SourceConfig]) -> anyhow::Result<()> {
-    let mut seen = BTreeSet::new();
-    for s in sources {
-        let n = s.name();
-        if n.is_empty()
-            || !n
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        {
-            bail!("prepare.sources: name `{n}` must be letters, digits, `_` or `-`");
-        }
-        if n == eval_docs::SOURCE {
-            bail!("prepare.sources: name `{n}` is reserved for the evaluation documents");
-        }
-        if !seen.insert(n) {
-            bail!("prepare.sources: two sources are named `{n}`");
-        }
-    }
-    Ok(())
 }
 
 /// A short key for everything that decides shard contents: the config and, for sources
@@ -1141,19 +1216,24 @@ mod tests {
     }
 
     #[test]
-    fn bad_split_fractions_and_duplicate_source_names_are_rejected() {
-        let dir = tempfile::tempdir().unwrap();
-        let rep = run_in(dir.path(), SMALL, &["prepare.split.val=0.5"]);
-        assert!(rep.failed());
+    fn bad_split_fractions_and_duplicate_source_names_are_refused_when_the_config_loads() {
+        let load = |toml: &str, sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            Config::from_toml(toml, Path::new("test.toml"), &sets)
+                .unwrap_err()
+                .to_string()
+        };
+        let err = load(SMALL, &["prepare.split.val=0.5"]);
+        assert!(
+            err.contains("prepare.split = train 0.8 + val 0.5 + test 0.1"),
+            "{err}"
+        );
+        assert!(err.contains("must sum to 1"), "{err}");
         let toml = format!("{SMALL}[[prepare.sources]]\nkind = \"synthetic\"\ncount = 2\n");
-        let rep = run_in(dir.path(), &toml, &[]);
-        assert!(rep
-            .stages
-            .last()
-            .unwrap()
-            .error
-            .as_deref()
-            .unwrap()
-            .contains("two sources are named `synthetic`"));
+        let err = load(&toml, &[]);
+        assert!(
+            err.contains("prepare.sources[1].name = \"synthetic\""),
+            "{err}"
+        );
     }
 }

@@ -8,12 +8,13 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{json, Value};
 
+use crate::config::Config;
 pub use crate::device::nvml::{GpuInfo, GpuProbe};
 use crate::device::{choice::estimate_model_mib, nvml};
 pub use crate::device::{choose_device, Device};
-use crate::pipeline::{Stage, StageCtx, StageOutput};
+use crate::pipeline::{Stage, StageCtx, StageOutput, Workspace};
 
 /// `[probe]` config section.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -34,18 +35,18 @@ fn default_device() -> String {
 }
 
 impl ProbeConfig {
-    /// The device model work on the model in `model_dir` runs on: this section's `device`
-    /// resolved by the probe's rule on this machine (what every model stage calls).
+    /// Checks `[probe]`: a device this medpipe understands (whether this machine has it is
+    /// the probe's question).
     ///
     /// # Errors
-    /// An unknown device, CUDA asked of a CPU build, or a GPU NVML does not list.
-    pub fn resolve_device(&self, model_dir: &Path) -> Result<Device, crate::device::DeviceError> {
-        crate::device::resolve(
-            &self.device,
-            self.min_gpu_memory_mib,
-            &model_dir.display().to_string(),
+    /// A device other than `auto`, `cpu`, `cuda`, `cuda:N`.
+    pub fn validate(&self) -> Result<(), crate::config::InvalidValue> {
+        crate::config::check(
+            self.device == "auto" || Device::parse(&self.device).is_ok(),
+            "probe.device",
+            format!("{:?}", self.device),
+            "must be auto, cpu, cuda or cuda:N",
         )
-        .map(|p| p.device)
     }
 }
 
@@ -92,6 +93,16 @@ impl Stage for Probe {
     fn config_sections(&self) -> Vec<&'static str> {
         vec!["probe", "model"]
     }
+    /// The `[probe]` section is hashed as the device it resolves to on this machine, so a
+    /// spelling that changes nothing (`auto` → `cpu` on a CPU machine, or another
+    /// `min_gpu_memory_mib` that `auto` does not need) leaves every stage up to date. A
+    /// setting that does not resolve is hashed as written; the run then fails with why.
+    fn resolve_config(&self, mut sections: Value, config: &Config, ws: &Workspace) -> Value {
+        if let Ok((device, _)) = choose(config, ws) {
+            sections["probe"] = json!({ "device": device.to_string() });
+        }
+        sections
+    }
     fn code_version(&self) -> u32 {
         1
     }
@@ -110,11 +121,7 @@ impl Stage for Probe {
         let disk_free = free_disk_bytes(&Disks::new_with_refreshed_list(), ctx.workspace().root());
         let gpu = nvml::probe();
 
-        let need_mib = if cfg.min_gpu_memory_mib > 0 {
-            cfg.min_gpu_memory_mib
-        } else {
-            estimate_model_mib(&ctx.config().model.source)
-        };
+        let need_mib = need_mib(ctx.config(), ctx.workspace());
         let adapters = crate::device::wgpu::adapters();
         let (device, reason) = crate::device::choice::choose_with_wgpu(
             &cfg.device,
@@ -215,6 +222,37 @@ impl Stage for Probe {
             ..Default::default()
         })
     }
+}
+
+/// GPU memory the model needs, MiB: `min_gpu_memory_mib`, or estimated from the weights (a
+/// local source resolves against the workspace, as download places it).
+fn need_mib(config: &Config, ws: &Workspace) -> u64 {
+    if config.probe.min_gpu_memory_mib > 0 {
+        return config.probe.min_gpu_memory_mib;
+    }
+    let source = &config.model.source;
+    if source.starts_with("builtin:") || source.starts_with("hf:") {
+        estimate_model_mib(source)
+    } else {
+        estimate_model_mib(&ws.root().join(source).display().to_string())
+    }
+}
+
+/// The device `[probe]` resolves to on this machine, by the rule of [`choose_device`].
+fn choose(config: &Config, ws: &Workspace) -> Result<(Device, String), crate::device::DeviceError> {
+    let wanted = &config.probe.device;
+    if wanted == "cpu" {
+        // As `device::resolve`: NVML is not asked for the CPU.
+        return Ok((Device::Cpu, "requested explicitly".into()));
+    }
+    let gpu = nvml::probe();
+    crate::device::choice::choose_with_wgpu(
+        wanted,
+        &gpu,
+        need_mib(config, ws),
+        cfg!(feature = "cuda"),
+        crate::device::wgpu::adapters,
+    )
 }
 
 /// Free bytes on the filesystem holding `path` (the mount with the longest matching prefix).

@@ -13,7 +13,7 @@
 //! is `quant::Nf4Linear` on either; peak memory is RSS on the CPU and the allocator's pools
 //! on a GPU.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -64,6 +64,27 @@ fn default_warmup_runs() -> usize {
     1
 }
 
+impl QuantizeConfig {
+    /// Checks `[quantize]`.
+    ///
+    /// # Errors
+    /// `latency_prompts` or `max_new_tokens` of 0, or an empty module name in `skip`.
+    pub fn validate(&self) -> Result<(), crate::config::InvalidValue> {
+        use crate::config::{at_least_one, check};
+        at_least_one("quantize.latency_prompts", self.latency_prompts as u64)?;
+        at_least_one("quantize.max_new_tokens", self.max_new_tokens as u64)?;
+        for (i, m) in self.skip.iter().enumerate() {
+            check(
+                !m.trim().is_empty(),
+                &format!("quantize.skip[{i}]"),
+                "\"\"",
+                "must be a dotted module name such as lm_head",
+            )?;
+        }
+        Ok(())
+    }
+}
+
 impl Default for QuantizeConfig {
     fn default() -> Self {
         Self {
@@ -89,11 +110,11 @@ impl Stage for Quantize {
         "quantize.json"
     }
     fn upstream(&self) -> &'static [&'static str] {
-        &["download"]
+        &["probe", "download"]
     }
     fn config_sections(&self) -> Vec<&'static str> {
-        // `probe`: the device the timing runs on.
-        vec!["quantize", "probe"]
+        // The device comes from the probe (an upstream): resolved once, hashed there.
+        vec!["quantize"]
     }
     fn code_version(&self) -> u32 {
         1
@@ -101,7 +122,8 @@ impl Stage for Quantize {
 
     fn run(&self, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
         let cfg = ctx.config().quantize.clone();
-        let model_dir = PathBuf::from(
+        // Workspace-relative when the model lives in the workspace (issue 15).
+        let model_dir = ctx.path(
             ctx.upstream("download")?.metrics["model_dir"]
                 .as_str()
                 .context("download.json metrics have no `model_dir`")?,
@@ -125,7 +147,7 @@ impl Stage for Quantize {
             "NF4 checkpoint written"
         );
 
-        let device = ctx.config().probe.resolve_device(&model_dir)?;
+        let device = ctx.device()?;
         let prompts = evaluation_prompts(&model_dir, cfg.latency_prompts)?;
         // NF4 first: its load-time RSS is then not masked by pages freed from the base model.
         let nf4 = measure(device, &out_dir, &prompts, &cfg).context("timing the NF4 model")?;

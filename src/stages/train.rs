@@ -71,6 +71,53 @@ pub struct TrainStageConfig {
     pub eval_every: u64,
 }
 
+impl TrainStageConfig {
+    /// Checks `[train]` before anything runs (a rank of 0 or a dropout of 1.5 used to panic
+    /// inside the trainer, issue 15).
+    ///
+    /// # Errors
+    /// The first hyper-parameter outside its range.
+    pub fn validate(&self) -> Result<(), crate::config::InvalidValue> {
+        use crate::config::{at_least_one, check, fraction};
+        at_least_one("train.r", self.r as u64)?;
+        check(
+            self.lora_alpha.is_finite() && self.lora_alpha > 0.0,
+            "train.lora_alpha",
+            self.lora_alpha,
+            "must be greater than 0",
+        )?;
+        check(
+            (0.0..1.0).contains(&self.lora_dropout),
+            "train.lora_dropout",
+            self.lora_dropout,
+            "must be in [0, 1)",
+        )?;
+        check(
+            self.lr.is_finite() && self.lr > 0.0,
+            "train.lr",
+            self.lr,
+            "must be greater than 0",
+        )?;
+        fraction("train.warmup_ratio", self.warmup_ratio)?;
+        at_least_one("train.epochs", self.epochs as u64)?;
+        at_least_one("train.batch_size", self.batch_size as u64)?;
+        at_least_one("train.grad_accum", self.grad_accum as u64)?;
+        at_least_one("train.max_seq_len", self.max_seq_len as u64)?;
+        check(
+            self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0,
+            "train.max_grad_norm",
+            self.max_grad_norm,
+            "must be at least 0 (0 = no clipping)",
+        )?;
+        check(
+            self.weight_decay.is_finite() && self.weight_decay >= 0.0,
+            "train.weight_decay",
+            self.weight_decay,
+            "must be at least 0",
+        )
+    }
+}
+
 impl Default for TrainStageConfig {
     fn default() -> Self {
         Self {
@@ -107,11 +154,11 @@ impl Stage for Train {
         "training_metrics.json"
     }
     fn upstream(&self) -> &'static [&'static str] {
-        &["download", "quantize", "prepare"]
+        &["probe", "download", "quantize", "prepare"]
     }
     fn config_sections(&self) -> Vec<&'static str> {
-        // `probe`: the device training runs on.
-        vec!["train", "probe"]
+        // The device comes from the probe (an upstream): resolved once, hashed there.
+        vec!["train"]
     }
     fn code_version(&self) -> u32 {
         1
@@ -119,7 +166,8 @@ impl Stage for Train {
 
     fn run(&self, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
         let cfg = ctx.config().train.clone();
-        let model_dir = PathBuf::from(
+        // Workspace-relative when the model lives in the workspace (issue 15).
+        let model_dir = ctx.path(
             ctx.upstream("download")?
                 .metric("/model_dir")
                 .and_then(|v| v.as_str())
@@ -205,7 +253,7 @@ impl Stage for Train {
             ));
         }
         let adapter_dir = ctx.workspace().checkpoints().join("adapter");
-        let device = ctx.config().probe.resolve_device(&nf4_dir)?;
+        let device = ctx.device()?;
         let trained = run_autodiff_on(
             device,
             TrainJob {
@@ -265,7 +313,7 @@ impl Stage for Train {
             .fold(f64::INFINITY, f64::min);
         let mut metrics = serde_json::to_value(&report)?;
         let extra = json!({
-            "base_model_dir": model_dir,
+            "base_model_dir": ctx.workspace().relative(&model_dir),
             "nf4_base_dir": ctx.workspace().relative(&nf4_dir),
             "base_quantization": format!(
                 "nf4 (bitsandbytes layout, double quant); compute f32 on {}",

@@ -306,29 +306,30 @@ fn compare_of_two_crafted_results_flags_the_latency_change_beyond_noise() {
 fn run_to_baseline_writes_baseline_json_that_the_report_reads() {
     let tmp = tempfile::tempdir().unwrap();
     let ws = tmp.path();
+    let sets = [
+        "--set",
+        "baseline.runs=2",
+        "--set",
+        "baseline.warmup_runs=0",
+        "--set",
+        "baseline.max_new_tokens=2",
+        "--set",
+        "baseline.batch_sizes=[1]",
+    ];
     let o = medpipe()
-        .args([
-            "run",
-            "--quiet",
-            "--set",
-            "baseline.runs=2",
-            "--set",
-            "baseline.warmup_runs=0",
-            "--set",
-            "baseline.max_new_tokens=2",
-            "--set",
-            "baseline.batch_sizes=[1]",
-            "--to",
-            "baseline",
-            "--workspace",
-        ])
+        .args(["run", "--quiet"])
+        .args(sets)
+        .args(["--to", "baseline", "--workspace"])
         .arg(ws)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
-    // The report alone, on what ran so far (its upstream stages are all optional).
+    // The report alone, on what ran so far (its upstream stages are all optional), with the
+    // same config: `--only` refuses an upstream that this config would re-run.
     let r = medpipe()
-        .args(["run", "--quiet", "--only", "report", "--workspace"])
+        .args(["run", "--quiet", "--only", "report"])
+        .args(sets)
+        .arg("--workspace")
         .arg(ws)
         .output()
         .unwrap();

@@ -13,3 +13,4 @@ mod resume;
 mod runner;
 mod slice;
 mod small;
+mod trust;
