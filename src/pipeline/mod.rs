@@ -11,8 +11,8 @@ pub mod stage;
 pub mod workspace;
 
 pub use artifact::{Artifact, Status};
-pub use runner::{Event, Pipeline, RunError, RunOptions, RunReport, StageReport, StageState,
-    StatusOptions,
+pub use runner::{
+    Event, Pipeline, RunError, RunOptions, RunReport, StageReport, StageState, StatusOptions,
 };
 pub use stage::{Stage, StageCtx, StageOutput};
 pub use workspace::Workspace;

@@ -521,8 +521,7 @@ impl Pipeline {
         let previous = Artifact::read(&path)?;
         let stale = match &previous {
             None => Some("no artifact yet".to_string()),
-            Some(p) => stale_upstream
-                .or_else(|| {
+            Some(p) => stale_upstream.or_else(|| {
                 why_stale(
                     p,
                     stage,
@@ -825,8 +824,15 @@ mod tests {
         ]);
         let report = run_quietly(&p, dir.path());
 
-        assert!(report.failed(), "a panic is a failed stage (the CLI exits 1)");
-        let acts: Vec<_> = report.stages.iter().map(|s| (s.stage.as_str(), s.action)).collect();
+        assert!(
+            report.failed(),
+            "a panic is a failed stage (the CLI exits 1)"
+        );
+        let acts: Vec<_> = report
+            .stages
+            .iter()
+            .map(|s| (s.stage.as_str(), s.action))
+            .collect();
         assert_eq!(acts, vec![("boom", "failed")], "nothing runs after it");
         let said = report.stages[0].error.clone().unwrap();
         assert!(
@@ -851,7 +857,10 @@ mod tests {
 
         // The next run finds the failure and starts there again.
         let again = run_quietly(&p, dir.path());
-        assert_eq!(again.stages[0].reason.split(':').next(), Some("last run failed"));
+        assert_eq!(
+            again.stages[0].reason.split(':').next(),
+            Some("last run failed")
+        );
     }
 
     #[test]
@@ -864,7 +873,11 @@ mod tests {
         let report = run_quietly(&p, dir.path());
 
         assert!(report.failed());
-        assert_eq!(report.stages.len(), 1, "the run stops at the unrecorded stage");
+        assert_eq!(
+            report.stages.len(),
+            1,
+            "the run stops at the unrecorded stage"
+        );
         let said = report.stages[0].error.clone().unwrap();
         assert!(
             said.starts_with("the stage finished but its artifact could not be written: writing "),

@@ -155,7 +155,10 @@ impl Workspace {
             file.sync_all()
         })();
         if let Err(e) = write {
-            tracing::warn!("{:#}", anyhow::Error::from(io(e)).context("recording the lock holder"));
+            tracing::warn!(
+                "{:#}",
+                anyhow::Error::from(io(e)).context("recording the lock holder")
+            );
         }
         Ok(WorkspaceLock { _file: file })
     }
@@ -192,7 +195,9 @@ mod tests {
         assert!(err.contains("does not exist"), "{err}");
         assert!(!dir.path().join("no").exists(), "nothing was created");
         std::fs::write(dir.path().join("file"), b"x").unwrap();
-        let err = Workspace::existing(&dir.path().join("file")).unwrap_err().to_string();
+        let err = Workspace::existing(&dir.path().join("file"))
+            .unwrap_err()
+            .to_string();
         assert!(err.ends_with("it is not a directory"), "{err}");
         assert!(Workspace::existing(dir.path()).is_ok());
     }

@@ -13,6 +13,7 @@ use serde_json::json;
 pub use crate::device::nvml::{GpuInfo, GpuProbe};
 use crate::device::{choice::estimate_model_mib, nvml};
 pub use crate::device::{choose_device, Device};
+use crate::pipeline::space::human_bytes;
 use crate::pipeline::{Stage, StageCtx, StageOutput};
 
 /// `[probe]` config section.
@@ -97,7 +98,7 @@ impl Stage for Probe {
     }
 
     fn run(&self, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
-        use sysinfo::{Disks, System};
+        use sysinfo::System;
         let cfg = &ctx.config().probe;
         let mut sys = System::new();
         sys.refresh_memory();
@@ -107,7 +108,11 @@ impl Stage for Probe {
             .first()
             .map(|c| c.brand().trim().to_string())
             .unwrap_or_default();
-        let disk_free = free_disk_bytes(&Disks::new_with_refreshed_list(), ctx.workspace().root());
+        // The workspace's own filesystem (statvfs on it), not the mount table's idea of it:
+        // sysinfo omits tmpfs and reported the root disk for a workspace on a 3 MiB tmpfs.
+        let disk = crate::pipeline::space::disk_space(ctx.workspace().root())
+            .map_err(|e| format!("{:#}", anyhow::Error::from(e)));
+        let disk_free = disk.as_ref().ok().map(|d| d.available_bytes);
         let gpu = nvml::probe();
 
         let need_mib = if cfg.min_gpu_memory_mib > 0 {
@@ -136,7 +141,10 @@ impl Stage for Probe {
             },
             "disk": {
                 "workspace": ctx.workspace().root(),
+                "mount_point": disk.as_ref().ok().and_then(|d| d.mount_point.clone()),
                 "free_bytes": disk_free,
+                "total_bytes": disk.as_ref().ok().map(|d| d.total_bytes),
+                "error": disk.as_ref().err(),
             },
             "gpu": gpu,
             "backends_built": built_backends(),
@@ -167,7 +175,18 @@ impl Stage for Probe {
             ),
             (
                 "disk free".into(),
-                disk_free.map(gib).unwrap_or_else(|| "unknown".into()),
+                match &disk {
+                    Ok(d) => format!(
+                        "{} of {} on {}",
+                        human_bytes(d.available_bytes),
+                        human_bytes(d.total_bytes),
+                        d.mount_point
+                            .as_deref()
+                            .unwrap_or(ctx.workspace().root())
+                            .display()
+                    ),
+                    Err(e) => format!("unknown ({e})"),
+                },
             ),
         ];
         summary.push((
@@ -188,14 +207,4 @@ impl Stage for Probe {
             ..Default::default()
         })
     }
-}
-
-/// Free bytes on the filesystem holding `path` (the mount with the longest matching prefix).
-fn free_disk_bytes(disks: &sysinfo::Disks, path: &Path) -> Option<u64> {
-    disks
-        .list()
-        .iter()
-        .filter(|d| path.starts_with(d.mount_point()))
-        .max_by_key(|d| d.mount_point().as_os_str().len())
-        .map(|d| d.available_space())
 }
