@@ -9,7 +9,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use medpipe::pipeline::{Event, RunError, RunOptions, RunReport, StageState, Workspace};
+use medpipe::pipeline::{
+    Event, RunError, RunOptions, RunReport, StageState, StatusOptions, Workspace,
+};
 use medpipe::{stages, Config};
 
 #[derive(Parser, Debug)]
@@ -37,7 +39,7 @@ enum Command {
     Run(RunArgs),
     /// Show each stage's state (completed, failed, stale with the reason, missing).
     #[command(
-        after_help = "Examples:\n  medpipe status\n  medpipe status --json | jq '.[] | select(.state != \"completed\")'"
+        after_help = "Examples:\n  medpipe status\n  medpipe status --json | jq '.[] | select(.state != \"completed\")'\n  medpipe status --verify                # re-hash every output"
     )]
     Status(StatusArgs),
     /// List the stages in pipeline order with what each does.
@@ -236,6 +238,10 @@ struct StatusArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Re-hash every output (reads all of them) instead of trusting files whose size and
+    /// modification time are as recorded; catches an edit that kept both.
+    #[arg(long)]
+    verify: bool,
 }
 
 /// A failure with the exit code it maps to.
@@ -577,8 +583,13 @@ fn print_summary(report: &RunReport, ws: &Workspace) {
 }
 
 fn status(args: StatusArgs) -> Result<(), Failure> {
-    let (config, ws) = load(&args.cfg, &[])?;
-    let states: Vec<StageState> = stages::pipeline().status(&ws, &config)?;
+    let config = Config::load(args.cfg.config.as_deref(), &args.cfg.set)?;
+    // Reading only: a mistyped --workspace must not leave a directory behind.
+    let ws = Workspace::existing(&args.cfg.workspace)?;
+    let opts = StatusOptions {
+        verify: args.verify,
+    };
+    let states: Vec<StageState> = stages::pipeline().status_with(&ws, &config, opts)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&states)?);
         return Ok(());

@@ -31,6 +31,9 @@ use crate::pipeline::fs::{self, FsError};
 /// Errors fetching from the hub or reading the cache.
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
+    /// Not enough room in the HF cache for the files still to download (checked before any).
+    #[error(transparent)]
+    Space(#[from] crate::pipeline::space::SpaceCheckError),
     #[error("{repo}: repository not found on {endpoint} (check the name; a private repository also needs HF_TOKEN)")]
     NotFound { repo: String, endpoint: String },
     #[error("{repo}: access denied (HTTP {status}{code}): the repository is gated or private; accept its terms on the Hub page and set HF_TOKEN to a token that has access")]
@@ -275,6 +278,11 @@ pub fn fetch(
         .filter(|s| !snapshot_dir.join(&s.rfilename).exists())
         .map(|s| s.size.unwrap_or(0))
         .sum();
+    crate::pipeline::space::ensure_free(
+        &env.cache_dir,
+        total_bytes,
+        &format!("the files of {repo} still to download"),
+    )?;
     on_progress(Progress::Planned { total_bytes });
 
     let mut files = Vec::new();

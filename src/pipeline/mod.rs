@@ -6,10 +6,13 @@ pub mod artifact;
 mod buildlog;
 pub mod fs;
 pub mod runner;
+pub mod space;
 pub mod stage;
 pub mod workspace;
 
 pub use artifact::{Artifact, Status};
-pub use runner::{Event, Pipeline, RunError, RunOptions, RunReport, StageReport, StageState};
+pub use runner::{
+    Event, Pipeline, RunError, RunOptions, RunReport, StageReport, StageState, StatusOptions,
+};
 pub use stage::{Stage, StageCtx, StageOutput};
 pub use workspace::Workspace;

@@ -6,9 +6,15 @@
 //! that hash, every output still hashes as recorded, and no upstream stage ran in this
 //! invocation. Otherwise it runs, and so does everything downstream. A failure is recorded
 //! as an artifact with `status: failed`; the next plain `run` finds it stale and starts there.
+//! A stage that panics (a GPU out-of-memory, a kernel assert) fails the same way, with the
+//! panic message. When even the failure cannot be written (a full disk), the stage is still
+//! reported as failed, with both errors, and the run stops there.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+use std::sync::Once;
 use std::time::{Instant, SystemTime};
 
 use indicatif::MultiProgress;
@@ -82,6 +88,14 @@ pub struct RunOptions {
     pub force: bool,
     /// Hide progress bars.
     pub quiet: bool,
+}
+
+/// How `medpipe status` judges outputs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StatusOptions {
+    /// Re-hash every output instead of trusting a file whose size and modification time are
+    /// as recorded (the fast path misses an edit that keeps both).
+    pub verify: bool,
 }
 
 /// What happened to one stage in a run.
@@ -290,7 +304,7 @@ impl Pipeline {
         }
 
         for (i, stage) in self.stages.iter().enumerate().take(last + 1).skip(first) {
-            let a = self.assess(stage.as_ref(), ws, config)?;
+            let a = self.assess(stage.as_ref(), ws, config, false)?;
             let upstream_ran = all_upstream(stage.as_ref()).find(|u| ran.contains(u));
             let reason = if forced.is_some_and(|f| i >= f) {
                 Some(if opts.only.is_some() {
@@ -325,7 +339,11 @@ impl Pipeline {
             };
 
             if !log_header_written {
-                buildlog::append_run_header(ws, config)?;
+                // A log that cannot be written (a full disk) must not hide the stage's own
+                // outcome: warn, and let the stage fail or pass on its merits.
+                if let Err(e) = buildlog::append_run_header(ws, config) {
+                    tracing::warn!("BUILD_LOG.md not updated: {:#}", anyhow::Error::from(e));
+                }
                 log_header_written = true;
             }
             on_event(Event::Starting {
@@ -394,7 +412,7 @@ impl Pipeline {
         };
         let span = tracing::info_span!("stage", name = stage.name());
         let result = span
-            .in_scope(|| stage.run(&mut ctx))
+            .in_scope(|| run_catching_panics(stage, &mut ctx))
             .and_then(|out| hash_outputs(ws, out));
         let duration_s = clock.elapsed().as_secs_f64();
 
@@ -430,8 +448,33 @@ impl Pipeline {
                 artifact.error = Some(ErrorRecord::from_anyhow(&e));
             }
         }
-        fs::write_json_atomic(&path, &artifact)?;
-        buildlog::append_stage(ws, &artifact, stage.artifact_file(), reason)?;
+        // A full disk can refuse the artifact itself. Nothing then claims the stage completed
+        // (the old artifact is gone), so it is reported failed with both errors, and the next
+        // run redoes it; the run still ends with its summary and exit code 1.
+        if let Err(e) = fs::write_json_atomic(&path, &artifact) {
+            let write_error = format!("{:#}", anyhow::Error::from(e));
+            let record = match artifact.error.take() {
+                Some(mut r) => {
+                    r.causes.push(format!(
+                        "and the failure could not be recorded: {write_error}"
+                    ));
+                    r
+                }
+                None => ErrorRecord {
+                    message: "the stage finished but its artifact could not be written".into(),
+                    causes: vec![write_error],
+                },
+            };
+            artifact.status = Status::Failed;
+            artifact.error = Some(record);
+        }
+        if let Err(e) = buildlog::append_stage(ws, &artifact, stage.artifact_file(), reason) {
+            tracing::warn!(
+                stage = stage.name(),
+                "BUILD_LOG.md not updated: {:#}",
+                anyhow::Error::from(e)
+            );
+        }
         Ok(StageReport {
             stage: stage.name().into(),
             action: if artifact.status == Status::Completed {
@@ -452,6 +495,7 @@ impl Pipeline {
         stage: &dyn Stage,
         ws: &Workspace,
         config: &Config,
+        verify: bool,
     ) -> Result<Assessment, RunError> {
         let config_json = canonical(
             stage.resolve_config(
@@ -509,8 +553,17 @@ impl Pipeline {
         let previous = Artifact::read(&path)?;
         let stale = match &previous {
             None => Some("no artifact yet".to_string()),
-            Some(p) => stale_upstream
-                .or_else(|| why_stale(p, stage, &config_json, &upstream, &input_hash, ws.root())),
+            Some(p) => stale_upstream.or_else(|| {
+                why_stale(
+                    p,
+                    stage,
+                    &config_json,
+                    &upstream,
+                    &input_hash,
+                    ws.root(),
+                    verify,
+                )
+            }),
         };
         Ok(Assessment {
             input_hash,
@@ -526,10 +579,23 @@ impl Pipeline {
     /// # Errors
     /// Unreadable artifacts.
     pub fn status(&self, ws: &Workspace, config: &Config) -> Result<Vec<StageState>, RunError> {
+        self.status_with(ws, config, StatusOptions::default())
+    }
+
+    /// [`Pipeline::status`] with options (`--verify` re-hashes every output).
+    ///
+    /// # Errors
+    /// Unreadable artifacts.
+    pub fn status_with(
+        &self,
+        ws: &Workspace,
+        config: &Config,
+        opts: StatusOptions,
+    ) -> Result<Vec<StageState>, RunError> {
         let mut out = Vec::new();
         let mut upstream_stale: Vec<&str> = Vec::new();
         for stage in &self.stages {
-            let a = self.assess(stage.as_ref(), ws, config)?;
+            let a = self.assess(stage.as_ref(), ws, config, opts.verify)?;
             let artifact = ws.relative(&ws.reports().join(stage.artifact_file()));
             let inherited = all_upstream(stage.as_ref())
                 .find(|u| upstream_stale.contains(u))
@@ -578,6 +644,50 @@ fn adopt(ws: &Workspace, file: &str, prev: &Artifact) -> Result<(), RunError> {
     Ok(())
 }
 
+thread_local! {
+    /// Where the last panic on this thread happened, for the failed artifact.
+    static PANIC_LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Chains a panic hook (once per process) that remembers each panic's location on its
+/// thread; the previous hook (by default, the message on stderr) still runs.
+fn record_panic_locations() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let at = info.location().map(|l| l.to_string());
+            PANIC_LOCATION.with(|p| *p.borrow_mut() = at);
+            previous(info);
+        }));
+    });
+}
+
+/// Runs a stage, turning a panic inside it into an error: `the stage panicked: <message>
+/// (at <file:line:col>)`. Without this a GPU out-of-memory or a kernel assert would unwind
+/// through the runner, leave no record and exit 101.
+fn run_catching_panics(stage: &dyn Stage, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
+    record_panic_locations();
+    PANIC_LOCATION.with(|p| p.borrow_mut().take());
+    match std::panic::catch_unwind(AssertUnwindSafe(|| stage.run(ctx))) {
+        Ok(result) => result,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".to_string());
+            // A panic on a worker thread (rayon) is re-raised here with its payload, but its
+            // location was recorded on that thread: then there is only the message.
+            let at = PANIC_LOCATION
+                .with(|p| p.borrow_mut().take())
+                .map(|l| format!(" (at {l})"))
+                .unwrap_or_default();
+            Err(anyhow::anyhow!("{message}{at}").context("the stage panicked"))
+        }
+    }
+}
+
 /// Required and optional upstream stages.
 fn all_upstream(stage: &dyn Stage) -> impl Iterator<Item = &'static str> + '_ {
     stage
@@ -595,6 +705,7 @@ fn why_stale(
     upstream: &BTreeMap<String, String>,
     input_hash: &str,
     root: &Path,
+    verify: bool,
 ) -> Option<String> {
     if prev.status == Status::Failed {
         let msg = prev
@@ -629,7 +740,7 @@ fn why_stale(
     for out in &prev.outputs {
         let p = root.join(&out.path);
         let stat = fs::stat_fingerprint(&p).ok();
-        if !moved && stat.is_some() && stat == out.stat {
+        if !moved && !verify && stat.is_some() && stat == out.stat {
             continue; // untouched since hashed: skip re-reading it
         }
         match fs::hash_path(&p) {
@@ -705,6 +816,136 @@ mod tests {
         assert_eq!(
             changed_keys(&a, &b, ""),
             vec!["prepare.new".to_string(), "prepare.seed".to_string()]
+        );
+    }
+
+    /// A test stage: `boom` panics with a GPU-like message, `odd` blocks its own artifact path
+    /// with a directory (as a full disk would refuse the file), `after` does nothing.
+    struct Probe(&'static str, &'static [&'static str]);
+
+    impl Stage for Probe {
+        fn name(&self) -> &'static str {
+            self.0
+        }
+        fn description(&self) -> &'static str {
+            "runner test stage"
+        }
+        fn artifact_file(&self) -> &'static str {
+            match self.0 {
+                "boom" => "boom.json",
+                "odd" => "odd.json",
+                _ => "after.json",
+            }
+        }
+        fn upstream(&self) -> &'static [&'static str] {
+            self.1
+        }
+        fn config_sections(&self) -> Vec<&'static str> {
+            Vec::new()
+        }
+        fn code_version(&self) -> u32 {
+            1
+        }
+        fn run(&self, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
+            match self.0 {
+                "boom" => panic!("CUDA out of memory: tried to allocate 12.00 GiB"),
+                "odd" => {
+                    std::fs::create_dir_all(ctx.workspace().reports().join("odd.json/blocker"))?;
+                    Ok(StageOutput::default())
+                }
+                _ => Ok(StageOutput::default()),
+            }
+        }
+    }
+
+    fn run_quietly(p: &Pipeline, root: &Path) -> RunReport {
+        let ws = Workspace::open(root).unwrap();
+        let cfg = Config::load(None, &[]).unwrap();
+        let opts = RunOptions {
+            quiet: true,
+            ..Default::default()
+        };
+        p.run(&ws, &cfg, &opts, &mut |_| {}).unwrap()
+    }
+
+    #[test]
+    fn a_panicking_stage_is_recorded_as_failed_with_its_message_and_the_run_stops_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Pipeline::new(vec![
+            Box::new(Probe("boom", &[])),
+            Box::new(Probe("after", &["boom"])),
+        ]);
+        let report = run_quietly(&p, dir.path());
+
+        assert!(
+            report.failed(),
+            "a panic is a failed stage (the CLI exits 1)"
+        );
+        let acts: Vec<_> = report
+            .stages
+            .iter()
+            .map(|s| (s.stage.as_str(), s.action))
+            .collect();
+        assert_eq!(acts, vec![("boom", "failed")], "nothing runs after it");
+        let said = report.stages[0].error.clone().unwrap();
+        assert!(
+            said.starts_with("the stage panicked: CUDA out of memory: tried to allocate 12.00 GiB (at src/pipeline/runner.rs:"),
+            "{said}"
+        );
+
+        let art = Artifact::read(&dir.path().join("reports/boom.json"))
+            .unwrap()
+            .expect("the panic left an artifact");
+        assert_eq!(art.status, Status::Failed);
+        let err = art.error.unwrap();
+        assert_eq!(err.message, "the stage panicked");
+        assert!(err.causes[0].starts_with("CUDA out of memory: tried to allocate 12.00 GiB"));
+
+        let log = std::fs::read_to_string(dir.path().join("BUILD_LOG.md")).unwrap();
+        assert!(log.contains("### boom — FAILED"), "{log}");
+        assert!(
+            log.contains("**Error:** the stage panicked: CUDA out of memory"),
+            "{log}"
+        );
+
+        // The next run finds the failure and starts there again.
+        let again = run_quietly(&p, dir.path());
+        assert_eq!(
+            again.stages[0].reason.split(':').next(),
+            Some("last run failed")
+        );
+    }
+
+    #[test]
+    fn a_stage_whose_artifact_cannot_be_written_is_reported_failed_with_the_write_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Pipeline::new(vec![
+            Box::new(Probe("odd", &[])),
+            Box::new(Probe("after", &["odd"])),
+        ]);
+        let report = run_quietly(&p, dir.path());
+
+        assert!(report.failed());
+        assert_eq!(
+            report.stages.len(),
+            1,
+            "the run stops at the unrecorded stage"
+        );
+        let said = report.stages[0].error.clone().unwrap();
+        assert!(
+            said.starts_with("the stage finished but its artifact could not be written: writing "),
+            "{said}"
+        );
+        assert!(said.contains("reports/odd.json"), "{said}");
+        assert!(
+            !dir.path().join("reports/after.json").exists(),
+            "downstream did not run"
+        );
+        let log = std::fs::read_to_string(dir.path().join("BUILD_LOG.md")).unwrap();
+        assert!(log.contains("### odd — FAILED"), "{log}");
+        assert!(
+            log.contains("**Error:** the stage finished but its artifact could not be written"),
+            "{log}"
         );
     }
 }

@@ -16,6 +16,10 @@ pub enum WorkspaceError {
     Locked { path: PathBuf, holder: String },
     #[error(transparent)]
     Io(#[from] FsError),
+    #[error("no workspace at {path}: the directory does not exist (`medpipe run --workspace {path}` creates one)")]
+    Missing { path: PathBuf },
+    #[error("no workspace at {path}: it is not a directory")]
+    NotADirectory { path: PathBuf },
 }
 
 /// A workspace directory. Paths handed out are absolute.
@@ -35,6 +39,42 @@ impl Workspace {
             path: root.to_path_buf(),
             source,
         })?;
+        let root = root.canonicalize().map_err(|source| FsError {
+            action: "resolving workspace",
+            path: root.to_path_buf(),
+            source,
+        })?;
+        Ok(Self { root })
+    }
+
+    /// Opens the workspace at `root` only if it exists, creating nothing (for `status`,
+    /// which must not leave a directory behind for a mistyped path).
+    ///
+    /// # Errors
+    /// [`WorkspaceError::Missing`] or [`WorkspaceError::NotADirectory`], or the directory
+    /// cannot be resolved.
+    pub fn existing(root: &Path) -> Result<Self, WorkspaceError> {
+        match std::fs::metadata(root) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(WorkspaceError::NotADirectory {
+                    path: root.to_path_buf(),
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(WorkspaceError::Missing {
+                    path: root.to_path_buf(),
+                })
+            }
+            Err(source) => {
+                return Err(FsError {
+                    action: "reading workspace",
+                    path: root.to_path_buf(),
+                    source,
+                }
+                .into())
+            }
+        }
         let root = root.canonicalize().map_err(|source| FsError {
             action: "resolving workspace",
             path: root.to_path_buf(),
@@ -100,7 +140,9 @@ impl Workspace {
             }
             Err(TryLockError::Error(e)) => return Err(io(e).into()),
         }
-        // We hold it: record who we are for the next one who asks.
+        // We hold it: record who we are for the next one who asks. Best effort: the OS lock is
+        // what excludes others, and a full disk must not turn every run into a lock error
+        // (the stages then fail, and say so, with exit 1).
         let stamp = format!(
             "{} {}\n",
             std::process::id(),
@@ -112,7 +154,12 @@ impl Workspace {
             file.write_all(stamp.as_bytes())?;
             file.sync_all()
         })();
-        write.map_err(io)?;
+        if let Err(e) = write {
+            tracing::warn!(
+                "{:#}",
+                anyhow::Error::from(io(e)).context("recording the lock holder")
+            );
+        }
         Ok(WorkspaceLock { _file: file })
     }
 }
@@ -137,6 +184,22 @@ mod tests {
             err.contains(&format!("locked by pid {}", std::process::id())),
             "{err}"
         );
+    }
+
+    #[test]
+    fn opening_a_missing_workspace_for_reading_creates_nothing_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no/such/dir");
+        let err = Workspace::existing(&missing).unwrap_err().to_string();
+        assert!(err.starts_with("no workspace at "), "{err}");
+        assert!(err.contains("does not exist"), "{err}");
+        assert!(!dir.path().join("no").exists(), "nothing was created");
+        std::fs::write(dir.path().join("file"), b"x").unwrap();
+        let err = Workspace::existing(&dir.path().join("file"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.ends_with("it is not a directory"), "{err}");
+        assert!(Workspace::existing(dir.path()).is_ok());
     }
 
     #[test]

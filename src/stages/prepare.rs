@@ -289,6 +289,14 @@ impl Stage for Prepare {
                 let manifest = match reuse(&manifest_path, &root) {
                     Some(m) => m,
                     None => {
+                        // A page image is a mostly white PNG: measured at about 0.05 bytes per
+                        // pixel on the synthetic documents; 0.25 leaves room for dense scans.
+                        let needed = chunk.len() as u64 * cfg.render.max_pixels / 4;
+                        crate::pipeline::space::ensure_free(
+                            &root.join("data"),
+                            needed,
+                            &format!("the {} page images of shard {shard_idx}", chunk.len()),
+                        )?;
                         let mut raws = Vec::with_capacity(chunk.len());
                         for r in chunk {
                             raws.push(r.with_context(|| format!("reading source `{name}`"))?);

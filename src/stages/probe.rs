@@ -5,8 +5,6 @@
 //! no GPU gives an empty list and the reason, never an error. The device rule is
 //! `crate::device::choose_device`, the same one every model stage and command applies.
 
-use std::path::Path;
-
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -14,6 +12,7 @@ use crate::config::Config;
 pub use crate::device::nvml::{GpuInfo, GpuProbe};
 use crate::device::{choice::estimate_model_mib, nvml};
 pub use crate::device::{choose_device, Device};
+use crate::pipeline::space::human_bytes;
 use crate::pipeline::{Stage, StageCtx, StageOutput, Workspace};
 
 /// `[probe]` config section.
@@ -108,7 +107,7 @@ impl Stage for Probe {
     }
 
     fn run(&self, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
-        use sysinfo::{Disks, System};
+        use sysinfo::System;
         let cfg = &ctx.config().probe;
         let mut sys = System::new();
         sys.refresh_memory();
@@ -118,7 +117,11 @@ impl Stage for Probe {
             .first()
             .map(|c| c.brand().trim().to_string())
             .unwrap_or_default();
-        let disk_free = free_disk_bytes(&Disks::new_with_refreshed_list(), ctx.workspace().root());
+        // The workspace's own filesystem (statvfs on it), not the mount table's idea of it:
+        // sysinfo omits tmpfs and reported the root disk for a workspace on a 3 MiB tmpfs.
+        let disk = crate::pipeline::space::disk_space(ctx.workspace().root())
+            .map_err(|e| format!("{:#}", anyhow::Error::from(e)));
+        let disk_free = disk.as_ref().ok().map(|d| d.available_bytes);
         let gpu = nvml::probe();
 
         let need_mib = need_mib(ctx.config(), ctx.workspace());
@@ -150,7 +153,10 @@ impl Stage for Probe {
             },
             "disk": {
                 "workspace": ctx.workspace().root(),
+                "mount_point": disk.as_ref().ok().and_then(|d| d.mount_point.clone()),
                 "free_bytes": disk_free,
+                "total_bytes": disk.as_ref().ok().map(|d| d.total_bytes),
+                "error": disk.as_ref().err(),
             },
             "gpu": gpu,
             "wgpu_adapters": adapters,
@@ -182,7 +188,18 @@ impl Stage for Probe {
             ),
             (
                 "disk free".into(),
-                disk_free.map(gib).unwrap_or_else(|| "unknown".into()),
+                match &disk {
+                    Ok(d) => format!(
+                        "{} of {} on {}",
+                        human_bytes(d.available_bytes),
+                        human_bytes(d.total_bytes),
+                        d.mount_point
+                            .as_deref()
+                            .unwrap_or(ctx.workspace().root())
+                            .display()
+                    ),
+                    Err(e) => format!("unknown ({e})"),
+                },
             ),
         ];
         summary.push((
@@ -253,14 +270,4 @@ fn choose(config: &Config, ws: &Workspace) -> Result<(Device, String), crate::de
         cfg!(feature = "cuda"),
         crate::device::wgpu::adapters,
     )
-}
-
-/// Free bytes on the filesystem holding `path` (the mount with the longest matching prefix).
-fn free_disk_bytes(disks: &sysinfo::Disks, path: &Path) -> Option<u64> {
-    disks
-        .list()
-        .iter()
-        .filter(|d| path.starts_with(d.mount_point()))
-        .max_by_key(|d| d.mount_point().as_os_str().len())
-        .map(|d| d.available_space())
 }

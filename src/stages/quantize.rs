@@ -133,6 +133,15 @@ impl Stage for Quantize {
             skip: cfg.skip.clone(),
             ..QuantizeOptions::default()
         };
+        // NF4 packs a weight into 4 bits plus an 8-bit absmax per 64: about 1/4 of bf16 and 1/8
+        // of f32. Half the base weights leaves room for the tensors kept unquantized
+        // (`skip`, norms, biases) in any realistic checkpoint.
+        let needed = safetensors_bytes(&model_dir)? / 2;
+        crate::pipeline::space::ensure_free(
+            &ctx.workspace().checkpoints(),
+            needed,
+            "the NF4 checkpoint (half the base weights)",
+        )?;
         let report = quantize_checkpoint(&model_dir, &out_dir, &opts).with_context(|| {
             format!(
                 "quantizing {} into {}",

@@ -3,6 +3,7 @@
 mod bench;
 mod cli;
 mod common;
+mod disk;
 mod download;
 mod evaluate;
 mod forward;

@@ -160,3 +160,291 @@ fn a_run_killed_mid_training_resumes_from_its_checkpoint_and_ships_the_identical
         );
     }
 }
+
+// ---- issue 15: the kill matrix ------------------------------------------------------------
+
+/// The stages the matrix kills, in pipeline order.
+const MATRIX_STAGES: [&str; 5] = ["download", "quantize", "prepare", "train", "evaluate"];
+/// Kills per stage: 20 in all.
+const KILLS_PER_STAGE: usize = 4;
+/// The seed of the kill points unless `MEDPIPE_KILL_SEED` names another.
+const DEFAULT_KILL_SEED: u64 = 15;
+/// A checkpoint after each of the small pipeline's two training steps, so a kill can land
+/// between checkpoints and the resumed trainer has one to start from.
+const MATRIX_SETS: [&str; 2] = ["--set", "train.checkpoint_every=1"];
+/// How long one `medpipe run` may take to reach a stage (debug build, shared CI cores).
+const STAGE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// One seeded kill: `fraction` of the stage's uninterrupted duration after it starts.
+#[derive(Debug, Clone, Copy)]
+struct KillPoint {
+    stage: &'static str,
+    fraction: f64,
+    delay: Duration,
+}
+
+/// Four points per stage from the seed, each a fraction in [0.05, 0.95) of that stage's
+/// duration in the uninterrupted run.
+fn kill_points(seed: u64, clean: &Path) -> Vec<KillPoint> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut points = Vec::new();
+    for stage in MATRIX_STAGES {
+        let took = read_json(&clean.join("reports").join(artifact_of(stage)))["duration_s"]
+            .as_f64()
+            .unwrap();
+        for _ in 0..KILLS_PER_STAGE {
+            let fraction: f64 = rng.random_range(0.05..0.95);
+            points.push(KillPoint {
+                stage,
+                fraction,
+                delay: Duration::from_secs_f64(took * fraction),
+            });
+        }
+    }
+    points
+}
+
+/// The stage named by a `▶ stage: running`, `✓ stage: done` or `✗ stage: FAILED` line.
+fn event(line: &str) -> Option<(char, &str)> {
+    let mut chars = line.chars();
+    let mark = chars.next()?;
+    if !matches!(mark, '▶' | '✓' | '✗') {
+        return None;
+    }
+    let rest = chars.as_str().trim_start();
+    Some((mark, rest.split(':').next()?))
+}
+
+/// The stage after `stage` in pipeline order (`None` after the last).
+fn next_stage(stage: &str) -> Option<&'static str> {
+    let i = small::ARTIFACTS.iter().position(|(s, _)| *s == stage)?;
+    small::ARTIFACTS.get(i + 1).map(|(s, _)| *s)
+}
+
+/// Starts `medpipe run` on the matrix config, waits until `point.stage` starts, sleeps the
+/// point's delay and SIGKILLs it. Returns the stderr lines and where the kill landed: the
+/// stage that was running, or the next one when it fell between two.
+fn kill_at(ws: &Path, point: KillPoint, from: bool) -> (Vec<String>, Option<&'static str>) {
+    use std::io::BufRead;
+    let mut args = MATRIX_SETS.to_vec();
+    if from {
+        args.extend(["--from", point.stage]);
+    }
+    let mut child = small::command(ws, "run", &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the medpipe binary starts");
+    let err = child.stderr.take().unwrap();
+    let mut child = Killed(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let t = Instant::now();
+    loop {
+        let left = STAGE_TIMEOUT.saturating_sub(t.elapsed());
+        let line = rx.recv_timeout(left).unwrap_or_else(|e| {
+            panic!(
+                "{} never started ({e}); stderr so far:\n{}",
+                point.stage,
+                lines.join("\n")
+            )
+        });
+        let starts = event(&line) == Some(('▶', point.stage));
+        lines.push(line);
+        if starts {
+            break;
+        }
+    }
+    std::thread::sleep(point.delay);
+    let finished = child.0.try_wait().unwrap().is_some();
+    child.0.kill().unwrap(); // SIGKILL on Unix
+    child.0.wait().unwrap();
+    lines.extend(rx.iter());
+    if let Some(failed) = lines
+        .iter()
+        .find(|l| event(l).is_some_and(|(m, _)| m == '✗'))
+    {
+        panic!("a stage failed instead of being killed: {failed}");
+    }
+    let landed = if finished {
+        None
+    } else {
+        match lines.iter().rev().find_map(|l| event(l)) {
+            Some(('▶', s)) => small::ARTIFACTS.iter().map(|(n, _)| *n).find(|n| *n == s),
+            Some((_, s)) => next_stage(s),
+            None => None,
+        }
+    };
+    (lines, landed)
+}
+
+/// True when a plain `medpipe run` would skip `stage` (`medpipe status` says completed).
+fn up_to_date(ws: &Path, stage: &str) -> bool {
+    let out = small::command(ws, "status", &[MATRIX_SETS[0], MATRIX_SETS[1], "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["stage"] == stage && s["state"] == "completed")
+}
+
+/// A copy of a JSON value without what legitimately differs between two runs of the same
+/// inputs: timings and rates (`*_ms`, `*_s`), memory, per-run counters, absolute paths.
+fn deterministic(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(k, _)| {
+                    !(k.ends_with("_ms")
+                        || k.ends_with("_s")
+                        || k.ends_with("_this_run")
+                        || k.ends_with("_dir")
+                        || k.contains("rss")
+                        || k.contains("memory")
+                        || ["dir", "cache_path", "performance", "resumed_from_step"]
+                            .contains(&k.as_str()))
+                })
+                .map(|(k, v)| (k.clone(), deterministic(v)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(deterministic).collect()),
+        other => other.clone(),
+    }
+}
+
+/// The rows of a JSON-lines file, each made [`deterministic`].
+fn deterministic_rows(p: &Path) -> Vec<Value> {
+    std::fs::read_to_string(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .lines()
+        .map(|l| deterministic(&serde_json::from_str(l).unwrap()))
+        .collect()
+}
+
+#[test]
+fn issue_15_twenty_kill_9s_at_seeded_points_then_a_rerun_match_an_uninterrupted_run() {
+    let started = Instant::now();
+    let seed = std::env::var("MEDPIPE_KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(DEFAULT_KILL_SEED);
+    let clean = tempfile::tempdir().unwrap();
+    small::run(clean.path(), &MATRIX_SETS);
+    let points = kill_points(seed, clean.path());
+    eprintln!("kill matrix, seed {seed} (MEDPIPE_KILL_SEED):");
+    for p in &points {
+        eprintln!(
+            "  {:<9} at {:.2} of its run ({:.2} s after it starts)",
+            p.stage,
+            p.fraction,
+            p.delay.as_secs_f64()
+        );
+    }
+
+    let killed = tempfile::tempdir().unwrap();
+    let ws = killed.path();
+    let mut landed_in = std::collections::BTreeMap::<&str, usize>::new();
+    let mut previous: Option<&'static str> = None;
+    for (k, point) in points.iter().enumerate() {
+        // A kill that landed after its stage finished leaves that stage up to date: force it.
+        let from = up_to_date(ws, point.stage);
+        let (lines, landed) = kill_at(ws, *point, from);
+        // Every plain run resumes where the previous kill left it: the stages before are
+        // skipped.
+        if k > 0 && !from {
+            let first = lines
+                .iter()
+                .find_map(|l| event(l).filter(|(m, _)| *m == '▶'))
+                .map(|(_, s)| s.to_string());
+            if let Some(prev) = previous {
+                let ok = [Some(prev), next_stage(prev)];
+                assert!(
+                    ok.contains(&first.as_deref()),
+                    "kill {k}: the previous kill landed in {prev}, this run started at {first:?}:\n{}",
+                    lines.join("\n")
+                );
+            }
+        }
+        eprintln!(
+            "kill {:>2}: {} at {:.2}{} → landed in {}",
+            k + 1,
+            point.stage,
+            point.fraction,
+            if from { " (run --from it)" } else { "" },
+            landed.unwrap_or("(run had finished)")
+        );
+        *landed_in.entry(landed.unwrap_or("finished")).or_default() += 1;
+        previous = landed;
+    }
+    // Where a kill lands depends on this machine's speed (a resumed stage is often faster
+    // than its clean run); the matrix must still mostly hit running stages, not finished ones.
+    let inside: usize = MATRIX_STAGES
+        .iter()
+        .chain(["baseline"].iter())
+        .map(|s| landed_in.get(s).copied().unwrap_or(0))
+        .sum();
+    assert!(
+        inside >= 15,
+        "only {inside} of {} kills landed in a running stage: {landed_in:?}",
+        points.len()
+    );
+
+    small::run(ws, &MATRIX_SETS);
+    for stage in MATRIX_STAGES {
+        let file = artifact_of(stage);
+        let (a, b) = (
+            read_json(&clean.path().join("reports").join(file)),
+            read_json(&ws.join("reports").join(file)),
+        );
+        assert_eq!(b["status"], "completed", "{stage}");
+        assert_eq!(
+            deterministic(&b["metrics"]),
+            deterministic(&a["metrics"]),
+            "{stage}: metrics differ from the uninterrupted run"
+        );
+        let outputs = |v: &Value| -> Vec<String> {
+            v["outputs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| o["path"].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(outputs(&b), outputs(&a), "{stage}: output paths");
+        for (oa, ob) in a["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(b["outputs"].as_array().unwrap())
+        {
+            let path = oa["path"].as_str().unwrap();
+            if stage == "evaluate" {
+                // Predictions carry each document's latency: compare them without timings.
+                assert_eq!(
+                    deterministic_rows(&ws.join(path)),
+                    deterministic_rows(&clean.path().join(path)),
+                    "{path}"
+                );
+            } else {
+                assert_eq!(ob["sha256"], oa["sha256"], "{stage}: {path} differs");
+                assert_eq!(ob["bytes"], oa["bytes"], "{stage}: {path} differs");
+            }
+        }
+    }
+    eprintln!(
+        "kill matrix: {} kills, landed {landed_in:?}, {:.0} s in all",
+        points.len(),
+        started.elapsed().as_secs_f64()
+    );
+}
