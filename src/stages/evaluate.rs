@@ -9,9 +9,10 @@
 //! Variants come from upstream artifacts: `base` from the download stage's `model_dir`,
 //! `nf4` from the quantize stage's checkpoint, `nf4+adapter` from that checkpoint plus the
 //! train stage's adapter. A variant that is disabled in `[evaluate]`, or whose upstream stage
-//! is not built into this medpipe or has not completed, is listed in `not_run` with the reason;
-//! one that fails to load or generate is listed there as `failed` with the error, and warned
-//! about. Nothing is ever filled in for a variant that did not run.
+//! is not built into this medpipe or has not completed, is listed in `not_run` with the reason.
+//! One that was asked for and fails to load or generate fails the stage, unless
+//! `evaluate.allow_partial` is set: then it is listed there as `failed` with the error and
+//! warned about. Nothing is ever filled in for a variant that did not run.
 //!
 //! Scoring is `crate::metrics::extraction` (answers parsed leniently: code fences and
 //! trailing prose are tolerated, unparseable answers counted and scored as no items), with
@@ -91,6 +92,11 @@ pub struct EvaluateConfig {
     /// Seed of the bootstrap.
     #[serde(default)]
     pub bootstrap_seed: u64,
+    /// Complete the stage when an enabled variant fails to load or generate, keeping the
+    /// others' scores (the failure is listed in `not_run` and warned about). Off: a failed
+    /// variant fails the stage.
+    #[serde(default)]
+    pub allow_partial: bool,
 }
 
 fn yes() -> bool {
@@ -118,6 +124,7 @@ impl Default for EvaluateConfig {
             eval_documents: true,
             bootstrap_resamples: default_resamples(),
             bootstrap_seed: 0,
+            allow_partial: false,
         }
     }
 }
@@ -425,6 +432,21 @@ impl Stage for Evaluate {
                 prompts: encoder.prompts(),
             },
         )??;
+        let failed: Vec<&VariantNotRun> = outcome
+            .not_run
+            .iter()
+            .filter(|n| n.status == "failed")
+            .collect();
+        if !failed.is_empty() && !cfg.allow_partial {
+            let list: Vec<String> = failed
+                .iter()
+                .map(|n| format!("variant `{}` failed: {}", n.name, n.reason))
+                .collect();
+            bail!(
+                "{}; set evaluate.allow_partial = true to keep the other variants' scores",
+                list.join("; ")
+            );
+        }
         let n_test = docs.iter().filter(|d| d.set == "test").count();
         let metrics = EvaluationMetrics {
             test_documents: docs.len(),
@@ -448,7 +470,11 @@ impl Stage for Evaluate {
                 r.candidate, r.baseline, r.metric, r.diff.value, r.diff.ci95_low, r.diff.ci95_high
             ));
         }
-        let mut summary = vec![("documents".to_string(), docs.len().to_string())];
+        // First, every variant in one entry: the run table and `status` show the first few.
+        let mut summary = vec![
+            ("combined".to_string(), variants_line(&metrics)),
+            ("documents".to_string(), docs.len().to_string()),
+        ];
         for v in &metrics.variants {
             let o = &v.scores.overall;
             summary.push((
@@ -472,6 +498,25 @@ impl Stage for Evaluate {
             warnings,
         })
     }
+}
+
+/// Every variant in evaluation order with its combined score, or what became of it
+/// (`base 0.412, nf4 0.398, nf4+adapter failed`).
+pub fn variants_line(m: &EvaluationMetrics) -> String {
+    Variant::ALL
+        .iter()
+        .map(|v| {
+            let name = v.name();
+            match m.variants.iter().find(|e| e.name == name) {
+                Some(e) => format!("{name} {:.3}", e.scores.overall.combined.value),
+                None => match m.not_run.iter().find(|n| n.name == name) {
+                    Some(n) if n.status == "failed" => format!("{name} failed"),
+                    _ => format!("{name} not run"),
+                },
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Comparisons whose candidate is worse than the baseline beyond the 95% interval.
