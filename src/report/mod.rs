@@ -163,12 +163,23 @@ fn chart_specs(inputs: &Inputs) -> Vec<(&'static str, Chart)> {
             }),
         ));
     }
+    let largest = variants
+        .iter()
+        .filter_map(|v| build::own_memory(&v.performance))
+        .max()
+        .unwrap_or(0);
+    // GiB for real models, MiB when every bar would read 0.0 GiB (builtin:tiny).
+    let (unit, scale) = if largest >= 1 << 30 {
+        ("GiB", (1u64 << 30) as f64)
+    } else {
+        ("MiB", (1u64 << 20) as f64)
+    };
     let mem: Vec<Bar> = variants
         .iter()
         .filter_map(|v| {
-            v.performance.peak_memory_bytes.map(|b| Bar {
+            build::own_memory(&v.performance).map(|b| Bar {
                 label: v.name.clone(),
-                value: b as f64 / (1u64 << 30) as f64,
+                value: b as f64 / scale,
                 whisker: None,
             })
         })
@@ -177,8 +188,8 @@ fn chart_specs(inputs: &Inputs) -> Vec<(&'static str, Chart)> {
         out.push((
             "memory_by_variant",
             Chart::Bars(BarChart {
-                title: "Peak memory by variant".into(),
-                y_label: "peak memory (GiB)".into(),
+                title: "Memory by variant (each variant's own load and run)".into(),
+                y_label: format!("memory ({unit})"),
                 bars: mem,
             }),
         ));
@@ -472,6 +483,44 @@ mod tests {
         let g = generate(dir.path(), STAMP).unwrap();
         // nf4 holds the fewest weight bytes (5.25 GiB against 5.40 and 15.45).
         assert_eq!(g.report.recommendation.variant.as_deref(), Some("nf4"));
+    }
+
+    #[test]
+    fn issue_15_each_variants_own_measured_memory_decides_between_tied_variants_and_is_charted() {
+        let dir = crafted_reports();
+        let gib = 1u64 << 30;
+        edit_metrics(&dir.path().join("evaluation.json"), |v| {
+            let vs = &mut v["metrics"]["variants"];
+            // All within the noise. On disk nf4 is smallest, but measured per variant
+            // nf4+adapter holds the least (resident weights, peak of its own load and run).
+            for (i, (resident, peak)) in [(15, 16), (6, 7), (5, 5)].into_iter().enumerate() {
+                vs[i]["scores"]["overall"]["combined"] =
+                    serde_json::json!({"value": 0.80, "ci95_low": 0.74, "ci95_high": 0.86});
+                let p = &mut vs[i]["performance"];
+                p["weights_resident_bytes"] = (resident * gib).into();
+                p["rss_delta_bytes"] = (peak * gib).into();
+                p["peak_memory_bytes"] = (peak * gib).into();
+            }
+        });
+        let g = generate(dir.path(), STAMP).unwrap();
+        let rec = &g.report.recommendation;
+        assert_eq!(rec.variant.as_deref(), Some("nf4+adapter"), "{rec:?}");
+        assert!(
+            rec.reasons
+                .iter()
+                .any(|r| r.contains("7.00 GiB (weights resident 6.00 GiB)")),
+            "{:?}",
+            rec.reasons
+        );
+        let md = std::fs::read_to_string(dir.path().join(BENCHMARK_REPORT_FILE)).unwrap();
+        assert!(
+            md.contains("| nf4 | 5.25 GiB | 6.00 GiB | 7.00 GiB | 7.00 GiB |"),
+            "{md}"
+        );
+        let svg =
+            std::fs::read_to_string(dir.path().join(CHARTS_DIR).join("memory_by_variant.svg"))
+                .unwrap();
+        assert!(svg.contains("own load and run"), "{svg}");
     }
 
     #[test]

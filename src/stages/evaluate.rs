@@ -662,9 +662,14 @@ fn run_variant<B: Backend>(
     // A GPU's pools start from what this variant needs, not the previous variant's.
     B::memory_cleanup(device);
     let mut watch = DeviceWatch::new(DeviceMemory::for_device(target.device));
+    // RSS is sampled from before the load, so the variant's own growth can be told apart.
+    let rss_before = rss_bytes().map(|(now, _)| now);
+    let load_sampler = MemorySampler::start(MEMORY_SAMPLE_INTERVAL);
     let loaded = load_variant::<B>(source, device)?;
     let (model, load_time_s) = (loaded.model, loaded.load_ms / 1e3);
     let rss_after_load = rss_bytes().map(|(now, _)| now);
+    let load_peak = load_sampler.finish().iter().map(|s| s.rss_bytes).max();
+    let weights_resident = model.resident_weight_bytes();
     watch.after_call();
     let gen_cfg = GenerateConfig {
         max_new_tokens: cfg.max_new_tokens,
@@ -720,9 +725,18 @@ fn run_variant<B: Backend>(
     }
     bar.finish_and_clear();
     let samples = sampler.finish();
-    let rss_peak = samples.iter().map(|s| s.rss_bytes).max();
+    let rss_peak = samples
+        .iter()
+        .map(|s| s.rss_bytes)
+        .chain(load_peak)
+        .chain(rss_after_load)
+        .max();
     let device_peak = samples.iter().filter_map(|s| s.device_used_bytes).max();
-    let peak = watch.peak_memory_bytes(device_peak, rss_peak);
+    let rss_delta = rss_before
+        .zip(rss_peak)
+        .map(|(before, peak)| peak.saturating_sub(before));
+    let own_rss = Some(rss_delta.unwrap_or(0).max(weights_resident));
+    let peak = watch.peak_memory_bytes(device_peak, own_rss);
     write_predictions(pred_path, &records)?;
 
     let scores: Vec<DocScore> = records.iter().map(|r| r.score.clone()).collect();
@@ -732,6 +746,8 @@ fn run_variant<B: Backend>(
         load_time_s: Some(load_time_s),
         weights_bytes: weights_bytes(&source.model_dir),
         peak_memory_bytes: peak,
+        weights_resident_bytes: Some(weights_resident),
+        rss_delta_bytes: rss_delta,
         latency_ms: summarize_ms(&latencies).ok(),
         first_token_ms: summarize_ms(&firsts).ok(),
         tokens_per_s: (decode_ms > 0.0).then(|| decode_tokens as f64 / (decode_ms / 1e3)),

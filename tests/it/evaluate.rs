@@ -59,6 +59,29 @@ fn evaluate_scores_base_nf4_and_adapter_variants_feeds_the_report_and_fails_on_a
     assert!(perf["load_time_s"].is_f64());
     assert!(base["rss_after_load_bytes"].as_u64().unwrap() > 0);
 
+    // each variant's own memory (issue 15): the NF4 weights it holds are smaller than the
+    // base's, and its peak covers at least those weights
+    let mem = |i: usize, k: &str| {
+        variants[i]["performance"][k].as_u64().unwrap_or_else(|| {
+            panic!(
+                "{k} of {}: {}",
+                variants[i]["name"], variants[i]["performance"]
+            )
+        })
+    };
+    for (i, v) in variants.iter().enumerate() {
+        eprintln!(
+            "{}: weights resident {} B, RSS growth {} B, peak {} B",
+            v["name"],
+            mem(i, "weights_resident_bytes"),
+            mem(i, "rss_delta_bytes"),
+            mem(i, "peak_memory_bytes")
+        );
+        assert!(mem(i, "peak_memory_bytes") >= mem(i, "weights_resident_bytes"));
+    }
+    assert!(mem(1, "weights_resident_bytes") < mem(0, "weights_resident_bytes"));
+    // the adapter's LoRA pairs are weights too
+    assert!(mem(2, "weights_resident_bytes") > mem(1, "weights_resident_bytes"));
     for v in &variants[1..] {
         assert_eq!(v["scores"]["overall"]["documents"], n, "{v}");
         let p = ws.join(v["predictions_path"].as_str().unwrap());
