@@ -119,6 +119,7 @@ fn chart_specs(inputs: &Inputs) -> Vec<(&'static str, Chart)> {
                 y_label: "cross-entropy (nats)".into(),
                 series,
                 y_from_zero: false,
+                ..Default::default()
             }),
         ));
     }
@@ -140,6 +141,8 @@ fn chart_specs(inputs: &Inputs) -> Vec<(&'static str, Chart)> {
                 title: "Combined accuracy by variant (95% CI)".into(),
                 y_label: "combined accuracy (%)".into(),
                 bars: acc,
+                y_max: Some(100.0),
+                ..Default::default()
             }),
         ));
     }
@@ -160,6 +163,7 @@ fn chart_specs(inputs: &Inputs) -> Vec<(&'static str, Chart)> {
                 title: "Latency per document by variant (p50, whisker to p95)".into(),
                 y_label: "latency (ms)".into(),
                 bars: lat,
+                ..Default::default()
             }),
         ));
     }
@@ -191,6 +195,7 @@ fn chart_specs(inputs: &Inputs) -> Vec<(&'static str, Chart)> {
                 title: "Memory by variant (each variant's own load and run)".into(),
                 y_label: format!("memory ({unit})"),
                 bars: mem,
+                ..Default::default()
             }),
         ));
     }
@@ -533,6 +538,15 @@ mod tests {
             }
         });
         let g = generate(dir.path(), STAMP).unwrap();
+        // the accuracy axis is in percent: it runs to 100 even when every bar is 0
+        let svg =
+            std::fs::read_to_string(dir.path().join(CHARTS_DIR).join("accuracy_by_variant.svg"))
+                .unwrap();
+        assert!(
+            svg.contains("\n100\n") || svg.contains("\n100.0\n"),
+            "{svg}"
+        );
+        assert!(!svg.contains("\n1.0\n") && !svg.contains("\n0.5\n"));
         let rec = &g.report.recommendation;
         assert_eq!(rec.variant, None);
         assert!(
@@ -550,6 +564,7 @@ mod tests {
                 title: "none".into(),
                 y_label: "y".into(),
                 bars: vec![],
+                ..Default::default()
             }),
             Chart::Bars(BarChart {
                 title: "zero".into(),
@@ -559,6 +574,7 @@ mod tests {
                     value: 0.0,
                     whisker: Some((0.0, 0.0)),
                 }],
+                ..Default::default()
             }),
             Chart::Lines(LineChart {
                 title: "one point".into(),
@@ -566,6 +582,7 @@ mod tests {
                 y_label: "y".into(),
                 series: vec![("s".into(), vec![(1.0, 1.0)])],
                 y_from_zero: true,
+                ..Default::default()
             }),
         ];
         for (i, c) in cases.iter().enumerate() {
