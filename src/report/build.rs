@@ -698,11 +698,18 @@ fn warnings(
                 .filter_map(|v| v.combined)
                 .map(|c| c.ci95_high - c.ci95_low)
                 .fold(0.0, f64::max);
-            w.push(format!(
-                "small test set: {} documents (< {SMALL_TEST_SET_DOCUMENTS}); combined-accuracy intervals are up to {:.1} points wide",
-                e.test_documents,
-                100.0 * widest
-            ));
+            w.push(if widest > 0.0 {
+                format!(
+                    "small test set: {} documents (< {SMALL_TEST_SET_DOCUMENTS}); combined-accuracy intervals are up to {:.1} points wide",
+                    e.test_documents,
+                    100.0 * widest
+                )
+            } else {
+                format!(
+                    "small test set: {} documents (< {SMALL_TEST_SET_DOCUMENTS}); every combined-accuracy interval has zero width because each variant scored the same on every document, so the intervals say nothing about how it would score on other documents",
+                    e.test_documents
+                )
+            });
         }
     }
     for v in variants {
@@ -743,7 +750,7 @@ fn reproduce(git_commit: Option<&str>, device: Option<&str>) -> Vec<String> {
         let _ = write!(run, " --device {d}");
     }
     cmds.push(run);
-    cmds.push("./target/release/medpipe status".into());
+    cmds.push("./target/release/medpipe status --workspace repro".into());
     cmds
 }
 

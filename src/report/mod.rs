@@ -529,6 +529,21 @@ mod tests {
     }
 
     #[test]
+    fn issue_15_the_reproduce_block_asks_status_about_the_repro_workspace() {
+        let dir = crafted_reports();
+        let g = generate(dir.path(), STAMP).unwrap();
+        let last = g.report.reproduce.last().unwrap();
+        assert_eq!(last, "./target/release/medpipe status --workspace repro");
+        assert!(g
+            .report
+            .reproduce
+            .iter()
+            .any(|c| c.contains("run --config") && c.contains("--workspace repro")));
+        let md = std::fs::read_to_string(dir.path().join(BENCHMARK_REPORT_FILE)).unwrap();
+        assert!(md.contains("medpipe status --workspace repro"), "{md}");
+    }
+
+    #[test]
     fn when_no_variant_extracts_anything_nothing_is_recommended() {
         let dir = crafted_reports();
         edit_metrics(&dir.path().join("evaluation.json"), |v| {
@@ -547,6 +562,17 @@ mod tests {
             "{svg}"
         );
         assert!(!svg.contains("\n1.0\n") && !svg.contains("\n0.5\n"));
+        // zero-width intervals are called what they are, not "up to 0.0 points wide"
+        let small = g
+            .report
+            .warnings
+            .iter()
+            .find(|w| w.starts_with("small test set"))
+            .expect("a small-test-set warning");
+        assert!(
+            small.contains("zero width") && !small.contains("0.0 points"),
+            "{small}"
+        );
         let rec = &g.report.recommendation;
         assert_eq!(rec.variant, None);
         assert!(

@@ -203,3 +203,25 @@ fn issue_15_quantize_refuses_an_output_inside_the_model_and_an_nf4_input() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("already quantized"), "{}", stderr(&o));
 }
+
+#[test]
+fn issue_15_rust_log_output_to_a_file_has_no_colour_codes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    tiny_copy(&model);
+    let o = crate::common::medpipe()
+        .env("RUST_LOG", "medpipe=debug")
+        .args(["quantize", "--model"])
+        .arg(&model)
+        .arg("--out")
+        .arg(tmp.path().join("nf4"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = stderr(&o);
+    assert!(log.contains("quantized"), "debug events are logged: {log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "ANSI escape in a piped log: {log:?}"
+    );
+}
