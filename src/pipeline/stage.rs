@@ -7,8 +7,6 @@
 
 use std::path::{Path, PathBuf};
 
-use std::fmt::Write as _;
-
 use indicatif::{MultiProgress, ProgressBar, ProgressState, ProgressStyle};
 use serde_json::Value;
 
@@ -200,8 +198,8 @@ mod progress_tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         bar.inc(done);
         bar.abandon(); // draws the final state as it is
-        let text = screen.0.lock().unwrap().clone();
-        text
+        let written = screen.0.lock().unwrap();
+        written.clone()
     }
 
     #[test]
