@@ -186,7 +186,8 @@ struct QuantizeArgs {
     /// Output directory (replaced atomically when the run succeeds).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-    /// Module to keep unquantized, dotted (repeatable). Default: lm_head.
+    /// Module to keep unquantized, dotted (repeatable), in addition to lm_head; an entry that
+    /// matches no Linear weight is an error.
     #[arg(long, value_name = "MODULE")]
     skip: Vec<String>,
     /// bnb_4bit_compute_dtype to record. Default: the checkpoint's torch_dtype.
@@ -266,6 +267,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // colour codes only for a terminal, not for a log file
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -344,8 +347,11 @@ fn forward(args: ForwardArgs) -> Result<(), Failure> {
 
 fn quantize(args: QuantizeArgs) -> Result<(), Failure> {
     let mut opts = medpipe::quant::QuantizeOptions::default();
-    if !args.skip.is_empty() {
-        opts.skip = args.skip;
+    // `--skip` adds to the default (lm_head) rather than replacing it.
+    for s in args.skip {
+        if !opts.skip.contains(&s) {
+            opts.skip.push(s);
+        }
     }
     opts.compute_dtype = args.compute_dtype;
     let r =

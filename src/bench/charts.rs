@@ -46,6 +46,12 @@ pub fn latency_distribution(r: &BenchResult) -> Option<Chart> {
             lat.len()
         ),
         y_label: "requests".into(),
+        counts: true,
+        legend: Some(if hi > lo {
+            format!("requests per {} ms bin", format_ms(width))
+        } else {
+            format!("requests, all at {} ms", format_ms(lo))
+        }),
         bars: counts
             .iter()
             .enumerate()
@@ -55,7 +61,17 @@ pub fn latency_distribution(r: &BenchResult) -> Option<Chart> {
                 whisker: None,
             })
             .collect(),
+        ..Default::default()
     }))
+}
+
+/// Milliseconds for a legend: whole above 10 ms, else two decimals.
+fn format_ms(ms: f64) -> String {
+    if ms >= 10.0 {
+        format!("{ms:.0}")
+    } else {
+        format!("{ms:.2}")
+    }
 }
 
 /// Throughput (tokens/s) against batch size.
@@ -75,6 +91,7 @@ pub fn batch_sweep(r: &BenchResult) -> Option<Chart> {
                 .collect(),
         )],
         y_from_zero: true,
+        integer_x: true,
     }))
 }
 
@@ -147,5 +164,38 @@ mod tests {
         for f in files {
             assert!(std::fs::metadata(&f).unwrap().len() > 0, "{}", f.display());
         }
+    }
+
+    #[test]
+    fn issue_15_the_histogram_counts_in_whole_requests_with_a_legend_and_the_sweep_ticks_whole_batches(
+    ) {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut r = crafted(10.0);
+        r.requests = [5.0, 6.0, 6.0, 25.0].map(req).to_vec();
+        let Some(Chart::Bars(h)) = latency_distribution(&r) else {
+            panic!("no histogram")
+        };
+        assert!(h.counts);
+        assert_eq!(h.legend.as_deref(), Some("requests per 2.00 ms bin"));
+        let Some(Chart::Lines(s)) = batch_sweep(&r) else {
+            panic!("no sweep")
+        };
+        assert!(s.integer_x);
+        let files = write_charts(&r, &tmp.path().join("b")).unwrap();
+        let svg = |suffix: &str| {
+            let f = files
+                .iter()
+                .find(|f| f.to_string_lossy().ends_with(suffix))
+                .unwrap();
+            std::fs::read_to_string(f).unwrap()
+        };
+        let hist = svg("_latency.svg");
+        assert!(hist.contains("requests per 2.00 ms bin"), "legend missing");
+        // counts 2 and 1, never 1.5 or 0.50
+        assert!(hist.contains("\n2\n") && !hist.contains("\n1.5\n"));
+        assert!(!hist.contains("\n2.00\n") && !hist.contains("\n0.5\n"));
+        let sweep = svg("_batch_sweep.svg");
+        assert!(sweep.contains("\n1\n") && sweep.contains("\n2\n"));
+        assert!(!sweep.contains("\n1.1\n") && !sweep.contains("\n1.5\n"));
     }
 }

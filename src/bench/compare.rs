@@ -168,10 +168,42 @@ pub fn differences(a: &BenchResult, b: &BenchResult) -> Vec<String> {
     check("device", a.device.clone(), b.device.clone());
     check("model", a.model.id.clone(), b.model.id.clone());
     check("dtype", a.model.dtype.clone(), b.model.dtype.clone());
+    let or_none = |x: &Option<String>| x.clone().unwrap_or_else(|| "none".into());
     check(
         "quantization",
-        format!("{:?}", a.model.quantization),
-        format!("{:?}", b.model.quantization),
+        or_none(&a.model.quantization),
+        or_none(&b.model.quantization),
+    );
+    check(
+        "adapter",
+        or_none(&a.model.adapter),
+        or_none(&b.model.adapter),
+    );
+    check(
+        "backend",
+        a.versions.backend.clone(),
+        b.versions.backend.clone(),
+    );
+    let list = |v: &[usize]| {
+        v.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    check(
+        "batch_sizes",
+        list(&a.generation.batch_sizes),
+        list(&b.generation.batch_sizes),
+    );
+    check(
+        "runs",
+        a.settings.runs.to_string(),
+        b.settings.runs.to_string(),
+    );
+    check(
+        "warmup_runs",
+        a.settings.warmup_runs.to_string(),
+        b.settings.warmup_runs.to_string(),
     );
     check(
         "max_new_tokens",
@@ -182,6 +214,21 @@ pub fn differences(a: &BenchResult, b: &BenchResult) -> Vec<String> {
         "do_sample",
         a.generation.do_sample.to_string(),
         b.generation.do_sample.to_string(),
+    );
+    check(
+        "temperature",
+        format!("{:?}", a.generation.temperature),
+        format!("{:?}", b.generation.temperature),
+    );
+    check(
+        "top_p",
+        format!("{:?}", a.generation.top_p),
+        format!("{:?}", b.generation.top_p),
+    );
+    check(
+        "seed",
+        a.generation.seed.to_string(),
+        b.generation.seed.to_string(),
     );
     check(
         "inputs",
@@ -274,5 +321,26 @@ mod tests {
             ),
             "{md}"
         );
+    }
+
+    #[test]
+    fn issue_15_runs_batch_sizes_and_quantization_are_listed_as_differing_settings() {
+        let a = crafted(100.0);
+        let mut b = crafted(100.0);
+        b.settings.runs += 4;
+        b.settings.warmup_runs += 1;
+        b.generation.batch_sizes = vec![1];
+        b.model.quantization = Some("nf4".into());
+        let d = differences(&a, &b);
+        let runs = format!("runs: A `{}`, B `{}`", a.settings.runs, b.settings.runs);
+        for want in [
+            runs.as_str(),
+            "batch_sizes: A `1,2`, B `1`",
+            "quantization: A `none`, B `nf4`",
+            "warmup_runs",
+        ] {
+            assert!(d.iter().any(|x| x.contains(want)), "`{want}` not in {d:?}");
+        }
+        assert!(differences(&a, &a).is_empty());
     }
 }

@@ -325,7 +325,7 @@ pub fn run_bench<B: Kernels>(
             dir: model_dir.display().to_string(),
             revision: opts.revision.clone(),
             dtype: format!("{:?}", <B::FloatElem as Element>::dtype()).to_lowercase(),
-            quantization: None,
+            quantization: quantization_of(model_dir),
             adapter: None,
             parameters: model.config().parameter_count(),
             weights_bytes: weights_bytes(model_dir),
@@ -607,6 +607,28 @@ fn platform(gpu: &crate::device::nvml::GpuProbe) -> Platform {
     }
 }
 
+/// The weight quantization a checkpoint declares in its config.json `quantization_config`:
+/// `nf4`/`fp4` for bitsandbytes 4-bit (its `bnb_4bit_quant_type`), `int8` for its 8-bit,
+/// else the `quant_method`;
+/// `None` for a checkpoint without one (or an unreadable config, which loading reports).
+pub(crate) fn quantization_of(model_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(model_dir.join("config.json")).ok()?;
+    let cfg: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let q = cfg.get("quantization_config")?;
+    let field = |k: &str| q.get(k).and_then(serde_json::Value::as_str);
+    let method = field("quant_method");
+    let label = match (method, field("bnb_4bit_quant_type")) {
+        (Some("bitsandbytes") | None, _)
+            if q.get("load_in_8bit").and_then(serde_json::Value::as_bool) == Some(true) =>
+        {
+            "int8"
+        }
+        (Some("bitsandbytes") | None, Some(kind)) => kind,
+        (m, _) => m.unwrap_or("unknown"),
+    };
+    Some(label.to_string())
+}
+
 /// Bytes of `*.safetensors` directly in `dir` (0 where unreadable).
 fn weights_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
@@ -672,5 +694,19 @@ mod tests {
         // 10 requests in 36 s at 2.0/h: 1,000 requests take 3,600 s = 1 h = 2.0.
         assert!((cost_per_1k(2.0, 36_000.0, 10) - 2.0).abs() < 1e-12);
         assert_eq!(cost_per_1k(2.0, 1.0, 0), 0.0);
+    }
+
+    #[test]
+    fn issue_15_an_nf4_checkpoint_is_labelled_nf4_and_a_dense_one_unquantized() {
+        let fx = crate::test_util::fixture("qwen2_5_vl_tiny");
+        assert_eq!(quantization_of(&fx.join("nf4")).as_deref(), Some("nf4"));
+        assert_eq!(quantization_of(&fx), None);
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(
+            tmp.path().join("config.json"),
+            r#"{"quantization_config": {"quant_method": "gptq", "bits": 4}}"#,
+        )
+        .unwrap();
+        assert_eq!(quantization_of(tmp.path()).as_deref(), Some("gptq"));
     }
 }

@@ -3,10 +3,13 @@
 //! built from.
 //!
 //! Follows transformers `models/qwen2_5_vl/configuration_qwen2_5_vl.py@018c8e0394c47749c55861e11f5f7e2a577973d7`.
-//! Two layouts are accepted: the published one (text fields at top level, `vision_config`
-//! nested, `rope_scaling`) and the transformers-5 one (`text_config` nested,
-//! `rope_parameters`). Vision `in_chans` (published) and `in_channels` (transformers) are
-//! aliases. `generation_config.json`, when present, overrides the end-of-sequence ids.
+//! Every layout transformers 4.49–5.x writes for this model is accepted (re-saves of the
+//! published 7B config by each version are in `testdata/resaved/`): text fields at top level
+//! (published), at top level *and* in `text_config` (4.53–4.57), or only in `text_config`
+//! (5.x); `rope_scaling` or `rope_parameters`; `torch_dtype` or `dtype`; vision `in_chans`
+//! and/or `in_channels`; `layer_types`. Where two spellings of one setting are both present
+//! they must agree, or the config is refused naming both ([`ConfigError::Conflict`]).
+//! `generation_config.json`, when present, overrides the end-of-sequence ids.
 
 use std::path::{Path, PathBuf};
 
@@ -32,6 +35,21 @@ pub enum ConfigError {
         /// The cause.
         #[source]
         source: serde_json::Error,
+    },
+    /// Two spellings of one setting (e.g. `in_chans` and `in_channels`, or a top-level text
+    /// field and its `text_config` copy) are both present and disagree.
+    #[error("model config {path}: `{first}` = {first_value} and `{second}` = {second_value} disagree; they are two spellings of one setting, so they must match")]
+    Conflict {
+        /// The file.
+        path: PathBuf,
+        /// One spelling (dotted path in the JSON).
+        first: String,
+        /// Its value (JSON).
+        first_value: String,
+        /// The other spelling.
+        second: String,
+        /// Its value (JSON).
+        second_value: String,
     },
     /// A value is inconsistent with the architecture.
     #[error("invalid model config: {field}: {reason}")]
@@ -100,9 +118,13 @@ pub struct HfTextConfig {
     /// RoPE base at top level (published layout).
     #[serde(default)]
     pub rope_theta: Option<f64>,
-    /// M-RoPE parameters.
-    #[serde(default, alias = "rope_parameters")]
+    /// M-RoPE parameters (`rope_parameters` in transformers 5, renamed on reading).
+    #[serde(default)]
     pub rope_scaling: Option<HfRope>,
+    /// Attention kind per decoder layer (transformers 4.53+); only `full_attention` exists
+    /// in Qwen2.5-VL as medpipe implements it.
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
     /// Longest sequence the model was trained for (tokens).
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
@@ -151,8 +173,8 @@ pub struct HfVisionConfig {
     /// Vision heads.
     #[serde(default = "v_heads")]
     pub num_heads: usize,
-    /// Image channels.
-    #[serde(default = "v_chans", alias = "in_chans")]
+    /// Image channels (`in_chans` in the published config, renamed on reading).
+    #[serde(default = "v_chans")]
     pub in_channels: usize,
     /// Patch side (pixels).
     #[serde(default = "v_patch")]
@@ -178,6 +200,17 @@ pub struct HfVisionConfig {
     /// Vision MLP activation; only `silu` exists in Qwen2.5-VL.
     #[serde(default = "default_act")]
     pub hidden_act: String,
+    /// Vision rotary parameters (transformers 5.2x writes `{rope_theta, rope_type}`).
+    #[serde(default)]
+    pub rope_parameters: Option<HfVisionRope>,
+}
+
+/// `vision_config.rope_parameters`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HfVisionRope {
+    /// Rotary base of the vision tower; the architecture fixes it at 10000.
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
 }
 
 fn v_depth() -> usize {
@@ -259,6 +292,154 @@ struct HfTop {
     tie_word_embeddings: Option<bool>,
 }
 
+/// Text fields medpipe reads that transformers 4.53–4.57 write both at top level and in
+/// `text_config`; where both are present they must agree.
+const SHARED_TEXT_FIELDS: [&str; 18] = [
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "max_position_embeddings",
+    "hidden_act",
+    "tie_word_embeddings",
+    "use_sliding_window",
+    "head_dim",
+    "eos_token_id",
+    "pad_token_id",
+    "layer_types",
+    "dtype",
+];
+
+/// Rewrites every spelling transformers uses into the one the serde structs read, refusing
+/// two spellings of one setting that disagree: vision `in_chans` → `in_channels`,
+/// `rope_parameters` → `rope_scaling`, `torch_dtype` → `dtype`, a top-level `rope_theta`
+/// against the one inside the rope parameters, and top-level text fields against their
+/// `text_config` copies.
+fn reconcile_spellings(root: &mut serde_json::Value, path: &Path) -> Result<(), ConfigError> {
+    let Some(obj) = root.as_object_mut() else {
+        return Ok(()); // not an object: the typed parse reports it
+    };
+    if let Some(v) = obj.get_mut("vision_config").and_then(|v| v.as_object_mut()) {
+        merge_alias(v, "vision_config.", "in_chans", "in_channels", path)?;
+    }
+    reconcile_text(obj, "", path)?;
+    if let Some(t) = obj.get_mut("text_config").and_then(|v| v.as_object_mut()) {
+        reconcile_text(t, "text_config.", path)?;
+    }
+    if let Some(t) = obj.get("text_config").and_then(|v| v.as_object()) {
+        for k in SHARED_TEXT_FIELDS {
+            if let (Some(a), Some(b)) = (obj.get(k), t.get(k)) {
+                if !same_setting(a, b) {
+                    return Err(conflict(path, k.into(), a, format!("text_config.{k}"), b));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One text-config object (the root or `text_config`): rope and dtype spellings.
+fn reconcile_text(
+    obj: &mut serde_json::Map<String, serde_json::Value>,
+    prefix: &str,
+    path: &Path,
+) -> Result<(), ConfigError> {
+    for rope in ["rope_scaling", "rope_parameters"] {
+        let inner = obj.get(rope).and_then(|r| r.get("rope_theta"));
+        if let (Some(a), Some(b)) = (obj.get("rope_theta"), inner) {
+            if !same_setting(a, b) {
+                return Err(conflict(
+                    path,
+                    format!("{prefix}rope_theta"),
+                    a,
+                    format!("{prefix}{rope}.rope_theta"),
+                    b,
+                ));
+            }
+        }
+    }
+    merge_alias(obj, prefix, "rope_parameters", "rope_scaling", path)?;
+    merge_alias(obj, prefix, "torch_dtype", "dtype", path)
+}
+
+/// Moves `from` to `to` in `obj`; when both are present they must be the same setting.
+fn merge_alias(
+    obj: &mut serde_json::Map<String, serde_json::Value>,
+    prefix: &str,
+    from: &str,
+    to: &str,
+    path: &Path,
+) -> Result<(), ConfigError> {
+    let Some(a) = obj.remove(from) else {
+        return Ok(());
+    };
+    match obj.get_mut(to) {
+        Some(b) if !same_setting(&a, b) => Err(conflict(
+            path,
+            format!("{prefix}{from}"),
+            &a,
+            format!("{prefix}{to}"),
+            b,
+        )),
+        // Equal: keep the union, so a `rope_theta` only one of them carries survives.
+        Some(b) => {
+            if let (Some(bo), Some(ao)) = (b.as_object_mut(), a.as_object()) {
+                for (k, v) in ao {
+                    bo.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+            }
+            Ok(())
+        }
+        None => {
+            obj.insert(to.into(), a);
+            Ok(())
+        }
+    }
+}
+
+/// Whether two JSON values state the same setting: numbers compare by value (`2` = `2.0`),
+/// rope objects by the fields that matter (`mrope_section`, and `rope_theta` where both
+/// have it; `rope_type: default` and `type: mrope` name the same rotary scheme).
+fn same_setting(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        (Value::Object(x), Value::Object(y)) if x.contains_key("mrope_section") => {
+            ["mrope_section", "rope_theta"]
+                .iter()
+                .all(|k| match (x.get(*k), y.get(*k)) {
+                    (Some(p), Some(q)) => same_setting(p, q),
+                    _ => *k == "rope_theta",
+                })
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| same_setting(p, q))
+        }
+        _ => a == b,
+    }
+}
+
+fn conflict(
+    path: &Path,
+    first: String,
+    a: &serde_json::Value,
+    second: String,
+    b: &serde_json::Value,
+) -> ConfigError {
+    ConfigError::Conflict {
+        path: path.to_path_buf(),
+        first,
+        first_value: a.to_string(),
+        second,
+        second_value: b.to_string(),
+    }
+}
+
 /// `generation_config.json` (only the fields medpipe uses).
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct HfGenerationConfig {
@@ -280,7 +461,8 @@ impl HfConfig {
             path: path.to_path_buf(),
             source,
         };
-        let root: serde_json::Value = serde_json::from_str(text).map_err(parse)?;
+        let mut root: serde_json::Value = serde_json::from_str(text).map_err(parse)?;
+        reconcile_spellings(&mut root, path)?;
         let top: HfTop = serde_json::from_value(root.clone()).map_err(parse)?;
         let text_value = top.text_config.clone().unwrap_or(root);
         let text: HfTextConfig = serde_json::from_value(text_value).map_err(parse)?;
@@ -431,6 +613,39 @@ impl HfConfig {
                 "vision_config.hidden_act",
                 format!("`{}` is not supported (only silu)", v.hidden_act),
             );
+        }
+        if let Some(kinds) = &t.layer_types {
+            if kinds.len() != t.num_hidden_layers {
+                return bad(
+                    "layer_types",
+                    format!(
+                        "has {} entries for {} layers",
+                        kinds.len(),
+                        t.num_hidden_layers
+                    ),
+                );
+            }
+            if let Some((i, k)) = kinds
+                .iter()
+                .enumerate()
+                .find(|(_, k)| *k != "full_attention")
+            {
+                return bad(
+                    "layer_types",
+                    format!("layer {i} is `{k}`; only full_attention is implemented"),
+                );
+            }
+        }
+        if let Some(theta) = v.rope_parameters.as_ref().and_then(|r| r.rope_theta) {
+            if theta != crate::model::vision::VISION_ROPE_THETA {
+                return bad(
+                    "vision_config.rope_parameters.rope_theta",
+                    format!(
+                        "{theta} is not the {} the vision tower uses",
+                        crate::model::vision::VISION_ROPE_THETA
+                    ),
+                );
+            }
         }
         if t.use_sliding_window {
             return bad(
@@ -783,5 +998,131 @@ mod tests {
         let e = HfConfig::from_json_str(r#"{"vision_config": {}}"#, Path::new("x/config.json"))
             .unwrap_err();
         assert!(format!("{e}").contains("x/config.json"));
+    }
+
+    /// The published 7B config as re-saved by each transformers version (see
+    /// `testdata/resaved/README.md` for how they were made).
+    const RESAVED: [(&str, &str); 5] = [
+        (
+            "4.49.0",
+            include_str!("testdata/resaved/transformers-4.49.0.json"),
+        ),
+        (
+            "4.53.3",
+            include_str!("testdata/resaved/transformers-4.53.3.json"),
+        ),
+        (
+            "4.57.6",
+            include_str!("testdata/resaved/transformers-4.57.6.json"),
+        ),
+        (
+            "5.0.0",
+            include_str!("testdata/resaved/transformers-5.0.0.json"),
+        ),
+        (
+            "5.24.0",
+            include_str!("testdata/resaved/transformers-5.24.0.json"),
+        ),
+    ];
+
+    fn resave(version: &str) -> serde_json::Value {
+        let text = RESAVED.iter().find(|(v, _)| *v == version).unwrap().1;
+        serde_json::from_str(text).unwrap()
+    }
+
+    fn conflict_of(v: &serde_json::Value) -> String {
+        let e = HfConfig::from_json_str(&v.to_string(), Path::new("re/config.json")).unwrap_err();
+        assert!(matches!(e, ConfigError::Conflict { .. }), "{e}");
+        e.to_string()
+    }
+
+    #[test]
+    fn issue_15_every_transformers_resave_of_the_7b_config_resolves_to_the_published_one() {
+        let want = seven_b().resolve().unwrap();
+        for (version, text) in RESAVED {
+            let got = HfConfig::from_json_str(text, Path::new(version))
+                .unwrap_or_else(|e| panic!("transformers {version}: {e:#}"))
+                .resolve()
+                .unwrap_or_else(|e| panic!("transformers {version}: {e:#}"));
+            assert_eq!(got, want, "transformers {version}");
+        }
+    }
+
+    #[test]
+    fn issue_15_two_spellings_that_disagree_are_refused_naming_both() {
+        let mut v = resave("4.57.6");
+        v["vision_config"]["in_chans"] = 1.into();
+        let e = conflict_of(&v);
+        assert!(
+            e.contains("`vision_config.in_chans` = 1")
+                && e.contains("`vision_config.in_channels` = 3")
+                && e.contains("re/config.json"),
+            "{e}"
+        );
+
+        let mut v = resave("4.57.6");
+        v["hidden_size"] = 4096.into();
+        let e = conflict_of(&v);
+        assert!(
+            e.contains("`hidden_size` = 4096") && e.contains("`text_config.hidden_size` = 3584"),
+            "{e}"
+        );
+
+        let mut v = resave("4.57.6");
+        v["torch_dtype"] = "float16".into();
+        let e = conflict_of(&v);
+        assert!(e.contains("`torch_dtype`") && e.contains("`dtype`"), "{e}");
+
+        let mut v = resave("5.0.0");
+        v["text_config"]["rope_scaling"] =
+            serde_json::json!({"type": "mrope", "mrope_section": [16, 24, 23]});
+        let e = conflict_of(&v);
+        assert!(
+            e.contains("`text_config.rope_parameters`") && e.contains("`text_config.rope_scaling`"),
+            "{e}"
+        );
+
+        let mut v = resave("5.0.0");
+        v["text_config"]["rope_theta"] = 10000.0.into();
+        let e = conflict_of(&v);
+        assert!(
+            e.contains("`text_config.rope_theta` = 10000")
+                && e.contains("`text_config.rope_parameters.rope_theta` = 1000000"),
+            "{e}"
+        );
+
+        // the same value in both spellings is fine, whatever the number's JSON form
+        let mut v = resave("5.0.0");
+        v["text_config"]["rope_theta"] = 1_000_000.into();
+        v["vision_config"]["in_chans"] = 3.0.into();
+        HfConfig::from_json_str(&v.to_string(), Path::new("ok")).unwrap();
+    }
+
+    #[test]
+    fn issue_15_layer_types_must_cover_every_layer_with_full_attention() {
+        let mut v = resave("5.0.0");
+        v["text_config"]["layer_types"][27] = "sliding_attention".into();
+        let c = HfConfig::from_json_str(&v.to_string(), Path::new("x")).unwrap();
+        let e = c.resolve().unwrap_err().to_string();
+        assert!(
+            e.contains("layer_types") && e.contains("layer 27 is `sliding_attention`"),
+            "{e}"
+        );
+        let mut v = resave("5.0.0");
+        v["text_config"]["layer_types"]
+            .as_array_mut()
+            .unwrap()
+            .pop();
+        let c = HfConfig::from_json_str(&v.to_string(), Path::new("x")).unwrap();
+        let e = c.resolve().unwrap_err().to_string();
+        assert!(e.contains("27 entries for 28 layers"), "{e}");
+        let mut v = resave("5.24.0");
+        v["vision_config"]["rope_parameters"]["rope_theta"] = 500.0.into();
+        let c = HfConfig::from_json_str(&v.to_string(), Path::new("x")).unwrap();
+        let e = c.resolve().unwrap_err().to_string();
+        assert!(
+            e.contains("vision_config.rope_parameters.rope_theta"),
+            "{e}"
+        );
     }
 }

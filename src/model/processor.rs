@@ -74,6 +74,20 @@ pub enum GeometryError {
     OffGrid { unit: u32 },
 }
 
+/// An `image` error as the last link of an error chain. Its message already ends with its
+/// inner error's ("Format error decoding Png: Invalid PNG signature."), so also chaining that
+/// inner error would print it twice.
+#[derive(Debug)]
+pub struct ImageErrorMessage(pub image::ImageError);
+
+impl std::fmt::Display for ImageErrorMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for ImageErrorMessage {}
+
 /// Errors of the image processor. Every variant names the file or image it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessorError {
@@ -106,7 +120,7 @@ pub enum ProcessorError {
     DecodeImage {
         path: PathBuf,
         #[source]
-        source: image::ImageError,
+        source: ImageErrorMessage,
     },
     /// The image header announces more pixels than we are willing to decode.
     #[error(
@@ -437,7 +451,7 @@ impl ImageProcessor {
         };
         let decode_err = |source| ProcessorError::DecodeImage {
             path: path.to_path_buf(),
-            source,
+            source: ImageErrorMessage(source),
         };
         let (width, height) = open()?.into_dimensions().map_err(decode_err)?;
         let pixels = u64::from(width) * u64::from(height);
@@ -1090,6 +1104,9 @@ mod tests {
         std::fs::write(&path, b"not an image at all").unwrap();
         let e = tiny_processor().preprocess(&[path.into()]).unwrap_err();
         assert!(e.to_string().contains("broken.png"), "{e}");
+        // issue 15: the whole chain says what is wrong once
+        let chain = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(chain.matches("Invalid PNG signature").count(), 1, "{chain}");
     }
 
     #[test]

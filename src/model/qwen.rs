@@ -125,6 +125,52 @@ impl<B: Kernels> Qwen25Vl<B> {
             + self.lm_head.as_ref().map_or(0, Proj::stored_bytes)
     }
 
+    /// Bytes of every weight the model holds: each projection as stored (NF4 packed or
+    /// dense, [`Self::linear_bytes`]) plus every other tensor (embeddings, norms, the patch
+    /// conv, LoRA pairs) at its element size. What a variant costs in memory before any
+    /// activation, whatever else the process holds.
+    pub fn resident_weight_bytes(&self) -> u64 {
+        use burn::module::{Module, ModuleVisitor, Param};
+        use burn::tensor::{Bool, Int};
+        /// Sums parameter bytes outside projection bases (those are in `linear_bytes`).
+        struct OutsideBases {
+            depth: usize,
+            bytes: u64,
+        }
+        impl OutsideBases {
+            fn add(&mut self, numel: usize, dtype: burn::tensor::DType) {
+                if self.depth == 0 {
+                    self.bytes += (numel * dtype.size()) as u64;
+                }
+            }
+        }
+        impl<B: Backend> ModuleVisitor<B> for OutsideBases {
+            fn enter_module(&mut self, _name: &str, container_type: &str) {
+                if self.depth > 0 || container_type == "Enum:BaseProj" {
+                    self.depth += 1;
+                }
+            }
+            fn exit_module(&mut self, _name: &str, _container_type: &str) {
+                self.depth = self.depth.saturating_sub(1);
+            }
+            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+                let t = p.val();
+                self.add(t.shape().num_elements(), t.dtype());
+            }
+            fn visit_int<const D: usize>(&mut self, p: &Param<Tensor<B, D, Int>>) {
+                let t = p.val();
+                self.add(t.shape().num_elements(), t.dtype());
+            }
+            fn visit_bool<const D: usize>(&mut self, p: &Param<Tensor<B, D, Bool>>) {
+                let t = p.val();
+                self.add(t.shape().num_elements(), t.dtype());
+            }
+        }
+        let mut v = OutsideBases { depth: 0, bytes: 0 };
+        self.visit(&mut v);
+        v.bytes + self.linear_bytes()
+    }
+
     /// The resolved configuration.
     pub fn config(&self) -> &Qwen25VlConfig {
         &self.config
@@ -940,5 +986,24 @@ pub(crate) mod tests {
         assert!(q * 3 < d, "nf4 {q} B vs dense {d} B");
         // lm_head is skipped: the only dense Linear left
         assert!(!nf4.lm_head.as_ref().unwrap().is_nf4());
+    }
+
+    #[test]
+    fn issue_15_resident_weight_bytes_count_every_tensor_and_show_the_nf4_saving() {
+        use burn::module::Module;
+        let dev = Default::default();
+        let dense = tiny();
+        let nf4 = Qwen25Vl::<TB>::load(&fixture("qwen2_5_vl_tiny/nf4"), &dev).unwrap();
+        // dense f32: every parameter, 4 bytes each, counted once
+        assert_eq!(dense.resident_weight_bytes(), dense.num_params() as u64 * 4);
+        // NF4: the packed projections plus the dense rest (embeddings, norms, conv, lm_head)
+        let rest = nf4.resident_weight_bytes() - nf4.linear_bytes();
+        assert!(rest > 0);
+        assert!(
+            nf4.resident_weight_bytes() < dense.resident_weight_bytes(),
+            "nf4 {} B vs dense {} B",
+            nf4.resident_weight_bytes(),
+            dense.resident_weight_bytes()
+        );
     }
 }

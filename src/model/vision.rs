@@ -28,7 +28,7 @@ use crate::model::weights::WeightSource;
 /// the config.
 const VISION_NORM_EPS: f64 = 1e-6;
 /// Vision rotary base: the reference's `Qwen2_5_VisionRotaryEmbedding` default.
-const VISION_ROPE_THETA: f64 = 10_000.0;
+pub(crate) const VISION_ROPE_THETA: f64 = 10_000.0;
 
 /// Where each window/frame segment lives in the reordered patch sequence.
 struct Segments<B: Kernels> {

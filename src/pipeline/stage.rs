@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressState, ProgressStyle};
 use serde_json::Value;
 
 use super::artifact::Artifact;
@@ -121,14 +121,16 @@ impl<'a> StageCtx<'a> {
             return ProgressBar::hidden();
         }
         let bar = self.progress.add(ProgressBar::new(len));
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} {msg:<24} [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})",
-            )
-            .expect("the template is a valid literal")
-            .progress_chars("=> "),
-        );
+        bar.set_style(count_style(true));
         bar.set_message(message.into());
+        bar
+    }
+
+    /// A progress counter for loops whose total is not known in advance (a streamed
+    /// source): items done and their rate, no bar or total.
+    pub fn counter(&self, message: impl Into<String>) -> ProgressBar {
+        let bar = self.progress_bar(0, message);
+        bar.set_style(count_style(false));
         bar
     }
 
@@ -143,5 +145,99 @@ impl<'a> StageCtx<'a> {
             .progress_chars("=> "),
         );
         bar
+    }
+}
+
+/// Items per second with one decimal (`152.3/s`); indicatif's `{per_sec}` prints every digit.
+fn rate(state: &ProgressState, w: &mut dyn std::fmt::Write) {
+    let _ = write!(w, "{:.1}/s", state.per_sec());
+}
+
+/// The style of an item count: with a bar, total and eta when the total is known, else
+/// the count and its rate.
+pub(crate) fn count_style(known_total: bool) -> ProgressStyle {
+    let template = if known_total {
+        "{spinner} {msg:<24} [{bar:30}] {pos}/{len} ({rate}, eta {eta})"
+    } else {
+        "{spinner} {msg:<24} {pos} done ({rate})"
+    };
+    ProgressStyle::with_template(template)
+        .expect("the templates are valid literals")
+        .with_key("rate", rate)
+        .progress_chars("=> ")
+}
+
+#[cfg(test)]
+mod progress_tests {
+    use std::sync::{Arc, Mutex};
+
+    use indicatif::{ProgressDrawTarget, TermLike};
+
+    use super::*;
+
+    /// A terminal that keeps what is written to it.
+    #[derive(Debug, Clone, Default)]
+    struct Screen(Arc<Mutex<String>>);
+
+    impl TermLike for Screen {
+        fn width(&self) -> u16 {
+            120
+        }
+        fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            self.write_str(&format!("{s}\n"))
+        }
+        fn write_str(&self, s: &str) -> std::io::Result<()> {
+            self.0.lock().unwrap().push_str(s);
+            Ok(())
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn shown(known_total: bool, len: u64, done: u64) -> String {
+        let screen = Screen::default();
+        let bar = ProgressBar::with_draw_target(
+            Some(len),
+            ProgressDrawTarget::term_like(Box::new(screen.clone())),
+        );
+        bar.set_style(count_style(known_total));
+        bar.set_message("prepare synthetic");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        bar.inc(done);
+        bar.abandon(); // draws the final state as it is
+        let written = screen.0.lock().unwrap();
+        written.clone()
+    }
+
+    #[test]
+    fn issue_15_a_count_without_a_total_shows_no_zero_total_and_a_rounded_rate() {
+        let text = shown(false, 0, 256);
+        assert!(!text.contains("/0"), "{text}");
+        let rate = text
+            .rsplit("256 done (")
+            .next()
+            .and_then(|r| r.split("/s)").next())
+            .filter(|_| text.contains("256 done ("))
+            .unwrap_or_else(|| panic!("no count and rate in {text}"));
+        assert!(!rate.contains(','), "{rate}");
+        assert_eq!(rate.split('.').nth(1).map(str::len), Some(1), "{rate}");
+        let text = shown(true, 300, 256);
+        assert!(text.contains("256/300 ("), "{text}");
     }
 }

@@ -51,6 +51,24 @@ pub enum QuantError {
         #[source]
         source: serde_json::Error,
     },
+    /// The output directory is the checkpoint itself, lies inside it, or contains it:
+    /// replacing it would destroy the input.
+    #[error(
+        "output {out} would overwrite the input checkpoint {model}; choose a directory outside it"
+    )]
+    OutputOverlapsInput { out: PathBuf, model: PathBuf },
+    /// The input's config.json already carries a `quantization_config`.
+    #[error("{path} is already quantized (quantization_config.quant_method = {method}); quantize the original checkpoint instead")]
+    AlreadyQuantized { path: PathBuf, method: String },
+    /// A skip entry matches no Linear weight of the checkpoint (a typo would otherwise
+    /// quantize what the user meant to keep).
+    #[error("skip entry `{entry}` matches no Linear weight in {path}; {hint}")]
+    SkipMatchesNothing {
+        entry: String,
+        path: PathBuf,
+        /// Examples of what does exist.
+        hint: String,
+    },
     /// Atomic file writing failed.
     #[error(transparent)]
     Fs(#[from] crate::pipeline::fs::FsError),

@@ -147,6 +147,108 @@ pub fn is_linear_weight(key: &str, shape: &[usize]) -> bool {
         || (parent == "mlp" && !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// `path` made absolute, `.`/`..` folded and symlinks resolved as far as it exists (the
+/// rest appended), so two spellings of one directory compare equal.
+fn resolved(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut abs = PathBuf::new();
+    for c in std::path::absolute(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .components()
+    {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                abs.pop();
+            }
+            other => abs.push(other),
+        }
+    }
+    let mut base = abs.clone();
+    let mut rest = Vec::new();
+    while !base.exists() {
+        match base.file_name() {
+            Some(name) => {
+                rest.push(name.to_os_string());
+                base.pop();
+            }
+            None => break,
+        }
+    }
+    match base.canonicalize() {
+        Ok(mut c) => {
+            c.extend(rest.iter().rev());
+            c
+        }
+        Err(_) => abs,
+    }
+}
+
+/// Refuses an output directory that is the checkpoint, lies inside it, or contains it:
+/// the output is replaced as a whole, which would delete the input.
+fn refuse_overlap(model_dir: &Path, out_dir: &Path) -> Result<(), QuantError> {
+    let (model, out) = (resolved(model_dir), resolved(out_dir));
+    if out.starts_with(&model) || model.starts_with(&out) {
+        return Err(QuantError::OutputOverlapsInput {
+            out: out_dir.to_path_buf(),
+            model: model_dir.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+/// Module names of every Linear weight in `shards` (headers only; no tensor data is read).
+fn linear_modules(shards: &[PathBuf]) -> Result<BTreeSet<String>, QuantError> {
+    let mut out = BTreeSet::new();
+    for shard in shards {
+        let file = File::open(shard).map_err(io("opening", shard))?;
+        // SAFETY: read-only map of a file medpipe does not write while it is mapped.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io("memory-mapping", shard))?;
+        let st = SafeTensors::deserialize(&mmap).map_err(|source| QuantError::Safetensors {
+            path: shard.clone(),
+            source,
+        })?;
+        for (key, view) in st.tensors() {
+            if is_linear_weight(&key, view.shape()) {
+                out.insert(key.strip_suffix(".weight").unwrap_or(&key).to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Every skip entry must match a Linear module, or a typo silently quantizes what was meant
+/// to stay dense. `lm_head`, the default, may match nothing: a checkpoint with tied
+/// embeddings has no `lm_head.weight`.
+fn check_skip_entries(
+    skip: &[String],
+    linears: &BTreeSet<String>,
+    model_dir: &Path,
+) -> Result<(), QuantError> {
+    for entry in skip {
+        let one = std::slice::from_ref(entry);
+        if entry != "lm_head" && !linears.iter().any(|m| is_skipped(m, one)) {
+            // One example per top-level module (`lm_head`, `model…`, `visual…`).
+            let mut seen = BTreeSet::new();
+            let examples: Vec<&str> = linears
+                .iter()
+                .filter(|m| seen.insert(m.split('.').next().unwrap_or_default()))
+                .map(String::as_str)
+                .collect();
+            return Err(QuantError::SkipMatchesNothing {
+                entry: entry.clone(),
+                path: model_dir.to_path_buf(),
+                hint: if examples.is_empty() {
+                    "it has no Linear weights".into()
+                } else {
+                    format!("its Linear modules include `{}`", examples.join("`, `"))
+                },
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Whether a skip entry names `module` or one of its ancestors (whole dotted components).
 fn is_skipped(module: &str, skip: &[String]) -> bool {
     let parts: Vec<&str> = module.split('.').collect();
@@ -340,8 +442,19 @@ pub fn quantize_checkpoint(
 ) -> Result<QuantizeReport, QuantError> {
     let started = Instant::now();
     let _span = tracing::info_span!("quantize_checkpoint", model = %model_dir.display()).entered();
+    refuse_overlap(model_dir, out_dir)?;
     let config_path = model_dir.join("config.json");
     let mut config = read_json(&config_path)?;
+    if let Some(q) = config.get("quantization_config") {
+        return Err(QuantError::AlreadyQuantized {
+            path: model_dir.to_path_buf(),
+            method: q
+                .get("quant_method")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown")
+                .to_string(),
+        });
+    }
     let compute_dtype = opts.compute_dtype.clone().unwrap_or_else(|| {
         ["torch_dtype", "dtype"]
             .iter()
@@ -350,6 +463,7 @@ pub fn quantize_checkpoint(
             .to_string()
     });
     let shards = input_shards(model_dir)?;
+    check_skip_entries(&opts.skip, &linear_modules(&shards)?, model_dir)?;
 
     let partial = PathBuf::from(format!("{}.partial", out_dir.display()));
     if partial.exists() {
@@ -475,7 +589,11 @@ pub fn quantize_checkpoint(
             report.files_copied.push(name);
         }
 
-        if let Some(obj) = config.as_object_mut() {
+        // A checkpoint in which every Linear was skipped holds no NF4 weight: not labelled.
+        if let Some(obj) = config
+            .as_object_mut()
+            .filter(|_| report.tensors_quantized > 0)
+        {
             obj.insert(
                 "quantization_config".into(),
                 quantization_config(&compute_dtype, &opts.skip),
@@ -754,5 +872,102 @@ mod tests {
             !out.exists(),
             "the output directory only appears on success"
         );
+    }
+
+    /// A copy of the tiny fixture checkpoint (config, weights, processor) in `dir`.
+    fn tiny_copy(dir: &Path) {
+        fs::create_dir_all(dir).unwrap();
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "preprocessor_config.json",
+        ] {
+            fs::copy(fixture(&format!("qwen2_5_vl_tiny/{f}")), dir.join(f)).unwrap();
+        }
+    }
+
+    #[test]
+    fn issue_15_an_output_equal_to_inside_or_around_the_checkpoint_is_refused_and_the_checkpoint_survives(
+    ) {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = tmp.path().join("m");
+        tiny_copy(&model);
+        let before = fs::read(model.join("model.safetensors")).unwrap();
+        for out in [
+            model.clone(),
+            model.join("."),
+            tmp.path().join("x/../m"),
+            model.join("nf4"),
+            model.join("deeper/nf4"),
+            tmp.path().to_path_buf(),
+        ] {
+            let err = quantize_checkpoint(&model, &out, &QuantizeOptions::default()).unwrap_err();
+            assert!(
+                matches!(err, QuantError::OutputOverlapsInput { .. }),
+                "{}: {err}",
+                out.display()
+            );
+            assert!(err
+                .to_string()
+                .contains("would overwrite the input checkpoint"));
+        }
+        assert_eq!(fs::read(model.join("model.safetensors")).unwrap(), before);
+        assert!(!model.join("nf4").exists() && !model.join("deeper").exists());
+        // a sibling whose name merely starts with the model's is fine
+        quantize_checkpoint(&model, &tmp.path().join("m2"), &QuantizeOptions::default()).unwrap();
+    }
+
+    #[test]
+    fn issue_15_a_skip_entry_that_matches_no_linear_is_an_error_naming_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = QuantizeOptions {
+            skip: vec!["lm_head".into(), "visual.mergr".into()],
+            ..QuantizeOptions::default()
+        };
+        let out = tmp.path().join("o");
+        let err = quantize_checkpoint(&fixture("qwen2_5_vl_tiny"), &out, &opts).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(err, QuantError::SkipMatchesNothing { .. }),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("`visual.mergr`") && msg.contains("`visual.blocks.0.attn.proj`"),
+            "names the entry and real Linear modules: {msg}"
+        );
+        assert!(!out.exists());
+        // the default `lm_head` may match nothing (tied embeddings have no lm_head.weight)
+        let tied = tmp.path().join("tied");
+        fake_checkpoint(
+            &tied,
+            vec![RawTensor {
+                key: "model.layers.0.mlp.up_proj.weight".into(),
+                dtype: Dtype::F32,
+                shape: vec![64, 64],
+                data: vec![0; 64 * 64 * 4],
+            }],
+        );
+        let r =
+            quantize_checkpoint(&tied, &tmp.path().join("t"), &QuantizeOptions::default()).unwrap();
+        assert_eq!((r.tensors_quantized, r.tensors_skipped), (1, 0));
+    }
+
+    #[test]
+    fn issue_15_requantizing_an_nf4_checkpoint_says_already_quantized() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("again");
+        let err = quantize_checkpoint(
+            &fixture("qwen2_5_vl_tiny/nf4"),
+            &out,
+            &QuantizeOptions::default(),
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, QuantError::AlreadyQuantized { .. }), "{msg}");
+        assert!(
+            msg.contains("already quantized") && msg.contains("bitsandbytes"),
+            "{msg}"
+        );
+        assert!(!out.exists());
     }
 }

@@ -7,11 +7,13 @@
 //! **Recommendation rule.** Among the variants the evaluate stage scored, the one with the
 //! highest combined accuracy is the *best*. Every variant whose 95% interval of combined
 //! accuracy reaches the best's point estimate is *within the noise* of it. Among those, the
-//! one with the least weight memory wins (memory decides whether the model fits a deployment
-//! GPU at all), then the lower p50 latency, then evaluation order. Weight bytes, not peak RSS,
-//! decide: the evaluate stage runs every variant in one process, whose RSS the allocator does
-//! not give back between variants, so peak RSS cannot tell them apart. A variant with no
-//! measured memory ranks after those with one. When the best combined accuracy is zero no
+//! one with the least memory wins (memory decides whether the model fits a deployment GPU at
+//! all), then the lower p50 latency, then evaluation order. Memory is the variant's own, as
+//! the evaluate stage measures it per variant (`peak_memory_bytes` beside
+//! `weights_resident_bytes`: the allocator's peak on a GPU, on the CPU the larger of its
+//! resident weights and its RSS growth), not the process peak, which the variants share.
+//! Artifacts without a per-variant measure fall back to the weight bytes on disk. A variant
+//! with no measured memory ranks after those with one. When the best combined accuracy is zero no
 //! variant extracted anything, and nothing is recommended.
 //!
 //! **Regression rule.** The fine-tuned variant (`nf4+adapter`) is flagged as a regression
@@ -320,6 +322,16 @@ fn dataset_from_prepare(m: &Value) -> Result<DatasetMetrics, serde_json::Error> 
     })
 }
 
+/// A variant's own memory, bytes: its measured peak where the evaluate stage measured it per
+/// variant (it recorded `weights_resident_bytes`), else its weight bytes on disk, else the
+/// process peak.
+pub fn own_memory(p: &Performance) -> Option<u64> {
+    match p.weights_resident_bytes {
+        Some(r) => Some(p.peak_memory_bytes.unwrap_or(r).max(r)),
+        None => p.weights_bytes.or(p.peak_memory_bytes),
+    }
+}
+
 /// Builds the report from the inputs. `charts` are the chart files already drawn.
 pub fn assemble(inputs: &Inputs, generated_at: &str, charts: Vec<String>) -> FinalReport {
     let variants = variant_rows(inputs);
@@ -489,12 +501,7 @@ fn recommend(variants: &[VariantRow], inputs: &Inputs) -> Recommendation {
             )],
         };
     }
-    let mem = |v: &VariantRow| {
-        v.performance
-            .weights_bytes
-            .or(v.performance.peak_memory_bytes)
-            .unwrap_or(u64::MAX)
-    };
+    let mem = |v: &VariantRow| own_memory(&v.performance).unwrap_or(u64::MAX);
     let p50 = |v: &VariantRow| {
         v.performance
             .latency_ms
@@ -513,13 +520,18 @@ fn recommend(variants: &[VariantRow], inputs: &Inputs) -> Recommendation {
         .min_by(|a, b| mem(a).cmp(&mem(b)).then(p50(a).total_cmp(&p50(b))))
         .unwrap_or(best);
 
-    let mem_text =
-        |v: &VariantRow| match (v.performance.weights_bytes, v.performance.peak_memory_bytes) {
-            (Some(w), Some(p)) => format!("{} of weights (process peak {})", bytes(w), bytes(p)),
-            (Some(w), None) => format!("{} of weights", bytes(w)),
-            (None, Some(p)) => format!("process peak {}", bytes(p)),
-            (None, None) => "n/a".into(),
-        };
+    let mem_text = |v: &VariantRow| {
+        let p = &v.performance;
+        match (p.weights_resident_bytes, own_memory(p), p.weights_bytes) {
+            (Some(r), Some(m), _) => format!("{} (weights resident {})", bytes(m), bytes(r)),
+            (None, _, Some(w)) => match p.peak_memory_bytes {
+                Some(peak) => format!("{} of weights (process peak {})", bytes(w), bytes(peak)),
+                None => format!("{} of weights", bytes(w)),
+            },
+            (None, Some(m), None) => format!("process peak {}", bytes(m)),
+            (_, None, _) => "n/a".into(),
+        }
+    };
     let p50_text = |v: &VariantRow| {
         v.performance
             .latency_ms
@@ -686,11 +698,18 @@ fn warnings(
                 .filter_map(|v| v.combined)
                 .map(|c| c.ci95_high - c.ci95_low)
                 .fold(0.0, f64::max);
-            w.push(format!(
-                "small test set: {} documents (< {SMALL_TEST_SET_DOCUMENTS}); combined-accuracy intervals are up to {:.1} points wide",
-                e.test_documents,
-                100.0 * widest
-            ));
+            w.push(if widest > 0.0 {
+                format!(
+                    "small test set: {} documents (< {SMALL_TEST_SET_DOCUMENTS}); combined-accuracy intervals are up to {:.1} points wide",
+                    e.test_documents,
+                    100.0 * widest
+                )
+            } else {
+                format!(
+                    "small test set: {} documents (< {SMALL_TEST_SET_DOCUMENTS}); every combined-accuracy interval has zero width because each variant scored the same on every document, so the intervals say nothing about how it would score on other documents",
+                    e.test_documents
+                )
+            });
         }
     }
     for v in variants {
@@ -731,7 +750,7 @@ fn reproduce(git_commit: Option<&str>, device: Option<&str>) -> Vec<String> {
         let _ = write!(run, " --device {d}");
     }
     cmds.push(run);
-    cmds.push("./target/release/medpipe status".into());
+    cmds.push("./target/release/medpipe status --workspace repro".into());
     cmds
 }
 

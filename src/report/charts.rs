@@ -48,7 +48,7 @@ pub struct Bar {
 }
 
 /// A bar chart.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct BarChart {
     /// Caption.
     pub title: String,
@@ -56,10 +56,18 @@ pub struct BarChart {
     pub y_label: String,
     /// Bars, left to right.
     pub bars: Vec<Bar>,
+    /// Fixed top of the y axis (100 for a percentage, so an all-zero chart still reads
+    /// 0–100 %); `None` fits the data.
+    pub y_max: Option<f64>,
+    /// The values are counts: whole-number y ticks and bar labels.
+    pub counts: bool,
+    /// One colour for every bar, explained by this legend entry (a histogram); `None`: a
+    /// colour per bar, named by its x label.
+    pub legend: Option<String>,
 }
 
 /// A line chart of one or more named series of (x, y) points.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct LineChart {
     /// Caption.
     pub title: String,
@@ -72,6 +80,8 @@ pub struct LineChart {
     /// Start the y axis at zero (quantities such as throughput, where a cut axis would
     /// exaggerate differences); else it spans the data (a loss curve's shape).
     pub y_from_zero: bool,
+    /// x is a whole-number quantity (batch size): ticks only at integers.
+    pub integer_x: bool,
 }
 
 /// What to draw.
@@ -181,7 +191,19 @@ fn draw_bars<DB: DrawingBackend>(
         .iter()
         .map(|b| b.whisker.map_or(b.value, |w| w.1.max(b.value)))
         .fold(0.0, f64::max);
-    let y_max = if top > 0.0 { top * 1.15 } else { 1.0 };
+    let fitted = if top > 0.0 { top * 1.15 } else { 1.0 };
+    let y_max = match (c.y_max, c.counts) {
+        (Some(m), _) => m.max(top),
+        // whole numbers up to at least 1, so every tick is a count
+        (None, true) => fitted.ceil().max(1.0),
+        (None, false) => fitted,
+    };
+    // Counts: at most 11 ticks, which the nice-step rule then puts on integers.
+    let y_ticks = if c.counts {
+        (y_max as usize + 1).min(11)
+    } else {
+        10
+    };
     let mut chart = ChartBuilder::on(root)
         .caption(&c.title, (FAMILY, 22))
         .margin(16)
@@ -190,11 +212,15 @@ fn draw_bars<DB: DrawingBackend>(
         .build_cartesian_2d((0..n - 1).into_segmented(), 0.0..y_max)
         .map_err(|e| e.to_string())?;
     let labels: Vec<String> = c.bars.iter().map(|b| b.label.clone()).collect();
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
+    let whole = |v: &f64| whole_or_blank(*v);
+    let mut mesh = chart.configure_mesh();
+    if c.counts {
+        mesh.y_label_formatter(&whole);
+    }
+    mesh.disable_x_mesh()
         .light_line_style(TRANSPARENT)
         .y_desc(c.y_label.as_str())
+        .y_labels(y_ticks)
         .x_labels(c.bars.len().max(1))
         .x_label_formatter(&|v| match v {
             SegmentValue::CenterOf(i) => labels.get(*i as usize).cloned().unwrap_or_default(),
@@ -206,7 +232,11 @@ fn draw_bars<DB: DrawingBackend>(
         .map_err(|e| e.to_string())?;
     for (i, b) in c.bars.iter().enumerate() {
         let i = i as i32;
-        let color = PALETTE[i as usize % PALETTE.len()];
+        let color = if c.legend.is_some() {
+            PALETTE[0]
+        } else {
+            PALETTE[i as usize % PALETTE.len()]
+        };
         let mut rect = Rectangle::new(
             [
                 (SegmentValue::Exact(i), 0.0),
@@ -215,9 +245,14 @@ fn draw_bars<DB: DrawingBackend>(
             color.filled(),
         );
         rect.set_margin(0, 0, 48, 48);
-        chart
+        let series = chart
             .draw_series(std::iter::once(rect))
             .map_err(|e| e.to_string())?;
+        if let (0, Some(legend)) = (i, &c.legend) {
+            series.label(legend.as_str()).legend(move |(x, y)| {
+                Rectangle::new([(x, y - 6), (x + 16, y + 6)], PALETTE[0].filled())
+            });
+        }
         if let Some((lo, hi)) = b.whisker {
             let x = SegmentValue::CenterOf(i);
             chart
@@ -232,15 +267,39 @@ fn draw_bars<DB: DrawingBackend>(
             .into_font()
             .color(&BLACK)
             .pos(Pos::new(HPos::Center, VPos::Bottom));
+        let text = if c.counts {
+            format!("{:.0}", b.value)
+        } else {
+            format_value(b.value)
+        };
         chart
             .draw_series(std::iter::once(Text::new(
-                format_value(b.value),
+                text,
                 (SegmentValue::CenterOf(i), label_y),
                 style,
             )))
             .map_err(|e| e.to_string())?;
     }
+    if c.legend.is_some() {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font((FAMILY, 14))
+            .draw()
+            .map_err(|e| e.to_string())?;
+    }
     Ok(())
+}
+
+/// A tick label for a whole-number axis: the integer, or nothing between integers.
+fn whole_or_blank(v: f64) -> String {
+    if (v - v.round()).abs() < 1e-9 {
+        format!("{:.0}", v.round())
+    } else {
+        String::new()
+    }
 }
 
 /// Bar labels: three significant digits, no exponent.
@@ -285,9 +344,19 @@ fn draw_lines<DB: DrawingBackend>(
         .y_label_area_size(64)
         .build_cartesian_2d(x0..x1, lower..y1 + pad)
         .map_err(|e| e.to_string())?;
-    chart
-        .configure_mesh()
-        .x_desc(c.x_label.as_str())
+    // Whole-number x: at most 11 ticks (nice steps then land on integers), and nothing
+    // printed between integers.
+    let x_ticks = if c.integer_x {
+        ((x1 - x0).round() as usize + 1).clamp(2, 11)
+    } else {
+        10
+    };
+    let whole = |v: &f64| whole_or_blank(*v);
+    let mut mesh = chart.configure_mesh();
+    if c.integer_x {
+        mesh.x_labels(x_ticks).x_label_formatter(&whole);
+    }
+    mesh.x_desc(c.x_label.as_str())
         .y_desc(c.y_label.as_str())
         .label_style((FAMILY, 14))
         .axis_desc_style((FAMILY, 15))
@@ -333,6 +402,7 @@ mod tests {
                     whisker: Some((76.0, 85.0)),
                 },
             ],
+            ..Default::default()
         })
     }
 
@@ -359,6 +429,7 @@ mod tests {
             y_label: "loss".into(),
             series: vec![("train".into(), vec![(1.0, 2.0), (2.0, 1.5), (3.0, 1.2)])],
             y_from_zero: false,
+            ..Default::default()
         });
         for (i, c) in [bars(), lines].iter().enumerate() {
             let a = render(c, &dir.path().join(format!("a{i}"))).unwrap();

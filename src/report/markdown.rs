@@ -198,16 +198,22 @@ fn variant_tables(w: &mut String, variants: &[VariantRow]) {
     let _ = writeln!(w, "### Memory\n");
     let _ = writeln!(
         w,
-        "| variant | weights on disk | peak memory | load time | from |"
+        "Each variant's own memory: weights resident once loaded, the process RSS growth over its load and run, and its peak (the larger of the two on the CPU, the allocator's peak on a GPU).\n"
     );
-    let _ = writeln!(w, "| --- | ---: | ---: | ---: | --- |");
+    let _ = writeln!(
+        w,
+        "| variant | weights on disk | weights resident | RSS growth | peak memory | load time | from |"
+    );
+    let _ = writeln!(w, "| --- | ---: | ---: | ---: | ---: | ---: | --- |");
     for v in variants {
         let p = &v.performance;
         let _ = writeln!(
             w,
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
             v.name,
             opt(p.weights_bytes, bytes),
+            opt(p.weights_resident_bytes, bytes),
+            opt(p.rss_delta_bytes, bytes),
             opt(p.peak_memory_bytes, bytes),
             opt(p.load_time_s, |t| format!("{t:.1} s")),
             v.performance_from.as_deref().unwrap_or("-")

@@ -119,6 +119,7 @@ fn chart_specs(inputs: &Inputs) -> Vec<(&'static str, Chart)> {
                 y_label: "cross-entropy (nats)".into(),
                 series,
                 y_from_zero: false,
+                ..Default::default()
             }),
         ));
     }
@@ -140,6 +141,8 @@ fn chart_specs(inputs: &Inputs) -> Vec<(&'static str, Chart)> {
                 title: "Combined accuracy by variant (95% CI)".into(),
                 y_label: "combined accuracy (%)".into(),
                 bars: acc,
+                y_max: Some(100.0),
+                ..Default::default()
             }),
         ));
     }
@@ -160,15 +163,27 @@ fn chart_specs(inputs: &Inputs) -> Vec<(&'static str, Chart)> {
                 title: "Latency per document by variant (p50, whisker to p95)".into(),
                 y_label: "latency (ms)".into(),
                 bars: lat,
+                ..Default::default()
             }),
         ));
     }
+    let largest = variants
+        .iter()
+        .filter_map(|v| build::own_memory(&v.performance))
+        .max()
+        .unwrap_or(0);
+    // GiB for real models, MiB when every bar would read 0.0 GiB (builtin:tiny).
+    let (unit, scale) = if largest >= 1 << 30 {
+        ("GiB", (1u64 << 30) as f64)
+    } else {
+        ("MiB", (1u64 << 20) as f64)
+    };
     let mem: Vec<Bar> = variants
         .iter()
         .filter_map(|v| {
-            v.performance.peak_memory_bytes.map(|b| Bar {
+            build::own_memory(&v.performance).map(|b| Bar {
                 label: v.name.clone(),
-                value: b as f64 / (1u64 << 30) as f64,
+                value: b as f64 / scale,
                 whisker: None,
             })
         })
@@ -177,9 +192,10 @@ fn chart_specs(inputs: &Inputs) -> Vec<(&'static str, Chart)> {
         out.push((
             "memory_by_variant",
             Chart::Bars(BarChart {
-                title: "Peak memory by variant".into(),
-                y_label: "peak memory (GiB)".into(),
+                title: "Memory by variant (each variant's own load and run)".into(),
+                y_label: format!("memory ({unit})"),
                 bars: mem,
+                ..Default::default()
             }),
         ));
     }
@@ -475,6 +491,59 @@ mod tests {
     }
 
     #[test]
+    fn issue_15_each_variants_own_measured_memory_decides_between_tied_variants_and_is_charted() {
+        let dir = crafted_reports();
+        let gib = 1u64 << 30;
+        edit_metrics(&dir.path().join("evaluation.json"), |v| {
+            let vs = &mut v["metrics"]["variants"];
+            // All within the noise. On disk nf4 is smallest, but measured per variant
+            // nf4+adapter holds the least (resident weights, peak of its own load and run).
+            for (i, (resident, peak)) in [(15, 16), (6, 7), (5, 5)].into_iter().enumerate() {
+                vs[i]["scores"]["overall"]["combined"] =
+                    serde_json::json!({"value": 0.80, "ci95_low": 0.74, "ci95_high": 0.86});
+                let p = &mut vs[i]["performance"];
+                p["weights_resident_bytes"] = (resident * gib).into();
+                p["rss_delta_bytes"] = (peak * gib).into();
+                p["peak_memory_bytes"] = (peak * gib).into();
+            }
+        });
+        let g = generate(dir.path(), STAMP).unwrap();
+        let rec = &g.report.recommendation;
+        assert_eq!(rec.variant.as_deref(), Some("nf4+adapter"), "{rec:?}");
+        assert!(
+            rec.reasons
+                .iter()
+                .any(|r| r.contains("7.00 GiB (weights resident 6.00 GiB)")),
+            "{:?}",
+            rec.reasons
+        );
+        let md = std::fs::read_to_string(dir.path().join(BENCHMARK_REPORT_FILE)).unwrap();
+        assert!(
+            md.contains("| nf4 | 5.25 GiB | 6.00 GiB | 7.00 GiB | 7.00 GiB |"),
+            "{md}"
+        );
+        let svg =
+            std::fs::read_to_string(dir.path().join(CHARTS_DIR).join("memory_by_variant.svg"))
+                .unwrap();
+        assert!(svg.contains("own load and run"), "{svg}");
+    }
+
+    #[test]
+    fn issue_15_the_reproduce_block_asks_status_about_the_repro_workspace() {
+        let dir = crafted_reports();
+        let g = generate(dir.path(), STAMP).unwrap();
+        let last = g.report.reproduce.last().unwrap();
+        assert_eq!(last, "./target/release/medpipe status --workspace repro");
+        assert!(g
+            .report
+            .reproduce
+            .iter()
+            .any(|c| c.contains("run --config") && c.contains("--workspace repro")));
+        let md = std::fs::read_to_string(dir.path().join(BENCHMARK_REPORT_FILE)).unwrap();
+        assert!(md.contains("medpipe status --workspace repro"), "{md}");
+    }
+
+    #[test]
     fn when_no_variant_extracts_anything_nothing_is_recommended() {
         let dir = crafted_reports();
         edit_metrics(&dir.path().join("evaluation.json"), |v| {
@@ -484,6 +553,26 @@ mod tests {
             }
         });
         let g = generate(dir.path(), STAMP).unwrap();
+        // the accuracy axis is in percent: it runs to 100 even when every bar is 0
+        let svg =
+            std::fs::read_to_string(dir.path().join(CHARTS_DIR).join("accuracy_by_variant.svg"))
+                .unwrap();
+        assert!(
+            svg.contains("\n100\n") || svg.contains("\n100.0\n"),
+            "{svg}"
+        );
+        assert!(!svg.contains("\n1.0\n") && !svg.contains("\n0.5\n"));
+        // zero-width intervals are called what they are, not "up to 0.0 points wide"
+        let small = g
+            .report
+            .warnings
+            .iter()
+            .find(|w| w.starts_with("small test set"))
+            .expect("a small-test-set warning");
+        assert!(
+            small.contains("zero width") && !small.contains("0.0 points"),
+            "{small}"
+        );
         let rec = &g.report.recommendation;
         assert_eq!(rec.variant, None);
         assert!(
@@ -501,6 +590,7 @@ mod tests {
                 title: "none".into(),
                 y_label: "y".into(),
                 bars: vec![],
+                ..Default::default()
             }),
             Chart::Bars(BarChart {
                 title: "zero".into(),
@@ -510,6 +600,7 @@ mod tests {
                     value: 0.0,
                     whisker: Some((0.0, 0.0)),
                 }],
+                ..Default::default()
             }),
             Chart::Lines(LineChart {
                 title: "one point".into(),
@@ -517,6 +608,7 @@ mod tests {
                 y_label: "y".into(),
                 series: vec![("s".into(), vec![(1.0, 1.0)])],
                 y_from_zero: true,
+                ..Default::default()
             }),
         ];
         for (i, c) in cases.iter().enumerate() {

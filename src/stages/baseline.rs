@@ -285,6 +285,7 @@ pub fn baseline_metrics(r: &BenchResult, documents: usize) -> BaselineMetrics {
             tokens_per_s: decode_tokens_per_s,
             documents: Some(documents),
             warmup_runs: Some(r.settings.warmup_runs),
+            ..Performance::default()
         },
     }
 }

@@ -9,9 +9,10 @@
 //! Variants come from upstream artifacts: `base` from the download stage's `model_dir`,
 //! `nf4` from the quantize stage's checkpoint, `nf4+adapter` from that checkpoint plus the
 //! train stage's adapter. A variant that is disabled in `[evaluate]`, or whose upstream stage
-//! is not built into this medpipe or has not completed, is listed in `not_run` with the reason;
-//! one that fails to load or generate is listed there as `failed` with the error, and warned
-//! about. Nothing is ever filled in for a variant that did not run.
+//! is not built into this medpipe or has not completed, is listed in `not_run` with the reason.
+//! One that was asked for and fails to load or generate fails the stage, unless
+//! `evaluate.allow_partial` is set: then it is listed there as `failed` with the error and
+//! warned about. Nothing is ever filled in for a variant that did not run.
 //!
 //! Scoring is `crate::metrics::extraction` (answers parsed leniently: code fences and
 //! trailing prose are tolerated, unparseable answers counted and scored as no items), with
@@ -91,6 +92,11 @@ pub struct EvaluateConfig {
     /// Seed of the bootstrap.
     #[serde(default)]
     pub bootstrap_seed: u64,
+    /// Complete the stage when an enabled variant fails to load or generate, keeping the
+    /// others' scores (the failure is listed in `not_run` and warned about). Off: a failed
+    /// variant fails the stage.
+    #[serde(default)]
+    pub allow_partial: bool,
 }
 
 fn yes() -> bool {
@@ -130,6 +136,7 @@ impl Default for EvaluateConfig {
             eval_documents: true,
             bootstrap_resamples: default_resamples(),
             bootstrap_seed: 0,
+            allow_partial: false,
         }
     }
 }
@@ -437,6 +444,21 @@ impl Stage for Evaluate {
                 prompts: encoder.prompts(),
             },
         )??;
+        let failed: Vec<&VariantNotRun> = outcome
+            .not_run
+            .iter()
+            .filter(|n| n.status == "failed")
+            .collect();
+        if !failed.is_empty() && !cfg.allow_partial {
+            let list: Vec<String> = failed
+                .iter()
+                .map(|n| format!("variant `{}` failed: {}", n.name, n.reason))
+                .collect();
+            bail!(
+                "{}; set evaluate.allow_partial = true to keep the other variants' scores",
+                list.join("; ")
+            );
+        }
         let n_test = docs.iter().filter(|d| d.set == "test").count();
         let metrics = EvaluationMetrics {
             test_documents: docs.len(),
@@ -460,7 +482,11 @@ impl Stage for Evaluate {
                 r.candidate, r.baseline, r.metric, r.diff.value, r.diff.ci95_low, r.diff.ci95_high
             ));
         }
-        let mut summary = vec![("documents".to_string(), docs.len().to_string())];
+        // First, every variant in one entry: the run table and `status` show the first few.
+        let mut summary = vec![
+            ("combined".to_string(), variants_line(&metrics)),
+            ("documents".to_string(), docs.len().to_string()),
+        ];
         for v in &metrics.variants {
             let o = &v.scores.overall;
             summary.push((
@@ -484,6 +510,25 @@ impl Stage for Evaluate {
             warnings,
         })
     }
+}
+
+/// Every variant in evaluation order with its combined score, or what became of it
+/// (`base 0.412, nf4 0.398, nf4+adapter failed`).
+pub fn variants_line(m: &EvaluationMetrics) -> String {
+    Variant::ALL
+        .iter()
+        .map(|v| {
+            let name = v.name();
+            match m.variants.iter().find(|e| e.name == name) {
+                Some(e) => format!("{name} {:.3}", e.scores.overall.combined.value),
+                None => match m.not_run.iter().find(|n| n.name == name) {
+                    Some(n) if n.status == "failed" => format!("{name} failed"),
+                    _ => format!("{name} not run"),
+                },
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Comparisons whose candidate is worse than the baseline beyond the 95% interval.
@@ -629,9 +674,14 @@ fn run_variant<B: Kernels>(
     // A GPU's pools start from what this variant needs, not the previous variant's.
     B::memory_cleanup(device);
     let mut watch = DeviceWatch::new(DeviceMemory::for_device(target.device));
+    // RSS is sampled from before the load, so the variant's own growth can be told apart.
+    let rss_before = rss_bytes().map(|(now, _)| now);
+    let load_sampler = MemorySampler::start(MEMORY_SAMPLE_INTERVAL);
     let loaded = load_variant::<B>(source, device)?;
     let (model, load_time_s) = (loaded.model, loaded.load_ms / 1e3);
     let rss_after_load = rss_bytes().map(|(now, _)| now);
+    let load_peak = load_sampler.finish().iter().map(|s| s.rss_bytes).max();
+    let weights_resident = model.resident_weight_bytes();
     watch.after_call();
     let gen_cfg = GenerateConfig {
         max_new_tokens: cfg.max_new_tokens,
@@ -687,9 +737,18 @@ fn run_variant<B: Kernels>(
     }
     bar.finish_and_clear();
     let samples = sampler.finish();
-    let rss_peak = samples.iter().map(|s| s.rss_bytes).max();
+    let rss_peak = samples
+        .iter()
+        .map(|s| s.rss_bytes)
+        .chain(load_peak)
+        .chain(rss_after_load)
+        .max();
     let device_peak = samples.iter().filter_map(|s| s.device_used_bytes).max();
-    let peak = watch.peak_memory_bytes(device_peak, rss_peak);
+    let rss_delta = rss_before
+        .zip(rss_peak)
+        .map(|(before, peak)| peak.saturating_sub(before));
+    let own_rss = Some(rss_delta.unwrap_or(0).max(weights_resident));
+    let peak = watch.peak_memory_bytes(device_peak, own_rss);
     write_predictions(pred_path, &records)?;
 
     let scores: Vec<DocScore> = records.iter().map(|r| r.score.clone()).collect();
@@ -699,6 +758,8 @@ fn run_variant<B: Kernels>(
         load_time_s: Some(load_time_s),
         weights_bytes: weights_bytes(&source.model_dir),
         peak_memory_bytes: peak,
+        weights_resident_bytes: Some(weights_resident),
+        rss_delta_bytes: rss_delta,
         latency_ms: summarize_ms(&latencies).ok(),
         first_token_ms: summarize_ms(&firsts).ok(),
         tokens_per_s: (decode_ms > 0.0).then(|| decode_tokens as f64 / (decode_ms / 1e3)),

@@ -276,7 +276,7 @@ impl Stage for Prepare {
             let items = source
                 .open(&root, cfg.seed, datasets.as_deref())
                 .with_context(|| format!("opening source `{name}`"))?;
-            let bar = ctx.progress_bar(0, format!("prepare {name}"));
+            let bar = ctx.counter(format!("prepare {name}"));
             let mut tally = Tally::default();
             let mut items = items.peekable();
             let mut shard_idx = 0usize;

@@ -378,6 +378,7 @@ fn measure_on<B: Kernels>(
             tokens_per_s: (decode_ms > 0.0).then(|| decode_tokens as f64 / (decode_ms / 1e3)),
             documents: Some(requests.len()),
             warmup_runs: Some(cfg.warmup_runs),
+            ..Performance::default()
         },
         rss_after_load,
         load_growth: rss_before

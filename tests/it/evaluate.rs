@@ -6,7 +6,7 @@ use serde_json::Value;
 use crate::small::{self, read_json, EVAL_DOCS, TEST_DOCS};
 
 #[test]
-fn evaluate_scores_base_nf4_and_adapter_variants_and_feeds_the_report() {
+fn evaluate_scores_base_nf4_and_adapter_variants_feeds_the_report_and_fails_on_a_failed_variant() {
     let dir = tempfile::tempdir().unwrap();
     let ws = dir.path();
     small::run(ws, &["--to", "evaluate"]);
@@ -59,6 +59,29 @@ fn evaluate_scores_base_nf4_and_adapter_variants_and_feeds_the_report() {
     assert!(perf["load_time_s"].is_f64());
     assert!(base["rss_after_load_bytes"].as_u64().unwrap() > 0);
 
+    // each variant's own memory (issue 15): the NF4 weights it holds are smaller than the
+    // base's, and its peak covers at least those weights
+    let mem = |i: usize, k: &str| {
+        variants[i]["performance"][k].as_u64().unwrap_or_else(|| {
+            panic!(
+                "{k} of {}: {}",
+                variants[i]["name"], variants[i]["performance"]
+            )
+        })
+    };
+    for (i, v) in variants.iter().enumerate() {
+        eprintln!(
+            "{}: weights resident {} B, RSS growth {} B, peak {} B",
+            v["name"],
+            mem(i, "weights_resident_bytes"),
+            mem(i, "rss_delta_bytes"),
+            mem(i, "peak_memory_bytes")
+        );
+        assert!(mem(i, "peak_memory_bytes") >= mem(i, "weights_resident_bytes"));
+    }
+    assert!(mem(1, "weights_resident_bytes") < mem(0, "weights_resident_bytes"));
+    // the adapter's LoRA pairs are weights too
+    assert!(mem(2, "weights_resident_bytes") > mem(1, "weights_resident_bytes"));
     for v in &variants[1..] {
         assert_eq!(v["scores"]["overall"]["documents"], n, "{v}");
         let p = ws.join(v["predictions_path"].as_str().unwrap());
@@ -89,7 +112,19 @@ fn evaluate_scores_base_nf4_and_adapter_variants_and_feeds_the_report() {
         .iter()
         .any(|o| o["path"].as_str().unwrap_or("").ends_with("base.jsonl")));
 
-    small::run(ws, &["--to", "report"]);
+    let out = small::command(ws, "run", &["--to", "report"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    // the run table names every variant's score, nf4+adapter included (issue 15)
+    let table = crate::common::stdout(&out);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("evaluate"))
+        .unwrap_or_else(|| panic!("no evaluate row in {table}"));
+    for v in ["base 0.", "nf4 0.", "nf4+adapter 0."] {
+        assert!(row.contains(v), "`{v}` missing from {row}");
+    }
     let report = read_json(&ws.join("reports/FINAL_REPORT.json"));
     let row = report["variants"]
         .as_array()
@@ -98,4 +133,64 @@ fn evaluate_scores_base_nf4_and_adapter_variants_and_feeds_the_report() {
         .find(|v| v["name"] == "base")
         .unwrap_or_else(|| panic!("no base row: {}", report["variants"]));
     assert_eq!(row["combined"], overall["combined"]);
+
+    a_failed_variant_fails_evaluate_unless_partial_results_are_allowed(ws);
+}
+
+/// Issue 15: on the workspace `--to evaluate` built, a truncated adapter makes `nf4+adapter`
+/// fail; `run --only evaluate` then fails the stage (exit 1) naming the variant, unless
+/// `evaluate.allow_partial` is set, when the stage completes listing the failure, and
+/// `status` shows every variant (scores and the failure).
+fn a_failed_variant_fails_evaluate_unless_partial_results_are_allowed(ws: &std::path::Path) {
+    // a truncated adapter: nf4+adapter cannot load
+    let adapter = ws.join("checkpoints/adapter/adapter_model.safetensors");
+    let bytes = std::fs::read(&adapter).unwrap();
+    std::fs::write(&adapter, &bytes[..bytes.len() / 2]).unwrap();
+    let out = small::command(ws, "run", &["--only", "evaluate"])
+        .output()
+        .unwrap();
+    let err = crate::common::stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let a = read_json(&ws.join("reports/evaluation.json"));
+    assert_eq!(a["status"], "failed", "{a}");
+    let msg = a["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("variant `nf4+adapter` failed") && msg.contains("evaluate.allow_partial"),
+        "{msg}"
+    );
+
+    // allowed partial results: completed, the failure listed and shown beside the scores
+    let out = small::command(
+        ws,
+        "run",
+        &["--only", "evaluate", "--set", "evaluate.allow_partial=true"],
+    )
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    let a = read_json(&ws.join("reports/evaluation.json"));
+    assert_eq!(a["status"], "completed");
+    let not_run = a["metrics"]["not_run"].as_array().unwrap();
+    assert_eq!(not_run.len(), 1, "{not_run:?}");
+    assert_eq!(not_run[0]["name"], "nf4+adapter");
+    assert_eq!(not_run[0]["status"], "failed");
+    assert!(a["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|w| w.as_str().unwrap().contains("nf4+adapter")));
+    // with the adapter restored, everything is up to date and `status` shows the figures
+    std::fs::write(&adapter, &bytes).unwrap();
+    let status = small::command(ws, "status", &["--set", "evaluate.allow_partial=true"])
+        .output()
+        .unwrap();
+    let text = crate::common::stdout(&status);
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("evaluate"))
+        .unwrap_or_else(|| panic!("no evaluate row in {text}"));
+    assert!(
+        row.contains("base 0.") && row.contains("nf4 0.") && row.contains("nf4+adapter failed"),
+        "{row}"
+    );
 }

@@ -115,3 +115,113 @@ fn quantizing_a_checkpoint_many_tensors_large_streams_below_its_size_in_peak_mem
         "peak RSS {peak_mb} MB is not below the {input_mb} MB input"
     );
 }
+
+/// A copy of the tiny fixture checkpoint in `dir`.
+fn tiny_copy(dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let src =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/qwen2_5_vl_tiny");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+}
+
+fn quantize(model: &std::path::Path, out: &std::path::Path, skip: &[&str]) -> std::process::Output {
+    let mut c = crate::common::medpipe();
+    c.args(["quantize", "--model"])
+        .arg(model)
+        .arg("--out")
+        .arg(out);
+    for s in skip {
+        c.args(["--skip", s]);
+    }
+    c.output().unwrap()
+}
+
+#[test]
+fn issue_15_quantize_skip_adds_to_lm_head_and_refuses_unknown_modules() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    tiny_copy(&model);
+    let out = tmp.path().join("nf4");
+    let o = quantize(&model, &out, &["visual.merger"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        cfg["quantization_config"]["llm_int8_skip_modules"],
+        serde_json::json!(["lm_head", "visual.merger"])
+    );
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for dense in ["lm_head.weight", "visual.merger.mlp.0.weight"] {
+        assert_eq!(
+            st.tensor(dense).unwrap().dtype(),
+            safetensors::Dtype::F32,
+            "{dense}"
+        );
+    }
+
+    let o = quantize(&model, &tmp.path().join("typo"), &["visual.mergr"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("`visual.mergr` matches no Linear weight"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!tmp.path().join("typo").exists());
+}
+
+#[test]
+fn issue_15_quantize_refuses_an_output_inside_the_model_and_an_nf4_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    tiny_copy(&model);
+    let weights = std::fs::read(model.join("model.safetensors")).unwrap();
+    for out in [model.clone(), model.join("nf4")] {
+        let o = quantize(&model, &out, &[]);
+        assert!(!o.status.success());
+        assert!(
+            stderr(&o).contains("would overwrite the input checkpoint"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    assert_eq!(
+        std::fs::read(model.join("model.safetensors")).unwrap(),
+        weights
+    );
+    assert!(!model.join("nf4").exists());
+
+    let nf4 = tmp.path().join("nf4");
+    assert!(quantize(&model, &nf4, &[]).status.success());
+    let o = quantize(&nf4, &tmp.path().join("nf4-again"), &[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("already quantized"), "{}", stderr(&o));
+}
+
+#[test]
+fn issue_15_rust_log_output_to_a_file_has_no_colour_codes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    tiny_copy(&model);
+    let o = crate::common::medpipe()
+        .env("RUST_LOG", "medpipe=debug")
+        .args(["quantize", "--model"])
+        .arg(&model)
+        .arg("--out")
+        .arg(tmp.path().join("nf4"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = stderr(&o);
+    assert!(log.contains("quantized"), "debug events are logged: {log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "ANSI escape in a piped log: {log:?}"
+    );
+}
