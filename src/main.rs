@@ -112,6 +112,9 @@ struct BenchArgs {
     /// software ones such as lavapipe included).
     #[arg(long, value_name = "DEVICE", default_value = "auto")]
     device: String,
+    /// Compute precision: f32 (everywhere), f16 (wgpu, cuda) or bf16 (cuda).
+    #[arg(long, value_name = "DTYPE", default_value = "f32")]
+    dtype: String,
     /// Write the result JSON here (plus FILE.md and charts beside it); else print the table.
     #[arg(long, value_name = "FILE")]
     output: Option<PathBuf>,
@@ -146,6 +149,9 @@ struct GenerateArgs {
     /// software ones such as lavapipe included).
     #[arg(long, value_name = "DEVICE", default_value = "auto")]
     device: String,
+    /// Compute precision: f32 (everywhere), f16 (wgpu, cuda) or bf16 (cuda).
+    #[arg(long, value_name = "DTYPE", default_value = "f32")]
+    dtype: String,
 }
 
 #[derive(Args, Debug)]
@@ -309,9 +315,12 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-fn forward(args: ForwardArgs) -> Result<(), Failure> {
-    let device = placement(&args.device, &args.model.display().to_string())?;
-    let precision = medpipe::device::Precision::parse(&args.dtype).map_err(|e| Failure {
+/// The `--dtype` value for `device`; half precision on the CPU is a usage error (exit 2).
+fn precision(
+    flag: &str,
+    device: medpipe::device::Device,
+) -> Result<medpipe::device::Precision, Failure> {
+    let precision = medpipe::device::Precision::parse(flag).map_err(|e| Failure {
         code: 2,
         error: anyhow::Error::new(e).context("--dtype"),
     })?;
@@ -323,6 +332,12 @@ fn forward(args: ForwardArgs) -> Result<(), Failure> {
             ),
         });
     }
+    Ok(precision)
+}
+
+fn forward(args: ForwardArgs) -> Result<(), Failure> {
+    let device = placement(&args.device, &args.model.display().to_string())?;
+    let precision = precision(&args.dtype, device)?;
     let job = medpipe::model::parity::ForwardJob {
         model_dir: args.model,
         adapter: args.adapter,
@@ -410,6 +425,7 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
         return Ok(());
     }
     let device = placement(&args.device, &args.model)?;
+    let precision = precision(&args.dtype, device)?;
     let opts = bench::BenchOptions {
         model_id: args.model.clone(),
         revision: None,
@@ -450,10 +466,11 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
                 .with_context(|| format!("writing {}", path.display()))?;
         }
     }
-    let result = bench::run_bench_on(device, &dir, &opts, &inputs).map_err(|e| Failure {
-        code: 1,
-        error: anyhow::Error::new(e).context(format!("benchmarking {}", dir.display())),
-    })?;
+    let result =
+        bench::run_bench_as(device, precision, &dir, &opts, &inputs).map_err(|e| Failure {
+            code: 1,
+            error: anyhow::Error::new(e).context(format!("benchmarking {}", dir.display())),
+        })?;
     match &args.output {
         Some(out) => {
             let files = bench::output::write_result(&result, out).map_err(|e| Failure {
@@ -473,6 +490,7 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
 
 fn generate(args: GenerateArgs) -> Result<(), Failure> {
     let device = placement(&args.device, &args.model)?;
+    let precision = precision(&args.dtype, device)?;
     let dir = medpipe::bench::source::resolve_model(&args.model, 0)?;
     let job = medpipe::bench::oneshot::GenerateJob {
         model_dir: dir.clone(),
@@ -481,14 +499,16 @@ fn generate(args: GenerateArgs) -> Result<(), Failure> {
         prompt: args.prompt,
         max_new_tokens: usize::try_from(args.max_new_tokens).unwrap_or(usize::MAX),
     };
-    let a = medpipe::bench::oneshot::generate_answer_on(device, &job).map_err(|e| Failure {
-        // A request the model cannot hold is a usage error, refused before any work.
-        code: if matches!(e, medpipe::bench::BenchError::Invalid { .. }) {
-            2
-        } else {
-            1
-        },
-        error: anyhow::Error::new(e).context(format!("generating with {}", dir.display())),
+    let a = medpipe::bench::oneshot::generate_answer_as(device, precision, &job).map_err(|e| {
+        Failure {
+            // A request the model cannot hold is a usage error, refused before any work.
+            code: if matches!(e, medpipe::bench::BenchError::Invalid { .. }) {
+                2
+            } else {
+                1
+            },
+            error: anyhow::Error::new(e).context(format!("generating with {}", dir.display())),
+        }
     })?;
     println!("{}", a.text);
     let total = a.prefill_ms + a.decode_ms;

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::bench::run::BenchError;
-use crate::device::{run_on, BackendJob, Device, Target};
+use crate::device::{BackendJob, Device, Target};
 use crate::kernels::Kernels;
 use crate::model::loader::{load_model, InputEncoder};
 use crate::model::processor::ImageInput as RawImage;
@@ -51,6 +51,18 @@ pub struct GenerateJob {
 /// # Errors
 /// As [`generate_answer`]; [`BenchError::Device`] for a GPU in a build without CUDA.
 pub fn generate_answer_on(device: Device, job: &GenerateJob) -> Result<Answer, BenchError> {
+    generate_answer_as(device, crate::device::Precision::F32, job)
+}
+
+/// [`generate_answer_on`] computing in `precision` (`--dtype`).
+///
+/// # Errors
+/// As [`generate_answer_on`]; a precision the device does not support.
+pub fn generate_answer_as(
+    device: Device,
+    precision: crate::device::Precision,
+    job: &GenerateJob,
+) -> Result<Answer, BenchError> {
     struct Job<'a>(&'a GenerateJob);
     impl BackendJob for Job<'_> {
         type Output = Result<Answer, BenchError>;
@@ -58,7 +70,7 @@ pub fn generate_answer_on(device: Device, job: &GenerateJob) -> Result<Answer, B
             generate_answer::<B>(self.0, &device)
         }
     }
-    run_on(device, Job(job))?
+    crate::device::run_on_as(device, precision, Job(job))??
 }
 
 /// Refuses a prompt of `prompt_tokens` plus `max_new_tokens` that the model cannot hold

@@ -14,12 +14,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use burn::tensor::Element;
-
 use crate::bench::inputs::{BenchInput, InputError};
 use crate::bench::memory::{growth_bytes_per_s, rss_bytes, DeviceWatch, MemSample, MemorySampler};
 use crate::bench::schema::*;
-use crate::device::{run_on, BackendJob, Device, DeviceError, DeviceMemory, Target};
+use crate::device::{BackendJob, Device, DeviceError, DeviceMemory, Target};
 use crate::kernels::Kernels;
 use crate::metrics::stats::{summarize_ms, StatsError};
 use crate::model::loader::{load_model, InputEncoder, LoadError};
@@ -51,6 +49,8 @@ pub enum BenchError {
     Inputs(#[from] InputError),
     #[error(transparent)]
     Load(#[from] LoadError),
+    #[error(transparent)]
+    Precision(#[from] crate::device::PrecisionError),
     #[error(transparent)]
     Device(#[from] DeviceError),
     #[error("summarizing {what}: {source}")]
@@ -184,6 +184,26 @@ pub fn run_bench_on(
     opts: &BenchOptions,
     inputs: &[BenchInput],
 ) -> Result<BenchResult, BenchError> {
+    run_bench_as(
+        device,
+        crate::device::Precision::F32,
+        model_dir,
+        opts,
+        inputs,
+    )
+}
+
+/// [`run_bench_on`] computing in `precision` (`--dtype`).
+///
+/// # Errors
+/// As [`run_bench_on`]; a precision the device does not support.
+pub fn run_bench_as(
+    device: Device,
+    precision: crate::device::Precision,
+    model_dir: &Path,
+    opts: &BenchOptions,
+    inputs: &[BenchInput],
+) -> Result<BenchResult, BenchError> {
     struct Job<'a> {
         model_dir: &'a Path,
         opts: &'a BenchOptions,
@@ -195,14 +215,12 @@ pub fn run_bench_on(
             run_bench::<B>(self.model_dir, self.opts, self.inputs, &device, target)
         }
     }
-    run_on(
-        device,
-        Job {
-            model_dir,
-            opts,
-            inputs,
-        },
-    )?
+    let job = Job {
+        model_dir,
+        opts,
+        inputs,
+    };
+    crate::device::run_on_as(device, precision, job)??
 }
 
 /// Loads the model in `model_dir` on `device` and measures it on `inputs`.
@@ -324,7 +342,12 @@ pub fn run_bench<B: Kernels>(
             id: opts.model_id.clone(),
             dir: model_dir.display().to_string(),
             revision: opts.revision.clone(),
-            dtype: format!("{:?}", <B::FloatElem as Element>::dtype()).to_lowercase(),
+            // The device's default float dtype: `--dtype` sets it, the backend type does not.
+            dtype: format!(
+                "{:?}",
+                burn::tensor::Tensor::<B, 1>::zeros([1], device).dtype()
+            )
+            .to_lowercase(),
             quantization: quantization_of(model_dir),
             adapter: None,
             parameters: model.config().parameter_count(),

@@ -29,6 +29,7 @@ use burn::backend::wgpu::WgpuDevice;
 use burn::backend::{Autodiff, NdArray};
 
 use crate::device::choice::{Device, DeviceError};
+use crate::device::dtype::{Precision, PrecisionError};
 use crate::kernels::{AutodiffKernels, Kernels};
 
 /// The CPU backend.
@@ -85,6 +86,27 @@ pub fn run_autodiff_on<J: AutodiffJob>(device: Device, job: J) -> Result<J::Outp
             Ok(job.run::<Autodiff<WgpuBackend>>(WgpuDevice::DefaultDevice, wgpu_target()))
         }
     }
+}
+
+/// Runs `job` on the backend of `device` with `precision` as the device's default float dtype
+/// (set before the job makes its first tensor).
+///
+/// # Errors
+/// As [`run_on`]; the inner result is a precision the device does not support.
+pub fn run_on_as<J: BackendJob>(
+    device: Device,
+    precision: Precision,
+    job: J,
+) -> Result<Result<J::Output, PrecisionError>, DeviceError> {
+    struct AtPrecision<J>(J, Precision);
+    impl<J: BackendJob> BackendJob for AtPrecision<J> {
+        type Output = Result<J::Output, PrecisionError>;
+        fn run<B: Kernels>(self, device: B::Device, target: Target) -> Self::Output {
+            self.1.apply::<B>(&device, &target.device.to_string())?;
+            Ok(self.0.run::<B>(device, target))
+        }
+    }
+    run_on(device, AtPrecision(job, precision))
 }
 
 fn cpu_target() -> Target {

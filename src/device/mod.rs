@@ -16,6 +16,6 @@ pub mod nvml;
 pub mod wgpu;
 
 pub use choice::{choose_device, resolve, Device, DeviceError, Placement};
-pub use dispatch::{run_autodiff_on, run_on, AutodiffJob, BackendJob, Target};
+pub use dispatch::{run_autodiff_on, run_on, run_on_as, AutodiffJob, BackendJob, Target};
 pub use dtype::{Precision, PrecisionError};
 pub use memory::{AllocatorUsage, DeviceMemory};

@@ -108,15 +108,14 @@ pub fn run_forward_as(
     precision: crate::device::Precision,
     job: &ForwardJob,
 ) -> Result<ForwardReport, ForwardError> {
-    struct Run<'a>(&'a ForwardJob, crate::device::Precision);
+    struct Run<'a>(&'a ForwardJob);
     impl crate::device::BackendJob for Run<'_> {
-        type Output = Result<ForwardReport, ForwardError>;
-        fn run<B: Kernels>(self, device: B::Device, t: crate::device::Target) -> Self::Output {
-            self.1.apply::<B>(&device, &t.device.to_string())?;
-            Ok(run_forward::<B>(self.0, &device)?)
+        type Output = Result<ForwardReport, ModelError>;
+        fn run<B: Kernels>(self, device: B::Device, _: crate::device::Target) -> Self::Output {
+            run_forward::<B>(self.0, &device)
         }
     }
-    crate::device::run_on(device, Run(job, precision))?
+    Ok(crate::device::run_on_as(device, precision, Run(job))???)
 }
 
 /// Runs `job` on `device`.

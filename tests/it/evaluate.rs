@@ -146,7 +146,8 @@ fn a_failed_variant_fails_evaluate_unless_partial_results_are_allowed(ws: &std::
     let adapter = ws.join("checkpoints/adapter/adapter_model.safetensors");
     let bytes = std::fs::read(&adapter).unwrap();
     std::fs::write(&adapter, &bytes[..bytes.len() / 2]).unwrap();
-    let out = small::command(ws, "run", &["--only", "evaluate"])
+    // The truncated adapter makes train stale: `--only` refuses a stale upstream unless forced.
+    let out = small::command(ws, "run", &["--only", "evaluate", "--force"])
         .output()
         .unwrap();
     let err = crate::common::stderr(&out);
@@ -163,7 +164,13 @@ fn a_failed_variant_fails_evaluate_unless_partial_results_are_allowed(ws: &std::
     let out = small::command(
         ws,
         "run",
-        &["--only", "evaluate", "--set", "evaluate.allow_partial=true"],
+        &[
+            "--only",
+            "evaluate",
+            "--force",
+            "--set",
+            "evaluate.allow_partial=true",
+        ],
     )
     .output()
     .unwrap();

@@ -311,3 +311,32 @@ fn half_precision_on_the_cpu_is_refused_as_a_usage_error() {
     assert!(String::from_utf8_lossy(&run.stderr).contains("computes in f32"));
     assert!(!out.exists());
 }
+
+/// `generate --dtype f16` runs the whole path (processor, prompt, prefill, cached decode) in
+/// half precision on wgpu.
+#[test]
+fn generate_runs_in_f16_on_wgpu() {
+    if !wgpu_available("generate_runs_in_f16_on_wgpu") {
+        return;
+    }
+    let run = Command::new(env!("CARGO_BIN_EXE_medpipe"))
+        .args([
+            "generate",
+            "--model",
+            "builtin:tiny",
+            "--device",
+            "wgpu",
+            "--dtype",
+            "f16",
+        ])
+        .args(["--prompt", "List the lab values", "--max-new-tokens", "4"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(out.contains("4 new tokens"), "{out}");
+}
