@@ -19,8 +19,9 @@ use crate::pipeline::{Stage, StageCtx, StageOutput, Workspace};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ProbeConfig {
-    /// `auto` (CUDA when a GPU with enough memory is present and the binary has CUDA, else
-    /// CPU), `cpu`, `cuda` or `cuda:N`. `medpipe run --device` sets this.
+    /// `auto` (CUDA when a GPU with enough memory is present and the binary has CUDA, else a
+    /// hardware wgpu adapter, else CPU), `cpu`, `cuda`, `cuda:N` or `wgpu`. `medpipe run
+    /// --device` sets this.
     #[serde(default = "default_device")]
     pub device: String,
     /// GPU memory the model needs, in MiB; 0 = estimate from the model's weight files
@@ -38,13 +39,13 @@ impl ProbeConfig {
     /// the probe's question).
     ///
     /// # Errors
-    /// A device other than `auto`, `cpu`, `cuda`, `cuda:N`.
+    /// A device other than `auto`, `cpu`, `cuda`, `cuda:N`, `wgpu`.
     pub fn validate(&self) -> Result<(), crate::config::InvalidValue> {
         crate::config::check(
             self.device == "auto" || Device::parse(&self.device).is_ok(),
             "probe.device",
             format!("{:?}", self.device),
-            "must be auto, cpu, cuda or cuda:N",
+            "must be auto, cpu, cuda, cuda:N or wgpu",
         )
     }
 }

@@ -104,7 +104,7 @@ const BAD_VALUES: [(&str, &str); 16] = [
     ),
     (
         "probe.device=gpu",
-        "probe.device = \"gpu\" is not allowed (must be auto, cpu, cuda or cuda:N)",
+        "probe.device = \"gpu\" is not allowed (must be auto, cpu, cuda, cuda:N or wgpu)",
     ),
     ("model.source=builtin:huge", "model.source = \"builtin:huge\""),
     ("prepare.render.degrade.blur_prob=2", "prepare.render.degrade.blur_prob = 2"),
