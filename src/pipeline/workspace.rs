@@ -39,6 +39,11 @@ impl Workspace {
             path: root.to_path_buf(),
             source,
         })?;
+        Self::resolved(root)
+    }
+
+    /// The workspace at the existing directory `root`, by its canonical path.
+    fn resolved(root: &Path) -> Result<Self, FsError> {
         let root = root.canonicalize().map_err(|source| FsError {
             action: "resolving workspace",
             path: root.to_path_buf(),
@@ -75,12 +80,7 @@ impl Workspace {
                 .into())
             }
         }
-        let root = root.canonicalize().map_err(|source| FsError {
-            action: "resolving workspace",
-            path: root.to_path_buf(),
-            source,
-        })?;
-        Ok(Self { root })
+        Ok(Self::resolved(root)?)
     }
 
     /// The workspace directory.
