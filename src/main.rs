@@ -320,19 +320,12 @@ fn precision(
     flag: &str,
     device: medpipe::device::Device,
 ) -> Result<medpipe::device::Precision, Failure> {
-    let precision = medpipe::device::Precision::parse(flag).map_err(|e| Failure {
-        code: 2,
-        error: anyhow::Error::new(e).context("--dtype"),
-    })?;
-    if device == medpipe::device::Device::Cpu && precision != medpipe::device::Precision::F32 {
-        return Err(Failure {
+    medpipe::device::Precision::parse(flag)
+        .and_then(|p| p.supported_on(device).map(|()| p))
+        .map_err(|e| Failure {
             code: 2,
-            error: anyhow::anyhow!(
-                "--dtype {precision} on the CPU: the CPU backend computes in f32 (f16 runs on wgpu and cuda, bf16 on cuda)"
-            ),
-        });
-    }
-    Ok(precision)
+            error: anyhow::Error::new(e).context("--dtype"),
+        })
 }
 
 fn forward(args: ForwardArgs) -> Result<(), Failure> {

@@ -46,18 +46,11 @@ pub struct GenerateJob {
     pub max_new_tokens: usize,
 }
 
-/// [`generate_answer`] on the backend of `device`.
+/// [`generate_answer`] on the backend of `device`, computing in `precision` (`--dtype`).
 ///
 /// # Errors
-/// As [`generate_answer`]; [`BenchError::Device`] for a GPU in a build without CUDA.
-pub fn generate_answer_on(device: Device, job: &GenerateJob) -> Result<Answer, BenchError> {
-    generate_answer_as(device, crate::device::Precision::F32, job)
-}
-
-/// [`generate_answer_on`] computing in `precision` (`--dtype`).
-///
-/// # Errors
-/// As [`generate_answer_on`]; a precision the device does not support.
+/// As [`generate_answer`]; [`BenchError::Device`] for a GPU in a build without CUDA; a
+/// precision the device does not support.
 pub fn generate_answer_as(
     device: Device,
     precision: crate::device::Precision,

@@ -64,11 +64,6 @@ impl Device {
     pub fn is_cuda(self) -> bool {
         matches!(self, Self::Cuda(_))
     }
-
-    /// Whether this is a GPU backend (CUDA or wgpu).
-    pub fn is_gpu(self) -> bool {
-        !matches!(self, Self::Cpu)
-    }
 }
 
 impl std::fmt::Display for Device {

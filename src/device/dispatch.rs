@@ -102,7 +102,7 @@ pub fn run_on_as<J: BackendJob>(
     impl<J: BackendJob> BackendJob for AtPrecision<J> {
         type Output = Result<J::Output, PrecisionError>;
         fn run<B: Kernels>(self, device: B::Device, target: Target) -> Self::Output {
-            self.1.apply::<B>(&device, &target.device.to_string())?;
+            self.1.apply::<B>(&device, target.device)?;
             Ok(self.0.run::<B>(device, target))
         }
     }

@@ -7,6 +7,7 @@
 
 use burn::tensor::{DType, FloatDType, IntDType};
 
+use crate::device::choice::Device;
 use crate::kernels::Kernels;
 
 /// A compute precision.
@@ -54,36 +55,47 @@ impl Precision {
         }
     }
 
-    /// Makes this the default float dtype of `device` on backend `B`. Call before any tensor
-    /// is created there. f32 is the default already and is never refused.
+    /// Whether `device` can compute in this precision: f32 everywhere; half precision not on
+    /// the CPU (burn would find out only at the first op, with a panic).
     ///
     /// # Errors
-    /// A dtype the backend does not support, or a device already fixed to another dtype.
+    /// [`PrecisionError::Unsupported`] for f16 or bf16 on the CPU.
+    pub fn supported_on(self, device: Device) -> Result<(), PrecisionError> {
+        if self != Self::F32 && device == Device::Cpu {
+            return Err(PrecisionError::Unsupported {
+                dtype: self,
+                device: device.to_string(),
+                reason: "the CPU backend computes in f32".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Makes this the default float dtype of `device` (backend `B`, the device `target`).
+    /// Call before any tensor is created there. f32 is the default already.
+    ///
+    /// # Errors
+    /// As [`Precision::supported_on`]; a dtype the backend does not support, or a device
+    /// already fixed to another dtype.
     pub fn apply<B: Kernels>(
         self,
         device: &B::Device,
-        device_name: &str,
+        target: Device,
     ) -> Result<(), PrecisionError> {
-        if self == Self::F32 {
-            return Ok(());
-        }
+        self.supported_on(target)?;
         let float = match self {
+            Self::F32 => return Ok(()),
             Self::F16 => FloatDType::F16,
             Self::Bf16 => FloatDType::BF16,
-            Self::F32 => FloatDType::F32,
         };
-        let unsupported = |reason: String| PrecisionError::Unsupported {
-            dtype: self,
-            device: device_name.to_string(),
-            reason,
-        };
-        // burn checks f16 support on NdArray too late (a panic at the first op): refuse here.
-        if device_name == "cpu" {
-            return Err(unsupported("the CPU backend computes in f32".into()));
-        }
         // Both GPU backends built here (`Wgpu<f32, i32>`, `Cuda<f32, i32>`) use i32 ints.
-        burn::tensor::set_default_dtypes::<B>(device, float, IntDType::I32)
-            .map_err(|e| unsupported(format!("{e:?}")))
+        burn::tensor::set_default_dtypes::<B>(device, float, IntDType::I32).map_err(|e| {
+            PrecisionError::Unsupported {
+                dtype: self,
+                device: target.to_string(),
+                reason: format!("{e:?}"),
+            }
+        })
     }
 }
 
@@ -113,12 +125,14 @@ mod tests {
     fn the_cpu_refuses_half_precision_with_the_reason() {
         let dev = Default::default();
         let err = Precision::F16
-            .apply::<burn::backend::NdArray<f32>>(&dev, "cpu")
+            .apply::<burn::backend::NdArray<f32>>(&dev, Device::Cpu)
             .unwrap_err()
             .to_string();
         assert!(err.contains("computes in f32"), "{err}");
         assert!(Precision::F32
-            .apply::<burn::backend::NdArray<f32>>(&dev, "cpu")
+            .apply::<burn::backend::NdArray<f32>>(&dev, Device::Cpu)
             .is_ok());
+        assert!(Precision::Bf16.supported_on(Device::Cpu).is_err());
+        assert!(Precision::F16.supported_on(Device::Wgpu).is_ok());
     }
 }

@@ -76,7 +76,7 @@ fn ints(
     Ok(Some((v, t.shape().to_vec())))
 }
 
-/// Errors of [`run_forward_on`].
+/// Errors of [`run_forward_as`].
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
     #[error(transparent)]
@@ -87,22 +87,12 @@ pub enum ForwardError {
     Precision(#[from] crate::device::PrecisionError),
 }
 
-/// Runs `job` on the backend of `device` (NdArray f32 for the CPU, Cuda for a GPU).
+/// Runs `job` on the backend of `device` (NdArray f32 for the CPU, Wgpu or Cuda for a GPU),
+/// computing in `precision` (weights and activations; the outputs are written as f32).
 ///
 /// # Errors
-/// As [`run_forward`]; a GPU in a build without `--features cuda`.
-pub fn run_forward_on(
-    device: crate::device::Device,
-    job: &ForwardJob,
-) -> Result<ForwardReport, ForwardError> {
-    run_forward_as(device, crate::device::Precision::F32, job)
-}
-
-/// [`run_forward_on`] computing in `precision` (weights and activations; the outputs are
-/// written as f32).
-///
-/// # Errors
-/// As [`run_forward_on`]; a precision the device does not support.
+/// As [`run_forward`]; a GPU in a build without `--features cuda`; a precision the device
+/// does not support.
 pub fn run_forward_as(
     device: crate::device::Device,
     precision: crate::device::Precision,
