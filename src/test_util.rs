@@ -70,10 +70,7 @@ pub fn fixture_f32s(rel: &str, key: &str) -> Vec<f32> {
 #[allow(dead_code)]
 #[track_caller]
 pub fn wgpu_available(test: &str) -> bool {
-    static ADAPTERS: std::sync::OnceLock<Vec<crate::device::wgpu::AdapterFacts>> =
-        std::sync::OnceLock::new();
-    let adapters = ADAPTERS.get_or_init(crate::device::wgpu::adapters);
-    if !adapters.is_empty() {
+    if !crate::device::wgpu::adapters().is_empty() {
         return true;
     }
     if std::env::var("CI").is_ok_and(|v| v == "true") {

@@ -21,8 +21,14 @@ pub struct AdapterFacts {
 }
 
 /// Every adapter wgpu can open here (Vulkan, Metal, DX12; not GL, which burn does not use),
-/// in wgpu's order. Empty when there is no driver. Takes a few milliseconds (one instance).
+/// in wgpu's order. Empty when there is no driver. Enumerated once per process (the probe,
+/// its config hash and the device rule all ask).
 pub fn adapters() -> Vec<AdapterFacts> {
+    static ADAPTERS: std::sync::OnceLock<Vec<AdapterFacts>> = std::sync::OnceLock::new();
+    ADAPTERS.get_or_init(enumerate).clone()
+}
+
+fn enumerate() -> Vec<AdapterFacts> {
     let instance = ::wgpu::Instance::new(::wgpu::InstanceDescriptor {
         backends: ::wgpu::Backends::VULKAN | ::wgpu::Backends::METAL | ::wgpu::Backends::DX12,
         ..::wgpu::InstanceDescriptor::new_without_display_handle()
