@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::json::canonical;
+
 use crate::stages::baseline::BaselineConfig;
 use crate::stages::download::DownloadConfig;
 use crate::stages::evaluate::EvaluateConfig;
@@ -305,24 +307,6 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
                 base.insert(k, v);
             }
         }
-    }
-}
-
-/// Sorts object keys recursively so equal configs hash equally whatever the field order.
-pub(crate) fn canonical(v: Value) -> Value {
-    match v {
-        Value::Object(map) => {
-            let mut entries: Vec<(String, Value)> = map.into_iter().collect();
-            entries.sort_by(|a, b| a.0.cmp(&b.0));
-            Value::Object(
-                entries
-                    .into_iter()
-                    .map(|(k, v)| (k, canonical(v)))
-                    .collect(),
-            )
-        }
-        Value::Array(items) => Value::Array(items.into_iter().map(canonical).collect()),
-        other => other,
     }
 }
 

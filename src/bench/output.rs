@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::bench::charts::write_charts;
 use crate::bench::markdown::{community_rows, results_table, COMMUNITY_HEADER};
 use crate::bench::schema::BenchResult;
-use crate::pipeline::fs::{write_atomic, write_json_atomic, FsError};
+use crate::fs::{write_atomic, write_json_atomic, FsError};
 use crate::report::charts::ChartError;
 
 /// Errors writing benchmark outputs.

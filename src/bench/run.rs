@@ -327,7 +327,7 @@ pub fn run_bench<B: Kernels>(
     Ok(BenchResult {
         schema_version: SCHEMA_VERSION,
         timestamp: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-        git_commit: crate::pipeline::runner::git_commit(),
+        git_commit: crate::build_info::git_commit(),
         platform: platform(&gpu),
         versions: Versions {
             medpipe: env!("CARGO_PKG_VERSION").to_string(),

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::pipeline::fs::{self, FsError};
+use crate::fs::{self, FsError};
 pub use spec::TinySpec;
 
 /// Embedding rows are padded to a multiple of this many tokens (as Qwen pads 151,665 tokens
@@ -58,19 +58,7 @@ pub fn materialize(dir: &Path, seed: u64, corpus: &[String]) -> Result<Materiali
     let trained = tokenizer::train(corpus)?;
     let spec = TinySpec::tiny(trained.size.div_ceil(VOCAB_MULTIPLE) * VOCAB_MULTIPLE);
     let weights = weights::safetensors_bytes(&spec, seed).map_err(BuiltinError::Safetensors)?;
-    let partial = dir.with_file_name(format!(
-        "{}.partial",
-        dir.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default()
-    ));
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial).map_err(|source| FsError {
-            action: "removing stale",
-            path: partial.clone(),
-            source,
-        })?;
-    }
+    let partial = crate::fs::fresh_partial(dir)?;
     let json_files: [(&str, Value); 5] = [
         ("config.json", spec.config_json(&trained.ids)),
         ("generation_config.json", spec.generation_json(&trained.ids)),

@@ -26,7 +26,7 @@ use hf_hub::{Cache, Repo, RepoType};
 use serde::Deserialize;
 
 use super::{glob_match, HubEnv, RepoKind, RepoRef};
-use crate::pipeline::fs::{self, FsError};
+use crate::fs::{self, FsError};
 
 /// Errors fetching from the hub or reading the cache.
 #[derive(Debug, thiserror::Error)]

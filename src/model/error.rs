@@ -109,7 +109,7 @@ pub enum ModelError {
     },
     /// Writing an output file failed.
     #[error(transparent)]
-    Write(#[from] crate::pipeline::fs::FsError),
+    Write(#[from] crate::fs::FsError),
     /// An NF4 (bitsandbytes 4-bit) weight is malformed: a part missing, of the wrong dtype
     /// or size, or a corrupt quant-state blob.
     #[error("NF4 weight in {dir}: {source}")]

@@ -14,8 +14,8 @@ use burn::module::{Param, ParamId};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::fs::{write_atomic, write_json_atomic, FsError};
 use crate::kernels::Kernels;
-use crate::pipeline::fs::{write_atomic, write_json_atomic, FsError};
 
 /// The projections QLoRA adapts, in the language model (the vision tower stays frozen).
 pub const TARGET_MODULES: [&str; 7] = [

@@ -276,7 +276,7 @@ pub fn run_forward<B: Kernels>(
             path: job.out.clone(),
             source,
         })?;
-    crate::pipeline::fs::write_atomic(&job.out, &bytes)?;
+    crate::fs::write_atomic(&job.out, &bytes)?;
     Ok(ForwardReport {
         logits_shape,
         image_tokens: eshape.first().copied().unwrap_or(0),

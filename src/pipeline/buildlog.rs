@@ -5,10 +5,10 @@
 use std::fmt::Write as _;
 
 use super::artifact::{Artifact, Status};
-use super::fs::{self, FsError};
-use super::runner::{git_commit, rfc3339, MEDPIPE_VERSION};
 use super::workspace::Workspace;
+use crate::build_info::{git_commit, rfc3339, MEDPIPE_VERSION};
 use crate::config::Config;
+use crate::fs::{self, FsError};
 
 fn append(ws: &Workspace, text: &str) -> Result<(), FsError> {
     let path = ws.build_log();

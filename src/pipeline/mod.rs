@@ -1,10 +1,9 @@
 //! The pipeline machinery: stages, the runner, artifacts, the workspace and its lock,
-//! atomic writes and the build log. Nothing outside this module knows how artifacts are
+//! and the build log. Nothing outside this module knows how artifacts are
 //! stored.
 
 pub mod artifact;
 mod buildlog;
-pub mod fs;
 pub mod runner;
 pub mod space;
 pub mod stage;

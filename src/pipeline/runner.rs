@@ -23,20 +23,12 @@ use serde_json::{json, Value};
 
 use super::artifact::{Artifact, ArtifactError, ErrorRecord, OutputFile, Status, SCHEMA_VERSION};
 use super::buildlog;
-use super::fs::{self, FsError};
 use super::stage::{Stage, StageCtx, StageOutput};
 use super::workspace::{Workspace, WorkspaceError};
-use crate::config::{canonical, Config};
-
-/// medpipe's version, recorded in every artifact and hashed into every input.
-pub const MEDPIPE_VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// The git commit medpipe was built from, when built from a git checkout.
-pub fn git_commit() -> Option<String> {
-    option_env!("MEDPIPE_GIT_COMMIT")
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
-}
+use crate::build_info::{git_commit, rfc3339, MEDPIPE_VERSION};
+use crate::config::Config;
+use crate::fs::{self, FsError};
+use crate::json::canonical;
 
 /// Errors that stop a run before or between stages (not a stage's own failure).
 #[derive(Debug, thiserror::Error)]
@@ -798,11 +790,6 @@ fn hash_outputs(
         });
     }
     Ok((out, files))
-}
-
-/// RFC 3339 UTC with seconds.
-pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 #[cfg(test)]

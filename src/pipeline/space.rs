@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::fs::FsError;
+use crate::fs::FsError;
 
 /// Space on the filesystem holding a path.
 #[derive(Debug, Clone, PartialEq, Eq)]

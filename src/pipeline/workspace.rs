@@ -5,7 +5,7 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use super::fs::FsError;
+use crate::fs::FsError;
 
 /// Errors opening or locking a workspace.
 #[derive(Debug, thiserror::Error)]

@@ -71,5 +71,5 @@ pub enum QuantError {
     },
     /// Atomic file writing failed.
     #[error(transparent)]
-    Fs(#[from] crate::pipeline::fs::FsError),
+    Fs(#[from] crate::fs::FsError),
 }

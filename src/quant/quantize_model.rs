@@ -21,7 +21,7 @@ use serde_json::Value;
 use super::format::{quantization_config, Nf4Tensor, RawTensor};
 use super::nf4::NF4_BLOCKSIZE;
 use super::QuantError;
-use crate::pipeline::fs::{commit_dir, write_atomic};
+use crate::fs::{commit_dir, write_atomic};
 
 /// Names of Linear modules in Qwen2.5-VL (language model, vision blocks, `lm_head`); the
 /// merger MLP (`merger.mlp.0`, `merger.mlp.2`) is matched by its numeric child name.
@@ -465,10 +465,7 @@ pub fn quantize_checkpoint(
     let shards = input_shards(model_dir)?;
     check_skip_entries(&opts.skip, &linear_modules(&shards)?, model_dir)?;
 
-    let partial = PathBuf::from(format!("{}.partial", out_dir.display()));
-    if partial.exists() {
-        fs::remove_dir_all(&partial).map_err(io("removing stale", &partial))?;
-    }
+    let partial = crate::fs::fresh_partial(out_dir)?;
     fs::create_dir_all(&partial).map_err(io("creating", &partial))?;
     // Whatever fails below, the half-written `.partial` directory is removed.
     let result = (|| -> Result<QuantizeReport, QuantError> {

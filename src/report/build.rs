@@ -354,7 +354,7 @@ pub fn assemble(inputs: &Inputs, generated_at: &str, charts: Vec<String>) -> Fin
     FinalReport {
         schema_version: REPORT_SCHEMA_VERSION,
         generated_at: generated_at.into(),
-        medpipe_version: crate::pipeline::runner::MEDPIPE_VERSION.into(),
+        medpipe_version: crate::build_info::MEDPIPE_VERSION.into(),
         warnings: warnings(inputs, &variants, regression.as_ref()),
         reproduce: reproduce(git_commit.as_deref(), device.as_deref()),
         git_commit,

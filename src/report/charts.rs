@@ -13,7 +13,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::pipeline::fs::{write_atomic, FsError};
+use crate::fs::{write_atomic, FsError};
 
 /// Family name the charts ask for.
 pub(crate) const FAMILY: &str = "sans-serif";

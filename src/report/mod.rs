@@ -16,7 +16,7 @@ use serde_json::Value;
 pub use build::{FinalReport, Inputs};
 use charts::{Bar, BarChart, Chart, ChartError, LineChart};
 
-use crate::pipeline::fs::{write_atomic, write_json_atomic, FsError};
+use crate::fs::{write_atomic, write_json_atomic, FsError};
 
 /// FINAL_REPORT.json, in `reports/`.
 pub const FINAL_REPORT_FILE: &str = "FINAL_REPORT.json";

@@ -21,8 +21,8 @@ use crate::bench::inputs::evaluation_documents;
 use crate::bench::output::markdown_document;
 use crate::bench::schema::BenchResult;
 use crate::bench::{run_bench_on, BenchOptions};
+use crate::fs::write_atomic;
 use crate::model::Sampling;
-use crate::pipeline::fs::write_atomic;
 use crate::pipeline::{Stage, StageCtx, StageOutput};
 use crate::report::inputs::{BaselineMetrics, Performance};
 

@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::builtin;
+use crate::fs::hash_file;
 use crate::hub::{self, FetchedRepo, HubEnv, Progress, RepoRef};
-use crate::pipeline::fs::hash_file;
 use crate::pipeline::{Stage, StageCtx, StageOutput};
 
 /// Documents of generated clinical text the builtin:tiny tokenizer is trained on.

@@ -35,6 +35,7 @@ use crate::bench::memory::{rss_bytes, DeviceWatch, MemorySampler};
 use crate::data::eval_docs;
 use crate::data::sample::Sample;
 use crate::device::{run_on, BackendJob, DeviceMemory, Target};
+use crate::fs::write_atomic_with;
 use crate::kernels::Kernels;
 use crate::metrics::answer::Item;
 use crate::metrics::extraction::{
@@ -44,7 +45,6 @@ use crate::metrics::stats::summarize_ms;
 use crate::model::generate::{GenerateConfig, Request, Sampling};
 use crate::model::loader::{load_model, EncodedPrompt, InputEncoder, LoadedModel};
 use crate::model::prompt::PromptBuilder;
-use crate::pipeline::fs::write_atomic_with;
 use crate::pipeline::{Stage, StageCtx, StageOutput};
 use crate::report::inputs::{
     EvaluationMetrics, GenerationSettings, Performance, VariantEvaluation, VariantNotRun,

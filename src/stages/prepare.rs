@@ -34,7 +34,7 @@ use crate::data::sample::{target_json, Sample, PROMPT};
 use crate::data::source::{Raw, SourceConfig};
 use crate::data::split::{split, SplitConfig};
 use crate::data::{eval_docs, Document};
-use crate::pipeline::fs::{hash_file, sha256_hex, write_atomic, write_atomic_with, write_replace};
+use crate::fs::{hash_file, sha256_hex, write_atomic, write_atomic_with, write_replace};
 use crate::pipeline::{Stage, StageCtx, StageOutput};
 
 /// Bumped when this stage's output for the same config changes.
@@ -492,7 +492,7 @@ fn config_key(cfg: &PrepareConfig, datasets: Option<&[Downloaded]>) -> anyhow::R
         "sources": cfg.sources,
         "datasets": used,
     });
-    let text = serde_json::to_string(&crate::config::canonical(v)).expect("plain JSON serializes");
+    let text = serde_json::to_string(&crate::json::canonical(v)).expect("plain JSON serializes");
     Ok(sha256_hex(text.as_bytes())[..16].to_string())
 }
 

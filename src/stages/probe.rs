@@ -166,7 +166,7 @@ impl Stage for Probe {
                 "medpipe": env!("CARGO_PKG_VERSION"),
                 "rustc": option_env!("MEDPIPE_RUSTC_VERSION"),
                 "burn": "0.21.0",
-                "git_commit": crate::pipeline::runner::git_commit(),
+                "git_commit": crate::build_info::git_commit(),
             },
             "model_memory_needed_mib": need_mib,
             "device": device.to_string(),

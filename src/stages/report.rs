@@ -51,7 +51,7 @@ impl Stage for Report {
 
     fn run(&self, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
         let reports = ctx.workspace().reports();
-        let now = crate::pipeline::runner::rfc3339(std::time::SystemTime::now());
+        let now = crate::build_info::rfc3339(std::time::SystemTime::now());
         let generated = crate::report::generate(&reports, &now)
             .with_context(|| format!("writing the report in {}", reports.display()))?;
         let r = &generated.report;

@@ -23,12 +23,12 @@ use serde_json::json;
 use crate::bench::memory::DeviceWatch;
 use crate::data::sample::Sample;
 use crate::device::{run_autodiff_on, AutodiffJob, DeviceMemory, Target};
+use crate::fs::commit_dir;
 use crate::kernels::{AutodiffKernels, Kernels};
 use crate::model::lora::LoraSpec;
 use crate::model::processor::{ImageInput as ProcImage, ImageProcessor};
 use crate::model::prompt::PromptBuilder;
 use crate::model::{ImageInput, Qwen25Vl};
-use crate::pipeline::fs::commit_dir;
 use crate::pipeline::{Stage, StageCtx, StageOutput};
 use crate::report::inputs::{TrainStep, TrainingMetrics, ValPoint};
 use crate::train::batch::{SampleError, SampleSource, TrainSample};
@@ -381,7 +381,7 @@ fn inputs_fingerprint(ctx: &StageCtx<'_>, upstream: &[&str]) -> anyhow::Result<S
         );
     }
     let all = json!({ "train": ctx.config().section_json("train"), "upstream": up });
-    Ok(crate::pipeline::fs::sha256_hex(
+    Ok(crate::fs::sha256_hex(
         serde_json::to_string(&all)?.as_bytes(),
     ))
 }
@@ -400,7 +400,7 @@ fn claim_checkpoints(ckpt_dir: &Path, inputs: &str) -> anyhow::Result<bool> {
         }
         _ => false,
     };
-    crate::pipeline::fs::write_atomic(&marker, inputs.as_bytes())?;
+    crate::fs::write_atomic(&marker, inputs.as_bytes())?;
     Ok(discarded)
 }
 
@@ -526,8 +526,7 @@ impl AutodiffJob for TrainJob<'_, '_> {
         let train_time_s = clock.elapsed().as_secs_f64();
 
         // The adapter to ship: best validation when one ran, else the final weights.
-        let partial = ctx.workspace().checkpoints().join("adapter.partial");
-        let _ = std::fs::remove_dir_all(&partial);
+        let partial = crate::fs::fresh_partial(&ctx.workspace().checkpoints().join("adapter"))?;
         let chosen = match &outcome.best_dir {
             Some(best) => {
                 copy_dir(best, &partial)?;
@@ -638,7 +637,7 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
             copy_dir(&e.path(), &dst)?;
         } else {
             let bytes = std::fs::read(e.path())?;
-            crate::pipeline::fs::write_atomic(&dst, &bytes)?;
+            crate::fs::write_atomic(&dst, &bytes)?;
         }
     }
     Ok(())

@@ -20,9 +20,9 @@ use burn::module::ParamId;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::fs::{commit_dir, write_atomic, write_json_atomic, FsError};
 use crate::kernels::Kernels;
 use crate::model::lora::{Adapter, LoraError};
-use crate::pipeline::fs::{commit_dir, write_atomic, write_json_atomic, FsError};
 use crate::train::optim::{AdamW, Moments};
 use crate::train::trainer::{StepMetrics, ValMetrics};
 
@@ -110,14 +110,7 @@ pub fn save<B: Kernels>(
     lora_keys: &[(ParamId, String)],
 ) -> Result<PathBuf, CheckpointError> {
     let dir = root.join(step_dir_name(state.step));
-    let partial = root.join(format!("{}.partial", step_dir_name(state.step)));
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial).map_err(|source| FsError {
-            action: "removing stale",
-            path: partial.clone(),
-            source,
-        })?;
-    }
+    let partial = crate::fs::fresh_partial(&dir)?;
     adapter.save(&partial.join("adapter"))?;
     let mut tensors: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
     for (id, key) in lora_keys {

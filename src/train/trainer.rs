@@ -24,10 +24,10 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use crate::fs::{commit_dir, recover_dir, write_json_atomic, FsError};
 use crate::kernels::{AutodiffKernels, Kernels};
 use crate::model::adapt::AdaptError;
 use crate::model::{ImageInput, ModelError, Qwen25Vl};
-use crate::pipeline::fs::{commit_dir, recover_dir, write_json_atomic, FsError};
 use crate::train::batch::{collate, Batch, SampleError, SampleSource, TrainSample};
 use crate::train::checkpoint::{self, BestVal, CheckpointError, RunFingerprint, TrainState};
 use crate::train::loss::causal_lm_loss;
@@ -507,14 +507,7 @@ fn save_best<B: AutodiffKernels>(
     step: u64,
     loss: f64,
 ) -> Result<(), TrainError> {
-    let partial = ckpt_dir.join("best.partial");
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial).map_err(|source| FsError {
-            action: "removing stale",
-            path: partial.clone(),
-            source,
-        })?;
-    }
+    let partial = crate::fs::fresh_partial(&ckpt_dir.join("best"))?;
     model
         .export_adapter(None)?
         .save(&partial)

@@ -80,14 +80,11 @@ impl Stage for Double {
         }
         let out = root.join(format!("data/{}.txt", self.name));
         if root.join(format!("slow_{}", self.name)).exists() {
-            medpipe::pipeline::fs::write_atomic(
-                &root.join(format!("data/{}.part", self.name)),
-                b"half",
-            )?;
+            medpipe::fs::write_atomic(&root.join(format!("data/{}.part", self.name)), b"half")?;
             std::fs::write(root.join(format!("started_{}", self.name)), b"")?;
             std::thread::sleep(Duration::from_secs(30));
         }
-        medpipe::pipeline::fs::write_atomic(&out, content.as_bytes())?;
+        medpipe::fs::write_atomic(&out, content.as_bytes())?;
         Ok(StageOutput {
             metrics: serde_json::json!({ "bytes": content.len() }),
             outputs: vec![PathBuf::from(format!("data/{}.txt", self.name))],

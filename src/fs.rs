@@ -164,9 +164,28 @@ pub fn recover_dir(dir: &Path) -> Result<(), FsError> {
 
 /// `<dir>.old`, where [`commit_dir`] keeps the replaced directory until the new one is in place.
 fn old_path(dir: &Path) -> PathBuf {
+    sibling(dir, ".old")
+}
+
+/// `dir` with `suffix` appended to its last component (`a/b` → `a/b.old`).
+fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     let mut name = dir.file_name().unwrap_or_default().to_os_string();
-    name.push(".old");
+    name.push(suffix);
     dir.with_file_name(name)
+}
+
+/// The empty `<dir>.partial` path a directory is built in before [`commit_dir`] renames
+/// it to `dir`. A stale one left by a killed run is removed first; the directory itself is
+/// not created (writers create what they need).
+///
+/// # Errors
+/// The stale directory cannot be removed.
+pub fn fresh_partial(dir: &Path) -> Result<PathBuf, FsError> {
+    let partial = sibling(dir, ".partial");
+    if partial.exists() {
+        fs::remove_dir_all(&partial).map_err(err("removing stale", &partial))?;
+    }
+    Ok(partial)
 }
 
 /// sha256 (hex) and size in bytes of a file, or of a directory (hash over the sorted relative
