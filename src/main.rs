@@ -523,7 +523,7 @@ fn generate(args: GenerateArgs) -> Result<(), Failure> {
 fn load(cfg: &ConfigArgs, extra: &[String]) -> Result<(Config, Workspace), Failure> {
     let mut sets = cfg.set.clone();
     sets.extend_from_slice(extra);
-    let config = Config::load(cfg.config.as_deref(), &sets)?;
+    let config = stages::load_config(cfg.config.as_deref(), &sets)?;
     let ws = Workspace::open(&cfg.workspace)
         .with_context(|| format!("opening workspace {}", cfg.workspace.display()))?;
     Ok((config, ws))
@@ -558,7 +558,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         },
     };
     let report = pipeline
-        .run(&ws, &config, &opts, &mut on_event)
+        .run(&ws, &config.settings, &opts, &mut on_event)
         .map_err(|e: RunError| Failure {
             code: 2,
             error: e.into(),
@@ -602,13 +602,13 @@ fn print_summary(report: &RunReport, ws: &Workspace) {
 }
 
 fn status(args: StatusArgs) -> Result<(), Failure> {
-    let config = Config::load(args.cfg.config.as_deref(), &args.cfg.set)?;
+    let config = stages::load_config(args.cfg.config.as_deref(), &args.cfg.set)?;
     // Reading only: a mistyped --workspace must not leave a directory behind.
     let ws = Workspace::existing(&args.cfg.workspace)?;
     let opts = StatusOptions {
         verify: args.verify,
     };
-    let states: Vec<StageState> = stages::pipeline().status_with(&ws, &config, opts)?;
+    let states: Vec<StageState> = stages::pipeline().status_with(&ws, &config.settings, opts)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&states)?);
         return Ok(());

@@ -15,6 +15,7 @@ pub mod markdown;
 pub mod memory;
 pub mod oneshot;
 pub mod output;
+pub mod performance;
 pub mod run;
 pub mod schema;
 pub mod source;

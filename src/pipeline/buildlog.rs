@@ -7,7 +7,6 @@ use std::fmt::Write as _;
 use super::artifact::{Artifact, Status};
 use super::workspace::Workspace;
 use crate::build_info::{git_commit, rfc3339, MEDPIPE_VERSION};
-use crate::config::Config;
 use crate::fs::{self, FsError};
 
 fn append(ws: &Workspace, text: &str) -> Result<(), FsError> {
@@ -34,7 +33,7 @@ fn append(ws: &Workspace, text: &str) -> Result<(), FsError> {
 ///
 /// # Errors
 /// I/O on BUILD_LOG.md.
-pub(crate) fn append_run_header(ws: &Workspace, config: &Config) -> Result<(), FsError> {
+pub(crate) fn append_run_header(ws: &Workspace, origin: &std::path::Path) -> Result<(), FsError> {
     let text = format!(
         "\n## Run {} — medpipe {}{} — config {}\n",
         rfc3339(std::time::SystemTime::now()),
@@ -42,7 +41,7 @@ pub(crate) fn append_run_header(ws: &Workspace, config: &Config) -> Result<(), F
         git_commit()
             .map(|c| format!(" ({})", &c[..c.len().min(10)]))
             .unwrap_or_default(),
-        config.origin.display(),
+        origin.display(),
     );
     append(ws, &text)
 }

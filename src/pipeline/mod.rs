@@ -5,6 +5,7 @@
 pub mod artifact;
 mod buildlog;
 pub mod runner;
+pub mod settings;
 pub mod space;
 pub mod stage;
 pub mod workspace;
@@ -13,5 +14,6 @@ pub use artifact::{Artifact, Status};
 pub use runner::{
     Event, Pipeline, RunError, RunOptions, RunReport, StageReport, StageState, StatusOptions,
 };
-pub use stage::{Stage, StageCtx, StageOutput};
+pub use settings::{ConfigError, InvalidValue, NoConfig, SectionConfig, Settings};
+pub use stage::{AnyStage, Stage, StageCtx, StageOutput, UpstreamState};
 pub use workspace::Workspace;

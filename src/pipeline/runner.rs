@@ -23,10 +23,10 @@ use serde_json::{json, Value};
 
 use super::artifact::{Artifact, ArtifactError, ErrorRecord, OutputFile, Status, SCHEMA_VERSION};
 use super::buildlog;
-use super::stage::{Stage, StageCtx, StageOutput};
+use super::settings::{ConfigError, Settings};
+use super::stage::{AnyStage, StageCtx, StageOutput, UpstreamState};
 use super::workspace::{Workspace, WorkspaceError};
 use crate::build_info::{git_commit, rfc3339, MEDPIPE_VERSION};
-use crate::config::Config;
 use crate::fs::{self, FsError};
 use crate::json::canonical;
 
@@ -59,6 +59,8 @@ pub enum RunError {
         upstream: String,
         reason: String,
     },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error(transparent)]
     Workspace(#[from] WorkspaceError),
     #[error(transparent)]
@@ -139,7 +141,7 @@ pub struct StageState {
 
 /// An ordered set of stages.
 pub struct Pipeline {
-    stages: Vec<Box<dyn Stage>>,
+    stages: Vec<Box<dyn AnyStage>>,
 }
 
 /// A stage's freshness, computed before it would run.
@@ -158,7 +160,7 @@ impl Pipeline {
     /// # Panics
     /// When a stage names an upstream that is not earlier in `stages`, or two stages share a
     /// name: both are programming errors in the registry, not user input.
-    pub fn new(stages: Vec<Box<dyn Stage>>) -> Self {
+    pub fn new(stages: Vec<Box<dyn AnyStage>>) -> Self {
         for (i, s) in stages.iter().enumerate() {
             assert!(
                 stages[..i].iter().all(|o| o.name() != s.name()),
@@ -177,7 +179,7 @@ impl Pipeline {
     }
 
     /// The stages, in order.
-    pub fn stages(&self) -> impl Iterator<Item = &dyn Stage> {
+    pub fn stages(&self) -> impl Iterator<Item = &dyn AnyStage> {
         self.stages.iter().map(|s| s.as_ref())
     }
 
@@ -205,11 +207,42 @@ impl Pipeline {
             })
     }
 
-    /// Checks the options against this pipeline: (first, last, first forced index).
+    /// Every section some stage reads (its own or a shared one), in pipeline order.
+    pub fn config_sections(&self) -> Vec<&'static str> {
+        let mut known: Vec<&'static str> = Vec::new();
+        for s in self.stages.iter().flat_map(|s| s.config_sections()) {
+            if !known.contains(&s) {
+                known.push(s);
+            }
+        }
+        known
+    }
+
+    /// Checks every stage's own section before anything runs (typed and in range),
+    /// whichever stages a run would reach. Sections no stage of this pipeline reads are
+    /// left alone (a test pipeline runs on the full default config); the app refuses them
+    /// with [`Settings::check_sections`] against the whole registry.
     ///
     /// # Errors
-    /// Unknown stage names, `--from` after `--to`, `--only` with a range.
-    pub fn plan(&self, opts: &RunOptions) -> Result<(usize, usize, Option<usize>), RunError> {
+    /// The first wrong type, unknown key or value out of range.
+    pub fn check_config(&self, settings: &Settings) -> Result<(), ConfigError> {
+        self.stages
+            .iter()
+            .try_for_each(|s| s.check_config(settings))
+    }
+
+    /// Checks the config and the options against this pipeline: (first, last, first forced
+    /// index).
+    ///
+    /// # Errors
+    /// A config [`Pipeline::check_config`] refuses, unknown stage names, `--from` after
+    /// `--to`, `--only` with a range.
+    pub fn plan(
+        &self,
+        settings: &Settings,
+        opts: &RunOptions,
+    ) -> Result<(usize, usize, Option<usize>), RunError> {
+        self.check_config(settings)?;
         if let Some(only) = &opts.only {
             if opts.from.is_some() || opts.to.is_some() {
                 return Err(RunError::OnlyWithRange);
@@ -248,11 +281,11 @@ impl Pipeline {
     pub fn run(
         &self,
         ws: &Workspace,
-        config: &Config,
+        settings: &Settings,
         opts: &RunOptions,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<RunReport, RunError> {
-        let (first, last, forced) = self.plan(opts)?;
+        let (first, last, forced) = self.plan(settings, opts)?;
         let _lock = ws.lock()?;
         let progress = MultiProgress::new();
         let mut report = RunReport::default();
@@ -282,7 +315,7 @@ impl Pipeline {
         // `--only` runs one stage on its upstream as it is on disk: refuse when that is stale
         // (it would be re-run by a plain `run`), unless forced.
         if let (Some(only), false) = (&opts.only, opts.force) {
-            let states = self.status(ws, config)?;
+            let states = self.status(ws, settings)?;
             let stale = all_upstream(self.stages[first].as_ref())
                 .filter_map(|u| states.iter().find(|s| s.stage == u))
                 .find(|s| s.state == "stale");
@@ -296,7 +329,7 @@ impl Pipeline {
         }
 
         for (i, stage) in self.stages.iter().enumerate().take(last + 1).skip(first) {
-            let a = self.assess(stage.as_ref(), ws, config, false)?;
+            let a = self.assess(stage.as_ref(), ws, settings, false)?;
             let upstream_ran = all_upstream(stage.as_ref()).find(|u| ran.contains(u));
             let reason = if forced.is_some_and(|f| i >= f) {
                 Some(if opts.only.is_some() {
@@ -333,7 +366,7 @@ impl Pipeline {
             if !log_header_written {
                 // A log that cannot be written (a full disk) must not hide the stage's own
                 // outcome: warn, and let the stage fail or pass on its merits.
-                if let Err(e) = buildlog::append_run_header(ws, config) {
+                if let Err(e) = buildlog::append_run_header(ws, settings.origin()) {
                     tracing::warn!("BUILD_LOG.md not updated: {:#}", anyhow::Error::from(e));
                 }
                 log_header_written = true;
@@ -343,7 +376,7 @@ impl Pipeline {
                 reason: &reason,
             });
             tracing::info!(stage = stage.name(), %reason, "running");
-            let rep = self.execute(stage.as_ref(), ws, config, a, &reason, &progress, opts)?;
+            let rep = self.execute(stage.as_ref(), ws, settings, a, &reason, &progress, opts)?;
             on_event(Event::Finished(&rep));
             let failed = rep.action == "failed";
             report.stages.push(rep);
@@ -358,9 +391,9 @@ impl Pipeline {
     #[allow(clippy::too_many_arguments)]
     fn execute(
         &self,
-        stage: &dyn Stage,
+        stage: &dyn AnyStage,
         ws: &Workspace,
-        config: &Config,
+        settings: &Settings,
         a: Assessment,
         reason: &str,
         progress: &MultiProgress,
@@ -377,28 +410,40 @@ impl Pipeline {
             })?;
         }
         let mut upstream = Vec::new();
+        let mut states = Vec::new();
         for u in all_upstream(stage) {
             let ui = self.index(u, "upstream")?;
-            let p = ws.reports().join(self.stages[ui].artifact_file());
-            match Artifact::read(&p)? {
-                Some(art) if art.status == Status::Completed => upstream.push((u, art)),
+            let file = self.stages[ui].artifact_file();
+            let p = ws.reports().join(file);
+            let read = Artifact::read(&p);
+            match &read {
+                Ok(Some(art)) if art.status == Status::Completed => {
+                    upstream.push((u, art.clone()))
+                }
                 _ if stage.upstream().contains(&u) => {
+                    read?;
                     return Err(RunError::UpstreamMissing {
                         stage: stage.name().into(),
                         upstream: u.to_string(),
                         path: ws.relative(&p),
-                    })
+                    });
                 }
                 _ => {}
             }
+            states.push(UpstreamState {
+                stage: u,
+                artifact_file: file,
+                artifact: read.map_err(|e| format!("{:#}", anyhow::Error::from(e))),
+            });
         }
 
         let started = SystemTime::now();
         let clock = Instant::now();
         let mut ctx = StageCtx {
             workspace: ws,
-            config,
+            settings,
             upstream,
+            states,
             progress,
             quiet: opts.quiet,
         };
@@ -484,24 +529,12 @@ impl Pipeline {
     /// Computes a stage's input hash and whether its artifact is current.
     fn assess(
         &self,
-        stage: &dyn Stage,
+        stage: &dyn AnyStage,
         ws: &Workspace,
-        config: &Config,
+        settings: &Settings,
         verify: bool,
     ) -> Result<Assessment, RunError> {
-        let config_json = canonical(
-            stage.resolve_config(
-                canonical(Value::Object(
-                    stage
-                        .config_sections()
-                        .into_iter()
-                        .map(|s| (s.to_string(), config.section_json(s)))
-                        .collect(),
-                )),
-                config,
-                ws,
-            ),
-        );
+        let config_json = stage.config_json(settings, ws)?;
         let mut upstream = BTreeMap::new();
         let mut upstream_outputs = BTreeMap::new();
         let mut stale_upstream = None;
@@ -570,8 +603,8 @@ impl Pipeline {
     ///
     /// # Errors
     /// Unreadable artifacts.
-    pub fn status(&self, ws: &Workspace, config: &Config) -> Result<Vec<StageState>, RunError> {
-        self.status_with(ws, config, StatusOptions::default())
+    pub fn status(&self, ws: &Workspace, settings: &Settings) -> Result<Vec<StageState>, RunError> {
+        self.status_with(ws, settings, StatusOptions::default())
     }
 
     /// [`Pipeline::status`] with options (`--verify` re-hashes every output).
@@ -581,13 +614,13 @@ impl Pipeline {
     pub fn status_with(
         &self,
         ws: &Workspace,
-        config: &Config,
+        settings: &Settings,
         opts: StatusOptions,
     ) -> Result<Vec<StageState>, RunError> {
         let mut out = Vec::new();
         let mut upstream_stale: Vec<&str> = Vec::new();
         for stage in &self.stages {
-            let a = self.assess(stage.as_ref(), ws, config, opts.verify)?;
+            let a = self.assess(stage.as_ref(), ws, settings, opts.verify)?;
             let artifact = ws.relative(&ws.reports().join(stage.artifact_file()));
             let inherited = all_upstream(stage.as_ref())
                 .find(|u| upstream_stale.contains(u))
@@ -658,7 +691,7 @@ fn record_panic_locations() {
 /// Runs a stage, turning a panic inside it into an error: `the stage panicked: <message>
 /// (at <file:line:col>)`. Without this a GPU out-of-memory or a kernel assert would unwind
 /// through the runner, leave no record and exit 101.
-fn run_catching_panics(stage: &dyn Stage, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
+fn run_catching_panics(stage: &dyn AnyStage, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
     record_panic_locations();
     PANIC_LOCATION.with(|p| p.borrow_mut().take());
     match std::panic::catch_unwind(AssertUnwindSafe(|| stage.run(ctx))) {
@@ -681,7 +714,7 @@ fn run_catching_panics(stage: &dyn Stage, ctx: &mut StageCtx<'_>) -> anyhow::Res
 }
 
 /// Required and optional upstream stages.
-fn all_upstream(stage: &dyn Stage) -> impl Iterator<Item = &'static str> + '_ {
+fn all_upstream(stage: &dyn AnyStage) -> impl Iterator<Item = &'static str> + '_ {
     stage
         .upstream()
         .iter()
@@ -692,7 +725,7 @@ fn all_upstream(stage: &dyn Stage) -> impl Iterator<Item = &'static str> + '_ {
 /// Explains why a previous artifact no longer stands, or `None` when it does.
 fn why_stale(
     prev: &Artifact,
-    stage: &dyn Stage,
+    stage: &dyn AnyStage,
     config: &Value,
     upstream: &BTreeMap<String, String>,
     input_hash: &str,
@@ -795,6 +828,7 @@ fn hash_outputs(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::Stage;
 
     #[test]
     fn changed_keys_lists_dotted_paths() {
@@ -811,6 +845,10 @@ mod tests {
     struct Probe(&'static str, &'static [&'static str]);
 
     impl Stage for Probe {
+        const NAME: &'static str = "runner-test";
+        type Config = crate::pipeline::NoConfig;
+        type Metrics = Value;
+
         fn name(&self) -> &'static str {
             self.0
         }
@@ -824,16 +862,17 @@ mod tests {
                 _ => "after.json",
             }
         }
-        fn upstream(&self) -> &'static [&'static str] {
+        fn upstream(&self) -> &[&'static str] {
             self.1
-        }
-        fn config_sections(&self) -> Vec<&'static str> {
-            Vec::new()
         }
         fn code_version(&self) -> u32 {
             1
         }
-        fn run(&self, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
+        fn run(
+            &self,
+            _: &crate::pipeline::NoConfig,
+            ctx: &mut StageCtx<'_>,
+        ) -> anyhow::Result<StageOutput> {
             match self.0 {
                 "boom" => panic!("CUDA out of memory: tried to allocate 12.00 GiB"),
                 "odd" => {
@@ -847,7 +886,7 @@ mod tests {
 
     fn run_quietly(p: &Pipeline, root: &Path) -> RunReport {
         let ws = Workspace::open(root).unwrap();
-        let cfg = Config::load(None, &[]).unwrap();
+        let cfg = Settings::from_toml("", Path::new("test.toml"), "", &[]).unwrap();
         let opts = RunOptions {
             quiet: true,
             ..Default::default()

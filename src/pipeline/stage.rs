@@ -1,56 +1,180 @@
 //! The stage contract: what a stage declares, what it gets, what it returns.
 //!
-//! A stage is a pure function of (its config sections, its upstream artifacts). The runner
-//! hashes both before the stage runs (DVC's rule: hash dependencies *before* running, so an
-//! input edited mid-run is never recorded as current) and skips a stage whose completed
-//! artifact carries the same hash and whose outputs are unchanged.
+//! A stage is a pure function of (its config section, the shared sections it names, its
+//! upstream artifacts). The runner hashes all of them before the stage runs (DVC's rule:
+//! hash dependencies *before* running, so an input edited mid-run is never recorded as
+//! current) and skips a stage whose completed artifact carries the same hash and whose
+//! outputs are unchanged.
+//!
+//! Stages implement the typed [`Stage`]: their own `Config` (a `[section]` of the TOML
+//! file, named after the stage) and the type of the `Metrics` they record, which
+//! downstream stages read with [`StageCtx::upstream_metrics`]. The runner holds them as
+//! [`AnyStage`] objects; every `Stage` is one.
 
 use std::path::{Path, PathBuf};
 
+use anyhow::Context as _;
 use indicatif::{MultiProgress, ProgressBar, ProgressState, ProgressStyle};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::Value;
 
 use super::artifact::Artifact;
+use super::settings::{ConfigError, SectionConfig, Settings};
 use super::workspace::Workspace;
-use crate::config::Config;
 
-/// One step of the pipeline. Implementations live in `src/stages/`, one file each.
-pub trait Stage: Send + Sync {
-    /// Stable lower-case name, as used on the command line (`--from prepare`).
-    fn name(&self) -> &'static str;
+/// One step of the pipeline. Implementations live in `src/stages/`, one file (or folder)
+/// each, and are listed once in the registry.
+pub trait Stage: Send + Sync + 'static {
+    /// Stable lower-case name, as used on the command line (`--from prepare`) and as the
+    /// name of its config section.
+    const NAME: &'static str;
+    /// The stage's `[NAME]` section; [`super::NoConfig`] for a stage without settings.
+    type Config: SectionConfig;
+    /// The figures the stage records (its artifact's `metrics`), as downstream stages read
+    /// them. Checked when the stage finishes: metrics that do not read as this type fail it.
+    type Metrics: Serialize + DeserializeOwned;
+
+    /// The name this instance runs under: [`Stage::NAME`] (a test may register one stage
+    /// type under several names).
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
     /// One line for `medpipe stages` and `--help`.
     fn description(&self) -> &'static str;
     /// File name of the artifact under `reports/` (e.g. `environment.json`).
     fn artifact_file(&self) -> &'static str;
     /// Stages whose artifacts this one reads; they must come earlier in the pipeline.
-    fn upstream(&self) -> &'static [&'static str];
+    fn upstream(&self) -> &[&'static str];
     /// Stages whose artifacts this one reads when they exist (completed), without requiring
     /// them (e.g. the report summarizes whatever ran). Hashed into the input when present.
     fn optional_upstream(&self) -> &[&'static str] {
         &[]
     }
-    /// Config sections this stage reads (hashed into its input). Default: its own name.
-    fn config_sections(&self) -> Vec<&'static str> {
-        vec![self.name()]
+    /// Sections owned by no stage that this one also reads (`model`); hashed into its input.
+    fn shared_sections(&self) -> &[&'static str] {
+        &[]
     }
-    /// The config this stage's input hash covers, given its `config_sections` as written
-    /// (canonical JSON, one key per section). Default: as written. A stage that resolves a
-    /// setting against the machine hashes the resolved value instead (the probe hashes the
-    /// device it chooses, so `auto` and `cpu` on a CPU machine are the same input).
-    fn resolve_config(&self, sections: Value, _config: &Config, _ws: &Workspace) -> Value {
+    /// The config this stage's input hash covers, given its sections as written (canonical
+    /// JSON, one key per section). Default: as written. A stage that resolves a setting
+    /// against the machine hashes the resolved value instead (the probe hashes the device it
+    /// chooses, so `auto` and `cpu` on a CPU machine are the same input).
+    fn resolve_config(&self, sections: Value, _settings: &Settings, _ws: &Workspace) -> Value {
         sections
     }
     /// Bump when the stage's code changes what it produces: old artifacts become stale.
     fn code_version(&self) -> u32;
-    /// Does the work. Every file it writes goes through `pipeline::fs::write_atomic`
+    /// Does the work. Every file it writes goes through `crate::fs::write_atomic`
     /// (or a `.partial` directory renamed at the end) and is returned in `outputs`.
+    fn run(&self, config: &Self::Config, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput>;
+}
+
+/// A stage as the runner holds it (object-safe); implemented for every [`Stage`].
+pub trait AnyStage: Send + Sync {
+    /// As [`Stage::name`].
+    fn name(&self) -> &'static str;
+    /// As [`Stage::description`].
+    fn description(&self) -> &'static str;
+    /// As [`Stage::artifact_file`].
+    fn artifact_file(&self) -> &'static str;
+    /// As [`Stage::upstream`].
+    fn upstream(&self) -> &[&'static str];
+    /// As [`Stage::optional_upstream`].
+    fn optional_upstream(&self) -> &[&'static str];
+    /// The sections this stage reads: its own (when it has settings), then the shared ones.
+    fn config_sections(&self) -> Vec<&'static str>;
+    /// Parses and validates the stage's own section.
+    ///
+    /// # Errors
+    /// A wrong type, an unknown key or a value out of range.
+    fn check_config(&self, settings: &Settings) -> Result<(), ConfigError>;
+    /// The sections hashed into the stage's input, canonical and resolved: its own in typed
+    /// form (every field, defaults filled), the shared ones as written.
+    ///
+    /// # Errors
+    /// As [`AnyStage::check_config`].
+    fn config_json(&self, settings: &Settings, ws: &Workspace) -> Result<Value, ConfigError>;
+    /// As [`Stage::code_version`].
+    fn code_version(&self) -> u32;
+    /// Reads the stage's settings, runs it, and checks its metrics against its type.
+    ///
+    /// # Errors
+    /// Whatever the stage fails with.
     fn run(&self, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput>;
+}
+
+impl<S: Stage> AnyStage for S {
+    fn name(&self) -> &'static str {
+        Stage::name(self)
+    }
+    fn description(&self) -> &'static str {
+        Stage::description(self)
+    }
+    fn artifact_file(&self) -> &'static str {
+        Stage::artifact_file(self)
+    }
+    fn upstream(&self) -> &[&'static str] {
+        Stage::upstream(self)
+    }
+    fn optional_upstream(&self) -> &[&'static str] {
+        Stage::optional_upstream(self)
+    }
+    fn config_sections(&self) -> Vec<&'static str> {
+        let own = has_section::<S::Config>().then_some(Stage::name(self));
+        own.into_iter()
+            .chain(self.shared_sections().iter().copied())
+            .collect()
+    }
+    fn check_config(&self, settings: &Settings) -> Result<(), ConfigError> {
+        if has_section::<S::Config>() {
+            settings.section::<S::Config>(Stage::name(self))?;
+        }
+        Ok(())
+    }
+    fn config_json(&self, settings: &Settings, ws: &Workspace) -> Result<Value, ConfigError> {
+        let mut sections = serde_json::Map::new();
+        if has_section::<S::Config>() {
+            let name = Stage::name(self);
+            sections.insert(name.into(), settings.typed_json::<S::Config>(name)?);
+        }
+        for s in self.shared_sections() {
+            sections.insert((*s).into(), settings.raw_json(s));
+        }
+        let written = crate::json::canonical(Value::Object(sections));
+        Ok(crate::json::canonical(
+            self.resolve_config(written, settings, ws),
+        ))
+    }
+    fn code_version(&self) -> u32 {
+        Stage::code_version(self)
+    }
+    fn run(&self, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
+        let config: S::Config = if has_section::<S::Config>() {
+            ctx.settings.section(Stage::name(self))?
+        } else {
+            serde_json::from_value(Value::Null).context("a stage without settings")?
+        };
+        let out = Stage::run(self, &config, ctx)?;
+        serde_json::from_value::<S::Metrics>(out.metrics.clone()).with_context(|| {
+            format!(
+                "stage `{}` recorded metrics that do not read as its declared metrics type",
+                Stage::name(self)
+            )
+        })?;
+        Ok(out)
+    }
+}
+
+/// Whether a settings type is a real section: [`super::NoConfig`] is not.
+fn has_section<C: 'static>() -> bool {
+    std::any::TypeId::of::<C>() != std::any::TypeId::of::<super::NoConfig>()
 }
 
 /// What a completed stage hands back to the runner.
 #[derive(Debug, Default)]
 pub struct StageOutput {
-    /// Stage-specific figures, stored as the artifact's `metrics` (units in the key names).
+    /// Stage-specific figures, stored as the artifact's `metrics` (units in the key names);
+    /// they must read as the stage's `Metrics` type.
     pub metrics: Value,
     /// Files (or directories, hashed recursively) the stage produced, workspace-relative or
     /// absolute; their sha256 is recorded and checked on the next run.
@@ -61,11 +185,25 @@ pub struct StageOutput {
     pub warnings: Vec<String>,
 }
 
+/// An earlier stage as a consumer sees it: its artifact when it has one.
+#[derive(Debug, Clone)]
+pub struct UpstreamState {
+    /// The stage's name.
+    pub stage: &'static str,
+    /// Its artifact file under `reports/`.
+    pub artifact_file: &'static str,
+    /// `Ok(None)` when it has not run; `Err` with the reason when its artifact is unreadable.
+    pub artifact: Result<Option<Artifact>, String>,
+}
+
 /// Everything a running stage may look at.
 pub struct StageCtx<'a> {
     pub(crate) workspace: &'a Workspace,
-    pub(crate) config: &'a Config,
+    pub(crate) settings: &'a Settings,
+    /// Completed upstream artifacts, required and optional.
     pub(crate) upstream: Vec<(&'static str, Artifact)>,
+    /// Every declared upstream stage, completed or not, in pipeline order.
+    pub(crate) states: Vec<UpstreamState>,
     pub(crate) progress: &'a MultiProgress,
     pub(crate) quiet: bool,
 }
@@ -76,9 +214,10 @@ impl<'a> StageCtx<'a> {
         self.workspace
     }
 
-    /// The whole validated pipeline config (a stage reads only its declared sections).
-    pub fn config(&self) -> &Config {
-        self.config
+    /// The whole config document: for the shared sections a stage names in
+    /// [`Stage::shared_sections`] (its own comes as `run`'s argument).
+    pub fn settings(&self) -> &Settings {
+        self.settings
     }
 
     /// The completed artifact of an upstream stage this stage declared (required or optional;
@@ -94,20 +233,26 @@ impl<'a> StageCtx<'a> {
             .ok_or_else(|| anyhow::anyhow!("stage did not declare `{stage}` as upstream"))
     }
 
-    /// The device model work runs on: the one the probe resolved (`metrics.device` of
-    /// `reports/environment.json`), so every stage uses the device that was hashed into
-    /// its inputs. The stage must declare `probe` as upstream.
+    /// Whether an upstream stage's artifact is here and completed.
+    pub fn completed(&self, stage: &str) -> bool {
+        self.upstream.iter().any(|(n, _)| *n == stage)
+    }
+
+    /// The metrics of upstream stage `U`, typed as `U` declares them.
     ///
     /// # Errors
-    /// No probe upstream, or an artifact without a valid `metrics.device`.
-    pub fn device(&self) -> anyhow::Result<crate::device::Device> {
-        let probe = self.upstream("probe")?;
-        let name = probe
-            .metric("/device")
-            .and_then(Value::as_str)
-            .ok_or_else(|| anyhow::anyhow!("reports/environment.json has no metrics.device"))?;
-        crate::device::Device::parse(name)
-            .map_err(|e| anyhow::Error::new(e).context("reports/environment.json metrics.device"))
+    /// `U` is not a completed upstream of this stage, or its metrics do not read as its type
+    /// (an artifact from another medpipe version).
+    pub fn upstream_metrics<U: Stage>(&self) -> anyhow::Result<U::Metrics> {
+        let artifact = self.upstream(U::NAME)?;
+        serde_json::from_value(artifact.metrics.clone())
+            .with_context(|| format!("reading the metrics of upstream stage `{}`", U::NAME))
+    }
+
+    /// Every declared upstream stage in pipeline order, with its artifact whatever its
+    /// status (the report shows failed and missing stages too).
+    pub fn upstream_states(&self) -> &[UpstreamState] {
+        &self.states
     }
 
     /// Absolute path of a workspace-relative path.

@@ -23,7 +23,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -33,7 +32,11 @@ use super::inputs::{
     Performance, QuantizeMetrics, TrainingMetrics,
 };
 use crate::metrics::extraction::{Estimate, ScoreReport};
-use crate::pipeline::{Artifact, Status};
+use crate::pipeline::{Artifact, Stage, Status, UpstreamState};
+use crate::stages::{
+    baseline::Baseline, download::Download, evaluate::Evaluate, prepare::Prepare, probe::Probe,
+    quantize::Quantize, train::Train,
+};
 
 /// Version of the FINAL_REPORT.json layout.
 pub const REPORT_SCHEMA_VERSION: u32 = 1;
@@ -46,17 +49,6 @@ pub const UNPARSEABLE_WARN_SHARE: f64 = 0.10;
 
 /// The variant names the evaluate stage uses, in the order the report lists them.
 pub const VARIANTS: [&str; 3] = ["base", "nf4", "nf4+adapter"];
-
-/// The stages the report summarizes, in pipeline order: (stage, artifact file).
-pub const STAGES: [(&str, &str); 7] = [
-    ("probe", "environment.json"),
-    ("download", "download.json"),
-    ("baseline", "baseline.json"),
-    ("quantize", "quantize.json"),
-    ("prepare", "dataset.json"),
-    ("train", "training_metrics.json"),
-    ("evaluate", "evaluation.json"),
-];
 
 /// One stage as the report saw it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -198,13 +190,19 @@ pub struct Inputs {
     pub evaluation: Option<EvaluationMetrics>,
 }
 
-/// Reads every stage artifact in `reports/`. Never fails: a missing, failed or unreadable
-/// artifact becomes a stage entry that says so, and its figures are absent.
-pub fn read_inputs(reports: &Path) -> Inputs {
+/// Reads every earlier stage's artifact, as the runner hands them to the report stage
+/// (registry order). Never fails: a missing, failed or unreadable artifact becomes a stage
+/// entry that says so, and its figures are absent.
+pub fn read_inputs(states: &[UpstreamState]) -> Inputs {
     let mut inputs = Inputs::default();
-    for (stage, file) in STAGES {
+    for UpstreamState {
+        stage,
+        artifact_file: file,
+        artifact,
+    } in states
+    {
         let mut entry = StageEntry {
-            stage: stage.into(),
+            stage: stage.to_string(),
             artifact: format!("reports/{file}"),
             status: "not run".into(),
             finished_at: None,
@@ -213,11 +211,11 @@ pub fn read_inputs(reports: &Path) -> Inputs {
             warnings: Vec::new(),
             error: None,
         };
-        match Artifact::read(&reports.join(file)) {
+        match artifact {
             Ok(None) => {}
             Err(e) => {
                 entry.status = "unreadable".into();
-                entry.error = Some(error_chain(&e));
+                entry.error = Some(e.clone());
             }
             Ok(Some(a)) => {
                 entry.finished_at = Some(a.finished_at.clone());
@@ -237,23 +235,13 @@ pub fn read_inputs(reports: &Path) -> Inputs {
                     if let Err(e) = inputs.take_metrics(stage, &a.metrics) {
                         entry.error = Some(format!("metrics not understood: {e}"));
                     }
-                    inputs.artifacts.insert(stage.into(), a);
+                    inputs.artifacts.insert(stage.to_string(), a.clone());
                 }
             }
         }
         inputs.stages.push(entry);
     }
     inputs
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        let _ = write!(s, ": {c}");
-        src = c.source();
-    }
-    s
 }
 
 impl Inputs {
@@ -263,14 +251,16 @@ impl Inputs {
         ) -> Result<Option<T>, serde_json::Error> {
             T::deserialize(m).map(Some)
         }
+        // The figures the report uses, typed as each producing stage declares them; a stage
+        // the report has no figures for (one added later) still gets its entry above.
         match stage {
-            "probe" => self.environment = parse(m)?,
-            "download" => self.download = parse(m)?,
-            "baseline" => self.baseline = parse(m)?,
-            "quantize" => self.quantize = parse(m)?,
-            "prepare" => self.dataset = Some(dataset_from_prepare(m)?),
-            "train" => self.training = parse(m)?,
-            "evaluate" => self.evaluation = parse(m)?,
+            Probe::NAME => self.environment = parse::<<Probe as Stage>::Metrics>(m)?,
+            Download::NAME => self.download = parse::<<Download as Stage>::Metrics>(m)?,
+            Baseline::NAME => self.baseline = parse::<<Baseline as Stage>::Metrics>(m)?,
+            Quantize::NAME => self.quantize = parse::<<Quantize as Stage>::Metrics>(m)?,
+            Prepare::NAME => self.dataset = Some(dataset_from_prepare(m)?),
+            Train::NAME => self.training = parse::<<Train as Stage>::Metrics>(m)?,
+            Evaluate::NAME => self.evaluation = parse::<<Evaluate as Stage>::Metrics>(m)?,
             _ => {}
         }
         Ok(())
@@ -282,36 +272,29 @@ impl Inputs {
 /// crafted-artifact layout (`sources` as a list, plain split counts) is accepted too.
 fn dataset_from_prepare(m: &Value) -> Result<DatasetMetrics, serde_json::Error> {
     use crate::report::inputs::{SourceStats, SplitSizes};
-    let Some(map) = m.get("sources").and_then(Value::as_object) else {
+    if !m.get("sources").is_some_and(Value::is_object) {
         return DatasetMetrics::deserialize(m);
-    };
-    let sources = map
-        .iter()
-        .map(|(name, v)| SourceStats {
-            name: name.clone(),
-            offered: v["read"].as_u64().unwrap_or(0) as usize,
-            kept: v["kept"].as_u64().unwrap_or(0) as usize,
-            dropped: v["dropped"]
-                .as_object()
-                .map(|d| {
-                    d.iter()
-                        .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0) as usize))
-                        .collect()
-                })
-                .unwrap_or_default(),
+    }
+    let p = <Prepare as Stage>::Metrics::deserialize(m)?;
+    let sources = p
+        .sources
+        .into_iter()
+        .map(|(name, t)| SourceStats {
+            name,
+            offered: t.read,
+            kept: t.kept,
+            dropped: t.dropped,
         })
         .collect();
-    let count = |split: &str| m["splits"][split]["count"].as_u64().unwrap_or(0) as usize;
+    let count = |split: &str| p.splits.get(split).map_or(0, |s| s.count);
     let mut doc_types = std::collections::BTreeMap::new();
     for split in ["train", "val", "test"] {
-        if let Some(types) = m["splits"][split]["by_doc_type"].as_object() {
-            for (t, n) in types {
-                *doc_types.entry(t.clone()).or_insert(0) += n.as_u64().unwrap_or(0) as usize;
-            }
+        for (t, n) in p.splits.get(split).map(|s| &s.by_doc_type).into_iter().flatten() {
+            *doc_types.entry(t.clone()).or_insert(0) += n;
         }
     }
     Ok(DatasetMetrics {
-        seed: m["seed"].as_u64(),
+        seed: p.seed,
         sources,
         splits: SplitSizes {
             train: count("train"),

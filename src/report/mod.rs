@@ -17,6 +17,7 @@ pub use build::{FinalReport, Inputs};
 use charts::{Bar, BarChart, Chart, ChartError, LineChart};
 
 use crate::fs::{write_atomic, write_json_atomic, FsError};
+use crate::pipeline::UpstreamState;
 
 /// FINAL_REPORT.json, in `reports/`.
 pub const FINAL_REPORT_FILE: &str = "FINAL_REPORT.json";
@@ -47,14 +48,19 @@ pub struct Generated {
     pub files: Vec<PathBuf>,
 }
 
-/// Reads the artifacts in `reports`, writes FINAL_REPORT.json, BENCHMARK_REPORT.md,
+/// Reads the earlier stages' artifacts (as the runner hands them to the report stage),
+/// writes FINAL_REPORT.json, BENCHMARK_REPORT.md,
 /// `pipeline.used.toml` and `charts/*.{png,svg}` there. Missing or failed upstream artifacts
 /// are reported, not errors. Equal artifacts and `generated_at` give equal bytes.
 ///
 /// # Errors
 /// Drawing or writing a file.
-pub fn generate(reports: &Path, generated_at: &str) -> Result<Generated, ReportError> {
-    let inputs = build::read_inputs(reports);
+pub fn generate(
+    states: &[UpstreamState],
+    reports: &Path,
+    generated_at: &str,
+) -> Result<Generated, ReportError> {
+    let inputs = build::read_inputs(states);
     let mut files = Vec::new();
     let mut chart_names = Vec::new();
     let mut chart_warnings = Vec::new();
@@ -209,7 +215,8 @@ fn used_config(inputs: &Inputs) -> (String, Vec<String>) {
     let mut table = toml::Table::new();
     let mut seen: Vec<(String, String, Value)> = Vec::new();
     let mut conflicts = Vec::new();
-    for (stage, _) in build::STAGES {
+    for entry in &inputs.stages {
+        let stage = entry.stage.as_str();
         let Some(a) = inputs.artifacts.get(stage) else {
             continue;
         };
@@ -266,6 +273,25 @@ mod tests {
 
     const STAMP: &str = "2026-11-20T11:00:00Z";
 
+    /// The registry's stages before the report, with their artifacts in `reports` as the
+    /// runner would hand them over.
+    fn states_in(reports: &Path) -> Vec<UpstreamState> {
+        let stages = crate::stages::registry();
+        stages[..stages.len() - 1]
+            .iter()
+            .map(|s| UpstreamState {
+                stage: s.name(),
+                artifact_file: s.artifact_file(),
+                artifact: crate::pipeline::Artifact::read(&reports.join(s.artifact_file()))
+                    .map_err(|e| format!("{:#}", anyhow::Error::from(e))),
+            })
+            .collect()
+    }
+
+    fn generate_in(reports: &Path, generated_at: &str) -> Result<Generated, ReportError> {
+        generate(&states_in(reports), reports, generated_at)
+    }
+
     /// A workspace `reports/` holding a copy of the crafted artifacts.
     fn crafted_reports() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
@@ -302,7 +328,7 @@ mod tests {
     #[test]
     fn crafted_artifacts_give_the_golden_report() {
         let dir = crafted_reports();
-        let g = generate(dir.path(), STAMP).unwrap();
+        let g = generate_in(dir.path(), STAMP).unwrap();
         assert_eq!(
             g.report.recommendation.variant.as_deref(),
             Some("nf4+adapter")
@@ -340,8 +366,8 @@ mod tests {
     fn regenerating_gives_the_same_bytes_apart_from_the_timestamp() {
         let a = crafted_reports();
         let b = crafted_reports();
-        generate(a.path(), STAMP).unwrap();
-        let gb = generate(b.path(), "2030-01-01T00:00:00Z").unwrap();
+        generate_in(a.path(), STAMP).unwrap();
+        let gb = generate_in(b.path(), "2030-01-01T00:00:00Z").unwrap();
         for f in &gb.files {
             let rel = f.strip_prefix(b.path()).unwrap();
             let x = std::fs::read(a.path().join(rel)).unwrap();
@@ -372,7 +398,7 @@ mod tests {
             v["metrics"]["comparisons"][0]["diff"] =
                 serde_json::json!({"value": -0.08, "ci95_low": -0.13, "ci95_high": -0.02});
         });
-        let g = generate(dir.path(), STAMP).unwrap();
+        let g = generate_in(dir.path(), STAMP).unwrap();
         let r = g.report.regression.unwrap();
         assert!(r.regression);
         assert_eq!(r.method, "paired bootstrap of the difference");
@@ -394,7 +420,7 @@ mod tests {
             v["metrics"]["variants"][2]["scores"]["overall"]["combined"] =
                 serde_json::json!({"value": 0.62, "ci95_low": 0.60, "ci95_high": 0.64});
         });
-        let g = generate(dir.path(), STAMP).unwrap();
+        let g = generate_in(dir.path(), STAMP).unwrap();
         let r = g.report.regression.unwrap();
         assert_eq!(r.method, "interval of the candidate");
         assert!(r.regression, "{r:?}");
@@ -414,7 +440,7 @@ mod tests {
             v["error"] = serde_json::json!({"message": "evaluating nf4+adapter", "causes": ["CUDA out of memory"]});
         });
         std::fs::write(dir.path().join("quantize.json"), b"{ truncated").unwrap();
-        let g = generate(dir.path(), STAMP).unwrap();
+        let g = generate_in(dir.path(), STAMP).unwrap();
         let status = |s: &str| {
             g.report
                 .stages
@@ -456,7 +482,7 @@ mod tests {
             vs[2]["scores"]["overall"]["combined"] =
                 serde_json::json!({"value": 0.80, "ci95_low": 0.74, "ci95_high": 0.86});
         });
-        let g = generate(dir.path(), STAMP).unwrap();
+        let g = generate_in(dir.path(), STAMP).unwrap();
         let rec = &g.report.recommendation;
         assert_eq!(rec.variant.as_deref(), Some("nf4+adapter"));
         assert!(
@@ -485,7 +511,7 @@ mod tests {
                 vs[i]["performance"]["peak_memory_bytes"] = 17179869184u64.into();
             }
         });
-        let g = generate(dir.path(), STAMP).unwrap();
+        let g = generate_in(dir.path(), STAMP).unwrap();
         // nf4 holds the fewest weight bytes (5.25 GiB against 5.40 and 15.45).
         assert_eq!(g.report.recommendation.variant.as_deref(), Some("nf4"));
     }
@@ -507,7 +533,7 @@ mod tests {
                 p["peak_memory_bytes"] = (peak * gib).into();
             }
         });
-        let g = generate(dir.path(), STAMP).unwrap();
+        let g = generate_in(dir.path(), STAMP).unwrap();
         let rec = &g.report.recommendation;
         assert_eq!(rec.variant.as_deref(), Some("nf4+adapter"), "{rec:?}");
         assert!(
@@ -531,7 +557,7 @@ mod tests {
     #[test]
     fn issue_15_the_reproduce_block_asks_status_about_the_repro_workspace() {
         let dir = crafted_reports();
-        let g = generate(dir.path(), STAMP).unwrap();
+        let g = generate_in(dir.path(), STAMP).unwrap();
         let last = g.report.reproduce.last().unwrap();
         assert_eq!(last, "./target/release/medpipe status --workspace repro");
         assert!(g
@@ -552,7 +578,7 @@ mod tests {
                     serde_json::json!({"value": 0.0, "ci95_low": 0.0, "ci95_high": 0.0});
             }
         });
-        let g = generate(dir.path(), STAMP).unwrap();
+        let g = generate_in(dir.path(), STAMP).unwrap();
         // the accuracy axis is in percent: it runs to 100 even when every bar is 0
         let svg =
             std::fs::read_to_string(dir.path().join(CHARTS_DIR).join("accuracy_by_variant.svg"))
@@ -623,7 +649,7 @@ mod tests {
             v["config"]["model"] = serde_json::json!({"source": "builtin:tiny"});
             v["config"]["prepare"]["max_records"] = Value::Null;
         });
-        let g = generate(dir.path(), STAMP).unwrap();
+        let g = generate_in(dir.path(), STAMP).unwrap();
         let toml_text = std::fs::read_to_string(dir.path().join(USED_CONFIG_FILE)).unwrap();
         assert!(!toml_text.contains("max_records"), "{toml_text}");
         // Stage order decides: evaluate (after prepare) recorded the 7B source last.
@@ -641,7 +667,7 @@ mod tests {
     #[test]
     fn an_empty_reports_directory_still_gives_a_report() {
         let dir = tempfile::tempdir().unwrap();
-        let g = generate(dir.path(), STAMP).unwrap();
+        let g = generate_in(dir.path(), STAMP).unwrap();
         assert!(g.report.stages.iter().all(|s| s.status == "not run"));
         assert!(g.report.charts.is_empty());
         assert!(dir.path().join(BENCHMARK_REPORT_FILE).is_file());

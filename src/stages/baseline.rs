@@ -24,7 +24,7 @@ use crate::bench::{run_bench_on, BenchOptions};
 use crate::fs::write_atomic;
 use crate::model::Sampling;
 use crate::pipeline::{Stage, StageCtx, StageOutput};
-use crate::report::inputs::{BaselineMetrics, Performance};
+use crate::bench::performance::Performance;
 
 /// `[baseline]` config section. Defaults keep the builtin:tiny pipeline fast.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -87,14 +87,14 @@ fn one() -> f32 {
     1.0
 }
 
-impl BaselineConfig {
+impl crate::pipeline::SectionConfig for BaselineConfig {
     /// Checks `[baseline]` (the same rules `medpipe bench` applies to its flags).
     ///
     /// # Errors
     /// `runs`, `max_new_tokens`, a batch size or a grid length of 0; no batch size; a soak
     /// or price out of range; sampling with a temperature ≤ 0 or `top_p` outside (0, 1].
-    pub fn validate(&self) -> Result<(), crate::config::InvalidValue> {
-        use crate::config::{at_least_one, check};
+    fn validate(&self) -> Result<(), crate::pipeline::InvalidValue> {
+        use crate::pipeline::settings::{at_least_one, check};
         at_least_one("baseline.runs", self.runs as u64)?;
         at_least_one("baseline.max_new_tokens", self.max_new_tokens as u64)?;
         check(
@@ -189,50 +189,49 @@ impl BaselineConfig {
     }
 }
 
+/// `baseline.json`: the unquantized base model.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BaselineMetrics {
+    /// Weight dtype (`bf16`, `f32`).
+    pub dtype: String,
+    #[serde(flatten)]
+    pub performance: Performance,
+}
+
 /// The baseline stage.
 pub struct Baseline;
 
 impl Stage for Baseline {
-    fn name(&self) -> &'static str {
-        "baseline"
-    }
+    const NAME: &'static str = "baseline";
+    type Config = BaselineConfig;
+    type Metrics = BaselineMetrics;
+
     fn description(&self) -> &'static str {
         "benchmark the unquantized model on the evaluation documents (load, memory, latency, tokens/s)"
     }
     fn artifact_file(&self) -> &'static str {
         "baseline.json"
     }
-    fn upstream(&self) -> &'static [&'static str] {
+    fn upstream(&self) -> &[&'static str] {
         &["probe", "download"]
-    }
-    fn config_sections(&self) -> Vec<&'static str> {
-        // The device comes from the probe (an upstream): resolved once, hashed there.
-        vec!["baseline"]
     }
     fn code_version(&self) -> u32 {
         // 2: bench schema 2 (device and allocator memory); runs on the chosen device.
         2
     }
 
-    fn run(&self, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
-        let download = ctx.upstream("download")?;
-        let model_dir = download
-            .metric("/model_dir")
-            .and_then(Value::as_str)
-            // Workspace-relative when the model lives in the workspace (issue 15).
-            .map(|d| ctx.path(d))
-            .context("download.json has no metrics.model_dir")?;
-        let model_id = download
-            .metric("/model_source")
-            .and_then(Value::as_str)
-            .unwrap_or("unknown")
-            .to_string();
-        let revision = download
-            .metric("/model_revision")
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        let device = ctx.device()?;
-        let opts = ctx.config().baseline.options(&model_id, revision);
+    fn run(&self, cfg: &BaselineConfig, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
+        let download = ctx.upstream_metrics::<super::download::Download>()?;
+        // Workspace-relative when the model lives in the workspace (issue 15).
+        let model_dir = super::download::model_dir(ctx, &download)?;
+        let model_id = if download.model_source.is_empty() {
+            "unknown".to_string()
+        } else {
+            download.model_source.clone()
+        };
+        let device = super::probe::device(ctx)?;
+        let opts = cfg.options(&model_id, download.model_revision.clone());
         let inputs = evaluation_documents()?;
         let result = run_bench_on(device, &model_dir, &opts, &inputs)
             .with_context(|| format!("benchmarking {}", model_dir.display()))?;

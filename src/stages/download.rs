@@ -96,14 +96,14 @@ impl Default for DownloadConfig {
     }
 }
 
-impl DownloadConfig {
+impl crate::pipeline::SectionConfig for DownloadConfig {
     /// Checks `[download]`: something to fetch, and datasets with distinct names.
     ///
     /// # Errors
     /// Empty `model_files`, a dataset without a name, files or source, or two datasets of one
     /// name.
-    pub fn validate(&self) -> Result<(), crate::config::InvalidValue> {
-        use crate::config::check;
+    fn validate(&self) -> Result<(), crate::pipeline::InvalidValue> {
+        use crate::pipeline::settings::check;
         check(
             !self.model_files.is_empty(),
             "download.model_files",
@@ -145,34 +145,82 @@ impl DownloadConfig {
 /// Files a model directory must have.
 const REQUIRED_MODEL_FILES: [&str; 2] = ["config.json", "*.safetensors"];
 
+/// `download.json`: the model and dataset files fetched or materialized.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DownloadMetrics {
+    /// Model source as configured (`builtin:tiny`, `hf:Qwen/Qwen2.5-VL-7B-Instruct`).
+    pub model_source: String,
+    /// Resolved revision (commit sha) when the source has one.
+    pub revision: Option<String>,
+    /// The model's directory: workspace-relative when inside the workspace, else absolute.
+    pub model_dir: String,
+    /// The commit the model resolved to (`None` for builtin and local models).
+    pub model_revision: Option<String>,
+    /// Every file with its size and hash.
+    pub files: Vec<DownloadedFile>,
+    /// Sum of `files[].bytes`.
+    pub total_bytes: u64,
+}
+
+/// One downloaded or materialized file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DownloadedFile {
+    /// Path relative to the model or dataset directory.
+    pub path: String,
+    /// Size, bytes.
+    pub bytes: u64,
+    /// sha256 of the content, hex.
+    pub sha256: String,
+    /// Where it came from (`hf:...@rev`, `builtin:tiny seed 0`, a local path).
+    pub source: String,
+}
+
 /// The download stage.
 pub struct Download;
 
+/// The model directory download.json records, as an absolute path (it is recorded
+/// workspace-relative when the model lives in the workspace, issue 15).
+///
+/// # Errors
+/// The artifact records no model directory.
+pub fn model_dir(ctx: &StageCtx<'_>, download: &DownloadMetrics) -> anyhow::Result<PathBuf> {
+    anyhow::ensure!(
+        !download.model_dir.is_empty(),
+        "download.json has no metrics.model_dir"
+    );
+    Ok(ctx.path(&download.model_dir))
+}
+
 impl Stage for Download {
-    fn name(&self) -> &'static str {
-        "download"
-    }
+    const NAME: &'static str = "download";
+    type Config = DownloadConfig;
+    type Metrics = DownloadMetrics;
+
     fn description(&self) -> &'static str {
         "fetch the model (hf: into the HF cache, verified) or materialize builtin:tiny; fetch datasets"
     }
     fn artifact_file(&self) -> &'static str {
         "download.json"
     }
-    fn upstream(&self) -> &'static [&'static str] {
+    fn upstream(&self) -> &[&'static str] {
         &["probe"]
     }
-    fn config_sections(&self) -> Vec<&'static str> {
-        vec!["model", "download"]
+    fn shared_sections(&self) -> &[&'static str] {
+        &["model"]
     }
     fn code_version(&self) -> u32 {
         // 2: workspace-relative model_dir, dataset dirs and cache paths (issue 15).
         2
     }
 
-    fn run(&self, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
+    fn run(&self, cfg: &DownloadConfig, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
         let clock = Instant::now();
-        let cfg = &ctx.config().download;
-        let source = ctx.config().model.source.clone();
+        let source = ctx
+            .settings()
+            .section::<crate::config::ModelConfig>("model")?
+            .source;
         let env = HubEnv::from_env();
         let mut bar: Option<ProgressBar> = None;
 

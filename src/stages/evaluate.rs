@@ -112,13 +112,13 @@ fn default_resamples() -> usize {
     1000
 }
 
-impl EvaluateConfig {
+impl crate::pipeline::SectionConfig for EvaluateConfig {
     /// Checks `[evaluate]` (`max_new_tokens = 0` used to surface only after training).
     ///
     /// # Errors
     /// `batch_size` or `max_new_tokens` of 0.
-    pub fn validate(&self) -> Result<(), crate::config::InvalidValue> {
-        use crate::config::at_least_one;
+    fn validate(&self) -> Result<(), crate::pipeline::InvalidValue> {
+        use crate::pipeline::settings::at_least_one;
         at_least_one("evaluate.batch_size", self.batch_size as u64)?;
         at_least_one("evaluate.max_new_tokens", self.max_new_tokens as u64)
     }
@@ -359,31 +359,28 @@ impl Evaluate {
 }
 
 impl Stage for Evaluate {
-    fn name(&self) -> &'static str {
-        "evaluate"
-    }
+    const NAME: &'static str = "evaluate";
+    type Config = EvaluateConfig;
+    type Metrics = crate::report::inputs::EvaluationMetrics;
+
     fn description(&self) -> &'static str {
         "score base / NF4 / NF4+adapter on the test split and eval documents (accuracy, P/R/F1, latency, memory)"
     }
     fn artifact_file(&self) -> &'static str {
         "evaluation.json"
     }
-    fn upstream(&self) -> &'static [&'static str] {
+    fn upstream(&self) -> &[&'static str] {
         &["probe", "download", "prepare"]
     }
     fn optional_upstream(&self) -> &[&'static str] {
         &self.optional
     }
-    fn config_sections(&self) -> Vec<&'static str> {
-        // The device comes from the probe (an upstream): resolved once, hashed there.
-        vec!["evaluate"]
-    }
     fn code_version(&self) -> u32 {
         CODE_VERSION
     }
 
-    fn run(&self, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
-        let cfg = ctx.config().evaluate.clone();
+    fn run(&self, cfg: &EvaluateConfig, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
+        let cfg = cfg.clone();
         if cfg.batch_size == 0 {
             bail!("evaluate.batch_size must be at least 1");
         }
@@ -412,7 +409,7 @@ impl Stage for Evaluate {
         // Every variant shares the base checkpoint's tokenizer, chat template and processor.
         let encoder = InputEncoder::from_dir(&base_dir)?;
         let docs = load_documents(ctx, &cfg, &encoder, &prepare)?;
-        let device = ctx.device()?;
+        let device = super::probe::device(ctx)?;
         struct Job<'a, 'c> {
             ctx: &'a StageCtx<'c>,
             cfg: &'a EvaluateConfig,
@@ -1143,6 +1140,9 @@ mod tests {
     #[test]
     fn evaluate_config_defaults_match_the_embedded_pipeline_file() {
         let cfg = crate::Config::load(None, &[]).unwrap();
-        assert_eq!(cfg.evaluate, EvaluateConfig::default());
+        assert_eq!(
+            cfg.section::<EvaluateConfig>("evaluate").unwrap(),
+            EvaluateConfig::default()
+        );
     }
 }

@@ -98,7 +98,7 @@ impl Default for PrepareConfig {
     }
 }
 
-impl PrepareConfig {
+impl crate::pipeline::SectionConfig for PrepareConfig {
     /// Checks `[prepare]`: at least one source, each named well and once; split fractions
     /// that sum to 1; a usable page geometry; probabilities in [0, 1]. Filters that drop
     /// everything are allowed: the stage then fails naming them (or keeps going with
@@ -107,8 +107,8 @@ impl PrepareConfig {
     /// # Errors
     /// The first value outside its range. An empty source list is refused here, not after
     /// training found nothing to train on (issue 15).
-    pub fn validate(&self) -> Result<(), crate::config::InvalidValue> {
-        use crate::config::{at_least_one, check, fraction};
+    fn validate(&self) -> Result<(), crate::pipeline::InvalidValue> {
+        use crate::pipeline::settings::{at_least_one, check, fraction};
         check(
             !self.sources.is_empty(),
             "prepare.sources",
@@ -221,16 +221,17 @@ impl Prepare {
 }
 
 impl Stage for Prepare {
-    fn name(&self) -> &'static str {
-        "prepare"
-    }
+    const NAME: &'static str = "prepare";
+    type Config = PrepareConfig;
+    type Metrics = super::prepare_metrics::PrepareMetrics;
+
     fn description(&self) -> &'static str {
         "render sources to page images, filter, de-duplicate, split 80/10/10; eval documents"
     }
     fn artifact_file(&self) -> &'static str {
         "dataset.json"
     }
-    fn upstream(&self) -> &'static [&'static str] {
+    fn upstream(&self) -> &[&'static str] {
         &["probe"]
     }
     fn optional_upstream(&self) -> &[&'static str] {
@@ -240,10 +241,9 @@ impl Stage for Prepare {
         CODE_VERSION
     }
 
-    fn run(&self, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
+    fn run(&self, cfg: &PrepareConfig, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
         let started = Instant::now();
-        let cfg = ctx.config().prepare.clone();
-        cfg.validate()?;
+        let cfg = cfg.clone();
         let root = ctx.workspace().root().to_path_buf();
         let datasets = match ctx.upstream("download") {
             Ok(a) => Some(downloaded::from_metrics(&a.metrics)?),
@@ -1037,22 +1037,28 @@ mod tests {
     struct FakeDownload(Value);
 
     impl Stage for FakeDownload {
-        fn name(&self) -> &'static str {
-            "download"
-        }
+        const NAME: &'static str = "download";
+        // Reads [download] as the real stage does, so an edit there re-runs it.
+        type Config = crate::stages::download::DownloadConfig;
+        type Metrics = Value;
+
         fn description(&self) -> &'static str {
             "test stand-in for download"
         }
         fn artifact_file(&self) -> &'static str {
             "download.json"
         }
-        fn upstream(&self) -> &'static [&'static str] {
+        fn upstream(&self) -> &[&'static str] {
             &["probe"]
         }
         fn code_version(&self) -> u32 {
             1
         }
-        fn run(&self, _: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
+        fn run(
+            &self,
+            _: &crate::stages::download::DownloadConfig,
+            _: &mut StageCtx<'_>,
+        ) -> anyhow::Result<StageOutput> {
             Ok(StageOutput {
                 metrics: json!({"model_dir": "checkpoints/base", "datasets": self.0}),
                 ..StageOutput::default()
@@ -1228,6 +1234,7 @@ mod tests {
         let load = |toml: &str, sets: &[&str]| {
             let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
             Config::from_toml(toml, Path::new("test.toml"), &sets)
+                .and_then(|c| crate::stages::check(&c).map(|()| c))
                 .unwrap_err()
                 .to_string()
         };

@@ -8,12 +8,12 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::config::Config;
+use crate::config::ModelConfig;
 pub use crate::device::nvml::{GpuInfo, GpuProbe};
 use crate::device::{choice::estimate_model_mib, nvml};
 pub use crate::device::{choose_device, Device};
 use crate::pipeline::space::human_bytes;
-use crate::pipeline::{Stage, StageCtx, StageOutput, Workspace};
+use crate::pipeline::{Settings, Stage, StageCtx, StageOutput, Workspace};
 
 /// `[probe]` config section.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -34,14 +34,14 @@ fn default_device() -> String {
     "auto".into()
 }
 
-impl ProbeConfig {
+impl crate::pipeline::SectionConfig for ProbeConfig {
     /// Checks `[probe]`: a device this medpipe understands (whether this machine has it is
     /// the probe's question).
     ///
     /// # Errors
     /// A device other than `auto`, `cpu`, `cuda`, `cuda:N`, `wgpu`.
-    pub fn validate(&self) -> Result<(), crate::config::InvalidValue> {
-        crate::config::check(
+    fn validate(&self) -> Result<(), crate::pipeline::InvalidValue> {
+        crate::pipeline::settings::check(
             self.device == "auto" || Device::parse(&self.device).is_ok(),
             "probe.device",
             format!("{:?}", self.device),
@@ -74,31 +74,107 @@ pub fn built_backends() -> Vec<&'static str> {
     b
 }
 
+/// `environment.json` (probe): the few fields the report shows.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EnvironmentMetrics {
+    /// Device the model stages use (`cpu`, `cuda:0`).
+    pub device: String,
+    /// Why that device was chosen.
+    pub device_reason: String,
+    /// CPU model and threads.
+    pub cpu: CpuInfo,
+    /// Machine RAM.
+    pub memory: MemoryInfo,
+    /// GPUs NVML listed.
+    pub gpu: GpuList,
+    /// Backends compiled into the binary.
+    pub backends_built: Vec<String>,
+}
+
+/// CPU of the machine.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CpuInfo {
+    pub model: String,
+    /// Logical CPU threads.
+    pub logical_threads: usize,
+}
+
+/// RAM of the machine.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MemoryInfo {
+    /// Total RAM, bytes.
+    pub total_bytes: u64,
+}
+
+/// GPUs seen by NVML.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GpuList {
+    /// One entry per GPU.
+    pub gpus: Vec<GpuEntry>,
+    /// NVIDIA driver version.
+    pub driver_version: Option<String>,
+    /// CUDA version the driver supports.
+    pub cuda_version: Option<String>,
+}
+
+/// One GPU.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GpuEntry {
+    /// GPU name as NVML reports it.
+    pub name: String,
+    /// GPU memory, bytes.
+    pub memory_total_bytes: u64,
+}
+
 /// The probe stage.
 pub struct Probe;
 
+/// The device model work runs on: the one the probe resolved (`metrics.device` of
+/// `reports/environment.json`), so every stage uses the device that was hashed into its
+/// inputs. The stage must declare `probe` as upstream.
+///
+/// # Errors
+/// No probe upstream, or an artifact without a valid `metrics.device`.
+pub fn device(ctx: &StageCtx<'_>) -> anyhow::Result<Device> {
+    let env = ctx.upstream_metrics::<Probe>()?;
+    Device::parse(&env.device)
+        .map_err(|e| anyhow::Error::new(e).context("reports/environment.json metrics.device"))
+}
+
 impl Stage for Probe {
-    fn name(&self) -> &'static str {
-        "probe"
-    }
+    const NAME: &'static str = "probe";
+    type Config = ProbeConfig;
+    type Metrics = EnvironmentMetrics;
+
     fn description(&self) -> &'static str {
         "record OS, CPU, RAM, disk, GPUs (NVML), wgpu adapters, backends; choose the device"
     }
     fn artifact_file(&self) -> &'static str {
         "environment.json"
     }
-    fn upstream(&self) -> &'static [&'static str] {
+    fn upstream(&self) -> &[&'static str] {
         &[]
     }
-    fn config_sections(&self) -> Vec<&'static str> {
-        vec!["probe", "model"]
+    fn shared_sections(&self) -> &[&'static str] {
+        &["model"]
     }
     /// The `[probe]` section is hashed as the device it resolves to on this machine, so a
     /// spelling that changes nothing (`auto` → `cpu` on a CPU machine, or another
     /// `min_gpu_memory_mib` that `auto` does not need) leaves every stage up to date. A
     /// setting that does not resolve is hashed as written; the run then fails with why.
-    fn resolve_config(&self, mut sections: Value, config: &Config, ws: &Workspace) -> Value {
-        if let Ok((device, _)) = choose(config, ws) {
+    fn resolve_config(&self, mut sections: Value, settings: &Settings, ws: &Workspace) -> Value {
+        let sections_read = settings
+            .section::<ProbeConfig>("probe")
+            .and_then(|p| Ok((p, settings.section::<ModelConfig>("model")?)));
+        let Ok((probe, model)) = sections_read else {
+            return sections;
+        };
+        if let Ok((device, _)) = choose(&probe, &model, ws) {
             sections["probe"] = json!({ "device": device.to_string() });
         }
         sections
@@ -107,9 +183,9 @@ impl Stage for Probe {
         1
     }
 
-    fn run(&self, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
+    fn run(&self, cfg: &ProbeConfig, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
         use sysinfo::System;
-        let cfg = &ctx.config().probe;
+        let model: ModelConfig = ctx.settings().section("model")?;
         let mut sys = System::new();
         sys.refresh_memory();
         sys.refresh_cpu_all();
@@ -125,7 +201,7 @@ impl Stage for Probe {
         let disk_free = disk.as_ref().ok().map(|d| d.available_bytes);
         let gpu = nvml::probe();
 
-        let need_mib = need_mib(ctx.config(), ctx.workspace());
+        let need_mib = need_mib(cfg, &model, ctx.workspace());
         let adapters = crate::device::wgpu::adapters();
         let (device, reason) = crate::device::choice::choose_with_wgpu(
             &cfg.device,
@@ -244,11 +320,11 @@ impl Stage for Probe {
 
 /// GPU memory the model needs, MiB: `min_gpu_memory_mib`, or estimated from the weights (a
 /// local source resolves against the workspace, as download places it).
-fn need_mib(config: &Config, ws: &Workspace) -> u64 {
-    if config.probe.min_gpu_memory_mib > 0 {
-        return config.probe.min_gpu_memory_mib;
+fn need_mib(probe: &ProbeConfig, model: &ModelConfig, ws: &Workspace) -> u64 {
+    if probe.min_gpu_memory_mib > 0 {
+        return probe.min_gpu_memory_mib;
     }
-    let source = &config.model.source;
+    let source = &model.source;
     if source.starts_with("builtin:") || source.starts_with("hf:") {
         estimate_model_mib(source)
     } else {
@@ -257,8 +333,12 @@ fn need_mib(config: &Config, ws: &Workspace) -> u64 {
 }
 
 /// The device `[probe]` resolves to on this machine, by the rule of [`choose_device`].
-fn choose(config: &Config, ws: &Workspace) -> Result<(Device, String), crate::device::DeviceError> {
-    let wanted = &config.probe.device;
+fn choose(
+    probe: &ProbeConfig,
+    model: &ModelConfig,
+    ws: &Workspace,
+) -> Result<(Device, String), crate::device::DeviceError> {
+    let wanted = &probe.device;
     if wanted == "cpu" {
         // As `device::resolve`: NVML is not asked for the CPU.
         return Ok((Device::Cpu, "requested explicitly".into()));
@@ -267,7 +347,7 @@ fn choose(config: &Config, ws: &Workspace) -> Result<(Device, String), crate::de
     crate::device::choice::choose_with_wgpu(
         wanted,
         &gpu,
-        need_mib(config, ws),
+        need_mib(probe, model, ws),
         cfg!(feature = "cuda"),
         crate::device::wgpu::adapters,
     )

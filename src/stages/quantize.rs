@@ -28,7 +28,7 @@ use crate::model::processor::ImageInput as ProcImage;
 use crate::model::GenerateConfig;
 use crate::pipeline::{Stage, StageCtx, StageOutput};
 use crate::quant::{quantize_checkpoint, QuantizeOptions, QuantizeReport};
-use crate::report::inputs::{Performance, QuantizeMetrics, QuantizedLayer};
+use crate::bench::performance::Performance;
 
 /// How often the memory sampler reads RSS while generating.
 const MEMORY_SAMPLE_INTERVAL: Duration = Duration::from_millis(10);
@@ -64,13 +64,13 @@ fn default_warmup_runs() -> usize {
     1
 }
 
-impl QuantizeConfig {
+impl crate::pipeline::SectionConfig for QuantizeConfig {
     /// Checks `[quantize]`.
     ///
     /// # Errors
     /// `latency_prompts` or `max_new_tokens` of 0, or an empty module name in `skip`.
-    pub fn validate(&self) -> Result<(), crate::config::InvalidValue> {
-        use crate::config::{at_least_one, check};
+    fn validate(&self) -> Result<(), crate::pipeline::InvalidValue> {
+        use crate::pipeline::settings::{at_least_one, check};
         at_least_one("quantize.latency_prompts", self.latency_prompts as u64)?;
         at_least_one("quantize.max_new_tokens", self.max_new_tokens as u64)?;
         for (i, m) in self.skip.iter().enumerate() {
@@ -96,38 +96,108 @@ impl Default for QuantizeConfig {
     }
 }
 
+/// `quantize.json`: the NF4 model.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct QuantizeMetrics {
+    /// Bytes of the original weights of the quantized layers.
+    pub original_bytes: Option<u64>,
+    /// Bytes of the NF4 weights, absmax and double-quant constants of those layers.
+    pub quantized_bytes: Option<u64>,
+    /// Layers quantized.
+    pub quantized_layers: Option<usize>,
+    /// Mean |W − dequant(quant(W))| over all quantized weights.
+    pub reconstruction_mean_abs_error: Option<f64>,
+    /// ‖W − dequant(quant(W))‖_F / ‖W‖_F over all quantized weights.
+    pub reconstruction_rel_frobenius_error: Option<f64>,
+    /// Linear weights left dense because a skip entry matched (e.g. `lm_head`).
+    pub skipped_layers: Option<usize>,
+    /// Module names kept dense (`llm_int8_skip_modules`).
+    pub skip_modules: Vec<String>,
+    /// Tensors copied unchanged (embeddings, norms, biases, conv, skipped Linears).
+    pub copied_tensors: Option<usize>,
+    /// Bytes of every tensor of the input checkpoint.
+    pub checkpoint_bytes_before: Option<u64>,
+    /// Bytes of every tensor of the NF4 checkpoint.
+    pub checkpoint_bytes_after: Option<u64>,
+    /// `checkpoint_bytes_before / checkpoint_bytes_after`.
+    pub compression_ratio: Option<f64>,
+    /// `original_bytes / quantized_bytes` (the quantized layers alone).
+    pub quantized_layers_compression_ratio: Option<f64>,
+    /// Largest per-layer RMSE of `dequant(quant(W)) − W`.
+    pub max_layer_rmse: Option<f64>,
+    /// Largest `|dequant(quant(W)) − W|` over all layers.
+    pub max_abs_error: Option<f64>,
+    /// Seconds spent quantizing (conversion and NF4, not I/O).
+    pub quantize_time_s: Option<f64>,
+    /// Whole checkpoint conversion including I/O, s.
+    pub quantize_elapsed_s: Option<f64>,
+    /// Original bytes of the quantized layers per quantize second, MB/s (10^6 bytes).
+    pub quantize_throughput_mb_per_s: Option<f64>,
+    /// Process peak RSS right after quantizing (streams tensor by tensor), bytes.
+    pub quantize_peak_rss_bytes: Option<u64>,
+    /// Process RSS right after loading the NF4 model, bytes.
+    pub memory_after_load_rss_bytes: Option<u64>,
+    /// RSS growth from loading the NF4 model, bytes.
+    pub load_rss_growth_bytes: Option<u64>,
+    /// Where the NF4 checkpoint was written, workspace-relative.
+    pub output_dir: Option<String>,
+    /// One entry per quantized layer.
+    pub per_layer: Vec<QuantizedLayer>,
+    /// The same speed/memory figures for the unquantized base model, measured on the same
+    /// prompts in the same run (so the two are comparable).
+    pub base: Option<Performance>,
+    /// Speed and memory of the NF4 model.
+    #[serde(flatten)]
+    pub performance: Performance,
+}
+
+/// Reconstruction figures of one quantized weight.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct QuantizedLayer {
+    /// Checkpoint key of the weight.
+    pub key: String,
+    /// Weight shape `[out, in]`.
+    pub shape: Vec<usize>,
+    /// Bytes of the original weight.
+    pub bytes_before: u64,
+    /// Bytes of its NF4 tensors (codes, absmax, maps, blob).
+    pub bytes_after: u64,
+    /// RMSE of `dequant(quant(W)) − W`.
+    pub rmse: f64,
+    /// Largest `|dequant(quant(W)) − W|`.
+    pub max_abs_error: f64,
+    /// Mean `|dequant(quant(W)) − W|`.
+    pub mean_abs_error: f64,
+}
+
 /// The quantize stage.
 pub struct Quantize;
 
 impl Stage for Quantize {
-    fn name(&self) -> &'static str {
-        "quantize"
-    }
+    const NAME: &'static str = "quantize";
+    type Config = QuantizeConfig;
+    type Metrics = QuantizeMetrics;
+
     fn description(&self) -> &'static str {
         "NF4-quantize the model (bitsandbytes format); time base vs NF4"
     }
     fn artifact_file(&self) -> &'static str {
         "quantize.json"
     }
-    fn upstream(&self) -> &'static [&'static str] {
+    fn upstream(&self) -> &[&'static str] {
         &["probe", "download"]
-    }
-    fn config_sections(&self) -> Vec<&'static str> {
-        // The device comes from the probe (an upstream): resolved once, hashed there.
-        vec!["quantize"]
     }
     fn code_version(&self) -> u32 {
         1
     }
 
-    fn run(&self, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
-        let cfg = ctx.config().quantize.clone();
+    fn run(&self, cfg: &QuantizeConfig, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
+        let cfg = cfg.clone();
         // Workspace-relative when the model lives in the workspace (issue 15).
-        let model_dir = ctx.path(
-            ctx.upstream("download")?.metrics["model_dir"]
-                .as_str()
-                .context("download.json metrics have no `model_dir`")?,
-        );
+        let download = ctx.upstream_metrics::<super::download::Download>()?;
+        let model_dir = super::download::model_dir(ctx, &download)?;
         let out_dir = ctx.workspace().checkpoints().join("nf4");
         let opts = QuantizeOptions {
             skip: cfg.skip.clone(),
@@ -156,7 +226,7 @@ impl Stage for Quantize {
             "NF4 checkpoint written"
         );
 
-        let device = ctx.device()?;
+        let device = super::probe::device(ctx)?;
         let prompts = evaluation_prompts(&model_dir, cfg.latency_prompts)?;
         // NF4 first: its load-time RSS is then not masked by pages freed from the base model.
         let nf4 = measure(device, &out_dir, &prompts, &cfg).context("timing the NF4 model")?;

@@ -7,9 +7,26 @@
 //! runner does not hand to stages.
 
 use anyhow::Context;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::pipeline::{Stage, StageCtx, StageOutput};
+use crate::pipeline::{NoConfig, Stage, StageCtx, StageOutput};
+
+/// What the report stage records: the headline of FINAL_REPORT.json.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReportMetrics {
+    /// The variant to deploy, if any.
+    pub recommendation: Option<String>,
+    /// Whether the fine-tune is worse than the base beyond the noise.
+    pub regression: bool,
+    /// Warnings in the report.
+    pub warnings: usize,
+    /// Stages whose artifacts were completed.
+    pub stages_completed: usize,
+    /// Chart files, relative to `reports/`.
+    pub charts: Vec<String>,
+}
 
 /// The report stage. `earlier` lists the stages registered before it (all optional
 /// upstream), so a stage added to the registry is hashed into the report's input without
@@ -26,33 +43,31 @@ impl Report {
 }
 
 impl Stage for Report {
-    fn name(&self) -> &'static str {
-        "report"
-    }
+    const NAME: &'static str = "report";
+    type Config = NoConfig;
+    type Metrics = ReportMetrics;
+
     fn description(&self) -> &'static str {
         "write FINAL_REPORT.json, BENCHMARK_REPORT.md and charts from every artifact"
     }
     fn artifact_file(&self) -> &'static str {
         "report.json"
     }
-    fn upstream(&self) -> &'static [&'static str] {
+    fn upstream(&self) -> &[&'static str] {
         &[]
     }
     fn optional_upstream(&self) -> &[&'static str] {
         &self.earlier
     }
-    fn config_sections(&self) -> Vec<&'static str> {
-        // The report has no settings: it is a function of the artifacts alone.
-        Vec::new()
-    }
     fn code_version(&self) -> u32 {
         1
     }
 
-    fn run(&self, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
+    // The report has no settings: it is a function of the artifacts alone.
+    fn run(&self, _: &NoConfig, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
         let reports = ctx.workspace().reports();
         let now = crate::build_info::rfc3339(std::time::SystemTime::now());
-        let generated = crate::report::generate(&reports, &now)
+        let generated = crate::report::generate(ctx.upstream_states(), &reports, &now)
             .with_context(|| format!("writing the report in {}", reports.display()))?;
         let r = &generated.report;
         let recommendation = r

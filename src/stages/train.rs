@@ -30,7 +30,6 @@ use crate::model::processor::{ImageInput as ProcImage, ImageProcessor};
 use crate::model::prompt::PromptBuilder;
 use crate::model::{ImageInput, Qwen25Vl};
 use crate::pipeline::{Stage, StageCtx, StageOutput};
-use crate::report::inputs::{TrainStep, TrainingMetrics, ValPoint};
 use crate::train::batch::{SampleError, SampleSource, TrainSample};
 use crate::train::checkpoint::TrainState;
 use crate::train::trainer::{train, Flow, TrainConfig, TrainEvent};
@@ -71,14 +70,14 @@ pub struct TrainStageConfig {
     pub eval_every: u64,
 }
 
-impl TrainStageConfig {
+impl crate::pipeline::SectionConfig for TrainStageConfig {
     /// Checks `[train]` before anything runs (a rank of 0 or a dropout of 1.5 used to panic
     /// inside the trainer, issue 15).
     ///
     /// # Errors
     /// The first hyper-parameter outside its range.
-    pub fn validate(&self) -> Result<(), crate::config::InvalidValue> {
-        use crate::config::{at_least_one, check, fraction};
+    fn validate(&self) -> Result<(), crate::pipeline::InvalidValue> {
+        use crate::pipeline::settings::{at_least_one, check, fraction};
         at_least_one("train.r", self.r as u64)?;
         check(
             self.lora_alpha.is_finite() && self.lora_alpha > 0.0,
@@ -140,45 +139,85 @@ impl Default for TrainStageConfig {
     }
 }
 
+/// `training_metrics.json` (train): the QLoRA run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainingMetrics {
+    /// One entry per logged optimizer step.
+    pub steps: Vec<TrainStep>,
+    /// Validation loss at evaluation points.
+    pub val: Vec<ValPoint>,
+    /// Optimizer steps run.
+    pub total_steps: Option<usize>,
+    /// Passes over the training split.
+    pub epochs: Option<f64>,
+    /// Training throughput, tokens/s.
+    pub tokens_per_s: Option<f64>,
+    /// Peak device memory during training, bytes.
+    pub peak_memory_bytes: Option<u64>,
+    /// Wall time of training, s.
+    pub train_time_s: Option<f64>,
+    /// Trainable (LoRA) parameters.
+    pub trainable_params: Option<u64>,
+}
+
+/// One logged training step.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainStep {
+    /// Optimizer step, from 1.
+    pub step: usize,
+    /// Mean cross-entropy over the step's answer tokens, nats.
+    pub loss: f64,
+    /// Learning rate used at this step.
+    pub lr: Option<f64>,
+    /// Global gradient L2 norm before clipping.
+    pub grad_norm: Option<f64>,
+}
+
+/// One validation point.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ValPoint {
+    /// Optimizer step the validation ran after.
+    pub step: usize,
+    /// Mean cross-entropy over the validation answers, nats.
+    pub loss: f64,
+}
+
 /// The train stage.
 pub struct Train;
 
 impl Stage for Train {
-    fn name(&self) -> &'static str {
-        "train"
-    }
+    const NAME: &'static str = "train";
+    type Config = TrainStageConfig;
+    type Metrics = TrainingMetrics;
+
     fn description(&self) -> &'static str {
         "LoRA fine-tune of the language model on the train split (vision frozen), resumable; peft adapter"
     }
     fn artifact_file(&self) -> &'static str {
         "training_metrics.json"
     }
-    fn upstream(&self) -> &'static [&'static str] {
+    fn upstream(&self) -> &[&'static str] {
         &["probe", "download", "quantize", "prepare"]
-    }
-    fn config_sections(&self) -> Vec<&'static str> {
-        // The device comes from the probe (an upstream): resolved once, hashed there.
-        vec!["train"]
     }
     fn code_version(&self) -> u32 {
         1
     }
 
-    fn run(&self, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
-        let cfg = ctx.config().train.clone();
+    fn run(&self, cfg: &TrainStageConfig, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
+        let cfg = cfg.clone();
         // Workspace-relative when the model lives in the workspace (issue 15).
-        let model_dir = ctx.path(
-            ctx.upstream("download")?
-                .metric("/model_dir")
-                .and_then(|v| v.as_str())
-                .context("download artifact has no metrics.model_dir")?,
-        );
+        let download = ctx.upstream_metrics::<super::download::Download>()?;
+        let model_dir = super::download::model_dir(ctx, &download)?;
         let root = ctx.workspace().root().to_path_buf();
         // QLoRA: the frozen base is the quantize stage's NF4 checkpoint.
+        let quantized = ctx.upstream_metrics::<super::quantize::Quantize>()?;
         let nf4_dir = root.join(
-            ctx.upstream("quantize")?
-                .metric("/output_dir")
-                .and_then(|v| v.as_str())
+            quantized
+                .output_dir
+                .as_deref()
                 .context("quantize artifact has no metrics.output_dir")?,
         );
 
@@ -245,7 +284,7 @@ impl Stage for Train {
         let ckpt_dir = ctx.workspace().checkpoints().join("train-state");
         // Resume only checkpoints made from these inputs: the trainer's own run fingerprint
         // covers the schedule, not the data, the NF4 base or the LoRA shape.
-        let inputs = inputs_fingerprint(ctx, self.upstream())?;
+        let inputs = inputs_fingerprint(ctx, &cfg, Stage::upstream(self))?;
         if claim_checkpoints(&ckpt_dir, &inputs)? {
             warnings.push(format!(
                 "discarded checkpoints in {} left by a run with other inputs",
@@ -253,7 +292,7 @@ impl Stage for Train {
             ));
         }
         let adapter_dir = ctx.workspace().checkpoints().join("adapter");
-        let device = ctx.device()?;
+        let device = super::probe::device(ctx)?;
         let trained = run_autodiff_on(
             device,
             TrainJob {
@@ -370,7 +409,11 @@ const INPUTS_FILE: &str = "inputs.sha256";
 
 /// sha256 (hex) of what a training run is made from: the `[train]` section and, for each
 /// upstream stage, its input hash and output content (paths and sha256).
-fn inputs_fingerprint(ctx: &StageCtx<'_>, upstream: &[&str]) -> anyhow::Result<String> {
+fn inputs_fingerprint(
+    ctx: &StageCtx<'_>,
+    cfg: &TrainStageConfig,
+    upstream: &[&str],
+) -> anyhow::Result<String> {
     let mut up = serde_json::Map::new();
     for stage in upstream {
         let a = ctx.upstream(stage)?;
@@ -380,7 +423,7 @@ fn inputs_fingerprint(ctx: &StageCtx<'_>, upstream: &[&str]) -> anyhow::Result<S
             json!({ "input_hash": a.input_hash, "outputs": outputs }),
         );
     }
-    let all = json!({ "train": ctx.config().section_json("train"), "upstream": up });
+    let all = json!({ "train": crate::json::canonical(serde_json::to_value(cfg)?), "upstream": up });
     Ok(crate::fs::sha256_hex(
         serde_json::to_string(&all)?.as_bytes(),
     ))

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use medpipe::pipeline::{
+    NoConfig,
     Event, Pipeline, RunOptions, RunReport, Stage, StageCtx, StageOutput, Workspace,
 };
 use medpipe::Config;
@@ -46,6 +47,10 @@ pub struct Double {
 }
 
 impl Stage for Double {
+    const NAME: &'static str = "double";
+    type Config = NoConfig;
+    type Metrics = serde_json::Value;
+
     fn name(&self) -> &'static str {
         self.name
     }
@@ -56,23 +61,23 @@ impl Stage for Double {
         // Leaked once per double: test-only, a handful of strings.
         Box::leak(format!("{}.json", self.name).into_boxed_str())
     }
-    fn upstream(&self) -> &'static [&'static str] {
+    fn upstream(&self) -> &[&'static str] {
         self.upstream
     }
-    fn config_sections(&self) -> Vec<&'static str> {
-        self.sections.to_vec()
+    fn shared_sections(&self) -> &[&'static str] {
+        self.sections
     }
     fn code_version(&self) -> u32 {
         1
     }
-    fn run(&self, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
+    fn run(&self, _: &NoConfig, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
         let root = ctx.workspace().root().to_path_buf();
         if root.join(format!("fail_{}", self.name)).exists() {
             bail!("{} was told to fail", self.name);
         }
         let mut content = format!("{}\n", self.name);
         for s in self.sections {
-            content += &format!("{s}={}\n", ctx.config().section_json(s));
+            content += &format!("{s}={}\n", ctx.settings().raw_json(s));
         }
         for up in self.upstream {
             let text = std::fs::read_to_string(root.join(format!("data/{up}.txt")))?;

@@ -216,7 +216,8 @@ fn a_stage_whose_upstream_artifact_is_missing_says_what_to_run() {
 #[test]
 fn bad_ranges_and_unknown_stages_are_rejected_before_anything_runs() {
     let p = chain();
-    let e = p.plan(&RunOptions {
+    let cfg = Config::load(None, &[]).unwrap();
+    let e = p.plan(&cfg, &RunOptions {
         from: Some("gamma".into()),
         to: Some("alpha".into()),
         ..Default::default()
@@ -225,7 +226,7 @@ fn bad_ranges_and_unknown_stages_are_rejected_before_anything_runs() {
         e.unwrap_err().to_string(),
         "--from gamma comes after --to alpha (pipeline order: alpha → beta → gamma)"
     );
-    let e = p.plan(&RunOptions {
+    let e = p.plan(&cfg, &RunOptions {
         from: Some("delta".into()),
         ..Default::default()
     });

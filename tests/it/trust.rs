@@ -48,7 +48,7 @@ fn issue_15_a_config_file_changes_only_the_keys_it_sets() {
     std::fs::write(&same, "[evaluate]\nmax_new_tokens = 64\n").unwrap();
     let cfg = Config::load(Some(&same), &[]).unwrap();
     let mut default = Config::load(None, &[]).unwrap();
-    default.origin = same.clone();
+    default.set_origin(same.clone());
     assert_eq!(cfg, default);
     assert_eq!(
         states(&p, dir.path(), &cfg),
