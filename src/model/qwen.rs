@@ -749,7 +749,7 @@ pub(crate) mod tests {
 
     #[test]
     fn loading_a_checkpoint_with_a_missing_tensor_fails_naming_it() {
-        let dir = crate::model::weights::tests::rewritten_checkpoint(|m| {
+        let dir = crate::model::weights::source::tests::rewritten_checkpoint(|m| {
             m.remove("visual.blocks.2.attn.qkv.bias");
         });
         let e = Qwen25Vl::<TB>::load(dir.path(), &Default::default())
@@ -781,11 +781,11 @@ pub(crate) mod tests {
             std::fs::write(&p, c.to_string()).unwrap();
         };
         // Untied model whose lm_head is a copy of embed_tokens: the reference for "tied".
-        let copy = crate::model::weights::tests::rewritten_checkpoint(|m| {
+        let copy = crate::model::weights::source::tests::rewritten_checkpoint(|m| {
             let e = m["model.embed_tokens.weight"].clone();
             m.insert("lm_head.weight".into(), e);
         });
-        let tied = crate::model::weights::tests::rewritten_checkpoint(|m| {
+        let tied = crate::model::weights::source::tests::rewritten_checkpoint(|m| {
             m.remove("lm_head.weight");
         });
         set_tied(tied.path());
@@ -797,7 +797,7 @@ pub(crate) mod tests {
         let lb = floats(b.forward(ids, None, Some(&image(&r)), &dev).unwrap().logits);
         assert_close("tied vs copied lm_head", &lb, &la, CACHE_ATOL);
         // and an untied config without lm_head is a missing tensor
-        let untied = crate::model::weights::tests::rewritten_checkpoint(|m| {
+        let untied = crate::model::weights::source::tests::rewritten_checkpoint(|m| {
             m.remove("lm_head.weight");
         });
         let e = Qwen25Vl::<TB>::load(untied.path(), &dev)
@@ -874,7 +874,7 @@ pub(crate) mod tests {
             .unwrap();
         let grads = out.logits.powi_scalar(2).mean().backward();
         let gp = GradientsParams::from_grads(grads, &m);
-        let manifest = crate::model::weights::expected_tensors(m.config()).len();
+        let manifest = crate::model::weights::manifest::expected_tensors(m.config()).len();
         assert_eq!(gp.len(), manifest);
     }
 
