@@ -1,6 +1,6 @@
 //! The serde mirror of `config.json` and `generation_config.json`: HF field names and
 //! defaults, every layout transformers 4.49–5.x writes (see [`super`]), parsed after
-//! [`reconcile_spellings`] has folded the alternative spellings into one.
+//! `layout::reconcile_spellings` has folded the alternative spellings into one.
 
 use std::path::Path;
 
