@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use crate::model::config::ConfigError;
+use crate::model::lora::TARGET_MODULES;
 
 /// What went wrong loading or running Qwen2.5-VL.
 #[derive(Debug, thiserror::Error)]
@@ -133,5 +134,47 @@ pub enum ModelError {
     Adapter(#[from] crate::model::lora::LoraError),
     /// A LoRA adapter does not fit the model.
     #[error(transparent)]
-    Adapt(#[from] crate::model::adapt::AdaptError),
+    Adapt(#[from] AdaptError),
+}
+
+/// Why an adapter does not fit the model.
+#[derive(Debug, thiserror::Error)]
+pub enum AdaptError {
+    /// The adapter names a projection the model lacks (layer out of range, other module).
+    #[error("adapter site {site} does not exist in the model ({layers} decoder layers, targets {targets})", targets = TARGET_MODULES.join(", "))]
+    UnknownSite {
+        /// peft prefix of the site.
+        site: String,
+        /// Decoder layers of the model.
+        layers: usize,
+    },
+    /// A pair's shapes do not fit its projection.
+    #[error("adapter site {site}: lora_A {a:?} and lora_B {b:?} do not fit the projection (d_in {d_in}, d_out {d_out}): expected [r, {d_in}] and [{d_out}, r]")]
+    Shape {
+        /// peft prefix of the site.
+        site: String,
+        /// `lora_A` shape `[r, d_in]`.
+        a: [usize; 2],
+        /// `lora_B` shape `[d_out, r]`.
+        b: [usize; 2],
+        /// Input features of the projection.
+        d_in: usize,
+        /// Output features of the projection.
+        d_out: usize,
+    },
+    /// Export was asked of a model without LoRA pairs.
+    #[error("the model has no LoRA pairs attached")]
+    NoLora,
+    /// The attached pairs disagree on rank, scaling or dropout (one peft config cannot hold them).
+    #[error("LoRA pairs disagree: {first} has r {r0}, scaling {s0}, dropout {d0}; {other} has r {r1}, scaling {s1}, dropout {d1}")]
+    Mixed {
+        first: String,
+        r0: usize,
+        s0: f64,
+        d0: f64,
+        other: String,
+        r1: usize,
+        s1: f64,
+        d1: f64,
+    },
 }

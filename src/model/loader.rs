@@ -34,7 +34,7 @@ pub enum LoadError {
     Attach {
         dir: PathBuf,
         #[source]
-        source: Box<crate::model::adapt::AdaptError>,
+        source: Box<crate::model::error::AdaptError>,
     },
     #[error("the device did not finish loading {dir}: {reason}")]
     Sync { dir: PathBuf, reason: String },

@@ -41,7 +41,7 @@ pub(crate) mod weights;
 
 pub use cache::KvCache;
 pub use config::{ConfigError, HfConfig, Qwen25VlConfig};
-pub use error::ModelError;
+pub use error::{AdaptError, ModelError};
 pub use generate::{GenerateConfig, Generation, Request, Sampling};
 pub use qwen::{ForwardOutput, ImageInput, Qwen25Vl};
 pub use rope::MropePositions;

@@ -18,7 +18,7 @@ use burn::tensor::activation::{gelu, silu};
 use burn::tensor::{DType, TensorData};
 
 use crate::kernels::Kernels;
-use crate::model::config::VisionConfig;
+use crate::model::config::{VisionConfig, VISION_ROPE_THETA};
 use crate::model::error::ModelError;
 use crate::model::linear::{Proj, ProjSpec, RmsNorm};
 use crate::model::rope::rotate_half;
@@ -27,8 +27,6 @@ use crate::model::weights::WeightSource;
 /// Vision RMSNorm epsilon: fixed in the reference (`Qwen2RMSNorm(…, eps=1e-6)`), not in
 /// the config.
 const VISION_NORM_EPS: f64 = 1e-6;
-/// Vision rotary base: the reference's `Qwen2_5_VisionRotaryEmbedding` default.
-pub(crate) const VISION_ROPE_THETA: f64 = 10_000.0;
 
 /// Where each window/frame segment lives in the reordered patch sequence.
 struct Segments<B: Kernels> {

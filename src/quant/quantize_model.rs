@@ -9,34 +9,21 @@
 //! [`is_linear_weight`]) is quantized unless a skip entry matches it; every other tensor is
 //! copied unchanged. Output goes to `<out>.partial/` and is renamed to `<out>` at the end.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
-use safetensors::{Dtype, SafeTensors, View};
+use safetensors::SafeTensors;
 use serde::Serialize;
 use serde_json::Value;
 
+use super::checks::{check_skip_entries, refuse_overlap};
 use super::format::{quantization_config, Nf4Tensor, RawTensor};
 use super::nf4::NF4_BLOCKSIZE;
+use super::select::{is_linear_weight, is_skipped, linear_modules};
+use super::shards::{input_shards, io, read_json, to_f32, ShardWriter};
 use super::QuantError;
 use crate::fs::{commit_dir, write_atomic};
-
-/// Names of Linear modules in Qwen2.5-VL (language model, vision blocks, `lm_head`); the
-/// merger MLP (`merger.mlp.0`, `merger.mlp.2`) is matched by its numeric child name.
-const LINEAR_NAMES: [&str; 10] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-    "qkv",
-    "proj",
-    "lm_head",
-];
 
 /// Files besides weights and config.json that a checkpoint needs (tokenizer, processor,
 /// generation config, chat template) and that are copied unchanged.
@@ -132,304 +119,6 @@ impl QuantizeReport {
     }
 }
 
-/// Whether `key` with `shape` is the weight of a Linear layer of Qwen2.5-VL.
-pub fn is_linear_weight(key: &str, shape: &[usize]) -> bool {
-    let Some(module) = key.strip_suffix(".weight") else {
-        return false;
-    };
-    if shape.len() != 2 {
-        return false;
-    }
-    let mut parts = module.rsplit('.');
-    let last = parts.next().unwrap_or("");
-    let parent = parts.next().unwrap_or("");
-    LINEAR_NAMES.contains(&last)
-        || (parent == "mlp" && !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()))
-}
-
-/// `path` made absolute, `.`/`..` folded and symlinks resolved as far as it exists (the
-/// rest appended), so two spellings of one directory compare equal.
-fn resolved(path: &Path) -> PathBuf {
-    use std::path::Component;
-    let mut abs = PathBuf::new();
-    for c in std::path::absolute(path)
-        .unwrap_or_else(|_| path.to_path_buf())
-        .components()
-    {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                abs.pop();
-            }
-            other => abs.push(other),
-        }
-    }
-    let mut base = abs.clone();
-    let mut rest = Vec::new();
-    while !base.exists() {
-        match base.file_name() {
-            Some(name) => {
-                rest.push(name.to_os_string());
-                base.pop();
-            }
-            None => break,
-        }
-    }
-    match base.canonicalize() {
-        Ok(mut c) => {
-            c.extend(rest.iter().rev());
-            c
-        }
-        Err(_) => abs,
-    }
-}
-
-/// Refuses an output directory that is the checkpoint, lies inside it, or contains it:
-/// the output is replaced as a whole, which would delete the input.
-fn refuse_overlap(model_dir: &Path, out_dir: &Path) -> Result<(), QuantError> {
-    let (model, out) = (resolved(model_dir), resolved(out_dir));
-    if out.starts_with(&model) || model.starts_with(&out) {
-        return Err(QuantError::OutputOverlapsInput {
-            out: out_dir.to_path_buf(),
-            model: model_dir.to_path_buf(),
-        });
-    }
-    Ok(())
-}
-
-/// Module names of every Linear weight in `shards` (headers only; no tensor data is read).
-fn linear_modules(shards: &[PathBuf]) -> Result<BTreeSet<String>, QuantError> {
-    let mut out = BTreeSet::new();
-    for shard in shards {
-        let file = File::open(shard).map_err(io("opening", shard))?;
-        // SAFETY: read-only map of a file medpipe does not write while it is mapped.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io("memory-mapping", shard))?;
-        let st = SafeTensors::deserialize(&mmap).map_err(|source| QuantError::Safetensors {
-            path: shard.clone(),
-            source,
-        })?;
-        for (key, view) in st.tensors() {
-            if is_linear_weight(&key, view.shape()) {
-                out.insert(key.strip_suffix(".weight").unwrap_or(&key).to_string());
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// Every skip entry must match a Linear module, or a typo silently quantizes what was meant
-/// to stay dense. `lm_head`, the default, may match nothing: a checkpoint with tied
-/// embeddings has no `lm_head.weight`.
-fn check_skip_entries(
-    skip: &[String],
-    linears: &BTreeSet<String>,
-    model_dir: &Path,
-) -> Result<(), QuantError> {
-    for entry in skip {
-        let one = std::slice::from_ref(entry);
-        if entry != "lm_head" && !linears.iter().any(|m| is_skipped(m, one)) {
-            // One example per top-level module (`lm_head`, `model…`, `visual…`).
-            let mut seen = BTreeSet::new();
-            let examples: Vec<&str> = linears
-                .iter()
-                .filter(|m| seen.insert(m.split('.').next().unwrap_or_default()))
-                .map(String::as_str)
-                .collect();
-            return Err(QuantError::SkipMatchesNothing {
-                entry: entry.clone(),
-                path: model_dir.to_path_buf(),
-                hint: if examples.is_empty() {
-                    "it has no Linear weights".into()
-                } else {
-                    format!("its Linear modules include `{}`", examples.join("`, `"))
-                },
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Whether a skip entry names `module` or one of its ancestors (whole dotted components).
-fn is_skipped(module: &str, skip: &[String]) -> bool {
-    let parts: Vec<&str> = module.split('.').collect();
-    skip.iter().any(|s| {
-        let want: Vec<&str> = s.split('.').collect();
-        !want.is_empty() && parts.windows(want.len()).any(|w| w == want.as_slice())
-    })
-}
-
-impl View for &RawTensor {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
-fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> QuantError + 'a {
-    move |source| QuantError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-fn read_json(path: &Path) -> Result<Value, QuantError> {
-    let bytes = fs::read(path).map_err(io("reading", path))?;
-    serde_json::from_slice(&bytes).map_err(|source| QuantError::Json {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-/// The safetensors files of a checkpoint: from the index when there is one.
-fn input_shards(dir: &Path) -> Result<Vec<PathBuf>, QuantError> {
-    let index = dir.join("model.safetensors.index.json");
-    if index.exists() {
-        let v = read_json(&index)?;
-        let map = v
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| QuantError::Invalid {
-                key: index.display().to_string(),
-                reason: "no `weight_map` object".into(),
-            })?;
-        let files: BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
-        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
-    }
-    let single = dir.join("model.safetensors");
-    if single.exists() {
-        Ok(vec![single])
-    } else {
-        Err(QuantError::Io {
-            action: "finding model.safetensors or its index in",
-            path: dir.to_path_buf(),
-            source: std::io::Error::from(std::io::ErrorKind::NotFound),
-        })
-    }
-}
-
-/// Float tensor bytes as f32, with the torch dtype name.
-fn to_f32(key: &str, dtype: Dtype, data: &[u8]) -> Result<(Vec<f32>, &'static str), QuantError> {
-    Ok(match dtype {
-        Dtype::F32 => (
-            data.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            "float32",
-        ),
-        Dtype::BF16 => (
-            data.chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            "bfloat16",
-        ),
-        Dtype::F16 => (
-            data.chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            "float16",
-        ),
-        other => {
-            return Err(QuantError::Dtype {
-                key: key.to_string(),
-                found: format!("{other:?}"),
-                expected: "F32, BF16 or F16 (a Linear weight to quantize)",
-            })
-        }
-    })
-}
-
-/// Collects output tensors and writes them in shards of at most `max_bytes`.
-struct ShardWriter {
-    dir: PathBuf,
-    max_bytes: u64,
-    pending: Vec<RawTensor>,
-    pending_bytes: u64,
-    written: Vec<(PathBuf, Vec<String>)>,
-    total_bytes: u64,
-}
-
-impl ShardWriter {
-    /// Adds the tensors of one source tensor; they always land in the same shard.
-    fn push_group(&mut self, group: Vec<RawTensor>) -> Result<(), QuantError> {
-        let bytes: u64 = group.iter().map(|t| t.data.len() as u64).sum();
-        if !self.pending.is_empty() && self.pending_bytes + bytes > self.max_bytes {
-            self.flush()?;
-        }
-        self.pending_bytes += bytes;
-        self.total_bytes += bytes;
-        self.pending.extend(group);
-        Ok(())
-    }
-
-    fn flush(&mut self) -> Result<(), QuantError> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        let path = self.dir.join(format!("shard-{}.tmp", self.written.len()));
-        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        let tensors = std::mem::take(&mut self.pending);
-        safetensors::serialize_to_file(
-            tensors.iter().map(|t| (t.key.clone(), t)),
-            Some(meta),
-            &path,
-        )
-        .map_err(|source| QuantError::Safetensors {
-            path: path.clone(),
-            source,
-        })?;
-        File::open(&path)
-            .and_then(|f| f.sync_all())
-            .map_err(io("syncing", &path))?;
-        self.written
-            .push((path, tensors.into_iter().map(|t| t.key).collect()));
-        self.pending_bytes = 0;
-        Ok(())
-    }
-
-    /// Names the shards as transformers does and writes the index when there are several.
-    fn finish(mut self) -> Result<usize, QuantError> {
-        self.flush()?;
-        let m = self.written.len();
-        let mut weight_map = BTreeMap::new();
-        for (i, (tmp, keys)) in self.written.iter().enumerate() {
-            let name = if m == 1 {
-                "model.safetensors".to_string()
-            } else {
-                format!("model-{:05}-of-{:05}.safetensors", i + 1, m)
-            };
-            let dst = self.dir.join(&name);
-            fs::rename(tmp, &dst).map_err(io("renaming shard to", &dst))?;
-            for k in keys {
-                weight_map.insert(k.clone(), name.clone());
-            }
-        }
-        if m > 1 {
-            let index = serde_json::json!({
-                "metadata": { "total_size": self.total_bytes },
-                "weight_map": weight_map,
-            });
-            let path = self.dir.join("model.safetensors.index.json");
-            let mut text =
-                serde_json::to_vec_pretty(&index).map_err(|source| QuantError::Json {
-                    path: path.clone(),
-                    source,
-                })?;
-            text.push(b'\n');
-            write_atomic(&path, &text)?;
-        }
-        Ok(m)
-    }
-}
-
 /// Quantizes the checkpoint in `model_dir` into `out_dir` (replaced when it exists).
 ///
 /// # Errors
@@ -469,14 +158,7 @@ pub fn quantize_checkpoint(
     fs::create_dir_all(&partial).map_err(io("creating", &partial))?;
     // Whatever fails below, the half-written `.partial` directory is removed.
     let result = (|| -> Result<QuantizeReport, QuantError> {
-        let mut writer = ShardWriter {
-            dir: partial.clone(),
-            max_bytes: opts.max_shard_bytes,
-            pending: Vec::new(),
-            pending_bytes: 0,
-            written: Vec::new(),
-            total_bytes: 0,
-        };
+        let mut writer = ShardWriter::new(partial.clone(), opts.max_shard_bytes);
         let mut report = QuantizeReport {
             tensors_quantized: 0,
             tensors_skipped: 0,
@@ -618,44 +300,10 @@ pub fn quantize_checkpoint(
 
 #[cfg(test)]
 mod tests {
+    use safetensors::Dtype;
+
     use super::*;
     use crate::test_util::fixture;
-
-    #[test]
-    fn linear_detection_follows_qwen2_5_vl_module_names() {
-        for k in [
-            "model.layers.0.self_attn.q_proj.weight",
-            "model.layers.1.mlp.down_proj.weight",
-            "visual.blocks.0.attn.qkv.weight",
-            "visual.blocks.3.attn.proj.weight",
-            "visual.merger.mlp.0.weight",
-            "visual.merger.mlp.2.weight",
-            "lm_head.weight",
-            "model.language_model.layers.0.self_attn.o_proj.weight",
-        ] {
-            assert!(is_linear_weight(k, &[8, 8]), "{k}");
-        }
-        assert!(!is_linear_weight(
-            "visual.patch_embed.proj.weight",
-            &[32, 3, 2, 14, 14]
-        ));
-        assert!(!is_linear_weight("model.embed_tokens.weight", &[2048, 64]));
-        assert!(!is_linear_weight(
-            "model.layers.0.self_attn.q_proj.bias",
-            &[64]
-        ));
-        assert!(!is_linear_weight("model.norm.weight", &[64]));
-        assert!(!is_linear_weight("visual.merger.ln_q.weight", &[32]));
-    }
-
-    #[test]
-    fn skip_entries_match_whole_dotted_components() {
-        let skip = vec!["lm_head".to_string(), "visual.merger".to_string()];
-        assert!(is_skipped("lm_head", &skip));
-        assert!(is_skipped("visual.merger.mlp.0", &skip));
-        assert!(!is_skipped("visual.blocks.0.attn.qkv", &skip));
-        assert!(!is_skipped("model.lm_head_extra", &skip));
-    }
 
     #[test]
     fn quantizing_the_fixture_model_reproduces_the_bitsandbytes_checkpoint() {

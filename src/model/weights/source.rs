@@ -1,25 +1,5 @@
-//! Checkpoint access: memory-mapped safetensors (one file or shards listed in
-//! `model.safetensors.index.json`), both key layouts, strict coverage checks, and
-//! f32/f64/bf16/f16 → f32 conversion on the CPU.
-//!
-//! Key layouts (remap table below): the published Qwen2.5-VL checkpoints use
-//! `model.layers.N…`, `model.embed_tokens`, `model.norm`, `visual.…`, `lm_head`;
-//! transformers 5 saves `model.language_model.…`, `model.visual.…`, `lm_head`
-//! (`_checkpoint_conversion_mapping` in transformers
-//! `models/qwen2_5_vl/modeling_qwen2_5_vl.py@00b676f8f0489b88652a31d70751cc540dd06305`).
-//! Internally every key is canonicalised to the published layout, which is also what the
-//! module field names spell.
-//!
-//! A Linear stored as bitsandbytes 4-bit (transformers' serialization: packed `weight`,
-//! `weight.absmax`, `weight.quant_map`, with double quant `weight.nested_absmax` and
-//! `weight.nested_quant_map`, and the `weight.quant_state.bitsandbytes__nf4` blob) is
-//! recognised per module by its blob, so partly quantized checkpoints (skipped `lm_head`,
-//! vision tower left dense) check and load too.
-//!
-//! Why not `burn::store::SafetensorsStore`: one store covers one file (shards need one
-//! each), it creates parameters in the file dtype (bf16 panics on NdArray), and the NF4
-//! path needs raw bytes anyway; a manifest computed from the config lets the loader
-//! report every missing, unexpected and mis-shaped tensor at once, with its file.
+//! [`WeightSource`]: the tensors of a checkpoint directory, memory-mapped and addressed by
+//! canonical key (see [`super`] for the layouts), checked against the config's manifest.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -33,8 +13,8 @@ use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 use crate::kernels::Kernels;
 use crate::model::config::Qwen25VlConfig;
 use crate::model::error::ModelError;
+use crate::model::weights::manifest::expected_tensors;
 use crate::quant::{Nf4Tensor, QuantStateBlob, BLOB_SUFFIX};
-
 /// Suffixes (after `{module}.weight`) of the tensors of an NF4 weight besides the blob.
 const NF4_PARTS: [&str; 5] = [
     "",
@@ -63,120 +43,6 @@ fn canonical(key: &str) -> String {
         }
     }
     key.to_string()
-}
-
-/// Every tensor the model described by `cfg` loads, with its checkpoint shape
-/// (PyTorch layout: Linear `[out, in]`, Conv3d `[out, in, t, h, w]`). Canonical keys.
-pub(crate) fn expected_tensors(cfg: &Qwen25VlConfig) -> Vec<(String, Vec<usize>)> {
-    let mut out = Vec::new();
-    let lin = |out: &mut Vec<(String, Vec<usize>)>, p: String, i: usize, o: usize, bias: bool| {
-        out.push((format!("{p}.weight"), vec![o, i]));
-        if bias {
-            out.push((format!("{p}.bias"), vec![o]));
-        }
-    };
-    let v = &cfg.vision;
-    let d = v.hidden_size;
-    out.push((
-        "visual.patch_embed.proj.weight".into(),
-        vec![
-            d,
-            v.in_channels,
-            v.temporal_patch_size,
-            v.patch_size,
-            v.patch_size,
-        ],
-    ));
-    for b in 0..v.depth {
-        let p = format!("visual.blocks.{b}");
-        out.push((format!("{p}.norm1.weight"), vec![d]));
-        out.push((format!("{p}.norm2.weight"), vec![d]));
-        lin(&mut out, format!("{p}.attn.qkv"), d, 3 * d, true);
-        lin(&mut out, format!("{p}.attn.proj"), d, d, true);
-        lin(
-            &mut out,
-            format!("{p}.mlp.gate_proj"),
-            d,
-            v.intermediate_size,
-            true,
-        );
-        lin(
-            &mut out,
-            format!("{p}.mlp.up_proj"),
-            d,
-            v.intermediate_size,
-            true,
-        );
-        lin(
-            &mut out,
-            format!("{p}.mlp.down_proj"),
-            v.intermediate_size,
-            d,
-            true,
-        );
-    }
-    let m = d * v.merge_unit();
-    out.push(("visual.merger.ln_q.weight".into(), vec![d]));
-    lin(&mut out, "visual.merger.mlp.0".into(), m, m, true);
-    lin(
-        &mut out,
-        "visual.merger.mlp.2".into(),
-        m,
-        v.out_hidden_size,
-        true,
-    );
-
-    let t = &cfg.text;
-    let h = t.hidden_size;
-    let kvd = t.num_kv_heads * t.head_dim;
-    out.push(("model.embed_tokens.weight".into(), vec![t.vocab_size, h]));
-    for l in 0..t.num_layers {
-        let p = format!("model.layers.{l}");
-        lin(
-            &mut out,
-            format!("{p}.self_attn.q_proj"),
-            h,
-            t.num_heads * t.head_dim,
-            true,
-        );
-        lin(&mut out, format!("{p}.self_attn.k_proj"), h, kvd, true);
-        lin(&mut out, format!("{p}.self_attn.v_proj"), h, kvd, true);
-        lin(
-            &mut out,
-            format!("{p}.self_attn.o_proj"),
-            t.num_heads * t.head_dim,
-            h,
-            false,
-        );
-        lin(
-            &mut out,
-            format!("{p}.mlp.gate_proj"),
-            h,
-            t.intermediate_size,
-            false,
-        );
-        lin(
-            &mut out,
-            format!("{p}.mlp.up_proj"),
-            h,
-            t.intermediate_size,
-            false,
-        );
-        lin(
-            &mut out,
-            format!("{p}.mlp.down_proj"),
-            t.intermediate_size,
-            h,
-            false,
-        );
-        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
-        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-    }
-    out.push(("model.norm.weight".into(), vec![h]));
-    if !t.tie_word_embeddings {
-        lin(&mut out, "lm_head".into(), h, t.vocab_size, false);
-    }
-    out
 }
 
 struct Entry {
