@@ -12,6 +12,7 @@ pub mod eval_docs;
 pub mod filter;
 pub mod mtsamples;
 pub mod parquet;
+pub mod raw;
 pub mod render;
 pub mod sample;
 pub mod source;
@@ -20,6 +21,7 @@ pub mod synthetic;
 mod vocab;
 
 pub use document::{Block, DocType, Document, Item, Layout};
+pub use raw::Raw;
 pub use sample::Sample;
 
 use std::path::PathBuf;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use super::document::{Block, Document, Item};
 use super::filter::DropReason;
-use super::source::Raw;
+use super::raw::Raw;
 use super::DataError;
 
 /// The columns an MTSamples CSV must have.

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::document::Item;
 use super::filter::DropReason;
-use super::source::Raw;
+use super::raw::Raw;
 use super::DataError;
 
 /// Known dataset layouts.

@@ -1,7 +1,5 @@
-//! Dataset sources (`[[prepare.sources]]`) and the raw items they yield.
-//!
-//! A source is read as a stream of [`Raw`] items: a document to render, a ready image (VQA
-//! datasets), or a row the reader had to reject (with the reason, so it is counted).
+//! Dataset sources (`[[prepare.sources]]`): their configuration, where their input lives,
+//! and opening them as a stream of [`Raw`] items (defined in [`super::raw`]).
 //!
 //! File sources read a local `path`, or a `dataset` the download stage fetched (looked up in
 //! `reports/download.json` by its `[[download.datasets]]` name or hub id, see
@@ -11,11 +9,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::document::{Document, Item};
 use super::downloaded::{self, Downloaded};
-use super::filter::DropReason;
 use super::parquet::{ColumnMap, Preset};
 use super::{mtsamples, parquet, synthetic, DataError};
+
+// `Raw` lives in `data::raw`; the old path `data::source::Raw` stays valid for callers.
+pub use super::raw::Raw;
 
 /// One `[[prepare.sources]]` entry.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -224,22 +223,4 @@ pub fn resolve(root: &Path, p: &Path) -> PathBuf {
     } else {
         root.join(p)
     }
-}
-
-/// One item read from a source.
-#[derive(Debug, Clone)]
-pub enum Raw {
-    /// A document to render.
-    Doc(Document),
-    /// A sample that already has an image (encoded bytes) and an answer.
-    Image {
-        id: String,
-        doc_type: String,
-        image: Vec<u8>,
-        prompt: String,
-        target: String,
-        ground_truth: Vec<Item>,
-    },
-    /// A row the reader could not turn into an item.
-    Rejected { reason: DropReason },
 }

@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use crate::fs::{commit_dir, write_atomic, write_json_atomic, FsError};
 use crate::kernels::Kernels;
 use crate::model::lora::{Adapter, LoraError};
+use crate::train::metrics::{StepMetrics, ValMetrics};
 use crate::train::optim::{AdamW, Moments};
-use crate::train::trainer::{StepMetrics, ValMetrics};
 
 /// Version of the checkpoint layout.
 pub const CHECKPOINT_FORMAT: u32 = 1;

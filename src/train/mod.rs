@@ -2,13 +2,19 @@
 //! 0.21 does not provide in that form: AdamW with global-norm gradient clipping (burn clips
 //! per tensor), HF's linear-warmup + cosine schedule (burn's cosine restarts), and the masked
 //! next-token cross-entropy transformers computes; and the loop that uses them: samples and
-//! batching (`batch`), resumable checkpoints (`checkpoint`), the trainer (`trainer`).
+//! batching (`batch`), resumable checkpoints (`checkpoint`), hyper-parameters (`config`),
+//! what a run measures and reports (`metrics`), the validation pass (`validate`), and the
+//! trainer (`trainer`) with its errors (`error`).
 
 pub mod batch;
 pub mod checkpoint;
+pub mod config;
+pub mod error;
 pub mod loss;
+pub mod metrics;
 pub mod optim;
 #[cfg(test)]
 pub(crate) mod qlora_check;
 pub mod schedule;
 pub mod trainer;
+mod validate;

@@ -17,166 +17,23 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use serde::{Deserialize, Serialize};
 
-use crate::fs::{commit_dir, recover_dir, write_json_atomic, FsError};
+use crate::fs::recover_dir;
 use crate::kernels::{AutodiffKernels, Kernels};
-use crate::model::adapt::AdaptError;
-use crate::model::{ImageInput, ModelError, Qwen25Vl};
-use crate::train::batch::{collate, Batch, SampleError, SampleSource, TrainSample};
-use crate::train::checkpoint::{self, BestVal, CheckpointError, RunFingerprint, TrainState};
+use crate::model::{ImageInput, Qwen25Vl};
+use crate::train::batch::{collate, Batch, SampleSource};
+use crate::train::checkpoint::{self, BestVal, RunFingerprint, TrainState};
+pub use crate::train::config::TrainConfig;
+pub use crate::train::error::TrainError;
 use crate::train::loss::causal_lm_loss;
+pub use crate::train::metrics::{Flow, StepMetrics, TrainEvent, ValMetrics};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::schedule::WarmupCosine;
-
-/// Hyper-parameters of a LoRA fine-tune (defaults: the QLoRA recipe, Dettmers et al. 2023).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainConfig {
-    /// Peak learning rate.
-    pub lr: f64,
-    /// Fraction of the optimizer steps spent in linear warmup (rounded up, as HF).
-    pub warmup_ratio: f64,
-    /// Passes over the training samples.
-    pub epochs: usize,
-    /// Samples per micro-batch (one forward/backward).
-    pub batch_size: usize,
-    /// Micro-batches per optimizer step.
-    pub grad_accum: usize,
-    /// Clip the global gradient L2 norm to this (`None`: no clipping).
-    pub max_grad_norm: Option<f64>,
-    /// AdamW decoupled weight decay.
-    pub weight_decay: f64,
-    /// Seed of the data order and LoRA dropout.
-    pub seed: u64,
-    /// Write a checkpoint every this many optimizer steps (the end of training always does).
-    pub checkpoint_every: Option<u64>,
-    /// Validate every this many optimizer steps (the end of each epoch always does).
-    pub eval_every: Option<u64>,
-    /// Use at most this many training samples (the first ones of the source).
-    pub max_samples: Option<usize>,
-    /// Committed checkpoints kept on disk (older ones are removed); at least 1.
-    pub keep_checkpoints: usize,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        Self {
-            lr: 2e-4,
-            warmup_ratio: 0.03,
-            epochs: 1,
-            batch_size: 1,
-            grad_accum: 4,
-            max_grad_norm: Some(0.3),
-            weight_decay: 0.0,
-            seed: 42,
-            checkpoint_every: Some(50),
-            eval_every: None,
-            max_samples: None,
-            keep_checkpoints: 2,
-        }
-    }
-}
-
-/// Metrics of one optimizer step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StepMetrics {
-    /// Optimizer step (1-based: the step just taken).
-    pub step: u64,
-    pub total_steps: u64,
-    /// Epochs done, fractional.
-    pub epoch: f64,
-    /// Token-mean cross-entropy over the accumulation window (nats).
-    pub loss: f64,
-    /// Learning rate the step used.
-    pub lr: f64,
-    /// Global gradient L2 norm before clipping.
-    pub grad_norm: f64,
-    /// Samples in the window.
-    pub samples: usize,
-    /// Unpadded input tokens in the window.
-    pub input_tokens: usize,
-    /// Tokens the loss counted.
-    pub label_tokens: usize,
-    /// Input tokens per second of wall time (forward + backward + update).
-    pub tokens_per_s: f64,
-    /// Samples per second of wall time.
-    pub samples_per_s: f64,
-}
-
-/// One validation pass.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ValMetrics {
-    /// Optimizer steps done when it ran.
-    pub step: u64,
-    /// Epochs done, fractional.
-    pub epoch: f64,
-    /// Token-mean cross-entropy over the validation set (nats).
-    pub loss: f64,
-    /// Tokens it averaged.
-    pub tokens: usize,
-    /// Whether it improved on every earlier validation (the adapter was saved as best).
-    pub best: bool,
-}
-
-/// What the trainer reports while it runs.
-#[derive(Debug, Clone, Copy)]
-pub enum TrainEvent<'a> {
-    /// Continuing from a checkpoint.
-    Resumed { step: u64, dir: &'a Path },
-    /// An optimizer step was taken.
-    Step(&'a StepMetrics),
-    /// A validation pass finished.
-    Validation(&'a ValMetrics),
-    /// A checkpoint was committed.
-    Checkpoint { step: u64, dir: &'a Path },
-}
-
-/// The progress callback's answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flow {
-    Continue,
-    /// Stop after the current step's validation and checkpoint (work since the last
-    /// checkpoint is redone on resume).
-    Stop,
-}
-
-/// Errors of a training run.
-#[derive(Debug, thiserror::Error)]
-pub enum TrainError {
-    #[error("invalid training config: {0}")]
-    Config(String),
-    #[error("the model has no LoRA pairs to train (attach an adapter or add fresh pairs)")]
-    NoLora,
-    #[error("no training samples")]
-    NoSamples,
-    #[error("checkpoint {dir} belongs to another run: it was {saved:?}, this run is {now:?}")]
-    ResumeMismatch {
-        dir: PathBuf,
-        saved: Box<RunFingerprint>,
-        now: Box<RunFingerprint>,
-    },
-    #[error(
-        "checkpoint {dir}: optimizer moments for `{key}`, which is not a LoRA param of the model"
-    )]
-    UnknownMoment { dir: PathBuf, key: String },
-    #[error("loss is {loss} at optimizer step {step}: training diverged")]
-    NonFinite { step: u64, loss: f64 },
-    #[error(transparent)]
-    Sample(#[from] SampleError),
-    #[error(transparent)]
-    Model(#[from] ModelError),
-    #[error(transparent)]
-    Adapt(#[from] AdaptError),
-    #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
-    #[error(transparent)]
-    Fs(#[from] FsError),
-}
+use crate::train::validate::{save_best, validate};
 
 /// The result of [`train`].
 #[derive(Debug)]
@@ -223,231 +80,372 @@ pub fn train<B: AutodiffKernels>(
     device: &B::Device,
     progress: &mut dyn FnMut(&TrainEvent<'_>) -> Flow,
 ) -> Result<TrainOutcome<B>, TrainError> {
-    if cfg.batch_size == 0 || cfg.grad_accum == 0 || cfg.epochs == 0 || cfg.keep_checkpoints == 0 {
-        return Err(TrainError::Config(format!(
-            "batch_size {}, grad_accum {}, epochs {}, keep_checkpoints {} must all be at least 1",
-            cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.keep_checkpoints
-        )));
+    let ctx = Ctx::new(cfg, train, valid, ckpt_dir, device)?;
+    let (mut run, flow) = resume_or_init(model, &ctx, progress)?;
+    if flow == Flow::Stop {
+        return Ok(run.finish(false, ckpt_dir));
     }
-    if !(cfg.lr.is_finite() && cfg.lr > 0.0 && (0.0..=1.0).contains(&cfg.warmup_ratio)) {
-        return Err(TrainError::Config(format!(
-            "lr {} must be positive and warmup_ratio {} within [0, 1]",
-            cfg.lr, cfg.warmup_ratio
-        )));
-    }
-    let n = cfg.max_samples.map_or(train.len(), |m| m.min(train.len()));
-    if n == 0 {
-        return Err(TrainError::NoSamples);
-    }
-    // A kill while the best adapter was being replaced leaves it beside its place.
-    recover_dir(&ckpt_dir.join("best"))?;
-    let window = cfg.batch_size * cfg.grad_accum;
-    let steps_per_epoch = n.div_ceil(window) as u64;
-    let total_steps = steps_per_epoch * cfg.epochs as u64;
-    let sched = WarmupCosine {
-        peak_lr: cfg.lr,
-        warmup_steps: (total_steps as f64 * cfg.warmup_ratio).ceil() as u64,
-        total_steps,
-    };
-    let fingerprint = RunFingerprint {
-        samples: n,
-        batch_size: cfg.batch_size,
-        grad_accum: cfg.grad_accum,
-        epochs: cfg.epochs,
-        seed: cfg.seed,
-        lr: cfg.lr,
-        warmup_ratio: cfg.warmup_ratio,
-        weight_decay: cfg.weight_decay,
-        max_grad_norm: cfg.max_grad_norm,
-        total_steps,
-    };
-    let mut model = model.freeze_except_lora();
-    if model.lora_params().is_empty() {
-        return Err(TrainError::NoLora);
-    }
-    let mut opt = AdamW::<B::InnerBackend>::new(AdamWConfig {
-        weight_decay: cfg.weight_decay,
-        max_grad_norm: cfg.max_grad_norm,
-        ..AdamWConfig::default()
-    });
-    let mut state = TrainState {
-        format: checkpoint::CHECKPOINT_FORMAT,
-        step: 0,
-        epoch: 0,
-        next_sample: 0,
-        seed: cfg.seed,
-        fingerprint: fingerprint.clone(),
-        best: None,
-        history: vec![],
-        validations: vec![],
-    };
-    if let Some(saved) = checkpoint::load_latest::<B::InnerBackend>(ckpt_dir, device)? {
-        if saved.state.fingerprint != fingerprint {
-            return Err(TrainError::ResumeMismatch {
-                dir: saved.dir,
-                saved: Box::new(saved.state.fingerprint),
-                now: Box::new(fingerprint),
-            });
-        }
-        model.attach_adapter(&saved.adapter, device)?;
-        model = model.freeze_except_lora();
-        let ids = model.lora_params();
-        for (key, m) in saved.moments {
-            let id = ids
-                .iter()
-                .find(|(_, k)| *k == key)
-                .map(|(id, _)| *id)
-                .ok_or_else(|| TrainError::UnknownMoment {
-                    dir: saved.dir.clone(),
-                    key: key.clone(),
-                })?;
-            opt.moments.insert(id, m);
-        }
-        opt.step = saved.opt_step;
-        state = saved.state;
-        tracing::info!(step = state.step, dir = %saved.dir.display(), "resuming training");
-        // A stop request here is honoured before the first step.
-        if progress(&TrainEvent::Resumed {
-            step: state.step,
-            dir: &saved.dir,
-        }) == Flow::Stop
-        {
-            return Ok(finish(model, state, false, ckpt_dir));
-        }
-    }
-
-    while state.epoch < cfg.epochs {
-        let order = epoch_order(cfg.seed, state.epoch, n);
-        while state.next_sample < n {
-            let started = Instant::now();
-            let end = (state.next_sample + window).min(n);
-            let indices = &order[state.next_sample..end];
-            let samples = indices
-                .iter()
-                .map(|&i| train.get(i))
-                .collect::<Result<Vec<_>, _>>()?;
-            let batches = samples
-                .chunks(cfg.batch_size)
-                .zip(indices.chunks(cfg.batch_size))
-                .map(|(s, i)| collate(s, i, device))
-                .collect::<Result<Vec<_>, _>>()?;
-            let window_tokens: usize = batches.iter().map(|b| b.label_tokens).sum();
-            let input_tokens: usize = batches.iter().map(|b| b.input_tokens).sum();
-            let mut accum = GradientsAccumulator::<Qwen25Vl<B>>::new();
-            let mut loss_sum = 0.0;
-            for (micro, batch) in batches.into_iter().enumerate() {
-                B::seed(device, dropout_seed(cfg.seed, state.step, micro));
-                let (ids, mask, labels, images) = to_autodiff::<B>(batch);
-                let out = model.forward(&ids, Some(&mask), images.as_ref(), device)?;
-                let (loss, count) = causal_lm_loss(out.logits, labels);
-                // HF `num_items_in_batch`: each micro-batch's token sum over the window's tokens.
-                let loss = loss.mul_scalar(count as f64 / window_tokens.max(1) as f64);
-                loss_sum += loss.clone().into_scalar().elem::<f64>();
-                let grads = GradientsParams::from_grads(loss.backward(), &model);
-                accum.accumulate(&model, grads);
-            }
-            if !loss_sum.is_finite() {
-                return Err(TrainError::NonFinite {
-                    step: state.step + 1,
-                    loss: loss_sum,
-                });
-            }
-            let lr = sched.lr(state.step);
-            let (next, stats) = opt.step(lr, model, accum.grads());
-            model = next;
-            state.step += 1;
-            state.next_sample = end;
-            let secs = started.elapsed().as_secs_f64().max(1e-9);
-            let epoch_frac = state.epoch as f64 + end as f64 / n as f64;
-            let metrics = StepMetrics {
-                step: state.step,
-                total_steps,
-                epoch: epoch_frac,
-                loss: loss_sum,
-                lr,
-                grad_norm: stats.grad_norm,
-                samples: indices.len(),
-                input_tokens,
-                label_tokens: window_tokens,
-                tokens_per_s: input_tokens as f64 / secs,
-                samples_per_s: indices.len() as f64 / secs,
-            };
-            tracing::debug!(
-                step = state.step,
-                loss = loss_sum,
-                lr,
-                grad_norm = stats.grad_norm,
-                "train step"
-            );
+    while run.state.epoch < cfg.epochs {
+        let order = epoch_order(cfg.seed, run.state.epoch, ctx.n);
+        while run.state.next_sample < ctx.n {
+            let metrics;
+            (run, metrics) = optimizer_step(run, &order, &ctx)?;
             let mut stop = progress(&TrainEvent::Step(&metrics)) == Flow::Stop;
-            state.history.push(metrics);
-            let epoch_done = end >= n;
-            if epoch_done {
-                state.epoch += 1;
-                state.next_sample = 0;
-            }
-            let eval_due = cfg
-                .eval_every
-                .is_some_and(|e| e > 0 && state.step.is_multiple_of(e));
-            if let Some(valid) = valid.filter(|v| !v.is_empty()) {
-                if epoch_done || eval_due {
-                    let (loss, tokens) = validate(&model, valid, cfg.batch_size, device)?;
-                    let best = state.best.is_none_or(|b| loss < b.loss);
-                    if best {
-                        save_best(&model, ckpt_dir, state.step, loss)?;
-                        state.best = Some(BestVal {
-                            step: state.step,
-                            loss,
-                        });
-                    }
-                    let v = ValMetrics {
-                        step: state.step,
-                        epoch: state.epoch as f64 + state.next_sample as f64 / n as f64,
-                        loss,
-                        tokens,
-                        best,
-                    };
-                    stop |= progress(&TrainEvent::Validation(&v)) == Flow::Stop;
-                    state.validations.push(v);
-                }
-            }
-            let finished = state.epoch >= cfg.epochs;
-            let ckpt_due = cfg
-                .checkpoint_every
-                .is_some_and(|c| c > 0 && state.step.is_multiple_of(c));
-            if finished || ckpt_due {
-                let adapter = model.export_adapter(None)?;
-                let dir = checkpoint::save(ckpt_dir, &state, &adapter, &opt, &model.lora_params())?;
-                checkpoint::prune(ckpt_dir, cfg.keep_checkpoints)?;
-                stop |= progress(&TrainEvent::Checkpoint {
-                    step: state.step,
-                    dir: &dir,
-                }) == Flow::Stop;
-            }
+            run.state.history.push(metrics);
+            let epoch_done = end_epoch_if_done(&mut run.state, ctx.n);
+            stop |= validate_if_due(&mut run, epoch_done, &ctx, progress)? == Flow::Stop;
+            let finished = run.state.epoch >= cfg.epochs;
+            stop |= checkpoint_if_due(&run, finished, &ctx, progress)? == Flow::Stop;
             if stop && !finished {
-                return Ok(finish(model, state, false, ckpt_dir));
+                return Ok(run.finish(false, ckpt_dir));
             }
             if epoch_done {
                 break;
             }
         }
     }
-    Ok(finish(model, state, true, ckpt_dir))
+    Ok(run.finish(true, ckpt_dir))
 }
 
-fn finish<B: AutodiffKernels>(
-    model: Qwen25Vl<B>,
-    state: TrainState,
-    completed: bool,
-    ckpt_dir: &Path,
-) -> TrainOutcome<B> {
-    let best_dir = state.best.map(|_| ckpt_dir.join("best"));
-    TrainOutcome {
-        model,
-        state,
-        completed,
-        best_dir,
+/// What stays fixed for a whole run: the config, the sample sources, where checkpoints go,
+/// and the quantities derived from them.
+struct Ctx<'a, B: AutodiffKernels> {
+    cfg: &'a TrainConfig,
+    train: &'a dyn SampleSource<B::InnerBackend>,
+    valid: Option<&'a dyn SampleSource<B::InnerBackend>>,
+    ckpt_dir: &'a Path,
+    device: &'a B::Device,
+    /// Training samples used (after `max_samples`).
+    n: usize,
+    /// Samples per optimizer step (`batch_size × grad_accum`).
+    window: usize,
+    /// Learning rate per optimizer step; `total_steps` is the run's length.
+    sched: WarmupCosine,
+    /// Identifies the run: a checkpoint with another fingerprint is not resumed.
+    fingerprint: RunFingerprint,
+}
+
+impl<'a, B: AutodiffKernels> Ctx<'a, B> {
+    /// Checks the config and derives the schedule, so a bad config fails before any I/O.
+    fn new(
+        cfg: &'a TrainConfig,
+        train: &'a dyn SampleSource<B::InnerBackend>,
+        valid: Option<&'a dyn SampleSource<B::InnerBackend>>,
+        ckpt_dir: &'a Path,
+        device: &'a B::Device,
+    ) -> Result<Self, TrainError> {
+        if cfg.batch_size == 0
+            || cfg.grad_accum == 0
+            || cfg.epochs == 0
+            || cfg.keep_checkpoints == 0
+        {
+            return Err(TrainError::Config(format!(
+                "batch_size {}, grad_accum {}, epochs {}, keep_checkpoints {} must all be at least 1",
+                cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.keep_checkpoints
+            )));
+        }
+        if !(cfg.lr.is_finite() && cfg.lr > 0.0 && (0.0..=1.0).contains(&cfg.warmup_ratio)) {
+            return Err(TrainError::Config(format!(
+                "lr {} must be positive and warmup_ratio {} within [0, 1]",
+                cfg.lr, cfg.warmup_ratio
+            )));
+        }
+        let n = cfg.max_samples.map_or(train.len(), |m| m.min(train.len()));
+        if n == 0 {
+            return Err(TrainError::NoSamples);
+        }
+        let window = cfg.batch_size * cfg.grad_accum;
+        let steps_per_epoch = n.div_ceil(window) as u64;
+        let total_steps = steps_per_epoch * cfg.epochs as u64;
+        let sched = WarmupCosine {
+            peak_lr: cfg.lr,
+            warmup_steps: (total_steps as f64 * cfg.warmup_ratio).ceil() as u64,
+            total_steps,
+        };
+        let fingerprint = RunFingerprint {
+            samples: n,
+            batch_size: cfg.batch_size,
+            grad_accum: cfg.grad_accum,
+            epochs: cfg.epochs,
+            seed: cfg.seed,
+            lr: cfg.lr,
+            warmup_ratio: cfg.warmup_ratio,
+            weight_decay: cfg.weight_decay,
+            max_grad_norm: cfg.max_grad_norm,
+            total_steps,
+        };
+        Ok(Self {
+            cfg,
+            train,
+            valid,
+            ckpt_dir,
+            device,
+            n,
+            window,
+            sched,
+            fingerprint,
+        })
     }
+}
+
+/// What a run changes as it goes: the model (LoRA pairs trainable), AdamW, and the position.
+struct Run<B: AutodiffKernels> {
+    model: Qwen25Vl<B>,
+    opt: AdamW<B::InnerBackend>,
+    state: TrainState,
+}
+
+impl<B: AutodiffKernels> Run<B> {
+    /// Hands the model and state back to the caller, with the best adapter's folder if any.
+    fn finish(self, completed: bool, ckpt_dir: &Path) -> TrainOutcome<B> {
+        let best_dir = self.state.best.map(|_| ckpt_dir.join("best"));
+        TrainOutcome {
+            model: self.model,
+            state: self.state,
+            completed,
+            best_dir,
+        }
+    }
+}
+
+/// Starts from the newest checkpoint of this run when there is one, so an interrupted run
+/// continues bit-identically; otherwise from step 0. Also returns the callback's answer to
+/// `Resumed` (`Continue` on a fresh start), so a stop is honoured before the first step.
+fn resume_or_init<B: AutodiffKernels>(
+    model: Qwen25Vl<B>,
+    ctx: &Ctx<'_, B>,
+    progress: &mut dyn FnMut(&TrainEvent<'_>) -> Flow,
+) -> Result<(Run<B>, Flow), TrainError> {
+    // A kill while the best adapter was being replaced leaves it beside its place.
+    recover_dir(&ctx.ckpt_dir.join("best"))?;
+    let mut model = model.freeze_except_lora();
+    if model.lora_params().is_empty() {
+        return Err(TrainError::NoLora);
+    }
+    let mut opt = AdamW::<B::InnerBackend>::new(AdamWConfig {
+        weight_decay: ctx.cfg.weight_decay,
+        max_grad_norm: ctx.cfg.max_grad_norm,
+        ..AdamWConfig::default()
+    });
+    let fresh = TrainState {
+        format: checkpoint::CHECKPOINT_FORMAT,
+        step: 0,
+        epoch: 0,
+        next_sample: 0,
+        seed: ctx.cfg.seed,
+        fingerprint: ctx.fingerprint.clone(),
+        best: None,
+        history: vec![],
+        validations: vec![],
+    };
+    let Some(saved) = checkpoint::load_latest::<B::InnerBackend>(ctx.ckpt_dir, ctx.device)? else {
+        return Ok((
+            Run {
+                model,
+                opt,
+                state: fresh,
+            },
+            Flow::Continue,
+        ));
+    };
+    if saved.state.fingerprint != ctx.fingerprint {
+        return Err(TrainError::ResumeMismatch {
+            dir: saved.dir,
+            saved: Box::new(saved.state.fingerprint),
+            now: Box::new(ctx.fingerprint.clone()),
+        });
+    }
+    model.attach_adapter(&saved.adapter, ctx.device)?;
+    model = model.freeze_except_lora();
+    let ids = model.lora_params();
+    for (key, m) in saved.moments {
+        let id = ids
+            .iter()
+            .find(|(_, k)| *k == key)
+            .map(|(id, _)| *id)
+            .ok_or_else(|| TrainError::UnknownMoment {
+                dir: saved.dir.clone(),
+                key: key.clone(),
+            })?;
+        opt.moments.insert(id, m);
+    }
+    opt.step = saved.opt_step;
+    let state = saved.state;
+    tracing::info!(step = state.step, dir = %saved.dir.display(), "resuming training");
+    let flow = progress(&TrainEvent::Resumed {
+        step: state.step,
+        dir: &saved.dir,
+    });
+    Ok((Run { model, opt, state }, flow))
+}
+
+/// Takes one optimizer step on the next window of `order` (the unit checkpoints and the
+/// schedule count) and returns its metrics.
+fn optimizer_step<B: AutodiffKernels>(
+    run: Run<B>,
+    order: &[usize],
+    ctx: &Ctx<'_, B>,
+) -> Result<(Run<B>, StepMetrics), TrainError> {
+    let Run {
+        model,
+        mut opt,
+        mut state,
+    } = run;
+    let (cfg, n) = (ctx.cfg, ctx.n);
+    let started = Instant::now();
+    let end = (state.next_sample + ctx.window).min(n);
+    let indices = &order[state.next_sample..end];
+    let samples = indices
+        .iter()
+        .map(|&i| ctx.train.get(i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let batches = samples
+        .chunks(cfg.batch_size)
+        .zip(indices.chunks(cfg.batch_size))
+        .map(|(s, i)| collate(s, i, ctx.device))
+        .collect::<Result<Vec<_>, _>>()?;
+    let window_tokens: usize = batches.iter().map(|b| b.label_tokens).sum();
+    let input_tokens: usize = batches.iter().map(|b| b.input_tokens).sum();
+    let (grads, loss_sum) = accumulate_gradients(&model, batches, window_tokens, state.step, ctx)?;
+    if !loss_sum.is_finite() {
+        return Err(TrainError::NonFinite {
+            step: state.step + 1,
+            loss: loss_sum,
+        });
+    }
+    let lr = ctx.sched.lr(state.step);
+    let (model, stats) = opt.step(lr, model, grads);
+    state.step += 1;
+    state.next_sample = end;
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    let epoch_frac = state.epoch as f64 + end as f64 / n as f64;
+    let metrics = StepMetrics {
+        step: state.step,
+        total_steps: ctx.sched.total_steps,
+        epoch: epoch_frac,
+        loss: loss_sum,
+        lr,
+        grad_norm: stats.grad_norm,
+        samples: indices.len(),
+        input_tokens,
+        label_tokens: window_tokens,
+        tokens_per_s: input_tokens as f64 / secs,
+        samples_per_s: indices.len() as f64 / secs,
+    };
+    tracing::debug!(
+        step = state.step,
+        loss = loss_sum,
+        lr,
+        grad_norm = stats.grad_norm,
+        "train step"
+    );
+    Ok((Run { model, opt, state }, metrics))
+}
+
+/// Forward and backward over the micro-batches of one window, summing their gradients, so
+/// gradient accumulation equals one large batch; returns the gradients and the window's loss.
+fn accumulate_gradients<B: AutodiffKernels>(
+    model: &Qwen25Vl<B>,
+    batches: Vec<Batch<B::InnerBackend>>,
+    window_tokens: usize,
+    step: u64,
+    ctx: &Ctx<'_, B>,
+) -> Result<(GradientsParams, f64), TrainError> {
+    let mut accum = GradientsAccumulator::<Qwen25Vl<B>>::new();
+    let mut loss_sum = 0.0;
+    for (micro, batch) in batches.into_iter().enumerate() {
+        B::seed(ctx.device, dropout_seed(ctx.cfg.seed, step, micro));
+        let (ids, mask, labels, images) = to_autodiff::<B>(batch);
+        let out = model.forward(&ids, Some(&mask), images.as_ref(), ctx.device)?;
+        let (loss, count) = causal_lm_loss(out.logits, labels);
+        // HF `num_items_in_batch`: each micro-batch's token sum over the window's tokens.
+        let loss = loss.mul_scalar(count as f64 / window_tokens.max(1) as f64);
+        loss_sum += loss.clone().into_scalar().elem::<f64>();
+        let grads = GradientsParams::from_grads(loss.backward(), model);
+        accum.accumulate(model, grads);
+    }
+    Ok((accum.grads(), loss_sum))
+}
+
+/// Moves the cursor to the next epoch once this one's samples are used up; returns whether
+/// it did (an epoch end is when validation is always due).
+fn end_epoch_if_done(state: &mut TrainState, n: usize) -> bool {
+    let epoch_done = state.next_sample >= n;
+    if epoch_done {
+        state.epoch += 1;
+        state.next_sample = 0;
+    }
+    epoch_done
+}
+
+/// Validates at each epoch end and every `eval_every` steps, keeping the best adapter so far
+/// on disk; returns the callback's answer (`Continue` when no validation ran).
+fn validate_if_due<B: AutodiffKernels>(
+    run: &mut Run<B>,
+    epoch_done: bool,
+    ctx: &Ctx<'_, B>,
+    progress: &mut dyn FnMut(&TrainEvent<'_>) -> Flow,
+) -> Result<Flow, TrainError> {
+    let state = &mut run.state;
+    let eval_due = ctx
+        .cfg
+        .eval_every
+        .is_some_and(|e| e > 0 && state.step.is_multiple_of(e));
+    let Some(valid) = ctx.valid.filter(|v| !v.is_empty()) else {
+        return Ok(Flow::Continue);
+    };
+    if !(epoch_done || eval_due) {
+        return Ok(Flow::Continue);
+    }
+    let (loss, tokens) = validate(&run.model, valid, ctx.cfg.batch_size, ctx.device)?;
+    let best = state.best.is_none_or(|b| loss < b.loss);
+    if best {
+        save_best(&run.model, ctx.ckpt_dir, state.step, loss)?;
+        state.best = Some(BestVal {
+            step: state.step,
+            loss,
+        });
+    }
+    let v = ValMetrics {
+        step: state.step,
+        epoch: state.epoch as f64 + state.next_sample as f64 / ctx.n as f64,
+        loss,
+        tokens,
+        best,
+    };
+    let flow = progress(&TrainEvent::Validation(&v));
+    state.validations.push(v);
+    Ok(flow)
+}
+
+/// Commits a checkpoint every `checkpoint_every` steps and at the end (pruning to the newest
+/// `keep_checkpoints`), so a killed run loses little; returns the callback's answer.
+fn checkpoint_if_due<B: AutodiffKernels>(
+    run: &Run<B>,
+    finished: bool,
+    ctx: &Ctx<'_, B>,
+    progress: &mut dyn FnMut(&TrainEvent<'_>) -> Flow,
+) -> Result<Flow, TrainError> {
+    let ckpt_due = ctx
+        .cfg
+        .checkpoint_every
+        .is_some_and(|c| c > 0 && run.state.step.is_multiple_of(c));
+    if !(finished || ckpt_due) {
+        return Ok(Flow::Continue);
+    }
+    let adapter = run.model.export_adapter(None)?;
+    let dir = checkpoint::save(
+        ctx.ckpt_dir,
+        &run.state,
+        &adapter,
+        &run.opt,
+        &run.model.lora_params(),
+    )?;
+    checkpoint::prune(ctx.ckpt_dir, ctx.cfg.keep_checkpoints)?;
+    Ok(progress(&TrainEvent::Checkpoint {
+        step: run.state.step,
+        dir: &dir,
+    }))
 }
 
 /// A collated batch moved onto the autodiff backend (no gradients needed for its tensors).
@@ -471,58 +469,13 @@ fn to_autodiff<B: AutodiffKernels>(b: Batch<B::InnerBackend>) -> AdBatch<B> {
     )
 }
 
-/// Token-mean loss of `valid` under the model without autodiff, and the tokens counted.
-fn validate<B: AutodiffKernels>(
-    model: &Qwen25Vl<B>,
-    valid: &dyn SampleSource<B::InnerBackend>,
-    batch_size: usize,
-    device: &B::Device,
-) -> Result<(f64, usize), TrainError> {
-    let m = model.valid();
-    let (mut sum, mut tokens) = (0.0, 0);
-    let all: Vec<usize> = (0..valid.len()).collect();
-    for idx in all.chunks(batch_size) {
-        let samples: Vec<TrainSample<B::InnerBackend>> = idx
-            .iter()
-            .map(|&i| valid.get(i))
-            .collect::<Result<_, _>>()?;
-        let b = collate(&samples, idx, device)?;
-        let out = m.forward(
-            &b.input_ids,
-            Some(&b.attention_mask),
-            b.images.as_ref(),
-            device,
-        )?;
-        let (loss, count) = causal_lm_loss(out.logits, b.labels);
-        sum += loss.into_scalar().elem::<f64>() * count as f64;
-        tokens += count;
-    }
-    Ok((sum / tokens.max(1) as f64, tokens))
-}
-
-/// Saves the current adapter as `<ckpt_dir>/best` (atomically) with `best.json`.
-fn save_best<B: AutodiffKernels>(
-    model: &Qwen25Vl<B>,
-    ckpt_dir: &Path,
-    step: u64,
-    loss: f64,
-) -> Result<(), TrainError> {
-    let partial = crate::fs::fresh_partial(&ckpt_dir.join("best"))?;
-    model
-        .export_adapter(None)?
-        .save(&partial)
-        .map_err(CheckpointError::from)?;
-    write_json_atomic(&partial.join("best.json"), &BestVal { step, loss })?;
-    commit_dir(&partial, &ckpt_dir.join("best"))?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::lora::LoraSpec;
     use crate::model::qwen::tests::{image, reference};
     use crate::test_util::{fixture, TB};
+    use crate::train::batch::TrainSample;
     use crate::train::loss::IGNORE_INDEX;
     use burn::module::{Module, ModuleVisitor, Param, ParamId};
     use std::collections::{BTreeMap, HashSet};

@@ -1,0 +1,72 @@
+//! What a training run measures and reports: per-step and validation metrics (recorded in the
+//! checkpoint's `state.json`) and the events the trainer hands to its progress callback.
+//!
+//! Both `checkpoint` (which stores the metrics) and `trainer` (which produces them) depend on
+//! this module, and it depends on neither.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Metrics of one optimizer step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// Optimizer step (1-based: the step just taken).
+    pub step: u64,
+    pub total_steps: u64,
+    /// Epochs done, fractional.
+    pub epoch: f64,
+    /// Token-mean cross-entropy over the accumulation window (nats).
+    pub loss: f64,
+    /// Learning rate the step used.
+    pub lr: f64,
+    /// Global gradient L2 norm before clipping.
+    pub grad_norm: f64,
+    /// Samples in the window.
+    pub samples: usize,
+    /// Unpadded input tokens in the window.
+    pub input_tokens: usize,
+    /// Tokens the loss counted.
+    pub label_tokens: usize,
+    /// Input tokens per second of wall time (forward + backward + update).
+    pub tokens_per_s: f64,
+    /// Samples per second of wall time.
+    pub samples_per_s: f64,
+}
+
+/// One validation pass.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValMetrics {
+    /// Optimizer steps done when it ran.
+    pub step: u64,
+    /// Epochs done, fractional.
+    pub epoch: f64,
+    /// Token-mean cross-entropy over the validation set (nats).
+    pub loss: f64,
+    /// Tokens it averaged.
+    pub tokens: usize,
+    /// Whether it improved on every earlier validation (the adapter was saved as best).
+    pub best: bool,
+}
+
+/// What the trainer reports while it runs.
+#[derive(Debug, Clone, Copy)]
+pub enum TrainEvent<'a> {
+    /// Continuing from a checkpoint.
+    Resumed { step: u64, dir: &'a Path },
+    /// An optimizer step was taken.
+    Step(&'a StepMetrics),
+    /// A validation pass finished.
+    Validation(&'a ValMetrics),
+    /// A checkpoint was committed.
+    Checkpoint { step: u64, dir: &'a Path },
+}
+
+/// The progress callback's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// Stop after the current step's validation and checkpoint (work since the last
+    /// checkpoint is redone on resume).
+    Stop,
+}
