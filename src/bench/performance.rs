@@ -38,4 +38,3 @@ pub struct Performance {
     /// Warm-up runs excluded from the figures.
     pub warmup_runs: Option<usize>,
 }
-

@@ -417,9 +417,7 @@ impl Pipeline {
             let p = ws.reports().join(file);
             let read = Artifact::read(&p);
             match &read {
-                Ok(Some(art)) if art.status == Status::Completed => {
-                    upstream.push((u, art.clone()))
-                }
+                Ok(Some(art)) if art.status == Status::Completed => upstream.push((u, art.clone())),
                 _ if stage.upstream().contains(&u) => {
                     read?;
                     return Err(RunError::UpstreamMissing {
@@ -691,7 +689,10 @@ fn record_panic_locations() {
 /// Runs a stage, turning a panic inside it into an error: `the stage panicked: <message>
 /// (at <file:line:col>)`. Without this a GPU out-of-memory or a kernel assert would unwind
 /// through the runner, leave no record and exit 101.
-fn run_catching_panics(stage: &dyn AnyStage, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
+fn run_catching_panics(
+    stage: &dyn AnyStage,
+    ctx: &mut StageCtx<'_>,
+) -> anyhow::Result<StageOutput> {
     record_panic_locations();
     PANIC_LOCATION.with(|p| p.borrow_mut().take());
     match std::panic::catch_unwind(AssertUnwindSafe(|| stage.run(ctx))) {

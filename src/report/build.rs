@@ -289,7 +289,13 @@ fn dataset_from_prepare(m: &Value) -> Result<DatasetMetrics, serde_json::Error> 
     let count = |split: &str| p.splits.get(split).map_or(0, |s| s.count);
     let mut doc_types = std::collections::BTreeMap::new();
     for split in ["train", "val", "test"] {
-        for (t, n) in p.splits.get(split).map(|s| &s.by_doc_type).into_iter().flatten() {
+        for (t, n) in p
+            .splits
+            .get(split)
+            .map(|s| &s.by_doc_type)
+            .into_iter()
+            .flatten()
+        {
             *doc_types.entry(t.clone()).or_insert(0) += n;
         }
     }

@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use crate::metrics::extraction::{Comparison, ScoreReport};
 
 pub use crate::bench::performance::Performance;
-pub use crate::stages::download::{DownloadMetrics, DownloadedFile};
 pub use crate::stages::baseline::BaselineMetrics;
+pub use crate::stages::download::{DownloadMetrics, DownloadedFile};
 pub use crate::stages::probe::EnvironmentMetrics;
 pub use crate::stages::quantize::{QuantizeMetrics, QuantizedLayer};
 pub use crate::stages::train::{TrainStep, TrainingMetrics, ValPoint};

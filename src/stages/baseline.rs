@@ -19,12 +19,12 @@ use serde_json::Value;
 use crate::bench::charts::write_charts;
 use crate::bench::inputs::evaluation_documents;
 use crate::bench::output::markdown_document;
+use crate::bench::performance::Performance;
 use crate::bench::schema::BenchResult;
 use crate::bench::{run_bench_on, BenchOptions};
 use crate::fs::write_atomic;
 use crate::model::Sampling;
 use crate::pipeline::{Stage, StageCtx, StageOutput};
-use crate::bench::performance::Performance;
 
 /// `[baseline]` config section. Defaults keep the builtin:tiny pipeline fast.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

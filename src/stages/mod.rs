@@ -1,4 +1,7 @@
-//! The pipeline's stages, one file each, in execution order.
+//! The pipeline's stages, one file (or folder) each, in execution order.
+//!
+//! Adding a stage is its file plus one line in [`work_stages`]: the engine, the config
+//! check, `medpipe stages`, `status` and the report all take the list from here.
 
 pub mod baseline;
 pub mod download;
@@ -13,26 +16,35 @@ pub mod train;
 use std::path::Path;
 
 use crate::config::Config;
-use crate::pipeline::{AnyStage, ConfigError, Pipeline};
+use crate::pipeline::{AnyStage, ConfigError, Pipeline, Stage};
 
-/// The stages this build of medpipe has, in pipeline order.
-pub fn registry() -> Vec<Box<dyn AnyStage>> {
+/// The stages that do the work, in pipeline order (the report is added after them).
+pub fn work_stages() -> Vec<Box<dyn AnyStage>> {
     let mut stages: Vec<Box<dyn AnyStage>> = vec![
         Box::new(probe::Probe),
         Box::new(download::Download),
         Box::new(baseline::Baseline),
         Box::new(quantize::Quantize),
         // Prepare resolves `dataset = ..` sources through download.json (registered above).
-        Box::new(prepare::Prepare::new(&["download"])),
+        Box::new(prepare::Prepare::new(&[download::Download::NAME])),
         Box::new(train::Train),
     ];
     // Evaluate reads the variant stages (quantize, train) registered before it, when present.
     let earlier: Vec<&'static str> = stages.iter().map(|s| s.name()).collect();
     stages.push(Box::new(evaluate::Evaluate::new(&earlier)));
-    // The report comes last and reads whatever ran before it.
-    let earlier = stages.iter().map(|s| s.name()).collect();
-    stages.push(Box::new(report::Report::new(earlier)));
     stages
+}
+
+/// `work` followed by the report, which reads every one of them when it has run.
+pub fn with_report(mut work: Vec<Box<dyn AnyStage>>) -> Vec<Box<dyn AnyStage>> {
+    let earlier = work.iter().map(|s| s.name()).collect();
+    work.push(Box::new(report::Report::new(earlier)));
+    work
+}
+
+/// The stages this build of medpipe has, in pipeline order.
+pub fn registry() -> Vec<Box<dyn AnyStage>> {
+    with_report(work_stages())
 }
 
 /// The standard pipeline.
@@ -145,6 +157,165 @@ mod tests {
         assert_eq!(
             err,
             "config test.toml (--set train.r=0): train.r = 0 is not allowed (must be at least 1)"
+        );
+    }
+
+    /// A stage added by a test: its own `[extra]` section and typed metrics. Nothing
+    /// else in the crate names it.
+    struct Extra;
+
+    #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct ExtraConfig {
+        level: u32,
+    }
+
+    impl crate::pipeline::SectionConfig for ExtraConfig {
+        fn validate(&self) -> Result<(), crate::pipeline::InvalidValue> {
+            crate::pipeline::settings::check(
+                self.level <= 9,
+                "extra.level",
+                self.level,
+                "at most 9",
+            )
+        }
+    }
+
+    #[derive(Debug, serde::Serialize, serde::Deserialize)]
+    struct ExtraMetrics {
+        level_squared: u32,
+    }
+
+    impl Stage for Extra {
+        const NAME: &'static str = "extra";
+        type Config = ExtraConfig;
+        type Metrics = ExtraMetrics;
+
+        fn description(&self) -> &'static str {
+            "a stage added by a test"
+        }
+        fn artifact_file(&self) -> &'static str {
+            "extra.json"
+        }
+        fn upstream(&self) -> &[&'static str] {
+            &[]
+        }
+        fn code_version(&self) -> u32 {
+            1
+        }
+        fn run(
+            &self,
+            cfg: &ExtraConfig,
+            _: &mut crate::pipeline::StageCtx<'_>,
+        ) -> anyhow::Result<crate::pipeline::StageOutput> {
+            let metrics = ExtraMetrics {
+                level_squared: cfg.level * cfg.level,
+            };
+            Ok(crate::pipeline::StageOutput {
+                metrics: serde_json::to_value(metrics)?,
+                summary: vec![("level²".into(), (cfg.level * cfg.level).to_string())],
+                ..Default::default()
+            })
+        }
+    }
+
+    #[test]
+    fn issue_16_a_stage_added_with_one_line_shows_in_stages_config_status_and_the_report() {
+        let mut work = work_stages();
+        work.push(Box::new(Extra)); // the one line
+        let p = Pipeline::new(with_report(work));
+
+        // `medpipe stages` lists the pipeline's stages.
+        let names: Vec<&str> = p.stages().map(|s| s.name()).collect();
+        assert_eq!(&names[names.len() - 2..], ["extra", "report"]);
+
+        // Its section is known, typed and validated with the others.
+        let cfg = Config::from_toml("[extra]\nlevel = 3\n", Path::new("x.toml"), &[]).unwrap();
+        cfg.check_sections(&p.config_sections()).unwrap();
+        p.check_config(&cfg).unwrap();
+        let bad = Config::from_toml("[extra]\nlevel = 12\n", Path::new("x.toml"), &[]).unwrap();
+        assert_eq!(
+            p.check_config(&bad).unwrap_err().to_string(),
+            "config x.toml: extra.level = 12 is not allowed (at most 9)"
+        );
+
+        // `medpipe status` shows it; it runs; the report lists it with its figures.
+        let dir = tempfile::tempdir().unwrap();
+        let ws = crate::pipeline::Workspace::open(dir.path()).unwrap();
+        let state = |p: &Pipeline| {
+            p.status(&ws, &cfg)
+                .unwrap()
+                .into_iter()
+                .find(|s| s.stage == "extra")
+                .map(|s| s.state)
+        };
+        assert_eq!(state(&p), Some("missing"));
+        let only = |stage: &str| crate::pipeline::RunOptions {
+            only: Some(stage.into()),
+            quiet: true,
+            ..Default::default()
+        };
+        let run = p.run(&ws, &cfg, &only("extra"), &mut |_| {}).unwrap();
+        assert!(!run.failed(), "{run:?}");
+        assert_eq!(state(&p), Some("completed"));
+        let run = p.run(&ws, &cfg, &only("report"), &mut |_| {}).unwrap();
+        assert!(!run.failed(), "{run:?}");
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(ws.reports().join("FINAL_REPORT.json")).unwrap())
+                .unwrap();
+        let entry = report["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["stage"] == "extra")
+            .unwrap_or_else(|| panic!("no `extra` in {}", report["stages"]));
+        assert_eq!(entry["status"], "completed");
+        assert_eq!(entry["summary"][0], serde_json::json!(["level²", "9"]));
+    }
+
+    #[test]
+    fn issue_16_metrics_that_do_not_match_the_declared_type_fail_the_stage() {
+        struct Liar;
+        impl Stage for Liar {
+            const NAME: &'static str = "liar";
+            type Config = crate::pipeline::NoConfig;
+            type Metrics = ExtraMetrics;
+            fn description(&self) -> &'static str {
+                "records metrics of the wrong shape"
+            }
+            fn artifact_file(&self) -> &'static str {
+                "liar.json"
+            }
+            fn upstream(&self) -> &[&'static str] {
+                &[]
+            }
+            fn code_version(&self) -> u32 {
+                1
+            }
+            fn run(
+                &self,
+                _: &crate::pipeline::NoConfig,
+                _: &mut crate::pipeline::StageCtx<'_>,
+            ) -> anyhow::Result<crate::pipeline::StageOutput> {
+                Ok(crate::pipeline::StageOutput {
+                    metrics: serde_json::json!({"level_squared": "nine"}),
+                    ..Default::default()
+                })
+            }
+        }
+        let p = Pipeline::new(vec![Box::new(Liar)]);
+        let dir = tempfile::tempdir().unwrap();
+        let ws = crate::pipeline::Workspace::open(dir.path()).unwrap();
+        let cfg = Config::load(None, &[]).unwrap();
+        let opts = crate::pipeline::RunOptions {
+            quiet: true,
+            ..Default::default()
+        };
+        let run = p.run(&ws, &cfg, &opts, &mut |_| {}).unwrap();
+        let err = run.stages[0].error.as_deref().unwrap_or_default();
+        assert!(
+            err.contains("do not read as its declared metrics type"),
+            "{err}"
         );
     }
 }

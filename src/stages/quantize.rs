@@ -20,6 +20,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::bench::memory::{rss_bytes, DeviceWatch, MemorySampler};
+use crate::bench::performance::Performance;
 use crate::device::{run_on, BackendJob, Device, DeviceMemory, Target};
 use crate::kernels::Kernels;
 use crate::metrics::stats::summarize_ms;
@@ -28,7 +29,6 @@ use crate::model::processor::ImageInput as ProcImage;
 use crate::model::GenerateConfig;
 use crate::pipeline::{Stage, StageCtx, StageOutput};
 use crate::quant::{quantize_checkpoint, QuantizeOptions, QuantizeReport};
-use crate::bench::performance::Performance;
 
 /// How often the memory sampler reads RSS while generating.
 const MEMORY_SAMPLE_INTERVAL: Duration = Duration::from_millis(10);

@@ -423,7 +423,8 @@ fn inputs_fingerprint(
             json!({ "input_hash": a.input_hash, "outputs": outputs }),
         );
     }
-    let all = json!({ "train": crate::json::canonical(serde_json::to_value(cfg)?), "upstream": up });
+    let all =
+        json!({ "train": crate::json::canonical(serde_json::to_value(cfg)?), "upstream": up });
     Ok(crate::fs::sha256_hex(
         serde_json::to_string(&all)?.as_bytes(),
     ))

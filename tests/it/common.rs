@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use medpipe::pipeline::{
-    NoConfig,
-    Event, Pipeline, RunOptions, RunReport, Stage, StageCtx, StageOutput, Workspace,
+    Event, NoConfig, Pipeline, RunOptions, RunReport, Stage, StageCtx, StageOutput, Workspace,
 };
 use medpipe::Config;
 

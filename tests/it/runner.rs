@@ -217,19 +217,25 @@ fn a_stage_whose_upstream_artifact_is_missing_says_what_to_run() {
 fn bad_ranges_and_unknown_stages_are_rejected_before_anything_runs() {
     let p = chain();
     let cfg = Config::load(None, &[]).unwrap();
-    let e = p.plan(&cfg, &RunOptions {
-        from: Some("gamma".into()),
-        to: Some("alpha".into()),
-        ..Default::default()
-    });
+    let e = p.plan(
+        &cfg,
+        &RunOptions {
+            from: Some("gamma".into()),
+            to: Some("alpha".into()),
+            ..Default::default()
+        },
+    );
     assert_eq!(
         e.unwrap_err().to_string(),
         "--from gamma comes after --to alpha (pipeline order: alpha → beta → gamma)"
     );
-    let e = p.plan(&cfg, &RunOptions {
-        from: Some("delta".into()),
-        ..Default::default()
-    });
+    let e = p.plan(
+        &cfg,
+        &RunOptions {
+            from: Some("delta".into()),
+            ..Default::default()
+        },
+    );
     assert_eq!(
         e.unwrap_err().to_string(),
         "unknown stage `delta` in --from (stages: alpha, beta, gamma)"
