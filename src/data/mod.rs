@@ -14,6 +14,7 @@ pub mod mtsamples;
 pub mod parquet;
 pub mod render;
 pub mod sample;
+pub mod shards;
 pub mod source;
 pub mod split;
 pub mod synthetic;
