@@ -244,9 +244,7 @@ pub fn run_bench<B: Kernels>(
             reason: "no benchmark inputs".into(),
         });
     }
-    // A GPU's allocator pools start from what this model needs, not an earlier run's.
-    B::memory_cleanup(device);
-    let mut watch = DeviceWatch::new(DeviceMemory::for_device(target.device));
+    let mut watch = watch_device::<B>(device, target);
     let device_before_load = watch.memory().used_bytes();
     let loaded = load_model::<B>(model_dir, None, device)?;
     let (model, load_time_ms) = (loaded.model, loaded.load_ms);
@@ -462,12 +460,52 @@ fn generate<B: Kernels>(
         .map(|j| &prepared[(start + j) % prepared.len()])
         .collect();
     let reqs: Vec<Request<B>> = picked.iter().map(|p| p.request.clone()).collect();
+    let batch = generate_batch(model, &reqs, cfg, device, watch)?;
+    Ok(Call {
+        rows: picked
+            .iter()
+            .map(|p| p.name.clone())
+            .zip(batch.generations)
+            .collect(),
+        wall_ms: batch.wall_ms,
+    })
+}
+
+/// Empties the backend's memory pools and starts watching the device, so the memory figures
+/// that follow are this model's and not an earlier run's (a GPU's pools start from what this
+/// model needs).
+pub(crate) fn watch_device<B: Kernels>(device: &B::Device, target: Target) -> DeviceWatch {
+    B::memory_cleanup(device);
+    DeviceWatch::new(DeviceMemory::for_device(target.device))
+}
+
+/// One batch through [`Qwen25Vl::generate`]: the generations and the call's wall time.
+pub(crate) struct TimedBatch {
+    /// One per request, in request order.
+    pub(crate) generations: Vec<Generation>,
+    /// Wall time of the call, ms.
+    pub(crate) wall_ms: f64,
+}
+
+/// Generates for one batch of `requests`, timed by the wall clock, then reads the device
+/// allocator on this thread (cubecl keeps a pool per thread's stream): the step the benchmark
+/// and the evaluate stage take for every batch, so both measure a call the same way.
+///
+/// # Errors
+/// As [`Qwen25Vl::generate`].
+pub(crate) fn generate_batch<B: Kernels>(
+    model: &Qwen25Vl<B>,
+    requests: &[Request<B>],
+    cfg: &GenerateConfig,
+    device: &B::Device,
+    watch: &mut DeviceWatch,
+) -> Result<TimedBatch, ModelError> {
     let t = Instant::now();
-    let gens = model.generate(&reqs, cfg, device)?;
+    let generations = model.generate(requests, cfg, device)?;
     let wall_ms = t.elapsed().as_secs_f64() * 1e3;
     watch.after_call();
-    Ok(Call {
-        rows: picked.iter().map(|p| p.name.clone()).zip(gens).collect(),
+    Ok(TimedBatch {
+        generations,
         wall_ms,
     })
 }

@@ -15,6 +15,7 @@ pub mod parquet;
 pub mod raw;
 pub mod render;
 pub mod sample;
+pub mod shards;
 pub mod source;
 pub mod split;
 pub mod synthetic;

@@ -7,7 +7,6 @@ pub mod baseline;
 pub mod download;
 pub mod evaluate;
 pub mod prepare;
-pub mod prepare_metrics;
 pub mod probe;
 pub mod quantize;
 pub mod report;
