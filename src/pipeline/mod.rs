@@ -4,16 +4,17 @@
 
 pub mod artifact;
 mod buildlog;
+mod execute;
 pub mod runner;
 pub mod settings;
 pub mod space;
 pub mod stage;
+mod status;
 pub mod workspace;
 
 pub use artifact::{Artifact, Status};
-pub use runner::{
-    Event, Pipeline, RunError, RunOptions, RunReport, StageReport, StageState, StatusOptions,
-};
+pub use runner::{Event, Pipeline, RunError, RunOptions, RunReport, StageReport};
 pub use settings::{ConfigError, InvalidValue, NoConfig, SectionConfig, Settings};
 pub use stage::{AnyStage, Stage, StageCtx, StageOutput, UpstreamState};
+pub use status::{StageState, StatusOptions};
 pub use workspace::Workspace;

@@ -10,25 +10,18 @@
 //! panic message. When even the failure cannot be written (a full disk), the stage is still
 //! reported as failed, with both errors, and the run stops there.
 
-use std::cell::RefCell;
-use std::collections::BTreeMap;
-use std::panic::AssertUnwindSafe;
-use std::path::{Path, PathBuf};
-use std::sync::Once;
-use std::time::{Instant, SystemTime};
+use std::path::PathBuf;
 
 use indicatif::MultiProgress;
 use serde::Serialize;
-use serde_json::{json, Value};
 
-use super::artifact::{Artifact, ArtifactError, ErrorRecord, OutputFile, Status, SCHEMA_VERSION};
+use super::artifact::{Artifact, ArtifactError, Status};
 use super::buildlog;
+use super::execute::adopt;
 use super::settings::{ConfigError, Settings};
-use super::stage::{AnyStage, StageCtx, StageOutput, UpstreamState};
+use super::stage::AnyStage;
 use super::workspace::{Workspace, WorkspaceError};
-use crate::build_info::{git_commit, rfc3339, MEDPIPE_VERSION};
-use crate::fs::{self, FsError};
-use crate::json::canonical;
+use crate::fs::FsError;
 
 /// Errors that stop a run before or between stages (not a stage's own failure).
 #[derive(Debug, thiserror::Error)]
@@ -84,14 +77,6 @@ pub struct RunOptions {
     pub quiet: bool,
 }
 
-/// How `medpipe status` judges outputs.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct StatusOptions {
-    /// Re-hash every output instead of trusting a file whose size and modification time are
-    /// as recorded (the fast path misses an edit that keeps both).
-    pub verify: bool,
-}
-
 /// What happened to one stage in a run.
 #[derive(Debug, Clone, Serialize)]
 pub struct StageReport {
@@ -125,33 +110,9 @@ pub enum Event<'a> {
     Finished(&'a StageReport),
 }
 
-/// Where a stage stands, as `medpipe status` shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct StageState {
-    pub stage: String,
-    /// `completed`, `failed`, `missing` or `stale`.
-    pub state: &'static str,
-    /// Why it would run now (empty when up to date).
-    pub reason: String,
-    pub finished_at: Option<String>,
-    pub duration_s: Option<f64>,
-    pub artifact: PathBuf,
-    pub summary: Vec<(String, String)>,
-}
-
 /// An ordered set of stages.
 pub struct Pipeline {
-    stages: Vec<Box<dyn AnyStage>>,
-}
-
-/// A stage's freshness, computed before it would run.
-struct Assessment {
-    input_hash: String,
-    upstream: BTreeMap<String, String>,
-    config: Value,
-    /// `None` when up to date; else why it must run.
-    stale: Option<String>,
-    previous: Option<Artifact>,
+    pub(super) stages: Vec<Box<dyn AnyStage>>,
 }
 
 impl Pipeline {
@@ -191,7 +152,7 @@ impl Pipeline {
             .join(" → ")
     }
 
-    fn index(&self, name: &str, flag: &'static str) -> Result<usize, RunError> {
+    pub(super) fn index(&self, name: &str, flag: &'static str) -> Result<usize, RunError> {
         self.stages
             .iter()
             .position(|s| s.name() == name)
@@ -387,335 +348,10 @@ impl Pipeline {
         }
         Ok(report)
     }
-
-    #[allow(clippy::too_many_arguments)]
-    fn execute(
-        &self,
-        stage: &dyn AnyStage,
-        ws: &Workspace,
-        settings: &Settings,
-        a: Assessment,
-        reason: &str,
-        progress: &MultiProgress,
-        opts: &RunOptions,
-    ) -> Result<StageReport, RunError> {
-        let path = ws.reports().join(stage.artifact_file());
-        // The old artifact goes first: from here until the new one is written, nothing on
-        // disk claims this stage completed (kill -9 safe).
-        if path.exists() {
-            std::fs::remove_file(&path).map_err(|source| FsError {
-                action: "removing old artifact",
-                path: path.clone(),
-                source,
-            })?;
-        }
-        let mut upstream = Vec::new();
-        let mut states = Vec::new();
-        for u in all_upstream(stage) {
-            let ui = self.index(u, "upstream")?;
-            let file = self.stages[ui].artifact_file();
-            let p = ws.reports().join(file);
-            let read = Artifact::read(&p);
-            match &read {
-                Ok(Some(art)) if art.status == Status::Completed => upstream.push((u, art.clone())),
-                _ if stage.upstream().contains(&u) => {
-                    read?;
-                    return Err(RunError::UpstreamMissing {
-                        stage: stage.name().into(),
-                        upstream: u.to_string(),
-                        path: ws.relative(&p),
-                    });
-                }
-                _ => {}
-            }
-            states.push(UpstreamState {
-                stage: u,
-                artifact_file: file,
-                artifact: read.map_err(|e| format!("{:#}", anyhow::Error::from(e))),
-            });
-        }
-
-        let started = SystemTime::now();
-        let clock = Instant::now();
-        let mut ctx = StageCtx {
-            workspace: ws,
-            settings,
-            upstream,
-            states,
-            progress,
-            quiet: opts.quiet,
-        };
-        let span = tracing::info_span!("stage", name = stage.name());
-        let result = span
-            .in_scope(|| run_catching_panics(stage, &mut ctx))
-            .and_then(|out| hash_outputs(ws, out));
-        let duration_s = clock.elapsed().as_secs_f64();
-
-        let mut artifact = Artifact {
-            schema_version: SCHEMA_VERSION,
-            stage: stage.name().into(),
-            status: Status::Completed,
-            started_at: rfc3339(started),
-            finished_at: rfc3339(SystemTime::now()),
-            duration_s,
-            input_hash: a.input_hash,
-            code_version: stage.code_version(),
-            config: a.config,
-            upstream: a.upstream,
-            outputs: Vec::new(),
-            metrics: Value::Null,
-            summary: Vec::new(),
-            warnings: Vec::new(),
-            error: None,
-            medpipe_version: MEDPIPE_VERSION.into(),
-            git_commit: git_commit(),
-            workspace: Some(ws.root().to_path_buf()),
-        };
-        match result {
-            Ok((out, files)) => {
-                artifact.outputs = files;
-                artifact.metrics = out.metrics;
-                artifact.summary = out.summary;
-                artifact.warnings = out.warnings;
-            }
-            Err(e) => {
-                artifact.status = Status::Failed;
-                artifact.error = Some(ErrorRecord::from_anyhow(&e));
-            }
-        }
-        // A full disk can refuse the artifact itself. Nothing then claims the stage completed
-        // (the old artifact is gone), so it is reported failed with both errors, and the next
-        // run redoes it; the run still ends with its summary and exit code 1.
-        if let Err(e) = fs::write_json_atomic(&path, &artifact) {
-            let write_error = format!("{:#}", anyhow::Error::from(e));
-            let record = match artifact.error.take() {
-                Some(mut r) => {
-                    r.causes.push(format!(
-                        "and the failure could not be recorded: {write_error}"
-                    ));
-                    r
-                }
-                None => ErrorRecord {
-                    message: "the stage finished but its artifact could not be written".into(),
-                    causes: vec![write_error],
-                },
-            };
-            artifact.status = Status::Failed;
-            artifact.error = Some(record);
-        }
-        if let Err(e) = buildlog::append_stage(ws, &artifact, stage.artifact_file(), reason) {
-            tracing::warn!(
-                stage = stage.name(),
-                "BUILD_LOG.md not updated: {:#}",
-                anyhow::Error::from(e)
-            );
-        }
-        Ok(StageReport {
-            stage: stage.name().into(),
-            action: if artifact.status == Status::Completed {
-                "ran"
-            } else {
-                "failed"
-            },
-            reason: reason.into(),
-            duration_s,
-            summary: artifact.summary.clone(),
-            error: artifact.error.as_ref().map(ErrorRecord::full),
-        })
-    }
-
-    /// Computes a stage's input hash and whether its artifact is current.
-    fn assess(
-        &self,
-        stage: &dyn AnyStage,
-        ws: &Workspace,
-        settings: &Settings,
-        verify: bool,
-    ) -> Result<Assessment, RunError> {
-        let config_json = stage.config_json(settings, ws)?;
-        let mut upstream = BTreeMap::new();
-        let mut upstream_outputs = BTreeMap::new();
-        let mut stale_upstream = None;
-        for up in all_upstream(stage) {
-            let ui = self.index(up, "upstream")?;
-            let p = ws.reports().join(self.stages[ui].artifact_file());
-            match Artifact::read(&p)? {
-                Some(art) if art.status == Status::Completed => {
-                    upstream.insert(up.to_string(), art.input_hash.clone());
-                    // Content only: the stat fingerprint (mtimes) changes when a forced
-                    // upstream rewrites identical bytes, which must not make this stage stale.
-                    let content: Vec<OutputFile> = art
-                        .outputs
-                        .iter()
-                        .map(|o| OutputFile {
-                            stat: None,
-                            ..o.clone()
-                        })
-                        .collect();
-                    upstream_outputs.insert(up.to_string(), content);
-                }
-                _ if stage.upstream().contains(&up) => {
-                    stale_upstream = Some(format!("upstream `{up}` has no completed artifact"))
-                }
-                _ => {}
-            }
-        }
-        let input_hash = fs::sha256_hex(
-            serde_json::to_string(&canonical(json!({
-                "stage": stage.name(),
-                "code_version": stage.code_version(),
-                "config": config_json,
-                "upstream": upstream,
-                "upstream_outputs": upstream_outputs,
-                "medpipe_version": MEDPIPE_VERSION,
-            })))
-            .expect("plain JSON serializes")
-            .as_bytes(),
-        );
-        let path = ws.reports().join(stage.artifact_file());
-        let previous = Artifact::read(&path)?;
-        let stale = match &previous {
-            None => Some("no artifact yet".to_string()),
-            Some(p) => stale_upstream.or_else(|| {
-                why_stale(
-                    p,
-                    stage,
-                    &config_json,
-                    &upstream,
-                    &input_hash,
-                    ws.root(),
-                    verify,
-                )
-            }),
-        };
-        Ok(Assessment {
-            input_hash,
-            upstream,
-            config: config_json,
-            stale,
-            previous,
-        })
-    }
-
-    /// Every stage's state, as `medpipe status` shows it. Reads only; takes no lock.
-    ///
-    /// # Errors
-    /// Unreadable artifacts.
-    pub fn status(&self, ws: &Workspace, settings: &Settings) -> Result<Vec<StageState>, RunError> {
-        self.status_with(ws, settings, StatusOptions::default())
-    }
-
-    /// [`Pipeline::status`] with options (`--verify` re-hashes every output).
-    ///
-    /// # Errors
-    /// Unreadable artifacts.
-    pub fn status_with(
-        &self,
-        ws: &Workspace,
-        settings: &Settings,
-        opts: StatusOptions,
-    ) -> Result<Vec<StageState>, RunError> {
-        let mut out = Vec::new();
-        let mut upstream_stale: Vec<&str> = Vec::new();
-        for stage in &self.stages {
-            let a = self.assess(stage.as_ref(), ws, settings, opts.verify)?;
-            let artifact = ws.relative(&ws.reports().join(stage.artifact_file()));
-            let inherited = all_upstream(stage.as_ref())
-                .find(|u| upstream_stale.contains(u))
-                .map(|u| format!("upstream `{u}` will re-run"));
-            let (state, reason) = match (&a.previous, a.stale.or(inherited)) {
-                (None, _) => ("missing", "no artifact yet".to_string()),
-                (Some(p), _) if p.status == Status::Failed => (
-                    "failed",
-                    p.error.as_ref().map(ErrorRecord::full).unwrap_or_default(),
-                ),
-                (Some(_), Some(r)) => ("stale", r),
-                (Some(_), None) => ("completed", String::new()),
-            };
-            if state != "completed" {
-                upstream_stale.push(stage.name());
-            }
-            out.push(StageState {
-                stage: stage.name().into(),
-                state,
-                reason,
-                finished_at: a.previous.as_ref().map(|p| p.finished_at.clone()),
-                duration_s: a.previous.as_ref().map(|p| p.duration_s),
-                artifact,
-                summary: a.previous.map(|p| p.summary).unwrap_or_default(),
-            });
-        }
-        Ok(out)
-    }
-}
-
-/// Records that a copied or moved workspace's artifact was re-verified here: the current root
-/// and fresh stat fingerprints, so the next run trusts them again. Nothing else changes.
-fn adopt(ws: &Workspace, file: &str, prev: &Artifact) -> Result<(), RunError> {
-    let mut a = prev.clone();
-    tracing::info!(
-        stage = %a.stage,
-        from = ?a.workspace,
-        to = %ws.root().display(),
-        "artifact re-verified in a moved workspace"
-    );
-    a.workspace = Some(ws.root().to_path_buf());
-    for o in &mut a.outputs {
-        o.stat = fs::stat_fingerprint(&ws.root().join(&o.path)).ok();
-    }
-    fs::write_json_atomic(&ws.reports().join(file), &a)?;
-    Ok(())
-}
-
-thread_local! {
-    /// Where the last panic on this thread happened, for the failed artifact.
-    static PANIC_LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
-}
-
-/// Chains a panic hook (once per process) that remembers each panic's location on its
-/// thread; the previous hook (by default, the message on stderr) still runs.
-fn record_panic_locations() {
-    static HOOK: Once = Once::new();
-    HOOK.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let at = info.location().map(|l| l.to_string());
-            PANIC_LOCATION.with(|p| *p.borrow_mut() = at);
-            previous(info);
-        }));
-    });
-}
-
-/// Runs a stage, turning a panic inside it into an error: `the stage panicked: <message>
-/// (at <file:line:col>)`. Without this a GPU out-of-memory or a kernel assert would unwind
-/// through the runner, leave no record and exit 101.
-fn run_catching_panics(
-    stage: &dyn AnyStage,
-    ctx: &mut StageCtx<'_>,
-) -> anyhow::Result<StageOutput> {
-    record_panic_locations();
-    PANIC_LOCATION.with(|p| p.borrow_mut().take());
-    match std::panic::catch_unwind(AssertUnwindSafe(|| stage.run(ctx))) {
-        Ok(result) => result,
-        Err(payload) => {
-            let message = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic without a message".to_string());
-            // A panic on a worker thread (rayon) is re-raised here with its payload, but its
-            // location was recorded on that thread: then there is only the message.
-            let at = PANIC_LOCATION
-                .with(|p| p.borrow_mut().take())
-                .map(|l| format!(" (at {l})"))
-                .unwrap_or_default();
-            Err(anyhow::anyhow!("{message}{at}").context("the stage panicked"))
-        }
-    }
 }
 
 /// Required and optional upstream stages.
-fn all_upstream(stage: &dyn AnyStage) -> impl Iterator<Item = &'static str> + '_ {
+pub(super) fn all_upstream(stage: &dyn AnyStage) -> impl Iterator<Item = &'static str> + '_ {
     stage
         .upstream()
         .iter()
@@ -723,123 +359,14 @@ fn all_upstream(stage: &dyn AnyStage) -> impl Iterator<Item = &'static str> + '_
         .copied()
 }
 
-/// Explains why a previous artifact no longer stands, or `None` when it does.
-fn why_stale(
-    prev: &Artifact,
-    stage: &dyn AnyStage,
-    config: &Value,
-    upstream: &BTreeMap<String, String>,
-    input_hash: &str,
-    root: &Path,
-    verify: bool,
-) -> Option<String> {
-    if prev.status == Status::Failed {
-        let msg = prev
-            .error
-            .as_ref()
-            .map(ErrorRecord::full)
-            .unwrap_or_default();
-        return Some(format!("last run failed: {msg}"));
-    }
-    if prev.code_version != stage.code_version() {
-        return Some(format!(
-            "stage code changed (version {} → {})",
-            prev.code_version,
-            stage.code_version()
-        ));
-    }
-    if &prev.config != config {
-        let changed = changed_keys(&prev.config, config, "");
-        return Some(format!("config changed: {}", changed.join(", ")));
-    }
-    for (up, hash) in upstream {
-        if prev.upstream.get(up) != Some(hash) {
-            return Some(format!("upstream `{up}` changed"));
-        }
-    }
-    if prev.input_hash != input_hash {
-        return Some("inputs changed (upstream outputs or medpipe version)".into());
-    }
-    // A workspace copied or moved from elsewhere (`cp -a` keeps sizes and mtimes): its
-    // stat fingerprints prove nothing about these files, so every output is re-hashed.
-    let moved = prev.workspace.as_deref() != Some(root);
-    for out in &prev.outputs {
-        let p = root.join(&out.path);
-        let stat = fs::stat_fingerprint(&p).ok();
-        if !moved && !verify && stat.is_some() && stat == out.stat {
-            continue; // untouched since hashed: skip re-reading it
-        }
-        match fs::hash_path(&p) {
-            Err(_) => return Some(format!("output {} is missing", out.path.display())),
-            Ok((sha, bytes)) if sha != out.sha256 || bytes != out.bytes => {
-                return Some(format!("output {} changed on disk", out.path.display()))
-            }
-            Ok(_) => {}
-        }
-    }
-    None
-}
-
-/// Dotted paths of the keys whose values differ between two JSON objects.
-fn changed_keys(old: &Value, new: &Value, prefix: &str) -> Vec<String> {
-    match (old, new) {
-        (Value::Object(a), Value::Object(b)) => {
-            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
-            keys.sort();
-            keys.dedup();
-            keys.into_iter()
-                .flat_map(|k| {
-                    let p = if prefix.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{prefix}.{k}")
-                    };
-                    changed_keys(
-                        a.get(k).unwrap_or(&Value::Null),
-                        b.get(k).unwrap_or(&Value::Null),
-                        &p,
-                    )
-                })
-                .collect()
-        }
-        (a, b) if a == b => Vec::new(),
-        _ => vec![prefix.to_string()],
-    }
-}
-
-fn hash_outputs(
-    ws: &Workspace,
-    out: StageOutput,
-) -> anyhow::Result<(StageOutput, Vec<OutputFile>)> {
-    let mut files = Vec::new();
-    for p in &out.outputs {
-        let abs = ws.root().join(p);
-        let stat = Some(fs::stat_fingerprint(&abs)?);
-        let (sha256, bytes) = fs::hash_path(&abs)?;
-        files.push(OutputFile {
-            path: ws.relative(&abs),
-            bytes,
-            sha256,
-            stat,
-        });
-    }
-    Ok((out, files))
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::pipeline::Stage;
+    use std::path::Path;
 
-    #[test]
-    fn changed_keys_lists_dotted_paths() {
-        let a = json!({"prepare": {"seed": 1, "split": {"train": 0.8}}});
-        let b = json!({"prepare": {"seed": 2, "split": {"train": 0.8}, "new": true}});
-        assert_eq!(
-            changed_keys(&a, &b, ""),
-            vec!["prepare.new".to_string(), "prepare.seed".to_string()]
-        );
-    }
+    use serde_json::Value;
+
+    use super::*;
+    use crate::pipeline::{Stage, StageCtx, StageOutput};
 
     /// A test stage: `boom` panics with a GPU-like message, `odd` blocks its own artifact path
     /// with a directory (as a full disk would refuse the file), `after` does nothing.
