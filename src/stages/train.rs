@@ -143,6 +143,8 @@ impl Default for TrainStageConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TrainingMetrics {
+    /// The adapter to ship, workspace-relative (`checkpoints/adapter`).
+    pub adapter_dir: Option<String>,
     /// One entry per logged optimizer step.
     pub steps: Vec<TrainStep>,
     /// Validation loss at evaluation points.
@@ -318,6 +320,7 @@ impl Stage for Train {
             .map(|m| m.input_tokens as f64 / m.tokens_per_s)
             .sum();
         let report = TrainingMetrics {
+            adapter_dir: Some(ctx.workspace().relative(&adapter_dir).display().to_string()),
             steps: st
                 .history
                 .iter()
@@ -358,7 +361,6 @@ impl Stage for Train {
                 "nf4 (bitsandbytes layout, double quant); compute f32 on {}",
                 if device.is_cuda() { device.to_string() } else { "CPU".into() }
             ),
-            "adapter_dir": ctx.workspace().relative(&adapter_dir),
             "adapter_chosen": trained.chosen,
             "total_params": trained.total_params,
             "trainable_percent": 100.0 * trained.trainable as f64 / (trained.total_params + trained.trainable).max(1) as f64,

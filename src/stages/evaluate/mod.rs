@@ -40,6 +40,10 @@ use crate::metrics::extraction::{paired_diff, Comparison, DocScore, Metric};
 use crate::model::loader::InputEncoder;
 use crate::pipeline::{Stage, StageCtx, StageOutput};
 use crate::report::inputs::{EvaluationMetrics, GenerationSettings, VariantNotRun};
+use crate::stages::download::Download;
+use crate::stages::prepare::Prepare;
+use crate::stages::quantize::Quantize;
+use crate::stages::train::Train;
 use plan::{load_documents, VARIANT_STAGES};
 use run::evaluate_on;
 
@@ -97,25 +101,30 @@ impl Stage for Evaluate {
         if cfg.max_new_tokens == 0 {
             bail!("evaluate.max_new_tokens must be at least 1");
         }
-        let completed = |s: &str| ctx.upstream(s).ok().map(|a| &a.metrics);
+        // Typed as each stage declares its metrics; `None` when not completed.
+        let download = ctx.upstream_metrics::<Download>()?;
+        let quantize = ctx
+            .completed(Quantize::NAME)
+            .then(|| ctx.upstream_metrics::<Quantize>())
+            .transpose()?;
+        let train = ctx
+            .completed(Train::NAME)
+            .then(|| ctx.upstream_metrics::<Train>())
+            .transpose()?;
         let root = ctx.workspace().root().to_path_buf();
         let resolve = |p: &str| root.join(p);
         let plans = plan_variants(
             &cfg,
             &UpstreamView {
                 registered: &self.registered,
-                completed: &completed,
+                download: Some(download.clone()),
+                quantize,
+                train,
                 resolve: &resolve,
             },
         );
-        let base_dir = ctx
-            .upstream("download")?
-            .metrics
-            .get("model_dir")
-            .and_then(|v| v.as_str())
-            .map(|s| root.join(s))
-            .context("download.json has no `metrics.model_dir`")?;
-        let prepare = ctx.upstream("prepare")?.metrics.clone();
+        let base_dir = crate::stages::download::model_dir(ctx, &download)?;
+        let prepare = ctx.upstream_metrics::<Prepare>()?;
         // Every variant shares the base checkpoint's tokenizer, chat template and processor.
         let encoder = InputEncoder::from_dir(&base_dir)?;
         let docs = load_documents(ctx, &cfg, &encoder, &prepare)?;
@@ -253,11 +262,8 @@ pub fn compare_variants(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
     use std::path::{Path, PathBuf};
-
-    use serde_json::{json, Value};
 
     use super::run::to_metric_item;
     use super::*;
@@ -270,35 +276,36 @@ mod tests {
 
     struct Up {
         registered: Vec<&'static str>,
-        completed: BTreeMap<&'static str, Value>,
+        download: Option<crate::stages::download::DownloadMetrics>,
+        quantize: Option<crate::stages::quantize::QuantizeMetrics>,
+        train: Option<crate::stages::train::TrainingMetrics>,
     }
 
     impl Up {
+        /// Upstream with `registered` stages, of which `completed` have completed (download
+        /// recording its model in `/models/base`, the others their defaults).
         fn new(registered: &[&'static str], completed: &[&'static str]) -> Self {
-            let completed = completed
-                .iter()
-                .map(|&s| {
-                    let m = match s {
-                        "download" => json!({"model_dir": "/models/base"}),
-                        _ => json!({}),
-                    };
-                    (s, m)
-                })
-                .collect();
+            let done = |s: &str| completed.contains(&s);
             Self {
                 registered: registered.to_vec(),
-                completed,
+                download: done("download").then(|| crate::stages::download::DownloadMetrics {
+                    model_dir: "/models/base".into(),
+                    ..Default::default()
+                }),
+                quantize: done("quantize").then(Default::default),
+                train: done("train").then(Default::default),
             }
         }
 
         fn plan(&self, cfg: &EvaluateConfig) -> Vec<VariantPlan> {
-            let completed = |s: &str| self.completed.get(s);
             let resolve = |p: &str| Path::new("/ws").join(p);
             plan_variants(
                 cfg,
                 &UpstreamView {
                     registered: &self.registered,
-                    completed: &completed,
+                    download: self.download.clone(),
+                    quantize: self.quantize.clone(),
+                    train: self.train.clone(),
                     resolve: &resolve,
                 },
             )
@@ -348,8 +355,7 @@ mod tests {
     fn with_every_upstream_the_adapter_variant_loads_nf4_plus_the_adapter_directory() {
         let reg = ["probe", "download", "quantize", "prepare", "train"];
         let mut up = Up::new(&reg, &["download", "prepare", "quantize", "train"]);
-        up.completed
-            .insert("quantize", json!({"output_dir": "ckpt/q"}));
+        up.quantize.as_mut().unwrap().output_dir = Some("ckpt/q".into());
         let plans = up.plan(&EvaluateConfig::default());
         assert_eq!(
             plans[2].source,

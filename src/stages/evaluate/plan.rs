@@ -6,19 +6,22 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::data::eval_docs;
 use crate::data::sample::Sample;
 use crate::model::loader::{EncodedPrompt, InputEncoder};
-use crate::pipeline::StageCtx;
+use crate::pipeline::{Stage, StageCtx};
+use crate::stages::download::{Download, DownloadMetrics};
+use crate::stages::prepare::metrics::PrepareMetrics;
+use crate::stages::quantize::{Quantize, QuantizeMetrics};
+use crate::stages::train::{Train, TrainingMetrics};
 
 /// Where the quantize stage writes the NF4 checkpoint when its artifact names none.
 const DEFAULT_NF4_DIR: &str = "checkpoints/nf4";
 /// Where the train stage writes the PEFT adapter when its artifact names none.
 const DEFAULT_ADAPTER_DIR: &str = "checkpoints/adapter";
 /// Stages that provide variants besides `base`; optional upstream when registered.
-pub(super) const VARIANT_STAGES: [&str; 2] = ["quantize", "train"];
+pub(super) const VARIANT_STAGES: [&str; 2] = [Quantize::NAME, Train::NAME];
 
 /// `[evaluate]` config section.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -144,9 +147,9 @@ impl Variant {
     /// Upstream stages whose completed artifacts the variant needs.
     fn needs(self) -> &'static [&'static str] {
         match self {
-            Variant::Base => &["download"],
-            Variant::Nf4 => &["download", "quantize"],
-            Variant::Nf4Adapter => &["download", "quantize", "train"],
+            Variant::Base => &[Download::NAME],
+            Variant::Nf4 => &[Download::NAME, Quantize::NAME],
+            Variant::Nf4Adapter => &[Download::NAME, Quantize::NAME, Train::NAME],
         }
     }
 }
@@ -171,8 +174,12 @@ pub struct VariantPlan {
 pub struct UpstreamView<'a> {
     /// Stages built into this medpipe (the registry).
     pub registered: &'a [&'static str],
-    /// `metrics` of a stage's completed artifact; `None` when it has not completed.
-    pub completed: &'a dyn Fn(&str) -> Option<&'a Value>,
+    /// The download stage's metrics (`None`: not completed).
+    pub download: Option<DownloadMetrics>,
+    /// The quantize stage's metrics (`None`: not completed or not built in).
+    pub quantize: Option<QuantizeMetrics>,
+    /// The train stage's metrics (`None`: not completed or not built in).
+    pub train: Option<TrainingMetrics>,
     /// Resolves a workspace-relative path.
     pub resolve: &'a dyn Fn(&str) -> PathBuf,
 }
@@ -199,33 +206,36 @@ fn plan_one(
         return Err(format!("disabled in config ({key} = false)"));
     }
     for stage in variant.needs() {
-        if *stage != "download" && !up.registered.contains(stage) {
+        if *stage != Download::NAME && !up.registered.contains(stage) {
             return Err(format!(
                 "stage `{stage}` is not built into this medpipe, so there is no {} to evaluate",
                 match *stage {
-                    "quantize" => "NF4 checkpoint",
+                    Quantize::NAME => "NF4 checkpoint",
                     _ => "trained adapter",
                 }
             ));
         }
-        if (up.completed)(stage).is_none() {
+        let completed = match *stage {
+            Download::NAME => up.download.is_some(),
+            Quantize::NAME => up.quantize.is_some(),
+            _ => up.train.is_some(),
+        };
+        if !completed {
             return Err(format!(
                 "stage `{stage}` has not completed (run `medpipe run --to {stage}` first)"
             ));
         }
     }
-    let dir_from = |stage: &str, key: &str, default: &str| -> PathBuf {
-        let rel = (up.completed)(stage)
-            .and_then(|m| m.get(key))
-            .and_then(|v| v.as_str())
-            .unwrap_or(default)
-            .to_string();
-        (up.resolve)(&rel)
+    let dir_or = |dir: Option<&str>, default: &str| (up.resolve)(dir.unwrap_or(default));
+    let nf4_dir = || {
+        let recorded = up.quantize.as_ref().and_then(|q| q.output_dir.as_deref());
+        dir_or(recorded, DEFAULT_NF4_DIR)
     };
     let base_dir = || -> Result<PathBuf, String> {
-        (up.completed)("download")
-            .and_then(|m| m.get("model_dir"))
-            .and_then(|v| v.as_str())
+        up.download
+            .as_ref()
+            .map(|d| d.model_dir.as_str())
+            .filter(|d| !d.is_empty())
             .map(|s| (up.resolve)(s))
             .ok_or_else(|| "download.json has no `metrics.model_dir`".to_string())
     };
@@ -235,12 +245,15 @@ fn plan_one(
             adapter_dir: None,
         }),
         Variant::Nf4 => Ok(VariantSource {
-            model_dir: dir_from("quantize", "output_dir", DEFAULT_NF4_DIR),
+            model_dir: nf4_dir(),
             adapter_dir: None,
         }),
         Variant::Nf4Adapter => Ok(VariantSource {
-            model_dir: dir_from("quantize", "output_dir", DEFAULT_NF4_DIR),
-            adapter_dir: Some(dir_from("train", "adapter_dir", DEFAULT_ADAPTER_DIR)),
+            model_dir: nf4_dir(),
+            adapter_dir: Some(dir_or(
+                up.train.as_ref().and_then(|t| t.adapter_dir.as_deref()),
+                DEFAULT_ADAPTER_DIR,
+            )),
         }),
     }
 }
@@ -261,22 +274,23 @@ pub(super) fn load_documents(
     ctx: &StageCtx<'_>,
     cfg: &EvaluateConfig,
     encoder: &InputEncoder,
-    prepare: &serde_json::Value,
+    prepare: &PrepareMetrics,
 ) -> anyhow::Result<Vec<EvalDoc>> {
-    let test_rel = prepare
-        .pointer("/splits/test/path")
-        .and_then(|v| v.as_str())
-        .unwrap_or("data/splits/test.jsonl");
+    let recorded = |p: Option<&Path>, default: &'static str| {
+        p.filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from(default), Path::to_path_buf)
+    };
+    let test_rel = recorded(
+        prepare.splits.get("test").map(|s| s.path.as_path()),
+        "data/splits/test.jsonl",
+    );
     let mut test = read_samples(&ctx.path(test_rel))?;
     if cfg.max_documents > 0 {
         test.truncate(cfg.max_documents);
     }
     let mut rows: Vec<(Sample, &'static str)> = test.into_iter().map(|s| (s, "test")).collect();
     if cfg.eval_documents {
-        let eval_rel = prepare
-            .pointer("/eval/path")
-            .and_then(|v| v.as_str())
-            .unwrap_or("data/eval/eval.jsonl");
+        let eval_rel = recorded(Some(prepare.eval.path.as_path()), "data/eval/eval.jsonl");
         for s in read_samples(&ctx.path(eval_rel))? {
             debug_assert_eq!(s.source, eval_docs::SOURCE);
             rows.push((s, "eval"));
