@@ -157,6 +157,8 @@ pub struct DownloadMetrics {
     pub model_dir: String,
     /// The commit the model resolved to (`None` for builtin and local models).
     pub model_revision: Option<String>,
+    /// The datasets fetched, with their files (read by prepare's `dataset = ..` sources).
+    pub datasets: Vec<crate::data::downloaded::Downloaded>,
     /// Every file with its size and hash.
     pub files: Vec<DownloadedFile>,
     /// Sum of `files[].bytes`.

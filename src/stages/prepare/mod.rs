@@ -37,6 +37,7 @@ use crate::data::split::{split, Splits};
 use crate::data::{eval_docs, DataError};
 use crate::fs::{hash_file, sha256_hex, write_atomic, write_atomic_with};
 use crate::pipeline::{Stage, StageCtx, StageOutput, Workspace};
+use crate::stages::download::Download;
 use contact_sheet::write_contact_sheet;
 
 /// Bumped when this stage's output for the same config changes.
@@ -88,10 +89,11 @@ impl Stage for Prepare {
         let started = Instant::now();
         let cfg = cfg.clone();
         let root = ctx.workspace().root().to_path_buf();
-        let datasets = match ctx.upstream("download") {
-            Ok(a) => Some(downloaded::from_metrics(&a.metrics)?),
-            Err(_) => None,
-        };
+        // `dataset = ..` sources resolve through download.json when download completed.
+        let datasets = ctx
+            .completed(Download::NAME)
+            .then(|| ctx.upstream_metrics::<Download>().map(|d| d.datasets))
+            .transpose()?;
         let key = config_key(&cfg, datasets.as_deref())?;
         let datasets = in_workspace(&root, datasets);
         let shard_root = ctx.workspace().data().join(".prepare");
