@@ -257,7 +257,7 @@ fn issue_15_a_relative_model_source_resolves_against_the_workspace_not_the_curre
     let ws = dir.path().join("ws");
     let model = ws.join("models/tiny");
     std::fs::create_dir_all(&model).unwrap();
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/qwen2_5_vl_tiny");
+    let fixtures = crate::common::fixture("qwen2_5_vl_tiny");
     for f in [
         "config.json",
         "model.safetensors",
