@@ -35,6 +35,18 @@ pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// `cp -a from to` (`to` must not exist), as a user would copy a workspace: sizes and mtimes
+/// kept, so only the changed root tells the runner to re-verify what the copy inherited.
+pub fn cp_a(from: &Path, to: &Path) {
+    let ok = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("cp runs");
+    assert!(ok.success(), "cp -a {} {}", from.display(), to.display());
+}
+
 /// The fixtures directory: `$MEDPIPE_FIXTURES` when set, else `../shared/fixtures` beside the
 /// crate root. Panics naming the path tried and the variable when it does not exist.
 #[track_caller]
