@@ -145,7 +145,7 @@ fn a_run_killed_mid_training_resumes_from_its_checkpoint_and_ships_the_identical
 
     // It resumed where the kill left it, and ended where the uninterrupted run did.
     let metrics = |root: &Path| read_json(&root.join("reports").join(artifact_of("train")));
-    let (a, b) = (metrics(clean.as_path()), metrics(ws));
+    let (a, b) = (metrics(&clean), metrics(ws));
     assert_eq!(b["status"], "completed");
     assert_eq!(a["metrics"]["resumed_from_step"], Value::Null);
     assert_eq!(b["metrics"]["resumed_from_step"], resumed_at);
@@ -157,7 +157,7 @@ fn a_run_killed_mid_training_resumes_from_its_checkpoint_and_ships_the_identical
     for f in ADAPTER_FILES {
         let read = |root: &Path| std::fs::read(root.join("checkpoints/adapter").join(f)).unwrap();
         assert!(
-            read(ws) == read(clean.as_path()),
+            read(ws) == read(&clean),
             "{f} differs from the uninterrupted run"
         );
     }
@@ -409,7 +409,7 @@ fn issue_15_twenty_kill_9s_at_seeded_points_then_a_rerun_match_an_uninterrupted_
     for stage in MATRIX_STAGES {
         let file = artifact_of(stage);
         let (a, b) = (
-            read_json(&clean.as_path().join("reports").join(file)),
+            read_json(&clean.join("reports").join(file)),
             read_json(&ws.join("reports").join(file)),
         );
         assert_eq!(b["status"], "completed", "{stage}");
@@ -438,7 +438,7 @@ fn issue_15_twenty_kill_9s_at_seeded_points_then_a_rerun_match_an_uninterrupted_
                 // Predictions carry each document's latency: compare them without timings.
                 assert_eq!(
                     deterministic_rows(&ws.join(path)),
-                    deterministic_rows(&clean.as_path().join(path)),
+                    deterministic_rows(&clean.join(path)),
                     "{path}"
                 );
             } else {
