@@ -641,3 +641,6 @@ fn status(args: StatusArgs) -> Result<(), Failure> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod cli;

@@ -6,12 +6,32 @@ use std::path::PathBuf;
 #[allow(dead_code)]
 pub type TB = burn::backend::NdArray<f32>;
 
-/// Path of a file under `../shared/fixtures/` (relative to the crate root).
+/// The fixtures directory: `$MEDPIPE_FIXTURES` when set, else `../shared/fixtures` beside the
+/// crate root.
+///
+/// # Panics
+/// When that directory does not exist, naming the path tried and the variable.
 #[allow(dead_code)]
+#[track_caller]
+pub fn fixtures_dir() -> PathBuf {
+    let dir = match std::env::var_os("MEDPIPE_FIXTURES") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"),
+    };
+    assert!(
+        dir.is_dir(),
+        "fixtures directory {} not found: set MEDPIPE_FIXTURES to the directory that holds \
+         qwen2_5_vl_tiny/ (default: ../shared/fixtures beside the crate)",
+        dir.display()
+    );
+    dir
+}
+
+/// Path of a file under the fixtures directory ([`fixtures_dir`]).
+#[allow(dead_code)]
+#[track_caller]
 pub fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures")
-        .join(rel)
+    fixtures_dir().join(rel)
 }
 
 /// Asserts two float slices are equal within `atol`, reporting the worst element.

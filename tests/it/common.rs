@@ -35,6 +35,41 @@ pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// `cp -a from to` (`to` must not exist), as a user would copy a workspace: sizes and mtimes
+/// kept, so only the changed root tells the runner to re-verify what the copy inherited.
+pub fn cp_a(from: &Path, to: &Path) {
+    let ok = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("cp runs");
+    assert!(ok.success(), "cp -a {} {}", from.display(), to.display());
+}
+
+/// The fixtures directory: `$MEDPIPE_FIXTURES` when set, else `../shared/fixtures` beside the
+/// crate root. Panics naming the path tried and the variable when it does not exist.
+#[track_caller]
+pub fn fixtures_dir() -> PathBuf {
+    let dir = match std::env::var_os("MEDPIPE_FIXTURES") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"),
+    };
+    assert!(
+        dir.is_dir(),
+        "fixtures directory {} not found: set MEDPIPE_FIXTURES to the directory that holds \
+         qwen2_5_vl_tiny/ (default: ../shared/fixtures beside the crate)",
+        dir.display()
+    );
+    dir
+}
+
+/// Path of `rel` under the fixtures directory ([`fixtures_dir`]).
+#[track_caller]
+pub fn fixture(rel: &str) -> PathBuf {
+    fixtures_dir().join(rel)
+}
+
 /// A test-double stage: writes `data/<name>.txt` from its config sections and its upstream
 /// outputs, so its output changes exactly when its inputs do. Behaviour switches are files in
 /// the workspace: `fail_<name>` makes it fail; `slow_<name>` makes it write half its output,

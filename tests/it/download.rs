@@ -13,9 +13,7 @@ const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 const DROP_AFTER: usize = 700_000;
 
 fn fixture(rel: &str) -> Vec<u8> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures/qwen2_5_vl_tiny")
-        .join(rel);
+    let p = crate::common::fixture("qwen2_5_vl_tiny").join(rel);
     std::fs::read(&p).unwrap_or_else(|e| panic!("reading fixture {}: {e}", p.display()))
 }
 

@@ -1,15 +1,14 @@
-//! The evaluate stage end to end on builtin:tiny: `medpipe run --to evaluate`, then
-//! `--to report` picking up evaluation.json.
+//! The evaluate stage end to end on builtin:tiny: on a copy of the workspace `medpipe run --to
+//! evaluate` built (shared by the tests), `--to report` picking up evaluation.json.
 
 use serde_json::Value;
 
-use crate::small::{self, read_json, EVAL_DOCS, TEST_DOCS};
+use crate::small::{self, read_json, Upstream, EVAL_DOCS, TEST_DOCS};
 
 #[test]
 fn evaluate_scores_base_nf4_and_adapter_variants_feeds_the_report_and_fails_on_a_failed_variant() {
-    let dir = tempfile::tempdir().unwrap();
-    let ws = dir.path();
-    small::run(ws, &["--to", "evaluate"]);
+    let (_dir, ws) = small::copy_of(Upstream::Evaluate);
+    let ws = ws.as_path();
 
     let a = read_json(&ws.join("reports/evaluation.json"));
     assert_eq!(a["status"], "completed");

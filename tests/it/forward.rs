@@ -1,16 +1,12 @@
 //! `medpipe forward`: the parity harness as a user runs it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
+
+use crate::common::fixture;
 
 /// Same bar as the library tests: torch-on-CPU lands within 2e-6 of the reference.
 const LOGITS_ATOL: f32 = 1e-4;
-
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures")
-        .join(rel)
-}
 
 /// Vision tower + merger output: same bar as the library tests.
 const EMBEDS_ATOL: f32 = 1e-4;

@@ -1,4 +1,6 @@
-//! Integration tests: one binary (STYLE 12). Each test gets its own temp workspace.
+//! Integration tests: one binary (STYLE 12). Each test gets its own temp workspace; those
+//! that start from a state of the small pipeline get a copy of one built once per binary
+//! (`small::copy_of`).
 
 mod bench;
 mod cli;

@@ -119,8 +119,7 @@ fn quantizing_a_checkpoint_many_tensors_large_streams_below_its_size_in_peak_mem
 /// A copy of the tiny fixture checkpoint in `dir`.
 fn tiny_copy(dir: &std::path::Path) {
     std::fs::create_dir_all(dir).unwrap();
-    let src =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/qwen2_5_vl_tiny");
+    let src = crate::common::fixture("qwen2_5_vl_tiny");
     for f in [
         "config.json",
         "model.safetensors",

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::small::{self, artifact_of, read_json};
+use crate::small::{self, artifact_of, read_json, Upstream};
 
 /// Training overrides: four optimizer steps (four samples, one per step), a checkpoint
 /// after every step, so a kill can land between checkpoints.
@@ -106,8 +106,10 @@ fn kill_mid_training(ws: &Path, extra: &[&str]) -> Option<u64> {
 
 #[test]
 fn a_run_killed_mid_training_resumes_from_its_checkpoint_and_ships_the_identical_adapter() {
-    let clean = tempfile::tempdir().unwrap();
-    small::run(clean.path(), &train_args(&[]));
+    // The uninterrupted run trains on a copy of the shared upstream; the killed one starts
+    // from an empty workspace.
+    let (_clean_dir, clean) = small::copy_of(Upstream::Prepare);
+    small::run(&clean, &train_args(&[]));
 
     let killed = tempfile::tempdir().unwrap();
     let ws = killed.path();
@@ -143,7 +145,7 @@ fn a_run_killed_mid_training_resumes_from_its_checkpoint_and_ships_the_identical
 
     // It resumed where the kill left it, and ended where the uninterrupted run did.
     let metrics = |root: &Path| read_json(&root.join("reports").join(artifact_of("train")));
-    let (a, b) = (metrics(clean.path()), metrics(ws));
+    let (a, b) = (metrics(&clean), metrics(ws));
     assert_eq!(b["status"], "completed");
     assert_eq!(a["metrics"]["resumed_from_step"], Value::Null);
     assert_eq!(b["metrics"]["resumed_from_step"], resumed_at);
@@ -155,7 +157,7 @@ fn a_run_killed_mid_training_resumes_from_its_checkpoint_and_ships_the_identical
     for f in ADAPTER_FILES {
         let read = |root: &Path| std::fs::read(root.join("checkpoints/adapter").join(f)).unwrap();
         assert!(
-            read(ws) == read(clean.path()),
+            read(ws) == read(&clean),
             "{f} differs from the uninterrupted run"
         );
     }
@@ -339,9 +341,12 @@ fn issue_15_twenty_kill_9s_at_seeded_points_then_a_rerun_match_an_uninterrupted_
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(DEFAULT_KILL_SEED);
-    let clean = tempfile::tempdir().unwrap();
-    small::run(clean.path(), &MATRIX_SETS);
-    let points = kill_points(seed, clean.path());
+    // The uninterrupted run goes on from a copy of the shared upstream (MATRIX_SETS changes
+    // only [train], so train, evaluate and report run here); the killed one starts from an
+    // empty workspace.
+    let (_clean_dir, clean) = small::copy_of(Upstream::Prepare);
+    small::run(&clean, &MATRIX_SETS);
+    let points = kill_points(seed, &clean);
     eprintln!("kill matrix, seed {seed} (MEDPIPE_KILL_SEED):");
     for p in &points {
         eprintln!(
@@ -404,7 +409,7 @@ fn issue_15_twenty_kill_9s_at_seeded_points_then_a_rerun_match_an_uninterrupted_
     for stage in MATRIX_STAGES {
         let file = artifact_of(stage);
         let (a, b) = (
-            read_json(&clean.path().join("reports").join(file)),
+            read_json(&clean.join("reports").join(file)),
             read_json(&ws.join("reports").join(file)),
         );
         assert_eq!(b["status"], "completed", "{stage}");
@@ -433,7 +438,7 @@ fn issue_15_twenty_kill_9s_at_seeded_points_then_a_rerun_match_an_uninterrupted_
                 // Predictions carry each document's latency: compare them without timings.
                 assert_eq!(
                     deterministic_rows(&ws.join(path)),
-                    deterministic_rows(&clean.path().join(path)),
+                    deterministic_rows(&clean.join(path)),
                     "{path}"
                 );
             } else {

@@ -9,7 +9,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::common::{stderr, stdout};
-use crate::small::{self, artifact_of, read_json, ARTIFACTS};
+use crate::small::{self, artifact_of, read_json, Upstream, ARTIFACTS};
 
 /// The stages `--from quantize --to evaluate` covers, in order.
 const SLICE: [&str; 4] = ["quantize", "prepare", "train", "evaluate"];
@@ -56,8 +56,8 @@ fn predictions_without_timing(jsonl: &[u8]) -> Vec<Value> {
 #[test]
 fn run_from_quantize_to_evaluate_forces_exactly_that_slice_reproduces_its_outputs_and_leaves_only_the_report_stale(
 ) {
-    let dir = tempfile::tempdir().unwrap();
-    let ws = dir.path();
+    let (_dir, ws) = small::copy_of(Upstream::Evaluate);
+    let ws = ws.as_path();
     let reports = ws.join("reports");
     small::run(ws, &["--to", "report"]);
     let before = small::snapshot(&reports);

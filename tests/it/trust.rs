@@ -3,13 +3,12 @@
 //! `--only` does not run a stage on a stale upstream.
 
 use std::path::Path;
-use std::process::Command;
 
 use medpipe::pipeline::{Pipeline, RunError, RunOptions, Workspace};
 use medpipe::Config;
 
 use crate::common::*;
-use crate::small::{self, read_json};
+use crate::small::{self, read_json, Upstream};
 
 /// `[train]` read by alpha, `[evaluate]` by beta: the sections a train-less config file
 /// used to change.
@@ -257,7 +256,7 @@ fn issue_15_a_relative_model_source_resolves_against_the_workspace_not_the_curre
     let ws = dir.path().join("ws");
     let model = ws.join("models/tiny");
     std::fs::create_dir_all(&model).unwrap();
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/qwen2_5_vl_tiny");
+    let fixtures = crate::common::fixture("qwen2_5_vl_tiny");
     for f in [
         "config.json",
         "model.safetensors",
@@ -288,23 +287,9 @@ fn issue_15_a_relative_model_source_resolves_against_the_workspace_not_the_curre
     assert_eq!(d["metrics"]["model_kind"], "local");
 }
 
-/// `cp -a from to`, as a user would copy a workspace.
-fn cp_a(from: &Path, to: &Path) {
-    let ok = Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(ok.success());
-}
-
 #[test]
 fn issue_15_a_copied_workspace_loads_its_own_model_and_reverifies_what_it_inherited() {
-    let dir = tempfile::tempdir().unwrap();
-    let ws1 = dir.path().join("ws1");
-    std::fs::create_dir_all(&ws1).unwrap();
-    small::run(&ws1, &["--to", "download"]);
+    let (dir, ws1) = small::copy_of(Upstream::Download);
     let d = read_json(&ws1.join("reports/download.json"));
     assert_eq!(d["metrics"]["model_dir"], "checkpoints/base");
 
