@@ -1,10 +1,11 @@
-//! The `metrics` layouts the report reads from each stage artifact.
+//! The `metrics` layouts the report reads. Each producing stage owns its type (its
+//! `Stage::Metrics`, beside its code); they are re-exported here so the report reads as one
+//! list. Every field is lenient (`#[serde(default)]`, `Option`), so an artifact that lacks
+//! an optional figure still reads, and the report shows "n/a" for it. Units are in the
+//! field names (STYLE 15).
 //!
-//! These structs are the contract between the stages and the report: the download, baseline,
-//! quantize, prepare, train and evaluate stages serialize exactly these as their artifact's
-//! `metrics`, and the report deserializes them. Every field is lenient (`#[serde(default)]`,
-//! `Option`), so an artifact that lacks an optional figure still reads, and the report
-//! shows "n/a" for it. Units are in the field names (STYLE 15).
+//! [`DatasetMetrics`] is the report's own summary of prepare's metrics (and the layout of
+//! hand-made artifacts); `report::build` derives it from `PrepareMetrics`.
 
 use std::collections::BTreeMap;
 

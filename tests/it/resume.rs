@@ -220,8 +220,8 @@ fn event(line: &str) -> Option<(char, &str)> {
 
 /// The stage after `stage` in pipeline order (`None` after the last).
 fn next_stage(stage: &str) -> Option<&'static str> {
-    let i = small::ARTIFACTS.iter().position(|(s, _)| *s == stage)?;
-    small::ARTIFACTS.get(i + 1).map(|(s, _)| *s)
+    let i = small::artifacts().iter().position(|(s, _)| *s == stage)?;
+    small::artifacts().get(i + 1).map(|(s, _)| *s)
 }
 
 /// Starts `medpipe run` on the matrix config, waits until `point.stage` starts, sleeps the
@@ -280,7 +280,7 @@ fn kill_at(ws: &Path, point: KillPoint, from: bool) -> (Vec<String>, Option<&'st
         None
     } else {
         match lines.iter().rev().find_map(|l| event(l)) {
-            Some(('▶', s)) => small::ARTIFACTS.iter().map(|(n, _)| *n).find(|n| *n == s),
+            Some(('▶', s)) => small::artifacts().iter().map(|(n, _)| *n).find(|n| *n == s),
             Some((_, s)) => next_stage(s),
             None => None,
         }

@@ -9,7 +9,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::common::{stderr, stdout};
-use crate::small::{self, artifact_of, read_json, Upstream, ARTIFACTS};
+use crate::small::{self, artifact_of, artifacts, read_json, Upstream};
 
 /// The stages `--from quantize --to evaluate` covers, in order.
 const SLICE: [&str; 4] = ["quantize", "prepare", "train", "evaluate"];
@@ -62,7 +62,7 @@ fn run_from_quantize_to_evaluate_forces_exactly_that_slice_reproduces_its_output
     small::run(ws, &["--to", "report"]);
     let before = small::snapshot(&reports);
     let base_before = small::snapshot(&ws.join("checkpoints/base"));
-    let old: BTreeMap<&str, Value> = ARTIFACTS
+    let old: BTreeMap<&str, Value> = artifacts()
         .iter()
         .map(|(s, f)| (*s, read_json(&reports.join(f))))
         .collect();
@@ -173,7 +173,7 @@ fn run_from_quantize_to_evaluate_forces_exactly_that_slice_reproduces_its_output
             (f("stage"), f("state"), f("reason"))
         })
         .collect();
-    let mut expected: Vec<(String, String, String)> = ARTIFACTS[..7]
+    let mut expected: Vec<(String, String, String)> = artifacts()[..7]
         .iter()
         .map(|(s, _)| (s.to_string(), "completed".into(), String::new()))
         .collect();
@@ -186,7 +186,7 @@ fn run_from_quantize_to_evaluate_forces_exactly_that_slice_reproduces_its_output
 
     // And a plain run to the end re-runs the report alone.
     let log = small::run(ws, &["--to", "report"]);
-    for (s, _) in &ARTIFACTS[..7] {
+    for (s, _) in &artifacts()[..7] {
         assert!(
             log.contains(&format!("· {s}: skipped (up to date)")),
             "{s}: {log}"

@@ -21,24 +21,20 @@ pub const TEST_DOCS: usize = 3;
 /// The fixed evaluation documents prepare renders.
 pub const EVAL_DOCS: usize = 5;
 
-/// The stages in pipeline order with their artifact files under `reports/`.
-pub const ARTIFACTS: [(&str, &str); 8] = [
-    ("probe", "environment.json"),
-    ("download", "download.json"),
-    ("baseline", "baseline.json"),
-    ("quantize", "quantize.json"),
-    ("prepare", "dataset.json"),
-    ("train", "training_metrics.json"),
-    ("evaluate", "evaluation.json"),
-    ("report", "report.json"),
-];
+/// The stages in pipeline order with their artifact files under `reports/`, from the registry.
+pub fn artifacts() -> Vec<(&'static str, &'static str)> {
+    medpipe::stages::registry()
+        .iter()
+        .map(|s| (s.name(), s.artifact_file()))
+        .collect()
+}
 
 /// The artifact file of `stage`.
 pub fn artifact_of(stage: &str) -> &'static str {
-    ARTIFACTS
-        .iter()
+    artifacts()
+        .into_iter()
         .find(|(s, _)| *s == stage)
-        .map(|(_, f)| *f)
+        .map(|(_, f)| f)
         .unwrap_or_else(|| panic!("no stage `{stage}`"))
 }
 
