@@ -25,8 +25,6 @@ const LINEAR_NAMES: [&str; 10] = [
     "lm_head",
 ];
 
-/// Files besides weights and config.json that a checkpoint needs (tokenizer, processor,
-
 /// Whether `key` with `shape` is the weight of a Linear layer of Qwen2.5-VL.
 pub fn is_linear_weight(key: &str, shape: &[usize]) -> bool {
     let Some(module) = key.strip_suffix(".weight") else {
