@@ -3,7 +3,7 @@
 //!
 //! This module owns only what no stage owns: the default text and the `[model]` section.
 //! Each stage owns, parses and validates its own section (`Stage::Config`); the registry
-//! ([`crate::stages::load_config`]) checks them all at load, so a typo or a bad value is
+//! (`stages::load_config`) checks them all at load, so a typo or a bad value is
 //! refused before the first stage runs. Every section is `deny_unknown_fields`, so a typo is
 //! an error naming the file, line and the valid keys. `--set a.b=v` overrides go through the
 //! very same typed deserialization.
@@ -77,7 +77,7 @@ pub struct Config {
 impl Config {
     /// Reads `path` (or the embedded default when `None`), lays it over the default, applies
     /// `--set section.key=value` overrides and checks `[model]`. Stage sections are checked
-    /// by the registry: use [`crate::stages::load_config`] for the whole check.
+    /// by the registry: use `stages::load_config` for the whole check.
     ///
     /// # Errors
     /// The file cannot be read or is not TOML, an override is malformed or ill-typed, or

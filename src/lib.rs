@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod build_info;
 pub mod builtin;
+pub mod charts;
 pub mod config;
 pub mod data;
 pub mod device;
@@ -19,7 +20,6 @@ pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod quant;
-pub mod report;
 pub mod stages;
 pub mod train;
 

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::bench::schema::BenchResult;
-use crate::report::charts::{render, Bar, BarChart, Chart, ChartError, LineChart};
+use crate::charts::{render, Bar, BarChart, Chart, ChartError, LineChart};
 
 /// Histogram bins of the latency distribution.
 const BINS: usize = 10;

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use crate::bench::charts::write_charts;
 use crate::bench::markdown::{community_rows, results_table, COMMUNITY_HEADER};
 use crate::bench::schema::BenchResult;
+use crate::charts::ChartError;
 use crate::fs::{write_atomic, write_json_atomic, FsError};
-use crate::report::charts::ChartError;
 
 /// Errors writing benchmark outputs.
 #[derive(Debug, thiserror::Error)]

@@ -2,7 +2,7 @@
 //! with the harness in `crate::bench`, so every later variant has numbers to beat.
 //!
 //! Writes `reports/baseline.json`, whose `metrics` are the report's
-//! [`BaselineMetrics`](crate::report::inputs::BaselineMetrics) layout (dtype, load time,
+//! [`BaselineMetrics`] layout (dtype, load time,
 //! weights size, peak memory, per-document latency and time-to-first-token summaries at the
 //! smallest batch size, decode tokens/s) plus `bench`: the complete benchmark result
 //! (`crate::bench::schema`). Beside it: `baseline.md` (results table) and the charts

@@ -41,7 +41,7 @@ fn run_to_quantize_writes_an_nf4_checkpoint_that_loads_and_a_complete_artifact()
     // the NF4 weights on disk are smaller than the base ones
     assert!(m["weights_bytes"].as_u64().unwrap() < m["base"]["weights_bytes"].as_u64().unwrap());
     // the report's reader takes the layout
-    let _: medpipe::report::inputs::QuantizeMetrics = serde_json::from_value(m.clone()).unwrap();
+    let _: medpipe::stages::quantize::QuantizeMetrics = serde_json::from_value(m.clone()).unwrap();
 }
 
 /// Writes a sharded f32 checkpoint of `n` Linear weights `[rows, cols]`, two per shard.

@@ -4,7 +4,7 @@
 //! Writes `reports/predictions/<variant>.jsonl` (one line per document: the raw answer, how
 //! it parsed, its counts and timing, so every figure traces back to outputs) and the
 //! artifact `reports/evaluation.json`, whose `metrics` is exactly
-//! [`crate::report::inputs::EvaluationMetrics`] (the layout the report reads).
+//! [`metrics::EvaluationMetrics`] (the layout the report reads).
 //!
 //! Variants come from upstream artifacts: `base` from the download stage's `model_dir`,
 //! `nf4` from the quantize stage's checkpoint, `nf4+adapter` from that checkpoint plus the
@@ -39,11 +39,11 @@ use anyhow::{bail, Context};
 use crate::metrics::extraction::{paired_diff, Comparison, DocScore, Metric};
 use crate::model::loader::InputEncoder;
 use crate::pipeline::{Stage, StageCtx, StageOutput};
-use crate::report::inputs::{EvaluationMetrics, GenerationSettings, VariantNotRun};
 use crate::stages::download::Download;
 use crate::stages::prepare::Prepare;
 use crate::stages::quantize::Quantize;
 use crate::stages::train::Train;
+use metrics::{EvaluationMetrics, GenerationSettings, VariantNotRun};
 use plan::{load_documents, VARIANT_STAGES};
 use run::evaluate_on;
 

@@ -9,8 +9,10 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use super::compare_variants;
+use super::metrics::{VariantEvaluation, VariantNotRun};
 use super::plan::{EvalDoc, EvaluateConfig, Variant, VariantPlan, VariantSource};
 use crate::bench::memory::{rss_bytes, MemorySampler};
+use crate::bench::performance::Performance;
 use crate::bench::run::{generate_batch, watch_device};
 use crate::device::{run_on, BackendJob, Device, Target};
 use crate::fs::write_atomic_with;
@@ -22,7 +24,6 @@ use crate::model::generate::{GenerateConfig, Generation, Request, Sampling};
 use crate::model::loader::{load_model, LoadedModel};
 use crate::model::prompt::PromptBuilder;
 use crate::pipeline::StageCtx;
-use crate::report::inputs::{Performance, VariantEvaluation, VariantNotRun};
 
 /// RSS sampling period while generating.
 const MEMORY_SAMPLE_INTERVAL: Duration = Duration::from_millis(20);

@@ -1,5 +1,9 @@
-//! report: turns every stage artifact in `reports/` into FINAL_REPORT.json,
-//! BENCHMARK_REPORT.md and charts (`crate::report` does the work).
+//! report: turns every earlier stage's artifact into FINAL_REPORT.json,
+//! BENCHMARK_REPORT.md and charts in `reports/`.
+//!
+//! `inputs` lists the metrics layouts it reads (each owned by its stage); `build` decides
+//! the recommendation, regression flag and warnings; `markdown` and `crate::charts` render;
+//! `generate` writes the files.
 //!
 //! It runs whatever upstream completed: each earlier stage is an *optional* upstream, so a
 //! missing or failed stage shows in the report as "not run" or "failed: <error>" instead of
@@ -7,10 +11,20 @@
 //! runner does not hand to stages.
 
 use anyhow::Context;
+pub mod build;
+mod generate;
+pub mod inputs;
+mod markdown;
+
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::pipeline::{NoConfig, Stage, StageCtx, StageOutput};
+pub use build::{FinalReport, Inputs};
+pub use generate::{
+    generate, Generated, ReportError, BENCHMARK_REPORT_FILE, CHARTS_DIR, FINAL_REPORT_FILE,
+    USED_CONFIG_FILE, USED_CONFIG_FILE_REL,
+};
 
 /// What the report stage records: the headline of FINAL_REPORT.json.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -67,7 +81,7 @@ impl Stage for Report {
     fn run(&self, _: &NoConfig, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
         let reports = ctx.workspace().reports();
         let now = crate::build_info::rfc3339(std::time::SystemTime::now());
-        let generated = crate::report::generate(ctx.upstream_states(), &reports, &now)
+        let generated = generate::generate(ctx.upstream_states(), &reports, &now)
             .with_context(|| format!("writing the report in {}", reports.display()))?;
         let r = &generated.report;
         let recommendation = r

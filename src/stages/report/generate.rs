@@ -1,20 +1,13 @@
-//! The final report: FINAL_REPORT.json, BENCHMARK_REPORT.md and its charts, as a pure
-//! function of the stage artifacts in `reports/` (plus a `generated_at` timestamp).
-//!
-//! `inputs` holds the metrics layouts the stages write; `build` reads the artifacts and
-//! decides the recommendation, regression flag and warnings; `markdown` and `charts` render.
-
-pub mod build;
-pub(crate) mod charts;
-pub mod inputs;
-mod markdown;
+//! Writing the final report: FINAL_REPORT.json, BENCHMARK_REPORT.md and its charts, as a
+//! pure function of the earlier stages' artifacts (plus a `generated_at` timestamp).
 
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-pub use build::{FinalReport, Inputs};
-use charts::{Bar, BarChart, Chart, ChartError, LineChart};
+use super::build::{self, FinalReport, Inputs};
+use super::markdown;
+use crate::charts::{self, Bar, BarChart, Chart, ChartError, LineChart};
 
 use crate::fs::{write_atomic, write_json_atomic, FsError};
 use crate::pipeline::UpstreamState;
@@ -266,7 +259,7 @@ mod tests {
 
     /// Crafted artifacts (a 7B run on an H100, hand-made figures) and the expected report.
     /// Regenerate the expected files after an intended change with
-    /// `UPDATE_GOLDEN=1 cargo test --lib report::tests` and review the diff.
+    /// `UPDATE_GOLDEN=1 cargo test --lib stages::report::generate::tests` and review the diff.
     fn golden_dir() -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/report")
     }

@@ -271,7 +271,7 @@ impl Inputs {
 /// each split an object with `count` and `by_doc_type` (see `stages/prepare.rs`); the
 /// crafted-artifact layout (`sources` as a list, plain split counts) is accepted too.
 fn dataset_from_prepare(m: &Value) -> Result<DatasetMetrics, serde_json::Error> {
-    use crate::report::inputs::{SourceStats, SplitSizes};
+    use super::inputs::{SourceStats, SplitSizes};
     if !m.get("sources").is_some_and(Value::is_object) {
         return DatasetMetrics::deserialize(m);
     }
