@@ -33,7 +33,7 @@ use crate::fs::{self, FsError};
 pub enum HubError {
     /// Not enough room in the HF cache for the files still to download (checked before any).
     #[error(transparent)]
-    Space(#[from] crate::pipeline::space::SpaceCheckError),
+    Space(#[from] crate::fs::space::SpaceCheckError),
     #[error("{repo}: repository not found on {endpoint} (check the name; a private repository also needs HF_TOKEN)")]
     NotFound { repo: String, endpoint: String },
     #[error("{repo}: access denied (HTTP {status}{code}): the repository is gated or private; accept its terms on the Hub page and set HF_TOKEN to a token that has access")]
@@ -278,7 +278,7 @@ pub fn fetch(
         .filter(|s| !snapshot_dir.join(&s.rfilename).exists())
         .map(|s| s.size.unwrap_or(0))
         .sum();
-    crate::pipeline::space::ensure_free(
+    crate::fs::space::ensure_free(
         &env.cache_dir,
         total_bytes,
         &format!("the files of {repo} still to download"),

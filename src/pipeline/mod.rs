@@ -7,7 +7,6 @@ mod buildlog;
 mod execute;
 pub mod runner;
 pub mod settings;
-pub mod space;
 pub mod stage;
 mod status;
 pub mod workspace;

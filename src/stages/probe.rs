@@ -12,7 +12,7 @@ use crate::config::ModelConfig;
 pub use crate::device::nvml::{GpuInfo, GpuProbe};
 use crate::device::{choice::estimate_model_mib, nvml};
 pub use crate::device::{choose_device, Device};
-use crate::pipeline::space::human_bytes;
+use crate::fs::space::human_bytes;
 use crate::pipeline::{Settings, Stage, StageCtx, StageOutput, Workspace};
 
 /// `[probe]` config section.
@@ -196,7 +196,7 @@ impl Stage for Probe {
             .unwrap_or_default();
         // The workspace's own filesystem (statvfs on it), not the mount table's idea of it:
         // sysinfo omits tmpfs and reported the root disk for a workspace on a 3 MiB tmpfs.
-        let disk = crate::pipeline::space::disk_space(ctx.workspace().root())
+        let disk = crate::fs::space::disk_space(ctx.workspace().root())
             .map_err(|e| format!("{:#}", anyhow::Error::from(e)));
         let disk_free = disk.as_ref().ok().map(|d| d.available_bytes);
         let gpu = nvml::probe();

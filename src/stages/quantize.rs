@@ -207,7 +207,7 @@ impl Stage for Quantize {
         // of f32. Half the base weights leaves room for the tensors kept unquantized
         // (`skip`, norms, biases) in any realistic checkpoint.
         let needed = safetensors_bytes(&model_dir)? / 2;
-        crate::pipeline::space::ensure_free(
+        crate::fs::space::ensure_free(
             &ctx.workspace().checkpoints(),
             needed,
             "the NF4 checkpoint (half the base weights)",

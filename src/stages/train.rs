@@ -520,7 +520,7 @@ impl AutodiffJob for TrainJob<'_, '_> {
         // both AdamW moments; the adapter, the best adapter and a `.partial` copy come on top.
         let lora_bytes = trainable * 4;
         let needed = lora_bytes * (3 * (tcfg.keep_checkpoints as u64 + 1) + 3);
-        crate::pipeline::space::ensure_free(ckpt_dir, needed, "the LoRA checkpoints and adapter")?;
+        crate::fs::space::ensure_free(ckpt_dir, needed, "the LoRA checkpoints and adapter")?;
         let load_s = load_clock.elapsed().as_secs_f64();
 
         let window = cfg.batch_size * cfg.grad_accum;

@@ -219,7 +219,7 @@ impl ShardStore<'_> {
         // A page image is a mostly white PNG: measured at about 0.05 bytes per
         // pixel on the synthetic documents; 0.25 leaves room for dense scans.
         let needed = chunk.len() as u64 * self.cfg.render.max_pixels / 4;
-        crate::pipeline::space::ensure_free(
+        crate::fs::space::ensure_free(
             &self.root.join("data"),
             needed,
             &format!("the {} page images of shard {idx}", chunk.len()),

@@ -1,6 +1,9 @@
 //! The one way medpipe writes files: atomically (temp file in the same directory, fsync,
 //! rename), so a crash or kill -9 never leaves a half-written file under its final name.
-//! Also the hashing used for artifacts' outputs.
+//! Also the hashing used for artifacts' outputs, and `space`: free disk space (statvfs) and the
+//! checks that refuse work a full disk would break.
+
+pub mod space;
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};

@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::fs::FsError;
+use super::FsError;
 
 /// Space on the filesystem holding a path.
 #[derive(Debug, Clone, PartialEq, Eq)]
