@@ -104,22 +104,9 @@ impl Config {
         Ok(Self { model, settings })
     }
 
-    /// Where the config came from (for messages).
-    pub fn origin(&self) -> &Path {
-        self.settings.origin()
-    }
-
     /// Names another origin for messages.
     pub fn set_origin(&mut self, origin: std::path::PathBuf) {
         self.settings.set_origin(origin);
-    }
-
-    /// Section `name` typed and validated, as its owner reads it.
-    ///
-    /// # Errors
-    /// As [`Settings::section`].
-    pub fn section<T: SectionConfig>(&self, name: &str) -> Result<T, ConfigError> {
-        self.settings.section(name)
     }
 }
 

@@ -97,6 +97,9 @@ pub fn fraction(key: &str, value: f64) -> Result<(), InvalidValue> {
 
 /// One section's typed settings: how it is read from TOML and which values it allows.
 pub trait SectionConfig: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// Whether this is a `[section]` of the file; false only for [`NoConfig`].
+    const IS_SECTION: bool = true;
+
     /// Checks the values' ranges (types are checked by deserialization).
     ///
     /// # Errors
@@ -110,7 +113,9 @@ pub trait SectionConfig: Serialize + DeserializeOwned + Send + Sync + 'static {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct NoConfig;
 
-impl SectionConfig for NoConfig {}
+impl SectionConfig for NoConfig {
+    const IS_SECTION: bool = false;
+}
 
 /// The config document: every section by name, as the file (laid over the default) and
 /// the overrides leave it. Two are equal when they say the same (same sections and

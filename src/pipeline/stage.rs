@@ -120,20 +120,20 @@ impl<S: Stage> AnyStage for S {
         Stage::optional_upstream(self)
     }
     fn config_sections(&self) -> Vec<&'static str> {
-        let own = has_section::<S::Config>().then_some(Stage::name(self));
+        let own = S::Config::IS_SECTION.then_some(Stage::name(self));
         own.into_iter()
             .chain(self.shared_sections().iter().copied())
             .collect()
     }
     fn check_config(&self, settings: &Settings) -> Result<(), ConfigError> {
-        if has_section::<S::Config>() {
+        if S::Config::IS_SECTION {
             settings.section::<S::Config>(Stage::name(self))?;
         }
         Ok(())
     }
     fn config_json(&self, settings: &Settings, ws: &Workspace) -> Result<Value, ConfigError> {
         let mut sections = serde_json::Map::new();
-        if has_section::<S::Config>() {
+        if S::Config::IS_SECTION {
             let name = Stage::name(self);
             sections.insert(name.into(), settings.typed_json::<S::Config>(name)?);
         }
@@ -149,7 +149,7 @@ impl<S: Stage> AnyStage for S {
         Stage::code_version(self)
     }
     fn run(&self, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
-        let config: S::Config = if has_section::<S::Config>() {
+        let config: S::Config = if S::Config::IS_SECTION {
             ctx.settings.section(Stage::name(self))?
         } else {
             serde_json::from_value(Value::Null).context("a stage without settings")?
@@ -163,11 +163,6 @@ impl<S: Stage> AnyStage for S {
         })?;
         Ok(out)
     }
-}
-
-/// Whether a settings type is a real section: [`super::NoConfig`] is not.
-fn has_section<C: 'static>() -> bool {
-    std::any::TypeId::of::<C>() != std::any::TypeId::of::<super::NoConfig>()
 }
 
 /// What a completed stage hands back to the runner.
@@ -247,6 +242,19 @@ impl<'a> StageCtx<'a> {
         let artifact = self.upstream(U::NAME)?;
         serde_json::from_value(artifact.metrics.clone())
             .with_context(|| format!("reading the metrics of upstream stage `{}`", U::NAME))
+    }
+
+    /// The metrics of upstream stage `U` when it has completed, `None` when it has not (an
+    /// optional upstream).
+    ///
+    /// # Errors
+    /// As [`StageCtx::upstream_metrics`], for a completed `U`.
+    pub fn completed_metrics<U: Stage>(&self) -> anyhow::Result<Option<U::Metrics>> {
+        if self.completed(U::NAME) {
+            self.upstream_metrics::<U>().map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
     /// Every declared upstream stage in pipeline order, with its artifact whatever its

@@ -103,14 +103,8 @@ impl Stage for Evaluate {
         }
         // Typed as each stage declares its metrics; `None` when not completed.
         let download = ctx.upstream_metrics::<Download>()?;
-        let quantize = ctx
-            .completed(Quantize::NAME)
-            .then(|| ctx.upstream_metrics::<Quantize>())
-            .transpose()?;
-        let train = ctx
-            .completed(Train::NAME)
-            .then(|| ctx.upstream_metrics::<Train>())
-            .transpose()?;
+        let quantize = ctx.completed_metrics::<Quantize>()?;
+        let train = ctx.completed_metrics::<Train>()?;
         let root = ctx.workspace().root().to_path_buf();
         let resolve = |p: &str| root.join(p);
         let plans = plan_variants(

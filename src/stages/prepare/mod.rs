@@ -90,10 +90,7 @@ impl Stage for Prepare {
         let cfg = cfg.clone();
         let root = ctx.workspace().root().to_path_buf();
         // `dataset = ..` sources resolve through download.json when download completed.
-        let datasets = ctx
-            .completed(Download::NAME)
-            .then(|| ctx.upstream_metrics::<Download>().map(|d| d.datasets))
-            .transpose()?;
+        let datasets = ctx.completed_metrics::<Download>()?.map(|d| d.datasets);
         let key = config_key(&cfg, datasets.as_deref())?;
         let datasets = in_workspace(&root, datasets);
         let shard_root = ctx.workspace().data().join(".prepare");
