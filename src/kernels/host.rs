@@ -9,23 +9,93 @@
 use burn::backend::ndarray::{NdArrayDevice, NdArrayTensor};
 use burn::backend::NdArray;
 use burn::prelude::*;
-use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, TensorData, TensorPrimitive};
+use burn::tensor::ops::{BoolTensor, FloatTensor};
+use burn::tensor::{DType, TensorData, TensorMetadata, TensorPrimitive};
 use rayon::prelude::*;
 
+use super::host_attention;
+use super::host_gemm::{self, dot, GEMV_MAX_ROWS};
 use super::{Kernels, Nf4Weight, PackedLayout};
 
 /// The CPU inference backend.
 pub type Cpu = NdArray<f32>;
 
-/// Up to this many input rows the matmul decodes each weight row into the dot products
-/// (decode of batch 1–8: reads the packed weight once, never materializes it); above, it
-/// decodes the whole weight once and hands it to the backend GEMM.
-pub(crate) const GEMV_MAX_ROWS: usize = 8;
-
 impl Kernels for Cpu {
     fn nf4_layout() -> PackedLayout {
         PackedLayout::Bytes
+    }
+
+    fn dense_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        let all_f32 = [Some(&x), Some(&weight), bias.as_ref()]
+            .into_iter()
+            .flatten()
+            .all(|t| t.dtype() == DType::F32);
+        if !all_f32 {
+            // Half precision on the CPU (tests only): the generic body.
+            return linear_generic(x, weight, bias);
+        }
+        let [m, k] = dims2(&x);
+        let [n, _] = dims2(&weight);
+        let y = host_gemm::matmul_nt(
+            &f32s(&x),
+            m,
+            k,
+            &f32s(&weight),
+            n,
+            bias.as_ref().map(f32s).as_deref(),
+        );
+        host_tensor(y, [m, n])
+    }
+
+    fn sdpa(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: Option<BoolTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        match host_attention::attention(&q, &k, &v, mask.as_ref()) {
+            Some((y, shape)) => {
+                Tensor::<Cpu, 4>::from_data(TensorData::new(y, shape), &NdArrayDevice::Cpu)
+                    .into_primitive()
+                    .tensor()
+            }
+            None => {
+                let float = |t| Tensor::<Cpu, 4>::from_primitive(TensorPrimitive::Float(t));
+                let mask = mask.map(Tensor::<Cpu, 4, Bool>::from_primitive);
+                let opts = burn::tensor::ops::AttentionModuleOptions::default();
+                burn::tensor::module::attention(float(q), float(k), float(v), mask, None, opts)
+                    .into_primitive()
+                    .tensor()
+            }
+        }
+    }
+
+    fn silu_mul(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        if gate.dtype() != DType::F32 || up.dtype() != DType::F32 {
+            let gate = Tensor::<Cpu, 1>::from_primitive(TensorPrimitive::Float(gate));
+            let up = Tensor::<Cpu, 1>::from_primitive(TensorPrimitive::Float(up));
+            return (burn::tensor::activation::silu(gate) * up)
+                .into_primitive()
+                .tensor();
+        }
+        let n = gate.shape()[0];
+        let (g, u) = (f32s(&gate), f32s(&up));
+        let mut y = vec![0f32; n];
+        // One pass instead of burn's eight (its sigmoid is exp(-log(1 + exp(-x)))).
+        y.par_chunks_mut(4096)
+            .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
+            .for_each(|(y, (g, u))| {
+                for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                    *y = g / (1.0 + (-g).exp()) * u;
+                }
+            });
+        Tensor::<Cpu, 1>::from_data(TensorData::new(y, [n]), &NdArrayDevice::Cpu)
+            .into_primitive()
+            .tensor()
     }
 
     fn nf4_dequantize(w: &Nf4Weight<Self>, dtype: DType) -> FloatTensor<Self> {
@@ -41,6 +111,33 @@ impl Kernels for Cpu {
         let x = Tensor::<Cpu, 2>::from_primitive(TensorPrimitive::Float(x));
         HostView::of(w).matmul(x).into_primitive().tensor()
     }
+}
+
+/// [`Kernels::dense_linear`]'s generic body, for what the host kernel does not take.
+fn linear_generic(
+    x: FloatTensor<Cpu>,
+    weight: FloatTensor<Cpu>,
+    bias: Option<FloatTensor<Cpu>>,
+) -> FloatTensor<Cpu> {
+    let float = |t| Tensor::<Cpu, 2>::from_primitive(TensorPrimitive::Float(t));
+    let y = float(x).matmul(float(weight).transpose());
+    let y = match bias {
+        Some(b) => y + Tensor::<Cpu, 1>::from_primitive(TensorPrimitive::Float(b)).unsqueeze(),
+        None => y,
+    };
+    y.into_primitive().tensor()
+}
+
+fn dims2(t: &FloatTensor<Cpu>) -> [usize; 2] {
+    let s = t.shape();
+    [s[0], s[1]]
+}
+
+/// A row-major f32 result as a backend tensor.
+fn host_tensor(values: Vec<f32>, shape: [usize; 2]) -> FloatTensor<Cpu> {
+    Tensor::<Cpu, 2>::from_data(TensorData::new(values, shape), &NdArrayDevice::Cpu)
+        .into_primitive()
+        .tensor()
 }
 
 /// A backend without an override: every method runs its generic default body. Kept so the
@@ -133,47 +230,40 @@ impl<'a> HostView<'a> {
     /// `x · Wᵀ` for `x` = `[m, in_features]` row-major with `m ≤ GEMV_MAX_ROWS`: each output
     /// feature decodes its weight row once and dots it with every input row.
     fn gemv(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let (inn, out) = (self.in_features, self.out_features);
-        let mut yt = vec![0f32; out * m]; // [out, m]: one contiguous chunk per weight row
-        yt.par_chunks_mut(m.max(1)).enumerate().for_each_init(
-            || vec![0f32; inn],
-            |row, (o, y)| {
-                self.dequant_row(o, row);
-                for (r, yr) in y.iter_mut().enumerate() {
-                    *yr = dot(&x[r * inn..(r + 1) * inn], row);
-                }
-            },
-        );
-        let mut y = vec![0f32; m * out];
-        for o in 0..out {
-            for r in 0..m {
-                y[r * out + o] = yt[o * m + r];
-            }
+        let inn = self.in_features;
+        thread_local! {
+            static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        y
+        host_gemm::gemv_rows(m, self.out_features, |o, dots| {
+            ROW.with_borrow_mut(|row| {
+                row.resize(inn, 0.0);
+                self.dequant_row(o, row);
+                for (r, d) in dots.iter_mut().enumerate() {
+                    *d = dot(&x[r * inn..(r + 1) * inn], row);
+                }
+            });
+        })
     }
 
     /// `y = x · Wᵀ`: `x` `[m, in_features]` → `[m, out_features]`, in `x`'s dtype.
     fn matmul(&self, x: Tensor<Cpu, 2>) -> Tensor<Cpu, 2> {
         let [m, _] = x.dims();
-        let device = x.device();
-        let dtype = x.dtype();
-        let w = || {
-            Tensor::<Cpu, 2>::from_data(
-                TensorData::new(self.dequantize(), [self.out_features, self.in_features]),
-                &device,
-            )
-            .cast(dtype)
-        };
-        if m <= GEMV_MAX_ROWS && dtype == DType::F32 {
-            let xs = x.into_data();
-            if let Ok(xs) = xs.as_slice::<f32>() {
-                let y = self.gemv(xs, m);
-                return Tensor::from_data(TensorData::new(y, [m, self.out_features]), &device);
-            }
-            return Tensor::<Cpu, 2>::from_data(xs, &device).matmul(w().transpose());
+        let (out, inn) = (self.out_features, self.in_features);
+        if x.dtype() != DType::F32 {
+            let w = Tensor::<Cpu, 2>::from_data(
+                TensorData::new(self.dequantize(), [out, inn]),
+                &x.device(),
+            );
+            return x.clone().matmul(w.cast(x.dtype()).transpose());
         }
-        x.matmul(w().transpose())
+        let x = x.into_primitive().tensor();
+        let xs = f32s(&x);
+        let y = if m <= GEMV_MAX_ROWS {
+            self.gemv(&xs, m)
+        } else {
+            host_gemm::matmul_nt(&xs, m, inn, &self.dequantize(), out, None)
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(host_tensor(y, [m, out])))
     }
 }
 
@@ -196,21 +286,4 @@ fn int_bytes(t: &NdArrayTensor) -> Vec<u8> {
         .into_data()
         .convert::<i64>();
     data.iter::<i64>().map(|v| v as u8).collect()
-}
-
-/// `Σ a[i]·b[i]` in f32, over eight accumulators so the compiler vectorizes it.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for j in 0..8 {
-            acc[j] += x[j] * y[j];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
 }

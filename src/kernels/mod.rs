@@ -6,7 +6,7 @@
 //!
 //! | backend | where | what it does |
 //! |---|---|---|
-//! | `NdArray<f32>` | [`host`] | NF4 decoded on the host straight into dot products (GEMV) or one f32 weight (GEMM) |
+//! | `NdArray<f32>` | [`host`] | dense projections on the weight in place (GEMV / `gemm`); NF4 decoded on the host straight into dot products (GEMV) or one f32 weight (GEMM) |
 //! | `Autodiff<B, C>` | [`autodiff`] | the inner backend's kernel forward; a backward op that keeps only the packed weight and decodes it again |
 //! | `CubeBackend<R, ..>` | [`cube`] | CubeCL kernels for any runtime: CUDA and wgpu (Vulkan, Metal, DX12, lavapipe) |
 //! | `Fusion<B>` | [`fusion`] | a custom op in the fusion stream that calls the fused backend's kernel |
@@ -21,11 +21,14 @@ pub mod autodiff;
 pub mod cube;
 pub mod fusion;
 pub mod host;
+pub(crate) mod host_attention;
+pub(crate) mod host_gemm;
 pub mod nf4_generic;
 
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::module::attention;
+use burn::tensor::ops::{AttentionModuleOptions, BoolTensor, FloatTensor, IntTensor};
 use burn::tensor::{DType, TensorMetadata, TensorPrimitive};
 
 /// How a backend wants NF4 codes stored (chosen by [`Kernels::nf4_layout`]).
@@ -72,6 +75,47 @@ pub trait Kernels: Backend {
     /// The dequantized weight `[out_features, in_features]` in float `dtype`.
     fn nf4_dequantize(w: &Nf4Weight<Self>, dtype: DType) -> FloatTensor<Self> {
         nf4_generic::dequantize::<Self>(w, dtype)
+    }
+
+    /// A dense projection `x · Wᵀ + b`: `x` `[m, in]`, `weight` `[out, in]` (PyTorch's
+    /// layout, as checkpoints store it), `bias` `[out]` → `[m, out]`.
+    fn dense_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        let float = |t| Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(t));
+        let y = float(x).matmul(float(weight).transpose());
+        let y = match bias {
+            Some(b) => y + Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(b)).unsqueeze(),
+            None => y,
+        };
+        y.into_primitive().tensor()
+    }
+
+    /// Scaled dot-product attention `softmax(q·kᵀ/√d + mask)·v`: `q` `[b, h, s, d]`, `k`
+    /// and `v` `[b, h, t, d]`, `mask` `[b, h, s, t]` with true = hidden → `[b, h, s, d]`.
+    fn sdpa(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: Option<BoolTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        let float = |t| Tensor::<Self, 4>::from_primitive(TensorPrimitive::Float(t));
+        let mask = mask.map(Tensor::<Self, 4, Bool>::from_primitive);
+        let opts = AttentionModuleOptions::default();
+        attention(float(q), float(k), float(v), mask, None, opts)
+            .into_primitive()
+            .tensor()
+    }
+
+    /// The gated MLP's activation `silu(gate) · up`, elementwise (equal shapes).
+    fn silu_mul(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let gate = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(gate));
+        let up = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(up));
+        (burn::tensor::activation::silu(gate) * up)
+            .into_primitive()
+            .tensor()
     }
 
     /// `x · dequant(W)ᵀ`: `x` `[m, in_features]` → `[m, out_features]`, in `x`'s dtype.
@@ -139,10 +183,54 @@ pub fn nf4_matmul<B: Kernels>(x: Tensor<B, 2>, w: &Nf4Weight<B>) -> Tensor<B, 2>
     Tensor::from_primitive(TensorPrimitive::Float(y))
 }
 
+/// `x · Wᵀ + b` with `weight` `[out, in]` (see [`Kernels::dense_linear`]).
+pub fn linear<B: Kernels>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, 2> {
+    let y = B::dense_linear(
+        x.into_primitive().tensor(),
+        weight.into_primitive().tensor(),
+        bias.map(|b| b.into_primitive().tensor()),
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(y))
+}
+
+/// Scaled dot-product attention through the seam (see [`Kernels::sdpa`]).
+pub fn sdpa<B: Kernels>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<Tensor<B, 4, Bool>>,
+) -> Tensor<B, 4> {
+    let y = B::sdpa(
+        q.into_primitive().tensor(),
+        k.into_primitive().tensor(),
+        v.into_primitive().tensor(),
+        mask.map(|m| m.into_primitive()),
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(y))
+}
+
+/// `silu(gate) · up` through the seam (see [`Kernels::silu_mul`]).
+pub fn silu_mul<B: Kernels, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+    let shape = gate.shape();
+    debug_assert_eq!(shape, up.shape(), "silu_mul takes equal shapes");
+    let n = shape.num_elements();
+    let y = B::silu_mul(
+        gate.reshape([n]).into_primitive().tensor(),
+        up.reshape([n]).into_primitive().tensor(),
+    );
+    Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(y)).reshape(shape)
+}
+
 /// The dequantized weight `[out_features, in_features]` in float `dtype`.
 pub fn nf4_dequantize<B: Kernels>(w: &Nf4Weight<B>, dtype: DType) -> Tensor<B, 2> {
     Tensor::from_primitive(TensorPrimitive::Float(B::nf4_dequantize(w, dtype)))
 }
 
+#[cfg(test)]
+mod host_tests;
 #[cfg(test)]
 mod tests;

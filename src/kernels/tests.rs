@@ -120,14 +120,24 @@ fn the_cpu_kernel_matches_bitsandbytes_and_x_times_w_transposed() {
     check_backend::<NdArray<f32>>("ndarray f32 (host kernel)", &Default::default());
 }
 
+/// `NdArray<f64>` shares its device (`NdArrayDevice::Cpu`) and so burn's per-device default
+/// dtypes with the f32 backend that every other test uses; whichever backend touches the
+/// device first fixes them for the whole test process. Pinning the f32 defaults first keeps
+/// a test of the f64 backend from turning every later CPU tensor into f64.
+fn pin_cpu_defaults() {
+    burn::tensor::get_device_settings::<NdArray<f32>>(&Default::default());
+}
+
 #[test]
 fn a_backend_without_a_kernel_is_correct_through_the_default_bodies() {
+    pin_cpu_defaults();
     assert_eq!(<NdArray<f64> as Kernels>::nf4_layout(), PackedLayout::Words);
     check_backend::<NdArray<f64>>("ndarray f64 (default bodies)", &Default::default());
 }
 
 #[test]
 fn the_autodiff_op_gives_the_input_gradient_on_the_cpu() {
+    pin_cpu_defaults();
     check_backward::<Autodiff<NdArray<f32>>>("autodiff ndarray f32", &Default::default());
     check_backward::<Autodiff<NdArray<f64>>>("autodiff ndarray f64", &Default::default());
 }

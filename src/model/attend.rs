@@ -3,11 +3,9 @@
 //! half precision the whole product is computed in f32 here (burn's `attention` takes one
 //! dtype), which keeps medpipe within the reference's own half-vs-f32 distance.
 
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Tensor};
 
-use crate::kernels::Kernels;
+use crate::kernels::{self, Kernels};
 
 /// `softmax(q·kᵀ/√d + mask)·v` over `[batch, heads, len, head_dim]`, in `q`'s dtype.
 pub(crate) fn attend<B: Kernels>(
@@ -17,10 +15,9 @@ pub(crate) fn attend<B: Kernels>(
     mask: Option<Tensor<B, 4, Bool>>,
 ) -> Tensor<B, 4> {
     let dtype = q.dtype();
-    let opts = AttentionModuleOptions::default();
     if dtype == DType::F32 {
-        return attention(q, k, v, mask, None, opts);
+        return kernels::sdpa(q, k, v, mask);
     }
     let f32_ = |t: Tensor<B, 4>| t.cast(DType::F32);
-    attention(f32_(q), f32_(k), f32_(v), mask, None, opts).cast(dtype)
+    kernels::sdpa(f32_(q), f32_(k), f32_(v), mask).cast(dtype)
 }

@@ -12,19 +12,20 @@
 //! `llm_int8_skip_modules`) load without a skip list. On CPU the NF4 forward dequantizes
 //! per block and multiplies in f32; there is no CUDA kernel (fused dequant + GEMV) here.
 //!
-//! Field names follow checkpoint keys (`q_proj.weight`, `q_proj.bias`); burn's `Linear`
-//! stores the weight as `[d_in, d_out]`, the checkpoint as `[d_out, d_in]`.
+//! Field names follow checkpoint keys (`q_proj.weight`, `q_proj.bias`), and so does the
+//! layout: a dense weight stays `[d_out, d_in]` as the checkpoint stores it, and
+//! [`Kernels::dense_linear`] reads it in place (burn's `Linear` wants `[d_in, d_out]`, which cost a
+//! transposed copy of every weight at load).
 //!
 //! With a LoRA pair attached the projection computes `base(x) + lora(x)` as peft's
 //! `lora.Linear.forward` (peft 0.21 `tuners/lora/layer.py`); whatever the base is, it stays
 //! frozen, and merging folds `s·B·A` into a dense base.
 
 use burn::module::Param;
-use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::DType;
 
-use crate::kernels::Kernels;
+use crate::kernels::{self, Kernels};
 use crate::model::error::ModelError;
 use crate::model::lora::Lora;
 use crate::model::weights::WeightSource;
@@ -33,11 +34,35 @@ use crate::quant::Nf4Linear;
 /// The frozen base of a projection.
 #[derive(Module, Debug)]
 pub enum BaseProj<B: Kernels> {
-    /// Full-precision weight `[d_in, d_out]` (+ bias `[d_out]`).
-    Dense(Linear<B>),
+    /// Full-precision weight `[d_out, d_in]` (+ bias `[d_out]`).
+    Dense(DenseLinear<B>),
     /// bitsandbytes NF4 weight, dequantized per block on the fly in the forward (+ bias).
     /// Its codes and scales are constants, never trained.
     Nf4(Nf4Linear<B>),
+}
+
+/// A dense linear layer in PyTorch's layout.
+#[derive(Module, Debug)]
+pub struct DenseLinear<B: Kernels> {
+    /// `[d_out, d_in]`.
+    weight: Param<Tensor<B, 2>>,
+    /// `[d_out]`.
+    bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Kernels> DenseLinear<B> {
+    /// # Shapes
+    /// - `x`: `[..., d_in]` → `[..., d_out]`
+    fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dims = x.dims();
+        let d_in = dims[D - 1];
+        let rows = dims[..D - 1].iter().product();
+        let weight = self.weight.val();
+        let mut out = dims;
+        out[D - 1] = weight.dims()[0];
+        let bias = self.bias.as_ref().map(|b| b.val());
+        kernels::linear(x.reshape([rows, d_in]), weight, bias).reshape(out)
+    }
 }
 
 /// A projection `y = x·Wᵀ + b` through the seam.
@@ -96,7 +121,7 @@ impl<B: Kernels> Proj<B> {
                 lora: None,
             });
         }
-        let w: Tensor<B, 2> = src.tensor(&wkey, [spec.d_out, spec.d_in], device)?;
+        let w: Tensor<B, 2> = src.tensor_in_place(&wkey, [spec.d_out, spec.d_in], device)?;
         let bias = if spec.bias {
             let b: Tensor<B, 1> = src.tensor(&format!("{prefix}.bias"), [spec.d_out], device)?;
             Some(Param::from_tensor(b))
@@ -108,12 +133,8 @@ impl<B: Kernels> Proj<B> {
 
     /// A dense projection from a PyTorch-layout weight `[d_out, d_in]`.
     pub(crate) fn from_weight(weight: Tensor<B, 2>, bias: Option<Param<Tensor<B, 1>>>) -> Self {
-        let [d_out, d_in] = weight.dims();
-        // The reshape materialises the transpose once, here: a strided view would be
-        // re-laid-out by NdArray's matmul on every forward.
-        let weight = weight.transpose().reshape([d_in, d_out]);
         Proj {
-            base: BaseProj::Dense(Linear {
+            base: BaseProj::Dense(DenseLinear {
                 weight: Param::from_tensor(weight),
                 bias,
             }),
@@ -137,7 +158,10 @@ impl<B: Kernels> Proj<B> {
     /// `[d_in, d_out]` of the base projection.
     pub(crate) fn dims(&self) -> [usize; 2] {
         match &self.base {
-            BaseProj::Dense(l) => l.weight.val().dims(),
+            BaseProj::Dense(l) => {
+                let [d_out, d_in] = l.weight.val().dims();
+                [d_in, d_out]
+            }
             BaseProj::Nf4(l) => {
                 let (d_in, d_out) = l.dims();
                 [d_in, d_out]
@@ -183,10 +207,9 @@ impl<B: Kernels> Proj<B> {
         };
         match &mut self.base {
             BaseProj::Dense(l) => {
-                // burn layout [d_in, d_out]: add (s·B·A)ᵀ = s·Aᵀ·Bᵀ. Detached: the merged
-                // weight is a frozen base like the one it replaces.
-                let delta = lora.delta_weight().transpose(); // [d_in, d_out]
-                let w = (l.weight.val() + delta).detach();
+                // Both [d_out, d_in]. Detached: the merged weight is a frozen base like the
+                // one it replaces.
+                let w = (l.weight.val() + lora.delta_weight()).detach();
                 l.weight = Param::initialized(l.weight.id, w);
             }
             BaseProj::Nf4(_) => self.lora = Some(lora),

@@ -11,9 +11,8 @@ use crate::model::attend::attend;
 use burn::module::Param;
 use burn::nn::Embedding;
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 
-use crate::kernels::Kernels;
+use crate::kernels::{self, Kernels};
 use crate::model::cache::KvCache;
 use crate::model::config::TextConfig;
 use crate::model::error::ModelError;
@@ -271,9 +270,10 @@ impl<B: Kernels> TextModel<B> {
             x = x + a;
             let h = layer.post_attention_layernorm.forward(x.clone());
             let m = &layer.mlp;
-            let h = m
-                .down_proj
-                .forward(silu(m.gate_proj.forward(h.clone())) * m.up_proj.forward(h));
+            let h = m.down_proj.forward(kernels::silu_mul(
+                m.gate_proj.forward(h.clone()),
+                m.up_proj.forward(h),
+            ));
             x = x + h;
         }
         Ok(self.norm.forward(x))

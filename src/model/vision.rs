@@ -14,10 +14,10 @@
 
 use crate::model::attend::attend;
 use burn::prelude::*;
-use burn::tensor::activation::{gelu, silu};
+use burn::tensor::activation::gelu;
 use burn::tensor::{DType, TensorData};
 
-use crate::kernels::Kernels;
+use crate::kernels::{self, Kernels};
 use crate::model::config::{VisionConfig, VISION_ROPE_THETA};
 use crate::model::error::ModelError;
 use crate::model::linear::{Proj, ProjSpec, RmsNorm};
@@ -376,9 +376,10 @@ impl<B: Kernels> VisionTransformer<B> {
                     .forward(blk.norm1.forward(x.clone()), &cos, &sin, seg);
             let h = blk.norm2.forward(x.clone());
             let mlp = &blk.mlp;
-            let h = mlp
-                .down_proj
-                .forward(silu(mlp.gate_proj.forward(h.clone())) * mlp.up_proj.forward(h));
+            let h = mlp.down_proj.forward(kernels::silu_mul(
+                mlp.gate_proj.forward(h.clone()),
+                mlp.up_proj.forward(h),
+            ));
             x = x + h;
         }
         let mg = &self.merger;

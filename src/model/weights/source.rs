@@ -6,7 +6,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
-use burn::tensor::{DType, TensorData};
+use burn::tensor::{AllocationProperty, Bytes, DType, TensorData};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 
@@ -58,7 +58,8 @@ struct Entry {
 /// The tensors of a checkpoint directory, memory-mapped, addressed by canonical key.
 pub(crate) struct WeightSource {
     dir: PathBuf,
-    files: Vec<(PathBuf, Mmap)>,
+    /// Each shard's path and its memory map (shared, so tensors can borrow from it).
+    files: Vec<(PathBuf, bytes::Bytes)>,
     index: HashMap<String, Entry>,
     taken: HashSet<String>,
 }
@@ -150,7 +151,7 @@ impl WeightSource {
                 },
             );
         }
-        self.files.push((path, mmap));
+        self.files.push((path, bytes::Bytes::from_owner(mmap)));
         Ok(())
     }
 
@@ -347,6 +348,28 @@ impl WeightSource {
     /// [`ModelError::MissingTensor`], [`ModelError::Checkpoint`] on a shape mismatch,
     /// [`ModelError::UnsupportedDtype`].
     pub(crate) fn data(&mut self, key: &str, shape: &[usize]) -> Result<TensorData, ModelError> {
+        self.data_as(key, shape, false)
+    }
+
+    /// [`Self::data`], but an f32 tensor borrows its bytes from the memory map instead of
+    /// copying them: the CPU backend then reads it in place, so a weight costs no load time
+    /// and no memory beyond the page cache. Only for tensors that are read, never changed
+    /// in place (dense projection weights): any NdArray op that takes the tensor by value
+    /// copies a borrowed one first.
+    pub(crate) fn data_in_place(
+        &mut self,
+        key: &str,
+        shape: &[usize],
+    ) -> Result<TensorData, ModelError> {
+        self.data_as(key, shape, true)
+    }
+
+    fn data_as(
+        &mut self,
+        key: &str,
+        shape: &[usize],
+        in_place: bool,
+    ) -> Result<TensorData, ModelError> {
         let e = self
             .index
             .get(key)
@@ -366,6 +389,11 @@ impl WeightSource {
             });
         }
         let (path, map) = &self.files[e.file];
+        if in_place && e.dtype == StDtype::F32 {
+            let bytes = Bytes::from_shared(map.slice(e.start..e.end), AllocationProperty::File);
+            self.taken.insert(key.to_string());
+            return Ok(TensorData::from_bytes(bytes, e.shape.clone(), DType::F32));
+        }
         let bytes = map[e.start..e.end].to_vec();
         let dtype = match e.dtype {
             StDtype::F32 => DType::F32,
@@ -388,6 +416,16 @@ impl WeightSource {
         };
         self.taken.insert(key.to_string());
         Ok(data)
+    }
+
+    /// [`Self::data_in_place`] as a tensor on `device`.
+    pub(crate) fn tensor_in_place<B: Kernels, const D: usize>(
+        &mut self,
+        key: &str,
+        shape: [usize; D],
+        device: &B::Device,
+    ) -> Result<Tensor<B, D>, ModelError> {
+        Ok(Tensor::from_data(self.data_in_place(key, &shape)?, device))
     }
 
     /// [`Self::data`] as a tensor on `device`.

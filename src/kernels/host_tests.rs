@@ -1,0 +1,141 @@
+//! The CPU backend's dense, attention and activation kernels equal burn's own ops (the
+//! seam's generic bodies) on the layouts the model hands them: strided views, a narrowed KV
+//! cache, broadcast masks, weights borrowed from a memory map.
+
+use burn::backend::NdArray;
+use burn::prelude::*;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{AllocationProperty, Bytes};
+
+use super::{linear, sdpa, silu_mul};
+use crate::test_util::assert_close;
+
+type Cpu = NdArray<f32>;
+
+fn values(n: usize, seed: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i * 7919 + seed * 104_729) % 211) as f32 - 105.0) / 70.0)
+        .collect()
+}
+
+fn tensor<const D: usize>(shape: [usize; D], seed: usize) -> Tensor<Cpu, D> {
+    let n = shape.iter().product();
+    Tensor::from_data(TensorData::new(values(n, seed), shape), &Default::default())
+}
+
+fn floats<const D: usize>(t: Tensor<Cpu, D>) -> Vec<f32> {
+    t.into_data().to_vec::<f32>().unwrap()
+}
+
+#[test]
+fn dense_linear_equals_x_times_w_transposed_plus_bias_for_decode_and_prefill_rows() {
+    let (d_in, d_out) = (33, 70);
+    // The weight as the loader hands it over: bytes borrowed from a (here: in-memory) file.
+    let w_bytes: Vec<u8> = values(d_out * d_in, 2)
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let shared = Bytes::from_shared(bytes::Bytes::from(w_bytes), AllocationProperty::File);
+    let w = Tensor::<Cpu, 2>::from_data(
+        TensorData::from_bytes(shared, [d_out, d_in], burn::tensor::DType::F32),
+        &Default::default(),
+    );
+    let b = tensor([d_out], 3);
+    for m in [1, 2, 8, 9, 40] {
+        let x = tensor([m, d_in], m);
+        let want = x.clone().matmul(w.clone().transpose()) + b.clone().unsqueeze();
+        let got = linear(x.clone(), w.clone(), Some(b.clone()));
+        assert_close(
+            &format!("{m} rows + bias"),
+            &floats(got),
+            &floats(want),
+            1e-4,
+        );
+        let want = x.clone().matmul(w.clone().transpose());
+        let got = linear(x, w.clone(), None);
+        assert_close(&format!("{m} rows"), &floats(got), &floats(want), 1e-4);
+    }
+}
+
+/// burn's attention on the same operands (the generic body).
+fn reference(
+    q: Tensor<Cpu, 4>,
+    k: Tensor<Cpu, 4>,
+    v: Tensor<Cpu, 4>,
+    mask: Option<Tensor<Cpu, 4, Bool>>,
+) -> Vec<f32> {
+    floats(attention(
+        q,
+        k,
+        v,
+        mask,
+        None,
+        AttentionModuleOptions::default(),
+    ))
+}
+
+#[test]
+fn attention_equals_burns_on_swapped_queries_a_narrowed_cache_and_a_broadcast_mask() {
+    let (b, h, d, cap) = (2, 3, 16, 12);
+    // Keys and values: the first `t` positions of a preallocated cache, as KvCache hands them.
+    let cache_k = tensor([b, h, cap, d], 10);
+    let cache_v = tensor([b, h, cap, d], 11);
+    for (s, t) in [(5, 7), (1, 12), (1, 1), (7, 7)] {
+        let k = cache_k.clone().narrow(2, 0, t);
+        let v = cache_v.clone().narrow(2, 0, t);
+        // Queries laid out [b, s, h, d] and swapped, as the decoder does.
+        let q = tensor([b, s, h, d], s).swap_dims(1, 2);
+        // Causal over the last `s` of `t` positions, one row per batch, broadcast over heads.
+        let mut m = vec![false; b * s * t];
+        for bi in 0..b {
+            for i in 0..s {
+                for j in 0..t {
+                    m[(bi * s + i) * t + j] = j > t - s + i;
+                }
+            }
+        }
+        let mask = Tensor::<Cpu, 4, Bool>::from_bool(
+            TensorData::new(m, [b, 1, s, t]),
+            &Default::default(),
+        )
+        .expand([b, h, s, t]);
+        let want = reference(q.clone(), k.clone(), v.clone(), Some(mask.clone()));
+        let got = floats(sdpa(q.clone(), k.clone(), v.clone(), Some(mask)));
+        assert_close(&format!("s={s} t={t} masked"), &got, &want, 1e-5);
+        let want = reference(q.clone(), k.clone(), v.clone(), None);
+        let got = floats(sdpa(q, k, v, None));
+        assert_close(&format!("s={s} t={t}"), &got, &want, 1e-5);
+    }
+}
+
+#[test]
+fn a_query_row_with_every_key_hidden_attends_to_nothing() {
+    let (q, k, v) = (
+        tensor([1, 1, 2, 4], 1),
+        tensor([1, 1, 3, 4], 2),
+        tensor([1, 1, 3, 4], 3),
+    );
+    let mask = Tensor::<Cpu, 4, Bool>::from_bool(
+        TensorData::new(vec![true, true, true, false, true, false], [1, 1, 2, 3]),
+        &Default::default(),
+    );
+    let got = floats(sdpa(q.clone(), k.clone(), v.clone(), Some(mask.clone())));
+    assert_eq!(&got[..4], &[0.0; 4], "first row: all keys hidden");
+    let want = reference(q, k, v, Some(mask));
+    assert_close("second row", &got[4..], &want[4..], 1e-5);
+}
+
+#[test]
+fn silu_mul_equals_silu_of_gate_times_up_even_where_exp_overflows() {
+    let mut g = values(5000, 4);
+    g.extend([-100.0, 100.0, -1e4, 0.0]);
+    let n = g.len();
+    let gate = Tensor::<Cpu, 2>::from_data(TensorData::new(g, [2, n / 2]), &Default::default());
+    let up = tensor([2, n / 2], 5);
+    let want = burn::tensor::activation::silu(gate.clone()) * up.clone();
+    let got = silu_mul(gate, up);
+    let (got, want) = (floats(got), floats(want));
+    assert!(got.iter().all(|v| v.is_finite()));
+    assert_close("silu·up", &got, &want, 1e-5);
+}
