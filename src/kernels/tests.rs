@@ -11,14 +11,17 @@ use crate::quant::Nf4Tensor;
 use crate::test_util::{assert_close, wgpu_available};
 
 /// `(out, in, blocksize)`: odd rows start mid-byte (13×11), rows cross blocks (5×130), a
-/// tail block (7×9 at 128), one row, nine rows of 70.
-const SHAPES: [(usize, usize, usize); 6] = [
+/// tail block (7×9 at 128), one row, nine rows of 70; rows of whole blocks (3×64, 6×128 at
+/// 32, 2×192), the layout of real models, which the CPU's AVX-512 path takes.
+const SHAPES: [(usize, usize, usize); 8] = [
     (13, 11, 64),
     (5, 130, 64),
     (3, 64, 64),
     (7, 9, 128),
     (1, 200, 64),
     (9, 70, 64),
+    (6, 128, 32),
+    (2, 192, 64),
 ];
 
 /// Input rows: decode (1, 8: the GEMV path on the CPU) and prefill (9, 13).
