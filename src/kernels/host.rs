@@ -240,6 +240,17 @@ impl<'a> HostView<'a> {
         if self.in_features == 0 {
             return w;
         }
+        #[cfg(target_arch = "x86_64")]
+        if avx512::usable(self.in_features, self.blocksize) {
+            w.par_chunks_mut(self.in_features)
+                .enumerate()
+                .for_each(|(o, row)| {
+                    let (bytes, scales) = self.row_parts(o);
+                    // SAFETY: `usable` detected AVX-512F; the row holds inn = 2·bytes values.
+                    unsafe { avx512::decode_row(bytes, scales, &self.code, self.blocksize, row) }
+                });
+            return w;
+        }
         w.par_chunks_mut(self.in_features)
             .enumerate()
             .for_each(|(o, row)| self.dequant_row(o, row));
@@ -329,9 +340,48 @@ mod avx512 {
     /// Whether the CPU has AVX-512F and the rows split into whole 16-element groups inside
     /// whole blocks (true of every real model: widths and block sizes are multiples of 64).
     pub(super) fn usable(in_features: usize, blocksize: usize) -> bool {
-        in_features % blocksize == 0
-            && blocksize % 16 == 0
+        in_features.is_multiple_of(blocksize)
+            && blocksize.is_multiple_of(16)
             && std::arch::is_x86_feature_detected!("avx512f")
+    }
+
+    /// Eight packed bytes → their 16 codes' values times `scale` (element order).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn decode16(bytes: *const u8, table: __m512, scale: f32) -> __m512 {
+        // SAFETY: the caller passes 8 readable bytes.
+        let b = unsafe { _mm_loadl_epi64(bytes as *const __m128i) };
+        let nibble = _mm_set1_epi8(0x0f);
+        let hi = _mm_and_si128(_mm_srli_epi16(b, 4), nibble);
+        let lo = _mm_and_si128(b, nibble);
+        // [hi0, lo0, hi1, lo1, ...]: element order within the row.
+        let idx = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));
+        _mm512_mul_ps(_mm512_permutexvar_ps(idx, table), _mm512_set1_ps(scale))
+    }
+
+    /// One weight row (`2·bytes.len()` values) decoded into `row`, for the prefill GEMM.
+    ///
+    /// # Safety
+    /// As [`row_dots`]; `row.len() = 2·bytes.len()`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn decode_row(
+        bytes: &[u8],
+        scales: &[f32],
+        code: &[f32; 16],
+        blocksize: usize,
+        row: &mut [f32],
+    ) {
+        let inn = bytes.len() * 2;
+        debug_assert!(row.len() == inn && scales.len() * blocksize == inn);
+        // SAFETY: group g reads bytes 8g..8g+8 < inn/2 and writes row[16g..16g+16] ≤ inn.
+        unsafe {
+            let table = _mm512_loadu_ps(code.as_ptr());
+            for g in 0..inn / 16 {
+                let scale = *scales.get_unchecked(16 * g / blocksize);
+                let w = decode16(bytes.as_ptr().add(8 * g), table, scale);
+                _mm512_storeu_ps(row.as_mut_ptr().add(16 * g), w);
+            }
+        }
     }
 
     /// `dots[r] = Σ_e x[r·inn + e] · code[c_e] · scale[e / blocksize]` for one weight row of
@@ -356,16 +406,10 @@ mod avx512 {
         // < inn/2, and x[r·inn + 16g..+16] with r < m; the caller guarantees those lengths.
         unsafe {
             let table = _mm512_loadu_ps(code.as_ptr());
-            let nibble = _mm_set1_epi8(0x0f);
             let mut acc = [_mm512_setzero_ps(); GEMV_MAX_ROWS];
             for g in 0..inn / 16 {
-                let b = _mm_loadl_epi64(bytes.as_ptr().add(8 * g) as *const __m128i);
-                let hi = _mm_and_si128(_mm_srli_epi16(b, 4), nibble);
-                let lo = _mm_and_si128(b, nibble);
-                // [hi0, lo0, hi1, lo1, ...]: element order within the row.
-                let idx = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));
-                let scale = _mm512_set1_ps(*scales.get_unchecked(16 * g / blocksize));
-                let w = _mm512_mul_ps(_mm512_permutexvar_ps(idx, table), scale);
+                let scale = *scales.get_unchecked(16 * g / blocksize);
+                let w = decode16(bytes.as_ptr().add(8 * g), table, scale);
                 for (r, a) in acc.iter_mut().enumerate().take(m) {
                     let xv = _mm512_loadu_ps(x.as_ptr().add(r * inn + 16 * g));
                     *a = _mm512_fmadd_ps(xv, w, *a);
