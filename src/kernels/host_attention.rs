@@ -46,54 +46,189 @@ pub(crate) fn attention(
     }
     let scale = 1.0 / (d as f32).sqrt();
     let mut out = vec![0f32; b * h * s * d];
-    if d == 0 {
+    if d == 0 || t == 0 {
         return Some((out, [b, h, s, d]));
     }
-    out.par_chunks_mut(d).enumerate().for_each_init(
-        || vec![0f32; t],
-        |scores, (row, o)| {
-            let (bh, i) = (row / s, row % s);
-            let (bi, hi) = (bh / h, bh % h);
-            let q_row = q.slice(ndarray::s![bi, hi, i, ..]);
-            let q_row = q_row.as_slice().expect("rows made contiguous");
-            let keys = k.slice(ndarray::s![bi, hi, .., ..]);
-            let values = v.slice(ndarray::s![bi, hi, .., ..]);
-            let hidden = mask.as_ref().map(|m| m.slice(ndarray::s![bi, hi, i, ..]));
-            let mut max = f32::NEG_INFINITY;
-            for (j, sc) in scores.iter_mut().enumerate() {
-                if hidden.as_ref().is_some_and(|m| m[j]) {
-                    *sc = f32::NEG_INFINITY;
-                    continue;
-                }
-                let key = keys.index_axis(Axis(0), j);
-                *sc = dot(q_row, key.as_slice().expect("rows made contiguous")) * scale;
-                max = max.max(*sc);
-            }
-            if max == f32::NEG_INFINITY {
-                return; // every key hidden: zeros
-            }
-            let mut sum = 0f32;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
-            }
-            for (j, &p) in scores.iter().enumerate() {
-                if p == 0.0 {
-                    continue;
-                }
-                let value = values.index_axis(Axis(0), j);
-                let value = value.as_slice().expect("rows made contiguous");
-                for (o, &x) in o.iter_mut().zip(value) {
-                    *o += p * x;
-                }
-            }
-            let inv = 1.0 / sum;
-            for o in o.iter_mut() {
-                *o *= inv;
-            }
-        },
-    );
+    let ops = Operands {
+        q: q.view(),
+        k: k.view(),
+        v: v.view(),
+        mask: mask.as_ref().map(|m| m.view()),
+        scale,
+    };
+    if s <= ROW_PATH_MAX_QUERIES {
+        ops.by_rows(&mut out);
+    } else {
+        ops.by_gemm(&mut out);
+    }
     Some((out, [b, h, s, d]))
+}
+
+/// Up to this many query rows per head (decode), each row is its own task; above (prefill,
+/// the vision tower), each head's scores and output are two GEMMs.
+const ROW_PATH_MAX_QUERIES: usize = 8;
+
+/// Validated operands: `q` `[b, h, s, d]`, `k`/`v` `[b, h, t, d]`, rows contiguous.
+struct Operands<'a> {
+    q: ArrayView4<'a, f32>,
+    k: ArrayView4<'a, f32>,
+    v: ArrayView4<'a, f32>,
+    mask: Option<ArrayView4<'a, bool>>,
+    scale: f32,
+}
+
+impl Operands<'_> {
+    fn dims(&self) -> (usize, usize, usize, usize, usize) {
+        let (b, h, s, d) = self.q.dim();
+        (b, h, s, self.k.dim().2, d)
+    }
+
+    /// One task per query row: dot products against the keys, softmax, weighted values.
+    fn by_rows(&self, out: &mut [f32]) {
+        let (_, h, s, t, d) = self.dims();
+        let (q, k, v, mask, scale) = (&self.q, &self.k, &self.v, &self.mask, self.scale);
+        out.par_chunks_mut(d).enumerate().for_each_init(
+            || vec![0f32; t],
+            |scores, (row, o)| {
+                let (bh, i) = (row / s, row % s);
+                let (bi, hi) = (bh / h, bh % h);
+                let q_row = q.slice(ndarray::s![bi, hi, i, ..]);
+                let q_row = q_row.as_slice().expect("rows made contiguous");
+                let keys = k.slice(ndarray::s![bi, hi, .., ..]);
+                let values = v.slice(ndarray::s![bi, hi, .., ..]);
+                let hidden = mask.as_ref().map(|m| m.slice(ndarray::s![bi, hi, i, ..]));
+                for (j, sc) in scores.iter_mut().enumerate() {
+                    let key = keys.index_axis(Axis(0), j);
+                    *sc = dot(q_row, key.as_slice().expect("rows made contiguous")) * scale;
+                }
+                softmax_row(scores, hidden.as_ref());
+                for (j, &p) in scores.iter().enumerate() {
+                    if p == 0.0 {
+                        continue; // hidden (or vanishing) keys: skip their value rows
+                    }
+                    let value = values.index_axis(Axis(0), j);
+                    let value = value.as_slice().expect("rows made contiguous");
+                    for (o, &x) in o.iter_mut().zip(value) {
+                        *o += p * x;
+                    }
+                }
+            },
+        );
+    }
+
+    /// Per head: `S = q·kᵀ·scale` and `O = softmax(S)·v` through the `gemm` crate, heads
+    /// split over the rayon pool (or, with fewer heads than threads, each GEMM threaded).
+    fn by_gemm(&self, out: &mut [f32]) {
+        let (_, h, s, t, d) = self.dims();
+        let threads = rayon::current_num_threads();
+        let heads = out.len() / (s * d);
+        let inner = if heads >= threads || threads == 1 {
+            gemm::Parallelism::None
+        } else {
+            gemm::Parallelism::Rayon(threads)
+        };
+        let head = |bh: usize, o: &mut [f32], scores: &mut Vec<f32>| {
+            let (bi, hi) = (bh / h, bh % h);
+            let q = self.q.slice(ndarray::s![bi, hi, .., ..]);
+            let k = self.k.slice(ndarray::s![bi, hi, .., ..]);
+            let v = self.v.slice(ndarray::s![bi, hi, .., ..]);
+            scores.resize(s * t, 0.0);
+            // SAFETY: q is s×d with row stride q.strides()[0] and unit column stride (rows
+            // made contiguous), k and v t×d likewise; k is read as the d×t matrix kᵀ
+            // (column stride = k's row stride, row stride 1). `scores` is s×t, `o` s×d,
+            // both row-major and exactly that long; `read_dst` is false.
+            unsafe {
+                gemm::gemm(
+                    s,
+                    t,
+                    d,
+                    scores.as_mut_ptr(),
+                    1,
+                    t as isize,
+                    false,
+                    q.as_ptr(),
+                    1,
+                    q.strides()[0],
+                    k.as_ptr(),
+                    k.strides()[0],
+                    1,
+                    0.0,
+                    self.scale,
+                    false,
+                    false,
+                    false,
+                    inner,
+                );
+            }
+            for (i, row) in scores.chunks_exact_mut(t).enumerate() {
+                let hidden = self
+                    .mask
+                    .as_ref()
+                    .map(|m| m.slice(ndarray::s![bi, hi, i, ..]));
+                softmax_row(row, hidden.as_ref());
+            }
+            // SAFETY: as above; p is s×t row-major, v (t×d) has unit column stride.
+            unsafe {
+                gemm::gemm(
+                    s,
+                    d,
+                    t,
+                    o.as_mut_ptr(),
+                    1,
+                    d as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    t as isize,
+                    v.as_ptr(),
+                    1,
+                    v.strides()[0],
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    inner,
+                );
+            }
+        };
+        if matches!(inner, gemm::Parallelism::None) && threads > 1 {
+            out.par_chunks_mut(s * d)
+                .enumerate()
+                .for_each_init(Vec::new, |scores, (bh, o)| head(bh, o, scores));
+        } else {
+            let mut scores = Vec::new();
+            for (bh, o) in out.chunks_mut(s * d).enumerate() {
+                head(bh, o, &mut scores);
+            }
+        }
+    }
+}
+
+/// `row ← softmax(row)` with `hidden` keys at zero weight; a row with every key hidden
+/// becomes all zeros (so it attends to nothing instead of producing NaN).
+fn softmax_row(row: &mut [f32], hidden: Option<&ndarray::ArrayView1<'_, bool>>) {
+    if let Some(m) = hidden {
+        for (x, &hid) in row.iter_mut().zip(m.iter()) {
+            if hid {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
+    let max = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return;
+    }
+    let mut sum = 0f32;
+    for x in row.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
 }
 
 /// The view itself when its rows (last axis) are contiguous, else a row-major copy (the

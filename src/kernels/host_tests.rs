@@ -77,11 +77,12 @@ fn reference(
 
 #[test]
 fn attention_equals_burns_on_swapped_queries_a_narrowed_cache_and_a_broadcast_mask() {
-    let (b, h, d, cap) = (2, 3, 16, 12);
+    let (b, h, d, cap) = (2, 3, 16, 24);
     // Keys and values: the first `t` positions of a preallocated cache, as KvCache hands them.
     let cache_k = tensor([b, h, cap, d], 10);
     let cache_v = tensor([b, h, cap, d], 11);
-    for (s, t) in [(5, 7), (1, 12), (1, 1), (7, 7)] {
+    // Up to 8 query rows: one task per row (decode); more: two GEMMs per head (prefill).
+    for (s, t) in [(5, 7), (1, 12), (1, 1), (7, 7), (9, 9), (13, 20), (24, 24)] {
         let k = cache_k.clone().narrow(2, 0, t);
         let v = cache_v.clone().narrow(2, 0, t);
         // Queries laid out [b, s, h, d] and swapped, as the decoder does.
@@ -111,19 +112,29 @@ fn attention_equals_burns_on_swapped_queries_a_narrowed_cache_and_a_broadcast_ma
 
 #[test]
 fn a_query_row_with_every_key_hidden_attends_to_nothing() {
-    let (q, k, v) = (
-        tensor([1, 1, 2, 4], 1),
-        tensor([1, 1, 3, 4], 2),
-        tensor([1, 1, 3, 4], 3),
-    );
-    let mask = Tensor::<Cpu, 4, Bool>::from_bool(
-        TensorData::new(vec![true, true, true, false, true, false], [1, 1, 2, 3]),
-        &Default::default(),
-    );
-    let got = floats(sdpa(q.clone(), k.clone(), v.clone(), Some(mask.clone())));
-    assert_eq!(&got[..4], &[0.0; 4], "first row: all keys hidden");
-    let want = reference(q, k, v, Some(mask));
-    assert_close("second row", &got[4..], &want[4..], 1e-5);
+    // 2 query rows (the row path) and 10 (the GEMM path); the first row hides every key,
+    // the others hide the middle one.
+    for s in [2, 10] {
+        let q = tensor([1, 1, s, 4], 1);
+        let (k, v) = (tensor([1, 1, 3, 4], 2), tensor([1, 1, 3, 4], 3));
+        let mut m = vec![true, true, true];
+        for _ in 1..s {
+            m.extend([false, true, false]);
+        }
+        let mask = Tensor::<Cpu, 4, Bool>::from_bool(
+            TensorData::new(m, [1, 1, s, 3]),
+            &Default::default(),
+        );
+        let got = floats(sdpa(q.clone(), k.clone(), v.clone(), Some(mask.clone())));
+        assert_eq!(&got[..4], &[0.0; 4], "{s} rows: the first hides all keys");
+        let want = reference(q, k, v, Some(mask));
+        assert_close(
+            &format!("{s} rows: the others"),
+            &got[4..],
+            &want[4..],
+            1e-5,
+        );
+    }
 }
 
 #[test]
