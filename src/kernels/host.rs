@@ -74,6 +74,35 @@ impl Kernels for Cpu {
         }
     }
 
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        if x.dtype() != DType::F32 || weight.dtype() != DType::F32 {
+            let x = Tensor::<Cpu, 2>::from_primitive(TensorPrimitive::Float(x));
+            let w = Tensor::<Cpu, 1>::from_primitive(TensorPrimitive::Float(weight));
+            let dtype = x.dtype();
+            let x = x.cast(DType::F32);
+            let rms = (x.clone().square().mean_dim(1) + eps).sqrt();
+            return ((x / rms).cast(dtype) * w.unsqueeze())
+                .into_primitive()
+                .tensor();
+        }
+        let [rows, d] = dims2(&x);
+        let (xs, w) = (f32s(&x), f32s(&weight));
+        let mut y = vec![0f32; rows * d];
+        if d > 0 {
+            // One pass per row instead of burn's six over the whole tensor.
+            y.par_chunks_mut(d)
+                .zip(xs.par_chunks(d))
+                .for_each(|(y, x)| {
+                    let ms = dot(x, x) / d as f32;
+                    let rms = (ms + eps as f32).sqrt();
+                    for ((y, &x), &w) in y.iter_mut().zip(x).zip(w.iter()) {
+                        *y = x / rms * w;
+                    }
+                });
+        }
+        host_tensor(y, [rows, d])
+    }
+
     fn silu_mul(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         if gate.dtype() != DType::F32 || up.dtype() != DType::F32 {
             let gate = Tensor::<Cpu, 1>::from_primitive(TensorPrimitive::Float(gate));

@@ -150,3 +150,16 @@ fn silu_mul_equals_silu_of_gate_times_up_even_where_exp_overflows() {
     assert!(got.iter().all(|v| v.is_finite()));
     assert_close("silu·up", &got, &want, 1e-5);
 }
+
+#[test]
+fn rms_norm_equals_the_reference_formula_on_rows_of_any_width() {
+    for (rows, d) in [(1, 1), (3, 7), (5, 64), (2, 1000)] {
+        let x = tensor([rows, d], d);
+        let w = tensor([d], 7);
+        let eps = 1e-6;
+        let want =
+            x.clone() / (x.clone().square().mean_dim(1) + eps).sqrt() * w.clone().unsqueeze();
+        let got = super::rms_norm(x, w, eps);
+        assert_close(&format!("{rows}x{d}"), &floats(got), &floats(want), 1e-5);
+    }
+}

@@ -109,6 +109,20 @@ pub trait Kernels: Backend {
             .tensor()
     }
 
+    /// RMSNorm as Qwen2 computes it: `weight · x / sqrt(mean(x²) + eps)` over the last axis
+    /// of `x` `[rows, d]`, normalised in f32 whatever `x`'s dtype, then cast back before the
+    /// weight (`[d]`) multiplies.
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
+        let weight = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(weight));
+        let dtype = x.dtype();
+        let x = x.cast(DType::F32);
+        let rms = (x.clone().square().mean_dim(1) + eps).sqrt();
+        ((x / rms).cast(dtype) * weight.unsqueeze())
+            .into_primitive()
+            .tensor()
+    }
+
     /// The gated MLP's activation `silu(gate) · up`, elementwise (equal shapes).
     fn silu_mul(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         let gate = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(gate));
@@ -211,6 +225,23 @@ pub fn sdpa<B: Kernels>(
         mask.map(|m| m.into_primitive()),
     );
     Tensor::from_primitive(TensorPrimitive::Float(y))
+}
+
+/// RMSNorm over the last axis through the seam (see [`Kernels::rms_norm`]).
+pub fn rms_norm<B: Kernels, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
+    let shape = x.shape();
+    let d = shape[D - 1];
+    let rows = shape.num_elements() / d.max(1);
+    let y = B::rms_norm(
+        x.reshape([rows, d]).into_primitive().tensor(),
+        weight.into_primitive().tensor(),
+        eps,
+    );
+    Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(y)).reshape(shape)
 }
 
 /// `silu(gate) · up` through the seam (see [`Kernels::silu_mul`]).

@@ -23,7 +23,6 @@
 
 use burn::module::Param;
 use burn::prelude::*;
-use burn::tensor::DType;
 
 use crate::kernels::{self, Kernels};
 use crate::model::error::ModelError;
@@ -248,9 +247,6 @@ impl<B: Kernels> RmsNorm<B> {
     /// - `x`: `[..., d]` → `[..., d]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         // The reference normalises in f32 whatever the activation dtype, then casts back.
-        let dtype = x.dtype();
-        let x = x.cast(DType::F32);
-        let rms = (x.clone().square().mean_dim(D - 1) + self.eps).sqrt();
-        (x / rms).cast(dtype) * self.weight.val().unsqueeze()
+        kernels::rms_norm(x, self.weight.val(), self.eps)
     }
 }
