@@ -508,6 +508,28 @@ pub(crate) mod tests {
         assert_eq!(src.index.len(), expected_tensors(&tiny_cfg()).len());
     }
 
+    /// Issue 17: loading makes no copy of a dense weight on the CPU; the tensor borrows the
+    /// mapped file's bytes (and still holds the right values).
+    #[test]
+    fn dense_weights_on_the_cpu_borrow_the_memory_map_instead_of_copying() {
+        use burn::backend::ndarray::NdArrayTensor;
+        type Cpu = burn::backend::NdArray<f32>;
+        let key = "model.layers.1.mlp.up_proj.weight";
+        let mut src = WeightSource::open(&fixture("qwen2_5_vl_tiny")).unwrap();
+        let copied = src.data(key, &[176, 64]).unwrap();
+        let t: Tensor<Cpu, 2> = src
+            .tensor_in_place(key, [176, 64], &Default::default())
+            .unwrap();
+        match t.clone().into_primitive().tensor() {
+            NdArrayTensor::F32(storage) => assert!(storage.is_borrowed(), "{key} was copied"),
+            _ => panic!("{key}: not an f32 tensor"),
+        }
+        assert_eq!(
+            t.into_data().to_vec::<f32>().unwrap(),
+            copied.to_vec::<f32>().unwrap()
+        );
+    }
+
     #[test]
     fn missing_tensor_is_reported_by_name_and_shape() {
         let dir = rewritten_checkpoint(|m| {
