@@ -13,8 +13,8 @@ use burn::tensor::ops::{BoolTensor, FloatTensor};
 use burn::tensor::{DType, TensorData, TensorMetadata, TensorPrimitive};
 use rayon::prelude::*;
 
-use super::host_attention;
 use super::host_gemm::{self, dot, GEMV_MAX_ROWS};
+use super::{generic, host_attention};
 use super::{Kernels, Nf4Weight, PackedLayout};
 
 /// The CPU inference backend.
@@ -36,7 +36,7 @@ impl Kernels for Cpu {
             .all(|t| t.dtype() == DType::F32);
         if !all_f32 {
             // Half precision on the CPU (tests only): the generic body.
-            return linear_generic(x, weight, bias);
+            return generic::dense_linear::<Cpu>(x, weight, bias);
         }
         let [m, k] = dims2(&x);
         let [n, _] = dims2(&weight);
@@ -63,27 +63,13 @@ impl Kernels for Cpu {
                     .into_primitive()
                     .tensor()
             }
-            None => {
-                let float = |t| Tensor::<Cpu, 4>::from_primitive(TensorPrimitive::Float(t));
-                let mask = mask.map(Tensor::<Cpu, 4, Bool>::from_primitive);
-                let opts = burn::tensor::ops::AttentionModuleOptions::default();
-                burn::tensor::module::attention(float(q), float(k), float(v), mask, None, opts)
-                    .into_primitive()
-                    .tensor()
-            }
+            None => generic::sdpa::<Cpu>(q, k, v, mask),
         }
     }
 
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
         if x.dtype() != DType::F32 || weight.dtype() != DType::F32 {
-            let x = Tensor::<Cpu, 2>::from_primitive(TensorPrimitive::Float(x));
-            let w = Tensor::<Cpu, 1>::from_primitive(TensorPrimitive::Float(weight));
-            let dtype = x.dtype();
-            let x = x.cast(DType::F32);
-            let rms = (x.clone().square().mean_dim(1) + eps).sqrt();
-            return ((x / rms).cast(dtype) * w.unsqueeze())
-                .into_primitive()
-                .tensor();
+            return generic::rms_norm::<Cpu>(x, weight, eps);
         }
         let [rows, d] = dims2(&x);
         let (xs, w) = (f32s(&x), f32s(&weight));
@@ -105,11 +91,7 @@ impl Kernels for Cpu {
 
     fn silu_mul(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         if gate.dtype() != DType::F32 || up.dtype() != DType::F32 {
-            let gate = Tensor::<Cpu, 1>::from_primitive(TensorPrimitive::Float(gate));
-            let up = Tensor::<Cpu, 1>::from_primitive(TensorPrimitive::Float(up));
-            return (burn::tensor::activation::silu(gate) * up)
-                .into_primitive()
-                .tensor();
+            return generic::silu_mul::<Cpu>(gate, up);
         }
         let n = gate.shape()[0];
         let (g, u) = (f32s(&gate), f32s(&up));
@@ -140,21 +122,6 @@ impl Kernels for Cpu {
         let x = Tensor::<Cpu, 2>::from_primitive(TensorPrimitive::Float(x));
         HostView::of(w).matmul(x).into_primitive().tensor()
     }
-}
-
-/// [`Kernels::dense_linear`]'s generic body, for what the host kernel does not take.
-fn linear_generic(
-    x: FloatTensor<Cpu>,
-    weight: FloatTensor<Cpu>,
-    bias: Option<FloatTensor<Cpu>>,
-) -> FloatTensor<Cpu> {
-    let float = |t| Tensor::<Cpu, 2>::from_primitive(TensorPrimitive::Float(t));
-    let y = float(x).matmul(float(weight).transpose());
-    let y = match bias {
-        Some(b) => y + Tensor::<Cpu, 1>::from_primitive(TensorPrimitive::Float(b)).unsqueeze(),
-        None => y,
-    };
-    y.into_primitive().tensor()
 }
 
 fn dims2(t: &FloatTensor<Cpu>) -> [usize; 2] {

@@ -20,6 +20,7 @@
 pub mod autodiff;
 pub mod cube;
 pub mod fusion;
+pub(crate) mod generic;
 pub mod host;
 pub(crate) mod host_attention;
 pub(crate) mod host_gemm;
@@ -27,8 +28,7 @@ pub mod nf4_generic;
 
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::module::attention;
-use burn::tensor::ops::{AttentionModuleOptions, BoolTensor, FloatTensor, IntTensor};
+use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
 use burn::tensor::{DType, TensorMetadata, TensorPrimitive};
 
 /// How a backend wants NF4 codes stored (chosen by [`Kernels::nf4_layout`]).
@@ -84,13 +84,7 @@ pub trait Kernels: Backend {
         weight: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
     ) -> FloatTensor<Self> {
-        let float = |t| Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(t));
-        let y = float(x).matmul(float(weight).transpose());
-        let y = match bias {
-            Some(b) => y + Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(b)).unsqueeze(),
-            None => y,
-        };
-        y.into_primitive().tensor()
+        generic::dense_linear::<Self>(x, weight, bias)
     }
 
     /// Scaled dot-product attention `softmax(q·kᵀ/√d + mask)·v`: `q` `[b, h, s, d]`, `k`
@@ -101,35 +95,19 @@ pub trait Kernels: Backend {
         v: FloatTensor<Self>,
         mask: Option<BoolTensor<Self>>,
     ) -> FloatTensor<Self> {
-        let float = |t| Tensor::<Self, 4>::from_primitive(TensorPrimitive::Float(t));
-        let mask = mask.map(Tensor::<Self, 4, Bool>::from_primitive);
-        let opts = AttentionModuleOptions::default();
-        attention(float(q), float(k), float(v), mask, None, opts)
-            .into_primitive()
-            .tensor()
+        generic::sdpa::<Self>(q, k, v, mask)
     }
 
     /// RMSNorm as Qwen2 computes it: `weight · x / sqrt(mean(x²) + eps)` over the last axis
     /// of `x` `[rows, d]`, normalised in f32 whatever `x`'s dtype, then cast back before the
     /// weight (`[d]`) multiplies.
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
-        let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
-        let weight = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(weight));
-        let dtype = x.dtype();
-        let x = x.cast(DType::F32);
-        let rms = (x.clone().square().mean_dim(1) + eps).sqrt();
-        ((x / rms).cast(dtype) * weight.unsqueeze())
-            .into_primitive()
-            .tensor()
+        generic::rms_norm::<Self>(x, weight, eps)
     }
 
     /// The gated MLP's activation `silu(gate) · up`, elementwise (equal shapes).
     fn silu_mul(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
-        let gate = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(gate));
-        let up = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(up));
-        (burn::tensor::activation::silu(gate) * up)
-            .into_primitive()
-            .tensor()
+        generic::silu_mul::<Self>(gate, up)
     }
 
     /// `x · dequant(W)ᵀ`: `x` `[m, in_features]` → `[m, out_features]`, in `x`'s dtype.

@@ -1,0 +1,62 @@
+//! The generic bodies of [`Kernels`](super::Kernels)' dense, attention and activation
+//! methods, built from burn tensor ops: the trait's defaults, and the fallback of backends
+//! whose kernel takes only some dtypes (the CPU's half precision).
+
+use burn::prelude::*;
+use burn::tensor::module::attention;
+use burn::tensor::ops::{AttentionModuleOptions, BoolTensor, FloatTensor};
+use burn::tensor::{DType, TensorPrimitive};
+
+fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// `x · Wᵀ + b` (see [`Kernels::dense_linear`](super::Kernels::dense_linear)).
+pub(crate) fn dense_linear<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+) -> FloatTensor<B> {
+    let y = float::<B, 2>(x).matmul(float::<B, 2>(weight).transpose());
+    let y = match bias {
+        Some(b) => y + float::<B, 1>(b).unsqueeze(),
+        None => y,
+    };
+    y.into_primitive().tensor()
+}
+
+/// burn's attention (see [`Kernels::sdpa`](super::Kernels::sdpa)).
+pub(crate) fn sdpa<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    mask: Option<BoolTensor<B>>,
+) -> FloatTensor<B> {
+    let mask = mask.map(Tensor::<B, 4, Bool>::from_primitive);
+    let opts = AttentionModuleOptions::default();
+    attention(float(q), float(k), float(v), mask, None, opts)
+        .into_primitive()
+        .tensor()
+}
+
+/// RMSNorm in f32, cast back before the weight (see [`Kernels::rms_norm`](super::Kernels::rms_norm)).
+pub(crate) fn rms_norm<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    eps: f64,
+) -> FloatTensor<B> {
+    let x = float::<B, 2>(x);
+    let dtype = x.dtype();
+    let x = x.cast(DType::F32);
+    let rms = (x.clone().square().mean_dim(1) + eps).sqrt();
+    ((x / rms).cast(dtype) * float::<B, 1>(weight).unsqueeze())
+        .into_primitive()
+        .tensor()
+}
+
+/// `silu(gate) · up` (see [`Kernels::silu_mul`](super::Kernels::silu_mul)).
+pub(crate) fn silu_mul<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
+    (burn::tensor::activation::silu(float::<B, 1>(gate)) * float::<B, 1>(up))
+        .into_primitive()
+        .tensor()
+}
