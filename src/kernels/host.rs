@@ -58,11 +58,7 @@ impl Kernels for Cpu {
         mask: Option<BoolTensor<Self>>,
     ) -> FloatTensor<Self> {
         match host_attention::attention(&q, &k, &v, mask.as_ref()) {
-            Some((y, shape)) => {
-                Tensor::<Cpu, 4>::from_data(TensorData::new(y, shape), &NdArrayDevice::Cpu)
-                    .into_primitive()
-                    .tensor()
-            }
+            Some((y, shape)) => host_tensor(y, shape),
             None => generic::sdpa::<Cpu>(q, k, v, mask),
         }
     }
@@ -104,9 +100,7 @@ impl Kernels for Cpu {
                     *y = g / (1.0 + (-g).exp()) * u;
                 }
             });
-        Tensor::<Cpu, 1>::from_data(TensorData::new(y, [n]), &NdArrayDevice::Cpu)
-            .into_primitive()
-            .tensor()
+        host_tensor(y, [n])
     }
 
     fn nf4_dequantize(w: &Nf4Weight<Self>, dtype: DType) -> FloatTensor<Self> {
@@ -130,8 +124,8 @@ fn dims2(t: &FloatTensor<Cpu>) -> [usize; 2] {
 }
 
 /// A row-major f32 result as a backend tensor.
-fn host_tensor(values: Vec<f32>, shape: [usize; 2]) -> FloatTensor<Cpu> {
-    Tensor::<Cpu, 2>::from_data(TensorData::new(values, shape), &NdArrayDevice::Cpu)
+fn host_tensor<const D: usize>(values: Vec<f32>, shape: [usize; D]) -> FloatTensor<Cpu> {
+    Tensor::<Cpu, D>::from_data(TensorData::new(values, shape), &NdArrayDevice::Cpu)
         .into_primitive()
         .tensor()
 }
