@@ -85,7 +85,7 @@ fn run_device_is_any_string_to_the_parser_and_checked_with_the_config() {
 #[test]
 fn an_unknown_flag_is_refused_for_every_subcommand() {
     for sub in [
-        "run", "status", "stages", "forward", "quantize", "bench", "generate",
+        "run", "status", "stages", "forward", "quantize", "bench", "generate", "serve",
     ] {
         assert_eq!(
             refusal(&[sub, "--frobnicate"]),
@@ -292,4 +292,44 @@ fn version_and_help_are_not_usage_errors() {
             .unwrap();
         assert!(!e.use_stderr(), "{args:?} exits 0");
     }
+}
+
+#[test]
+fn serve_defaults_to_localhost_8080_with_bounded_batches_and_queue() {
+    let Command::Serve(a) = parse(&["serve"]).command else {
+        panic!("not serve")
+    };
+    assert_eq!((a.model, a.workspace, a.variant), (None, None, None));
+    assert_eq!(a.host.to_string(), "127.0.0.1");
+    assert_eq!(a.port, 8080);
+    assert_eq!((a.max_batch, a.max_queue, a.max_body_mb), (16, 64, 20));
+    assert_eq!((a.device.as_str(), a.dtype.as_str()), ("auto", "f32"));
+}
+
+#[test]
+fn serve_variant_needs_a_workspace_and_an_adapter_needs_a_model() {
+    assert_eq!(
+        refusal(&["serve", "--variant", "nf4"]),
+        ErrorKind::MissingRequiredArgument
+    );
+    assert_eq!(
+        refusal(&["serve", "--adapter", "a"]),
+        ErrorKind::MissingRequiredArgument
+    );
+    assert_eq!(
+        refusal(&[
+            "serve",
+            "--workspace",
+            "w",
+            "--variant",
+            "nf4",
+            "--model",
+            "m"
+        ]),
+        ErrorKind::ArgumentConflict
+    );
+    assert_eq!(
+        refusal(&["serve", "--host", "localhost:1"]),
+        ErrorKind::ValueValidation
+    );
 }

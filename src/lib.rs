@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod quant;
+pub mod serve;
 pub mod stages;
 pub mod train;
 

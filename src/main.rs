@@ -66,6 +66,69 @@ enum Command {
         after_help = "Example:\n  medpipe generate --model builtin:tiny --image scan.png --prompt \"List the lab values\""
     )]
     Generate(GenerateArgs),
+    /// Serve a model over HTTP: POST /v1/extract and /v1/analyze (batched), a demo page at /,
+    /// /health, /metrics (Prometheus), /v1/benchmark and /openapi.json. Stops on SIGTERM or
+    /// Ctrl-C after finishing the requests in flight.
+    #[command(
+        after_help = "Examples:\n  medpipe serve                                   # builtin:tiny on 127.0.0.1:8080\n  medpipe serve --workspace . --variant nf4+adapter --port 9000\n  medpipe serve --model checkpoints/nf4 --adapter checkpoints/adapter --device cuda\n  curl -F image=@page.png http://127.0.0.1:8080/v1/extract"
+    )]
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Model: a Hugging Face layout directory, or builtin:tiny. Default: the workspace's
+    /// variant with --workspace, else builtin:tiny.
+    #[arg(long, value_name = "DIR|builtin:tiny")]
+    model: Option<String>,
+    /// peft LoRA adapter directory to attach to --model.
+    #[arg(long, value_name = "DIR", requires = "model")]
+    adapter: Option<PathBuf>,
+    /// A medpipe workspace: serves the variant its reports/FINAL_REPORT.json recommends (or
+    /// --variant), and shows its figures at /v1/benchmark and in the page's model card.
+    #[arg(long, value_name = "DIR")]
+    workspace: Option<PathBuf>,
+    /// The workspace variant to serve instead of the recommended one: base, nf4 or nf4+adapter.
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "workspace",
+        conflicts_with = "model"
+    )]
+    variant: Option<String>,
+    /// Device: auto, cpu, cuda, cuda:N or wgpu (as for `generate`).
+    #[arg(long, value_name = "DEVICE", default_value = "auto")]
+    device: String,
+    /// Compute precision: f32 (everywhere), f16 (wgpu, cuda) or bf16 (cuda).
+    #[arg(long, value_name = "DTYPE", default_value = "f32")]
+    dtype: String,
+    /// Address to listen on (0.0.0.0 exposes the server to the network).
+    #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// Port (0: any free port; the address is printed at start).
+    #[arg(long, value_name = "PORT", default_value_t = 8080)]
+    port: u16,
+    /// Requests generated together at most.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    max_batch: usize,
+    /// Milliseconds the model waits for more requests to join a batch.
+    #[arg(long, value_name = "MS", default_value_t = 10)]
+    batch_wait_ms: u64,
+    /// Requests waiting at most; beyond it requests get 503 with Retry-After.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    max_queue: usize,
+    /// New tokens a request may ask for at most (also the default).
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Images per request at most.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    max_images: usize,
+    /// Largest request body, MB (413 above it).
+    #[arg(long, value_name = "MB", default_value_t = 20)]
+    max_body_mb: usize,
+    /// Seconds a request may wait for its answer (504 after).
+    #[arg(long, value_name = "S", default_value_t = 120)]
+    timeout_s: u64,
 }
 
 #[derive(Args, Debug)]
@@ -300,6 +363,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Quantize(args) => quantize(args),
         Command::Bench(args) => bench(args),
         Command::Generate(args) => generate(args),
+        Command::Serve(args) => serve(args),
         Command::Stages => {
             for (i, s) in stages::pipeline().stages().enumerate() {
                 println!(
@@ -518,6 +582,54 @@ fn generate(args: GenerateArgs) -> Result<(), Failure> {
         if total > 0.0 { a.new_tokens as f64 / (total / 1e3) } else { 0.0 },
     );
     Ok(())
+}
+
+fn serve(args: ServeArgs) -> Result<(), Failure> {
+    use medpipe::serve;
+    let choice = match (&args.model, &args.workspace) {
+        (Some(m), _) => serve::source::from_model(m, args.adapter.clone())?,
+        (None, Some(ws)) => serve::source::from_workspace(ws, args.variant.as_deref())?,
+        (None, None) => serve::source::from_model("builtin:tiny", None)?,
+    };
+    let device = placement(&args.device, &choice.model_dir.display().to_string())?;
+    let precision = precision(&args.dtype, device)?;
+    let opts = serve::ServeOptions {
+        model: choice,
+        device,
+        precision,
+        addr: std::net::SocketAddr::new(args.host, args.port),
+        limits: serve::Limits {
+            max_batch: args.max_batch,
+            batch_wait: std::time::Duration::from_millis(args.batch_wait_ms),
+            max_queue: args.max_queue,
+            max_new_tokens: args.max_new_tokens,
+            max_images: args.max_images,
+            max_body_bytes: args.max_body_mb.saturating_mul(1024 * 1024),
+            request_timeout: std::time::Duration::from_secs(args.timeout_s),
+            ..serve::Limits::default()
+        },
+        workspace: args.workspace.clone(),
+    };
+    eprintln!(
+        "medpipe serve: loading {} (variant {}: {}) on {device} ({precision})",
+        opts.model.label, opts.model.variant, opts.model.reason
+    );
+    serve::serve(opts, |addr| {
+        use std::io::Write;
+        println!("medpipe serve: listening on http://{addr}");
+        let _ = std::io::stdout().flush();
+    })
+    .map_err(|e| {
+        let code = if matches!(e, serve::ServeError::Invalid(_)) {
+            2
+        } else {
+            1
+        };
+        Failure {
+            code,
+            error: e.into(),
+        }
+    })
 }
 
 fn load(cfg: &ConfigArgs, extra: &[String]) -> Result<(Config, Workspace), Failure> {

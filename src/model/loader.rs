@@ -133,6 +133,14 @@ impl InputEncoder {
         })
     }
 
+    /// Changes the largest image (pixels, from its header) that [`Self::encode`] decodes.
+    pub fn with_max_input_pixels(mut self, max_input_pixels: u64) -> Self {
+        self.processor = self
+            .processor
+            .map(|p| p.with_max_input_pixels(max_input_pixels));
+        self
+    }
+
     /// The prompt builder (tokenizer), e.g. to decode answers.
     pub fn prompts(&self) -> &PromptBuilder {
         &self.prompts

@@ -14,6 +14,7 @@ mod prepare;
 mod quantize;
 mod resume;
 mod runner;
+mod serve;
 mod slice;
 mod small;
 mod trust;

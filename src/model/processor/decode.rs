@@ -1,6 +1,7 @@
 //! Decoding: an image file read with its EXIF orientation under a decode limit, and
 //! transformers' `convert_to_rgb` (alpha composited over white with Pillow's arithmetic).
 
+use std::io::{BufRead, Cursor, Seek};
 use std::path::Path;
 
 use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
@@ -29,6 +30,37 @@ pub(super) fn load_image(
                 source,
             })
     };
+    decode_with_limit(path, open, max_input_pixels)
+}
+
+/// [`load_image`] for an encoded image already in memory (an upload), named `name` in errors.
+///
+/// # Errors
+/// `ImageTooLarge` or `DecodeImage` (not an image, truncated, unsupported), naming `name`.
+pub(super) fn decode_bytes(
+    name: &str,
+    bytes: &[u8],
+    max_input_pixels: u64,
+) -> Result<DynamicImage, ProcessorError> {
+    let path = Path::new(name);
+    let open = || {
+        ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|source| ProcessorError::OpenImage {
+                path: path.to_path_buf(),
+                source,
+            })
+    };
+    decode_with_limit(path, open, max_input_pixels)
+}
+
+/// Reads the header of what `open` gives, refuses more than `max_input_pixels`, then decodes
+/// and applies the EXIF orientation.
+fn decode_with_limit<R: BufRead + Seek>(
+    path: &Path,
+    open: impl Fn() -> Result<ImageReader<R>, ProcessorError>,
+    max_input_pixels: u64,
+) -> Result<DynamicImage, ProcessorError> {
     let decode_err = |source| ProcessorError::DecodeImage {
         path: path.to_path_buf(),
         source: ImageErrorMessage(source),

@@ -18,6 +18,9 @@ pub enum ImageInput {
     Path(PathBuf),
     /// An already decoded image.
     Image(DynamicImage),
+    /// An encoded PNG or JPEG in memory (an upload), decoded under the same limit as a file;
+    /// `name` stands for it in errors.
+    Encoded { name: String, bytes: Vec<u8> },
 }
 
 impl From<&Path> for ImageInput {
@@ -132,6 +135,10 @@ impl ImageProcessor {
             let (label, rgb) = match input {
                 ImageInput::Path(p) => (p.display().to_string(), self.to_rgb(self.load_image(p)?)),
                 ImageInput::Image(img) => (format!("#{i}"), self.to_rgb(img.clone())),
+                ImageInput::Encoded { name, bytes } => (
+                    name.clone(),
+                    self.to_rgb(decode::decode_bytes(name, bytes, self.max_input_pixels)?),
+                ),
             };
             let grid = self.process_one(&label, &rgb, &mut out.pixel_values)?;
             out.num_patches += (grid[0] * grid[1] * grid[2]) as usize;
