@@ -3,6 +3,7 @@
 //! (`small::copy_of`).
 
 mod bench;
+mod browser;
 mod cli;
 mod common;
 mod disk;

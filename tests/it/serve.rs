@@ -609,6 +609,17 @@ fn a_full_queue_answers_503_with_retry_after_and_never_grows() {
 }
 
 #[test]
+fn a_request_past_its_timeout_is_answered_504_and_the_server_goes_on() {
+    let s = Server::start(&["--timeout-s", "1", "--max-new-tokens", "3000"]);
+    let t = Instant::now();
+    let r = extract_page(&agent(), &s, 3000);
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "timeout");
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    assert_eq!(get(&agent(), &s.url("/health")).status, 200);
+}
+
+#[test]
 fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
     let s = Server::start(&[]);
     let url = s.url("/health");
