@@ -94,6 +94,22 @@ impl<B: Kernels> Qwen25Vl<B> {
         cfg: &GenerateConfig,
         device: &B::Device,
     ) -> Result<Vec<Generation>, ModelError> {
+        self.generate_cancellable(requests, cfg, device, &|_| false)
+    }
+
+    /// [`Self::generate`], asking `abandoned(row)` before every decode step: an abandoned row
+    /// stops there (its tokens so far are returned), and when every row is done the batch
+    /// stops. A server uses it to stop generating for clients that have gone.
+    ///
+    /// # Errors
+    /// As [`Self::generate`].
+    pub fn generate_cancellable(
+        &self,
+        requests: &[Request<B>],
+        cfg: &GenerateConfig,
+        device: &B::Device,
+        abandoned: &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<Generation>, ModelError> {
         let _span = tracing::debug_span!("generate", batch = requests.len()).entered();
         if requests.is_empty() {
             return Ok(Vec::new());
@@ -161,7 +177,7 @@ impl<B: Kernels> Qwen25Vl<B> {
             for b in 0..batch {
                 if !done[b] {
                     out[b].push(next[b]);
-                    done[b] = eos.contains(&next[b]);
+                    done[b] = eos.contains(&next[b]) || abandoned(b);
                 }
             }
             if step + 1 == cfg.max_new_tokens || done.iter().all(|&d| d) {

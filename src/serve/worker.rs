@@ -182,7 +182,10 @@ impl BackendJob for WorkerJob {
             // A panic in the model must not take the server down with it: the batch gets an
             // error, the next batch runs.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                model.generate(&requests, &cfg, &device)
+                // A row whose client has gone (timed out, disconnected) stops early.
+                model.generate_cancellable(&requests, &cfg, &device, &|row| {
+                    batch[row].reply.is_closed()
+                })
             }));
             let outcome = match result {
                 Ok(Ok(g)) => Ok(g),

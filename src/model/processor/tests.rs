@@ -426,3 +426,34 @@ fn empty_image_list_is_an_error() {
         Err(ProcessorError::NoImages)
     ));
 }
+
+#[test]
+fn an_upload_in_memory_is_processed_exactly_as_the_same_file_and_refused_the_same_way() {
+    let path = fixture("qwen2_5_vl_tiny/image0.png");
+    let bytes = std::fs::read(&path).unwrap();
+    let proc = tiny_processor();
+    let from_file = proc.preprocess(&[path.into()]).unwrap();
+    let upload = ImageInput::Encoded {
+        name: "scan.png".into(),
+        bytes: bytes.clone(),
+    };
+    assert_eq!(proc.preprocess(&[upload]).unwrap(), from_file);
+
+    let junk = ImageInput::Encoded {
+        name: "notes.txt".into(),
+        bytes: b"hello".to_vec(),
+    };
+    let e = proc.preprocess(&[junk]).unwrap_err();
+    assert!(matches!(e, ProcessorError::DecodeImage { .. }), "{e:?}");
+    assert!(e.to_string().contains("notes.txt"), "{e}");
+
+    let small_limit = tiny_processor().with_max_input_pixels(100);
+    let e = small_limit
+        .preprocess(&[ImageInput::Encoded {
+            name: "scan.png".into(),
+            bytes,
+        }])
+        .unwrap_err();
+    assert!(matches!(e, ProcessorError::ImageTooLarge { .. }), "{e:?}");
+    assert!(e.to_string().contains("scan.png"), "{e}");
+}
