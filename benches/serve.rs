@@ -46,18 +46,24 @@ fn batch_histogram(base: &str) -> (Vec<(String, u64)>, u64) {
     (buckets, count)
 }
 
-/// Batches per size range between two histogram readings: `≤1: 3, 2–4: 10, …`.
+/// Batches per size range between two histogram readings: `1: 3, 3–4: 10, …`.
 fn batch_mix(before: &[(String, u64)], after: &[(String, u64)]) -> String {
-    let mut prev_le = String::from("0");
+    let mut lo = 1u64;
     let mut prev_n = 0u64;
     let mut parts = Vec::new();
     for ((le, a), (_, b)) in after.iter().zip(before) {
         let cum = a - b;
+        let hi: Option<u64> = le.parse().ok();
         if cum > prev_n {
-            parts.push(format!("{}–{le}: {}", prev_le, cum - prev_n));
+            let range = match hi {
+                Some(h) if h == lo => format!("{h}"),
+                Some(h) => format!("{lo}–{h}"),
+                None => format!("≥{lo}"),
+            };
+            parts.push(format!("{range}: {}", cum - prev_n));
         }
         prev_n = cum;
-        prev_le = le.clone();
+        lo = hi.map_or(lo, |h| h + 1);
     }
     parts.join(", ")
 }
@@ -135,7 +141,15 @@ fn main() {
         .collect();
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_medpipe"))
-        .args(["serve", "--model", "builtin:tiny", "--device", "cpu", "--port", "0"])
+        .args([
+            "serve",
+            "--model",
+            "builtin:tiny",
+            "--device",
+            "cpu",
+            "--port",
+            "0",
+        ])
         .args(["--max-new-tokens", &tokens.to_string()])
         .args(["--max-batch", &clients.to_string()])
         .stdout(Stdio::piped())
@@ -143,7 +157,10 @@ fn main() {
         .spawn()
         .expect("starting medpipe serve");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = lines.next().and_then(Result::ok).expect("the server listens");
+    let first = lines
+        .next()
+        .and_then(Result::ok)
+        .expect("the server listens");
     let base = first
         .split_once("listening on ")
         .map(|(_, a)| a.trim().to_string())
