@@ -156,7 +156,7 @@ pub(crate) struct ServerInfo {
     pub(crate) max_position_embeddings: usize,
 }
 
-/// Loads the model, listens on `opts.addr`, calls `on_listening` with the bound address (the
+/// Binds `opts.addr`, loads the model, calls `on_listening` with the bound address (the
 /// CLI prints it), and serves until SIGTERM or Ctrl-C; then stops accepting, lets in-flight
 /// requests finish, and returns.
 ///
@@ -164,6 +164,13 @@ pub(crate) struct ServerInfo {
 /// Bad limits, a model or tokenizer that does not load, an address that cannot be bound.
 pub fn serve(opts: ServeOptions, on_listening: impl FnOnce(SocketAddr)) -> Result<(), ServeError> {
     opts.limits.validate().map_err(ServeError::Invalid)?;
+    // Bound before the model loads: a busy port is reported in a second, not after a 7B load.
+    let listener = std::net::TcpListener::bind(opts.addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|source| ServeError::Bind {
+            addr: opts.addr,
+            source,
+        })?;
     let encoder = InputEncoder::from_dir(&opts.model.encoder_dir)
         .map_err(|source| ServeError::Encoder {
             dir: opts.model.encoder_dir.clone(),
@@ -202,12 +209,7 @@ pub fn serve(opts: ServeOptions, on_listening: impl FnOnce(SocketAddr)) -> Resul
         .thread_name("medpipe-http")
         .build()?;
     let served = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(opts.addr)
-            .await
-            .map_err(|source| ServeError::Bind {
-                addr: opts.addr,
-                source,
-            })?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
         on_listening(listener.local_addr()?);
         axum::serve(listener, api::router(state.clone()))
             .with_graceful_shutdown(shutdown_signal())

@@ -762,3 +762,19 @@ fn a_workspace_serves_the_variant_named_and_shows_its_report() {
     assert_eq!(b["recommendation"], report["recommendation"]);
     assert_eq!(extract_page(&a, &s, 2).status, 200);
 }
+
+#[test]
+fn a_busy_port_is_refused_at_once_naming_the_address() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let out = medpipe()
+        .args(["serve", "--device", "cpu", "--model"])
+        .arg(tiny())
+        .args(["--port", &addr.port().to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("listening on {addr}")), "{err}");
+    assert!(out.stdout.is_empty(), "nothing claims to listen");
+}
