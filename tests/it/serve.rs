@@ -343,7 +343,6 @@ fn every_bad_input_is_a_4xx_json_error_naming_the_problem() {
     ]);
     let a = agent();
     let img = page();
-    let url = s.url("/v1/extract");
     // A PNG header announcing 100000×100000 pixels: refused before decoding.
     let bomb = {
         let mut p = img.clone();
@@ -355,211 +354,38 @@ fn every_bad_input_is_a_4xx_json_error_naming_the_problem() {
         p
     };
     let big = vec![7u8; 1024 * 1024 + 10];
-    let mp = |parts: &[(&str, Option<&str>, &[u8])]| multipart(parts);
-    /// (what, url, content type, body, status, error code, what the message must name)
-    type Case<'a> = (
-        &'a str,
-        String,
-        Option<String>,
-        Vec<u8>,
-        u16,
-        &'a str,
-        &'a str,
-    );
-    let cases: Vec<Case> = vec![
-        {
-            let (c, b) = mp(&[("image", Some("notes.txt"), b"not an image at all")]);
-            (
-                "not an image",
-                url.clone(),
-                Some(c),
-                b,
-                400,
-                "not_an_image",
-                "notes.txt",
-            )
-        },
-        {
-            let (c, b) = mp(&[("image", Some("bomb.png"), &bomb)]);
-            (
-                "image bomb",
-                url.clone(),
-                Some(c),
-                b,
-                400,
-                "image_too_large",
-                "100000x100000",
-            )
-        },
-        {
-            let (c, b) = mp(&[("image", Some("big.png"), &big)]);
-            (
-                "oversized upload",
-                url.clone(),
-                Some(c),
-                b,
-                413,
-                "too_large",
-                "1 MB",
-            )
-        },
-        (
-            "empty body",
-            url.clone(),
-            Some("application/json".into()),
-            vec![],
-            400,
-            "empty_body",
-            "empty",
-        ),
-        (
-            "unknown JSON field",
-            url.clone(),
-            Some("application/json".into()),
-            br#"{"imgs": []}"#.to_vec(),
-            400,
-            "bad_json",
-            "imgs",
-        ),
-        {
-            let (c, b) = mp(&[("image", Some("p.png"), &img), ("colour", None, b"red")]);
-            (
-                "unknown form field",
-                url.clone(),
-                Some(c),
-                b,
-                400,
-                "unknown_field",
-                "colour",
-            )
-        },
-        (
-            "wrong content type",
-            url.clone(),
-            Some("text/plain".into()),
-            b"hello".to_vec(),
-            415,
-            "wrong_content_type",
-            "text/plain",
-        ),
-        (
-            "no content type",
-            url.clone(),
-            None,
-            b"hello".to_vec(),
-            415,
-            "no_content_type",
-            "Content-Type",
-        ),
-        {
-            let (c, b) = mp(&[
-                ("image", Some("a.png"), &img),
-                ("image", Some("b.png"), &img),
-                ("image", Some("c.png"), &img),
-            ]);
-            (
-                "too many images",
-                url.clone(),
-                Some(c),
-                b,
-                400,
-                "too_many_images",
-                "at most 2",
-            )
-        },
-        {
-            let (c, b) = mp(&[
-                ("image", Some("a.png"), &img),
-                ("max_new_tokens", None, b"4090"),
-            ]);
-            (
-                "prompt past the context",
-                url.clone(),
-                Some(c),
-                b,
-                400,
-                "context_exceeded",
-                "context of 4096",
-            )
-        },
-        {
-            let (c, b) = mp(&[
-                ("image", Some("a.png"), &img),
-                ("max_new_tokens", None, b"5000"),
-            ]);
-            (
-                "too many new tokens",
-                url.clone(),
-                Some(c),
-                b,
-                400,
-                "bad_max_new_tokens",
-                "1..=4096",
-            )
-        },
-        {
-            let (c, b) = mp(&[
-                ("image", Some("a.png"), &img),
-                ("max_new_tokens", None, b"lots"),
-            ]);
-            (
-                "max_new_tokens not a number",
-                url.clone(),
-                Some(c),
-                b,
-                400,
-                "bad_field",
-                "lots",
-            )
-        },
-        (
-            "bad base64",
-            url.clone(),
-            Some("application/json".into()),
-            br#"{"images": ["%%%"]}"#.to_vec(),
-            400,
-            "bad_base64",
-            "images[0]",
-        ),
-        (
-            "no image",
-            url.clone(),
-            Some("application/json".into()),
-            br#"{"images": []}"#.to_vec(),
-            400,
-            "no_image",
-            "image",
-        ),
-        (
-            "a prompt sent to extract",
-            url.clone(),
-            Some("application/json".into()),
-            br#"{"images": [], "prompt": "hi"}"#.to_vec(),
-            400,
-            "unknown_field",
-            "/v1/analyze",
-        ),
-        (
-            "analyze without a prompt",
-            s.url("/v1/analyze"),
-            Some("application/json".into()),
-            br#"{"images": []}"#.to_vec(),
-            400,
-            "no_prompt",
-            "prompt",
-        ),
-        (
-            "a JSON body that is not JSON",
-            url.clone(),
-            Some("application/json".into()),
-            b"{images: ".to_vec(),
-            400,
-            "bad_json",
-            "does not read",
-        ),
+    let form = |parts: &[(&str, Option<&str>, &[u8])]| {
+        let (c, b) = multipart(parts);
+        (Some(c), b)
+    };
+    let json = |b: &str| (Some("application/json".to_string()), b.as_bytes().to_vec());
+    let typed = |c: Option<&str>, b: &str| (c.map(str::to_string), b.as_bytes().to_vec());
+    let page_and = |field: &'static str, value: &'static [u8]| {
+        form(&[("image", Some("a.png"), &img), (field, None, value)])
+    };
+    // (what, endpoint, (content type, body), status, error code, what the message must name)
+    #[rustfmt::skip]
+    let cases = [
+        ("not an image", "/v1/extract", form(&[("image", Some("notes.txt"), b"not an image")]), 400, "not_an_image", "notes.txt"),
+        ("image bomb", "/v1/extract", form(&[("image", Some("bomb.png"), &bomb)]), 400, "image_too_large", "100000x100000"),
+        ("oversized upload", "/v1/extract", form(&[("image", Some("big.png"), &big)]), 413, "too_large", "1 MB"),
+        ("empty body", "/v1/extract", json(""), 400, "empty_body", "empty"),
+        ("unknown JSON field", "/v1/extract", json(r#"{"imgs": []}"#), 400, "bad_json", "imgs"),
+        ("unknown form field", "/v1/extract", page_and("colour", b"red"), 400, "unknown_field", "colour"),
+        ("wrong content type", "/v1/extract", typed(Some("text/plain"), "hi"), 415, "wrong_content_type", "text/plain"),
+        ("no content type", "/v1/extract", typed(None, "hi"), 415, "no_content_type", "Content-Type"),
+        ("too many images", "/v1/extract", form(&[("image", None, &img), ("image", None, &img), ("image", None, &img)]), 400, "too_many_images", "at most 2"),
+        ("prompt past the context", "/v1/extract", page_and("max_new_tokens", b"4090"), 400, "context_exceeded", "context of 4096"),
+        ("too many new tokens", "/v1/extract", page_and("max_new_tokens", b"5000"), 400, "bad_max_new_tokens", "1..=4096"),
+        ("max_new_tokens not a number", "/v1/extract", page_and("max_new_tokens", b"lots"), 400, "bad_field", "lots"),
+        ("bad base64", "/v1/extract", json(r#"{"images": ["%%%"]}"#), 400, "bad_base64", "images[0]"),
+        ("no image", "/v1/extract", json(r#"{"images": []}"#), 400, "no_image", "image"),
+        ("a prompt sent to extract", "/v1/extract", json(r#"{"images": [], "prompt": "hi"}"#), 400, "unknown_field", "/v1/analyze"),
+        ("analyze without a prompt", "/v1/analyze", json(r#"{"images": []}"#), 400, "no_prompt", "prompt"),
+        ("a JSON body that is not JSON", "/v1/extract", json("{images: "), 400, "bad_json", "does not read"),
     ];
-    for (what, url, ctype, body, status, code, names) in &cases {
-        let r = post(&a, url, ctype.as_deref(), body);
+    for (what, endpoint, (ctype, body), status, code, names) in &cases {
+        let r = post(&a, &s.url(endpoint), ctype.as_deref(), body);
         assert_eq!(r.status, *status, "{what}: {}", r.body);
         let v = r.json();
         assert_schema("Error", &v);
