@@ -172,6 +172,15 @@ pub fn post(agent: &ureq::Agent, url: &str, ctype: Option<&str>, body: &[u8]) ->
     reply(req.send_bytes(body))
 }
 
+pub fn post_json(agent: &ureq::Agent, url: &str, body: &Value) -> Reply {
+    post(
+        agent,
+        url,
+        Some("application/json"),
+        body.to_string().as_bytes(),
+    )
+}
+
 /// A multipart body of (field, file name, bytes) parts, with its content type.
 pub fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
     let boundary = "medpipe-test-boundary-7d1c";
@@ -268,23 +277,13 @@ fn every_endpoint_answers_as_its_openapi_description_says() {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(page());
     let body = json!({"images": [format!("data:image/png;base64,{b64}")], "prompt": "What is this?", "max_new_tokens": 3});
-    let r = post(
-        &a,
-        &s.url("/v1/analyze"),
-        Some("application/json"),
-        body.to_string().as_bytes(),
-    );
+    let r = post_json(&a, &s.url("/v1/analyze"), &body);
     assert_eq!(r.status, 200, "{}", r.body);
     assert_schema("Answer", &r.json());
     assert_eq!(r.json()["tokens"]["new"], 3);
     // A free prompt without an image is a text question.
     let body = json!({"prompt": "Name a vital sign.", "max_new_tokens": 2});
-    let r = post(
-        &a,
-        &s.url("/v1/analyze"),
-        Some("application/json"),
-        body.to_string().as_bytes(),
-    );
+    let r = post_json(&a, &s.url("/v1/analyze"), &body);
     assert_eq!(r.status, 200, "{}", r.body);
 
     let doc = get(&a, &s.url("/openapi.json"));
