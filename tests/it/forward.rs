@@ -118,7 +118,7 @@ fn assert_forward_matches(model: &str, adapter: Option<&str>, want: &str) {
 
 /// Whether wgpu finds an adapter (lavapipe in CI); under `CI=true` a missing one fails the
 /// test: CI proves the GPU path on every run, it never skips it.
-fn wgpu_available(test: &str) -> bool {
+pub fn wgpu_available(test: &str) -> bool {
     if !medpipe::device::wgpu::adapters().is_empty() {
         return true;
     }

@@ -48,13 +48,16 @@ pub struct Server {
 }
 
 impl Server {
-    /// `medpipe serve --device cpu --port 0 <args>` (plus `--model <tiny>` unless `args` names
-    /// a model or workspace), once it listens.
+    /// `medpipe serve --port 0 <args>`, plus `--device cpu` unless `args` names a device and
+    /// `--model <tiny>` unless they name a model or workspace; returned once it listens.
     pub fn start(args: &[&str]) -> Server {
         let tmp = tempfile::tempdir().unwrap();
         let log = tmp.path().join("stderr.log");
         let mut cmd = medpipe();
-        cmd.args(["serve", "--device", "cpu", "--port", "0"]);
+        cmd.args(["serve", "--port", "0"]);
+        if !args.contains(&"--device") {
+            cmd.args(["--device", "cpu"]);
+        }
         if !args.iter().any(|a| *a == "--model" || *a == "--workspace") {
             cmd.arg("--model").arg(tiny());
         }
@@ -602,4 +605,30 @@ fn a_busy_port_is_refused_at_once_naming_the_address() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("listening on {addr}")), "{err}");
     assert!(out.stdout.is_empty(), "nothing claims to listen");
+}
+
+#[test]
+fn the_server_runs_on_the_gpu_path_in_half_precision() {
+    let test = "the_server_runs_on_the_gpu_path_in_half_precision";
+    if !crate::forward::wgpu_available(test) {
+        return;
+    }
+    let s = Server::start(&[
+        "--device",
+        "wgpu",
+        "--dtype",
+        "f16",
+        "--max-new-tokens",
+        "4",
+    ]);
+    let a = agent();
+    let h = get(&a, &s.url("/health")).json();
+    assert_eq!(
+        (h["model"]["device"].as_str(), h["model"]["dtype"].as_str()),
+        (Some("wgpu"), Some("f16"))
+    );
+    let r = extract_page(&a, &s, 4);
+    assert_eq!(r.status, 200, "{}\n{}", r.body, s.stderr());
+    assert_schema("Answer", &r.json());
+    assert_eq!(r.json()["tokens"]["new"], 4);
 }
