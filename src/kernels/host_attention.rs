@@ -11,7 +11,7 @@ use burn::backend::ndarray::NdArrayTensor;
 use ndarray::{ArrayView4, Axis, CowArray, Ix4};
 use rayon::prelude::*;
 
-use super::host_gemm::dot;
+use super::host_gemm::{dot, gemm_into, Strided};
 
 /// `softmax(q·kᵀ/√d + mask)·v`: `q` `[b, h, s, d]`, `k`/`v` `[b, h, t, d]`, `mask`
 /// `[b, h, s, t]` (true = hidden; broadcast strides welcome). Returns `[b, h, s, d]`
@@ -134,29 +134,16 @@ impl Operands<'_> {
             let v = self.v.slice(ndarray::s![bi, hi, .., ..]);
             scores.resize(s * t, 0.0);
             // SAFETY: q is s×d with row stride q.strides()[0] and unit column stride (rows
-            // made contiguous), k and v t×d likewise; k is read as the d×t matrix kᵀ
-            // (column stride = k's row stride, row stride 1). `scores` is s×t, `o` s×d,
-            // both row-major and exactly that long; `read_dst` is false.
+            // made contiguous), k and v t×d likewise; k is read as the d×t matrix kᵀ (row
+            // stride 1, column stride = k's row stride). `scores` is s×t and `o` s×d, row-major;
+            // the views and `scores` outlive the calls and do not overlap `o` or `scores`.
             unsafe {
-                gemm::gemm(
-                    s,
-                    t,
-                    d,
-                    scores.as_mut_ptr(),
-                    1,
-                    t as isize,
-                    false,
-                    q.as_ptr(),
-                    1,
-                    q.strides()[0],
-                    k.as_ptr(),
-                    k.strides()[0],
-                    1,
-                    0.0,
+                gemm_into(
+                    scores,
+                    [s, t, d],
+                    Strided::new(q.as_ptr(), q.strides()[0], 1),
+                    Strided::new(k.as_ptr(), 1, k.strides()[0]),
                     self.scale,
-                    false,
-                    false,
-                    false,
                     inner,
                 );
             }
@@ -167,27 +154,14 @@ impl Operands<'_> {
                     .map(|m| m.slice(ndarray::s![bi, hi, i, ..]));
                 softmax_row(row, hidden.as_ref());
             }
-            // SAFETY: as above; p is s×t row-major, v (t×d) has unit column stride.
+            // SAFETY: as above; p = `scores` is s×t row-major, v (t×d) has unit column stride.
             unsafe {
-                gemm::gemm(
-                    s,
-                    d,
-                    t,
-                    o.as_mut_ptr(),
-                    1,
-                    d as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    t as isize,
-                    v.as_ptr(),
-                    1,
-                    v.strides()[0],
-                    0.0,
+                gemm_into(
+                    o,
+                    [s, d, t],
+                    Strided::new(scores.as_ptr(), t as isize, 1),
+                    Strided::new(v.as_ptr(), v.strides()[0], 1),
                     1.0,
-                    false,
-                    false,
-                    false,
                     inner,
                 );
             }

@@ -95,34 +95,84 @@ fn gemm_nt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: `y` is m×n with row stride n, `x` m×k with row stride k, `w` n×k with row
-    // stride k read as a k×n matrix (column stride k, row stride 1); the lengths were checked
-    // by the caller and every index the strides reach lies inside them. `read_dst` is false,
-    // so `y`'s zeros are not read, and the slices outlive the call.
+    // SAFETY: `x` is m×k with row stride k; `w` n×k with row stride k, read as the k×n
+    // matrix wᵀ (row stride 1, column stride k); the lengths were checked by the caller, so
+    // every index the strides reach lies inside them, and the slices outlive the call.
+    unsafe {
+        gemm_into(
+            &mut y,
+            [m, n, k],
+            Strided::new(x.as_ptr(), k as isize, 1),
+            Strided::new(w.as_ptr(), 1, k as isize),
+            1.0,
+            parallelism,
+        );
+    }
+    y
+}
+
+/// An f32 matrix in memory read through strides: element `(i, j)` is at
+/// `ptr + i·row_stride + j·col_stride` (a transpose is the same memory with the strides
+/// swapped).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Strided {
+    ptr: *const f32,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+impl Strided {
+    pub(crate) fn new(ptr: *const f32, row_stride: isize, col_stride: isize) -> Self {
+        Strided {
+            ptr,
+            row_stride,
+            col_stride,
+        }
+    }
+}
+
+/// `dst = scale · lhs · rhs` with `[m, n, k]` = `dims`: `dst` m×n row-major (overwritten,
+/// never read), `lhs` m×k, `rhs` k×n, through the `gemm` crate. The one place its 19-argument
+/// call is written.
+///
+/// # Safety
+/// Every element `lhs` and `rhs` reach for these dimensions lies in memory that is readable
+/// for the whole call and does not overlap `dst`.
+pub(crate) unsafe fn gemm_into(
+    dst: &mut [f32],
+    [m, n, k]: [usize; 3],
+    lhs: Strided,
+    rhs: Strided,
+    scale: f32,
+    parallelism: gemm::Parallelism,
+) {
+    assert_eq!(dst.len(), m * n, "gemm_into: dst is not m×n");
+    // SAFETY: `dst` is m×n row-major (row stride n, column stride 1) and exactly that long;
+    // `read_dst` is false, so its contents are not read; the operands are the caller's
+    // promise.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            y.as_mut_ptr(),
+            dst.as_mut_ptr(),
             1,
             n as isize,
             false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
+            lhs.ptr,
+            lhs.col_stride,
+            lhs.row_stride,
+            rhs.ptr,
+            rhs.col_stride,
+            rhs.row_stride,
+            0.0, // the crate's `alpha` scales the old `dst`, which is not read
+            scale,
             false,
             false,
             false,
             parallelism,
         );
     }
-    y
 }
 
 /// `Σ a[i]·b[i]` in f32 (lengths equal), with the widest FMA units the CPU has.
