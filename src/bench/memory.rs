@@ -20,6 +20,12 @@ pub fn rss_bytes() -> Option<(u64, u64)> {
     parse_status(&status)
 }
 
+/// [`rss_bytes`] of another process, by pid (a server under test, say).
+pub fn rss_bytes_of(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_status(&status)
+}
+
 /// Parses `VmRSS` and `VmHWM` (kB) from a `/proc/<pid>/status` text.
 fn parse_status(status: &str) -> Option<(u64, u64)> {
     let field = |name: &str| {

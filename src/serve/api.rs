@@ -502,28 +502,19 @@ async fn answer(state: Shared, body: Body, prompt: String) -> Result<Json<Value>
 fn input_error(e: crate::model::loader::LoadError) -> ApiError {
     use crate::model::loader::LoadError;
     use crate::model::processor::ProcessorError;
-    let message = chain(&e);
     let code = match &e {
-        LoadError::Processor(ProcessorError::ImageTooLarge { .. }) => "image_too_large",
+        LoadError::Processor(ProcessorError::ImageTooLarge { .. }) => Some("image_too_large"),
         LoadError::Processor(
             ProcessorError::DecodeImage { .. } | ProcessorError::OpenImage { .. },
-        ) => "not_an_image",
-        LoadError::Processor(ProcessorError::Geometry { .. }) => "bad_image_shape",
-        LoadError::Processor(_) | LoadError::Prompt(_) => "bad_input",
-        _ => {
-            return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message);
-        }
+        ) => Some("not_an_image"),
+        LoadError::Processor(ProcessorError::Geometry { .. }) => Some("bad_image_shape"),
+        LoadError::Processor(_) | LoadError::Prompt(_) => Some("bad_input"),
+        _ => None,
     };
-    ApiError::bad(code, message)
-}
-
-/// The error and its sources, joined with `: ` (the file and the reason).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut src = e.source();
-    while let Some(s) = src {
-        parts.push(s.to_string());
-        src = s.source();
+    // The error and its sources, `: `-joined: the upload's name and the reason.
+    let message = format!("{:#}", anyhow::Error::new(e));
+    match code {
+        Some(code) => ApiError::bad(code, message),
+        None => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message),
     }
-    parts.join(": ")
 }

@@ -241,14 +241,9 @@ fn assert_schema(name: &str, v: &Value) {
 
 /// Resident memory of `pid`, bytes.
 fn rss(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = s
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|k| k.parse().ok())
-        .unwrap();
-    kb * 1024
+    medpipe::bench::memory::rss_bytes_of(pid)
+        .expect("/proc/<pid>/status")
+        .0
 }
 
 #[test]
