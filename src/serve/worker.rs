@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use crate::device::{BackendJob, Target};
 use crate::kernels::Kernels;
 use crate::model::loader::{load_model, EncodedPrompt};
-use crate::model::{GenerateConfig, HfConfig, Sampling};
+use crate::model::{GenerateConfig, Sampling};
 
 use super::stats::Stats;
 use super::{ServeError, ServeOptions};
@@ -149,13 +149,6 @@ impl BackendJob for WorkerJob {
     type Output = ();
 
     fn run<B: Kernels>(self, device: B::Device, _target: Target) {
-        let max_position_embeddings = match HfConfig::from_dir(&self.model_dir) {
-            Ok(c) => c.text.max_position_embeddings,
-            Err(e) => {
-                let _ = self.ready.send(Err(format!("{:#}", anyhow::Error::new(e))));
-                return;
-            }
-        };
         let loaded = match load_model::<B>(&self.model_dir, self.adapter_dir.as_deref(), &device) {
             Ok(l) => l,
             Err(e) => {
@@ -167,7 +160,7 @@ impl BackendJob for WorkerJob {
         let _ = self.ready.send(Ok(Loaded {
             weights_bytes: model.resident_weight_bytes(),
             load_ms: loaded.load_ms,
-            max_position_embeddings,
+            max_position_embeddings: model.config().text.max_position_embeddings,
         }));
         while let Some(batch) = self.next_batch() {
             self.stats.batch_formed(batch.len());
