@@ -85,7 +85,7 @@ fn run_device_is_any_string_to_the_parser_and_checked_with_the_config() {
 #[test]
 fn an_unknown_flag_is_refused_for_every_subcommand() {
     for sub in [
-        "run", "status", "stages", "forward", "quantize", "bench", "generate", "serve",
+        "run", "status", "stages", "forward", "quantize", "bench", "generate", "serve", "plan",
     ] {
         assert_eq!(
             refusal(&[sub, "--frobnicate"]),
@@ -332,4 +332,30 @@ fn serve_variant_needs_a_workspace_and_an_adapter_needs_a_model() {
         refusal(&["serve", "--host", "localhost:1"]),
         ErrorKind::ValueValidation
     );
+}
+
+#[test]
+fn plan_defaults_to_the_configs_model_on_the_auto_device_as_a_table_without_measuring() {
+    let Command::Plan(a) = parse(&["plan"]).command else {
+        panic!("not plan")
+    };
+    assert_eq!((a.model, a.device.as_str()), (None, "auto"));
+    assert!(!a.json && !a.measure);
+    assert_eq!(a.cfg.workspace, PathBuf::from("."));
+    let Command::Plan(a) = parse(&[
+        "plan",
+        "--model",
+        "m",
+        "--set",
+        "model.max_pixels=50176",
+        "--json",
+        "--measure",
+    ])
+    .command
+    else {
+        panic!("not plan")
+    };
+    assert_eq!(a.model.as_deref(), Some("m"));
+    assert_eq!(a.cfg.set, ["model.max_pixels=50176"]);
+    assert!(a.json && a.measure);
 }

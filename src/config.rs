@@ -25,6 +25,17 @@ pub struct ModelConfig {
     /// or a local directory in the Hugging Face layout.
     #[serde(default = "default_model_source")]
     pub source: String,
+    /// Largest image the processor resizes to, pixels (`None`: the model's
+    /// `preprocessor_config.json`). The memory planner counts images at this size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pixels: Option<u64>,
+    /// Smallest image the processor resizes to, pixels (`None`: the model's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_pixels: Option<u64>,
+    /// Memory the model stages may use, MiB (`None`: what the device has free when the
+    /// stage starts). A stage whose predicted peak exceeds it refuses before loading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_mib: Option<u64>,
 }
 
 fn default_model_source() -> String {
@@ -43,7 +54,33 @@ impl SectionConfig for ModelConfig {
             "model.source",
             format!("{s:?}"),
             allowed,
-        )
+        )?;
+        // One 28x28 merged patch is the smallest image the processor makes.
+        for (key, v) in [
+            ("model.max_pixels", self.max_pixels),
+            ("model.min_pixels", self.min_pixels),
+        ] {
+            if let Some(v) = v {
+                check(v >= 784, key, v, "at least 784 (one 28x28 patch)")?;
+            }
+        }
+        if let (Some(lo), Some(hi)) = (self.min_pixels, self.max_pixels) {
+            check(
+                lo <= hi,
+                "model.min_pixels",
+                lo,
+                &format!("at most model.max_pixels ({hi})"),
+            )?;
+        }
+        if let Some(m) = self.memory_limit_mib {
+            check(
+                m > 0,
+                "model.memory_limit_mib",
+                m,
+                "at least 1 (leave it out for the device's free memory)",
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -51,8 +88,30 @@ impl Default for ModelConfig {
     fn default() -> Self {
         Self {
             source: default_model_source(),
+            max_pixels: None,
+            min_pixels: None,
+            memory_limit_mib: None,
         }
     }
+}
+
+/// A stage's sections for its input hash (`Stage::resolve_config`) with `[model]` cut to
+/// `keys`, the settings that change what the stage produces. With none of them set the
+/// section is left out, so a config that never sets them hashes as before they existed, and
+/// a setting that changes nothing a stage makes (`memory_limit_mib`) never makes it stale.
+pub fn hashed_model_section(mut sections: serde_json::Value, keys: &[&str]) -> serde_json::Value {
+    if let Some(obj) = sections.as_object_mut() {
+        if let Some(serde_json::Value::Object(model)) = obj.remove("model") {
+            let kept: serde_json::Map<String, serde_json::Value> = model
+                .into_iter()
+                .filter(|(k, _)| keys.contains(&k.as_str()))
+                .collect();
+            if !kept.is_empty() {
+                obj.insert("model".into(), serde_json::Value::Object(kept));
+            }
+        }
+    }
+    sections
 }
 
 /// The stages read their sections from the settings: a `&Config` is a `&Settings`.

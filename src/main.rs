@@ -73,6 +73,34 @@ enum Command {
         after_help = "Examples:\n  medpipe serve                                   # builtin:tiny on 127.0.0.1:8080\n  medpipe serve --workspace . --variant nf4+adapter --port 9000\n  medpipe serve --model checkpoints/nf4 --adapter checkpoints/adapter --device cuda\n  curl -F image=@page.png http://127.0.0.1:8080/v1/extract"
     )]
     Serve(ServeArgs),
+    /// Predict each model stage's peak memory (weights, KV cache, activations, optimizer)
+    /// from the model's config.json, without reading weights, and whether it fits the
+    /// device's free memory. Exits 1 when a stage will not fit.
+    #[command(
+        after_help = "Every model stage runs this check itself before it loads anything, and \
+refuses with the settings that would make it fit.\n\nExamples:\n  medpipe plan                                   # the default pipeline (builtin:tiny)\n  medpipe plan --config pipeline/qwen2.5-vl-7b.toml --device cuda\n  medpipe plan --model models/qwen2.5-vl-7b --set model.max_pixels=401408 --json\n  medpipe plan --measure                         # run baseline's generation once, measured"
+    )]
+    Plan(PlanArgs),
+}
+
+#[derive(Args, Debug)]
+struct PlanArgs {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// Model to plan for: a Hugging Face layout directory or builtin:tiny. Default: the
+    /// config's [model] (the workspace's downloaded copy once the download stage ran).
+    #[arg(long, value_name = "DIR|builtin:tiny")]
+    model: Option<String>,
+    /// Device to plan for: auto, cpu, cuda, cuda:N or wgpu.
+    #[arg(long, value_name = "DEVICE", default_value = "auto")]
+    device: String,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Also run the baseline stage's generation once (its largest batch, an image at
+    /// max_pixels) on the CPU, and print the measured peak beside the prediction.
+    #[arg(long)]
+    measure: bool,
 }
 
 #[derive(Args, Debug)]
@@ -364,6 +392,7 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Bench(args) => bench(args),
         Command::Generate(args) => generate(args),
         Command::Serve(args) => serve(args),
+        Command::Plan(args) => plan(args),
         Command::Stages => {
             for (i, s) in stages::pipeline().stages().enumerate() {
                 println!(
@@ -380,6 +409,70 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
 }
 
 /// The `--dtype` value for `device`; half precision on the CPU is a usage error (exit 2).
+fn plan(args: PlanArgs) -> Result<(), Failure> {
+    use medpipe::stages::memory;
+    let config = stages::load_config(args.cfg.config.as_deref(), &args.cfg.set)?;
+    let dir = match &args.model {
+        Some(m) => {
+            medpipe::bench::source::resolve_model(m, 0).with_context(|| format!("--model {m}"))?
+        }
+        None => memory::model_dir_for_plan(&config.settings, &args.cfg.workspace)?,
+    };
+    let device = placement(&args.device, &dir.display().to_string())?;
+    let report = memory::PlanReport::new(&config.settings, &dir, device)?;
+    let measured = if args.measure {
+        let facts = memory::ModelFacts::read(&dir, &config.model)?;
+        let knobs = memory::Knobs::read(&config.settings, &facts)?;
+        let probe = medpipe::bench::footprint::Probe {
+            batch: knobs.baseline_batch,
+            new_tokens: knobs.baseline_new_tokens,
+            pixel_bounds: [config.model.min_pixels, config.model.max_pixels],
+            format: memory::stored_format(&dir),
+            stored_bytes: facts.stored_bytes,
+        };
+        Some(
+            medpipe::bench::footprint::measure(device, &dir, &probe)
+                .with_context(|| format!("measuring a generation of {}", dir.display()))?,
+        )
+    } else {
+        None
+    };
+    if args.json {
+        let mut v = serde_json::to_value(&report)?;
+        if let (Some(m), Some(obj)) = (&measured, v.as_object_mut()) {
+            obj.insert("measured".into(), serde_json::to_value(m)?);
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}", report.table());
+        if let Some(m) = &measured {
+            println!(
+                "\nmeasured: batch {} of {} prompt tokens (an image of {} px), {} new tokens: \
+                 predicted {}, measured {} (resident growth), ratio {:.2}",
+                m.batch,
+                m.prompt_tokens,
+                m.image_pixels,
+                m.new_tokens,
+                memory::gib(m.predicted_bytes),
+                memory::gib(m.measured_bytes),
+                m.ratio
+            );
+        }
+    }
+    if report.all_fit() {
+        Ok(())
+    } else {
+        Err(Failure {
+            code: 1,
+            error: anyhow::anyhow!(
+                "a stage will not fit in {} ({}): see the table",
+                report.budget.bytes.map_or("unknown".into(), memory::gib),
+                report.budget.source
+            ),
+        })
+    }
+}
+
 fn precision(
     flag: &str,
     device: medpipe::device::Device,
@@ -507,6 +600,7 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
             medpipe::model::Sampling::Greedy
         },
         seed: args.seed,
+        pixel_bounds: [None, None],
     };
     opts.validate()?;
     let dir = bench::source::resolve_model(&args.model, args.seed)?;

@@ -10,6 +10,7 @@
 
 pub mod charts;
 pub mod compare;
+pub mod footprint;
 pub mod inputs;
 pub mod markdown;
 pub mod memory;

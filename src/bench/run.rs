@@ -88,6 +88,8 @@ pub struct BenchOptions {
     pub sampling: Sampling,
     /// Sampling seed.
     pub seed: u64,
+    /// The processor's resize bounds `[min_pixels, max_pixels]` (`None`: the model's).
+    pub pixel_bounds: [Option<u64>; 2],
 }
 
 impl BenchOptions {
@@ -254,7 +256,7 @@ pub fn run_bench<B: Kernels>(
     watch.after_call();
     tracing::info!(load_time_ms, "model loaded for benchmarking");
 
-    let prepared = prepare(model_dir, inputs, device)?;
+    let prepared = prepare(model_dir, inputs, opts.pixel_bounds, device)?;
     let gen_cfg = |max_new_tokens| GenerateConfig {
         max_new_tokens,
         sampling: opts.sampling.clone(),
@@ -408,9 +410,10 @@ pub const BURN_VERSION: &str = "0.21.0";
 fn prepare<B: Kernels>(
     model_dir: &Path,
     inputs: &[BenchInput],
+    [min_pixels, max_pixels]: [Option<u64>; 2],
     device: &B::Device,
 ) -> Result<Vec<Prepared<B>>, BenchError> {
-    let encoder = InputEncoder::from_dir(model_dir)?;
+    let encoder = InputEncoder::from_dir(model_dir)?.with_pixel_bounds(min_pixels, max_pixels)?;
     inputs
         .iter()
         .map(|input| {
@@ -721,6 +724,7 @@ mod tests {
             currency: "USD".into(),
             sampling: Sampling::Greedy,
             seed: 0,
+            pixel_bounds: [None, None],
         }
     }
 

@@ -55,8 +55,23 @@ pub struct Materialized {
 /// # Errors
 /// Tokenizer training or any I/O failure, naming the path.
 pub fn materialize(dir: &Path, seed: u64, corpus: &[String]) -> Result<Materialized, BuiltinError> {
+    materialize_with(dir, seed, corpus, TinySpec::tiny)
+}
+
+/// [`materialize`] with other dimensions: `spec` maps the tokenizer's padded vocabulary
+/// size to the model's shapes. For models of a chosen size with the tiny model's tokenizer
+/// and processor (the memory planner's tests measure one).
+///
+/// # Errors
+/// As [`materialize`].
+pub fn materialize_with(
+    dir: &Path,
+    seed: u64,
+    corpus: &[String],
+    spec: impl FnOnce(usize) -> TinySpec,
+) -> Result<Materialized, BuiltinError> {
     let trained = tokenizer::train(corpus)?;
-    let spec = TinySpec::tiny(trained.size.div_ceil(VOCAB_MULTIPLE) * VOCAB_MULTIPLE);
+    let spec = spec(trained.size.div_ceil(VOCAB_MULTIPLE) * VOCAB_MULTIPLE);
     let weights = weights::safetensors_bytes(&spec, seed).map_err(BuiltinError::Safetensors)?;
     let partial = crate::fs::fresh_partial(dir)?;
     let json_files: [(&str, Value); 5] = [
@@ -93,7 +108,7 @@ pub fn materialize(dir: &Path, seed: u64, corpus: &[String]) -> Result<Materiali
 
 /// Clinical document text for training the tokenizer: `n` documents of the synthetic
 /// generator (the same vocabulary, layouts and units the pipeline trains and evaluates on).
-pub(crate) fn tokenizer_corpus(seed: u64, n: usize) -> Vec<String> {
+pub fn tokenizer_corpus(seed: u64, n: usize) -> Vec<String> {
     crate::data::synthetic::corpus(seed, n).collect()
 }
 

@@ -121,6 +121,13 @@ impl TinySpec {
         self.hidden_size / self.num_attention_heads
     }
 
+    /// Half the head dim split over the (temporal, height, width) M-RoPE axes in the 7B's
+    /// 16:24:24 proportion: [`TINY_MROPE_SECTION`] for the tiny head dim of 32.
+    pub fn mrope_section(&self) -> [usize; 3] {
+        let hd = self.head_dim();
+        [hd / 8, 3 * hd / 16, hd / 2 - hd / 8 - 3 * hd / 16]
+    }
+
     /// `config.json` in the published Qwen2.5-VL layout.
     pub fn config_json(&self, ids: &SpecialIds) -> Value {
         let v = &self.vision_config;
@@ -172,7 +179,7 @@ impl TinySpec {
             "tie_word_embeddings": self.tie_word_embeddings,
             "rope_scaling": {
                 "type": "mrope",
-                "mrope_section": TINY_MROPE_SECTION,
+                "mrope_section": self.mrope_section(),
                 "rope_type": "default",
             },
         });

@@ -141,6 +141,28 @@ impl InputEncoder {
         self
     }
 
+    /// Overrides the processor's resize bounds (`[model] min_pixels`/`max_pixels`; `None`
+    /// keeps the model's).
+    ///
+    /// # Errors
+    /// Bounds that cross (see [`ImageProcessor::with_pixel_bounds`]).
+    pub fn with_pixel_bounds(
+        mut self,
+        min_pixels: Option<u64>,
+        max_pixels: Option<u64>,
+    ) -> Result<Self, LoadError> {
+        self.processor = match self.processor {
+            Some(p) => Some(p.with_pixel_bounds(min_pixels, max_pixels)?),
+            None => None,
+        };
+        Ok(self)
+    }
+
+    /// The image processor, when the directory has one.
+    pub fn processor(&self) -> Option<&ImageProcessor> {
+        self.processor.as_ref()
+    }
+
     /// The prompt builder (tokenizer), e.g. to decode answers.
     pub fn prompts(&self) -> &PromptBuilder {
         &self.prompts

@@ -31,6 +31,7 @@ pub(crate) mod linear;
 pub mod loader;
 pub mod lora;
 pub mod parity;
+pub mod plan;
 pub mod processor;
 pub mod prompt;
 pub(crate) mod qwen;

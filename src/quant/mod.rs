@@ -19,4 +19,4 @@ pub use format::{quantization_config, Nf4Tensor, QuantStateBlob, RawTensor, BLOB
 pub use linear::Nf4Linear;
 pub use nf4::{dequantize_nf4, quantize_nf4, Nf4Quantized, NF4_BLOCKSIZE, NF4_CODE};
 pub use quantize_model::{quantize_checkpoint, QuantizeOptions, QuantizeReport, TensorReport};
-pub use select::is_linear_weight;
+pub use select::{is_linear_weight, is_skipped};

@@ -61,7 +61,7 @@ pub(super) fn linear_modules(shards: &[PathBuf]) -> Result<BTreeSet<String>, Qua
 }
 
 /// Whether a skip entry names `module` or one of its ancestors (whole dotted components).
-pub(super) fn is_skipped(module: &str, skip: &[String]) -> bool {
+pub fn is_skipped(module: &str, skip: &[String]) -> bool {
     let parts: Vec<&str> = module.split('.').collect();
     skip.iter().any(|s| {
         let want: Vec<&str> = s.split('.').collect();

@@ -185,6 +185,7 @@ impl BaselineConfig {
                 Sampling::Greedy
             },
             seed: self.seed,
+            pixel_bounds: [None, None],
         }
     }
 }
@@ -216,6 +217,17 @@ impl Stage for Baseline {
     fn upstream(&self) -> &[&'static str] {
         &["probe", "download"]
     }
+    fn shared_sections(&self) -> &[&'static str] {
+        &["model"]
+    }
+    fn resolve_config(
+        &self,
+        sections: serde_json::Value,
+        _: &crate::pipeline::Settings,
+        _: &crate::pipeline::Workspace,
+    ) -> serde_json::Value {
+        super::memory::hashed_model_keys(sections)
+    }
     fn code_version(&self) -> u32 {
         // 2: bench schema 2 (device and allocator memory); runs on the chosen device.
         2
@@ -231,7 +243,10 @@ impl Stage for Baseline {
             download.model_source.clone()
         };
         let device = super::probe::device(ctx)?;
-        let opts = cfg.options(&model_id, download.model_revision.clone());
+        super::memory::ensure_fits(Self::NAME, ctx.settings(), &model_dir, device)?;
+        let model: crate::config::ModelConfig = ctx.settings().section("model")?;
+        let mut opts = cfg.options(&model_id, download.model_revision.clone());
+        opts.pixel_bounds = [model.min_pixels, model.max_pixels];
         let inputs = evaluation_documents()?;
         let result = run_bench_on(device, &model_dir, &opts, &inputs)
             .with_context(|| format!("benchmarking {}", model_dir.display()))?;

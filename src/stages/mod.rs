@@ -6,6 +6,7 @@
 pub mod baseline;
 pub mod download;
 pub mod evaluate;
+pub mod memory;
 pub mod prepare;
 pub mod probe;
 pub mod quantize;

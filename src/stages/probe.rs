@@ -171,6 +171,8 @@ impl Stage for Probe {
         let sections_read = settings
             .section::<ProbeConfig>("probe")
             .and_then(|p| Ok((p, settings.section::<ModelConfig>("model")?)));
+        // The device choice reads only the model's source (its size).
+        sections = crate::config::hashed_model_section(sections, &["source"]);
         let Ok((probe, model)) = sections_read else {
             return sections;
         };

@@ -189,6 +189,17 @@ impl Stage for Quantize {
     fn upstream(&self) -> &[&'static str] {
         &["probe", "download"]
     }
+    fn shared_sections(&self) -> &[&'static str] {
+        &["model"]
+    }
+    fn resolve_config(
+        &self,
+        sections: serde_json::Value,
+        _: &crate::pipeline::Settings,
+        _: &crate::pipeline::Workspace,
+    ) -> serde_json::Value {
+        super::memory::hashed_model_keys(sections)
+    }
     fn code_version(&self) -> u32 {
         1
     }
@@ -198,6 +209,10 @@ impl Stage for Quantize {
         // Workspace-relative when the model lives in the workspace (issue 15).
         let download = ctx.upstream_metrics::<super::download::Download>()?;
         let model_dir = super::download::model_dir(ctx, &download)?;
+        let device = super::probe::device(ctx)?;
+        super::memory::ensure_fits(Self::NAME, ctx.settings(), &model_dir, device)?;
+        let model: crate::config::ModelConfig = ctx.settings().section("model")?;
+        let pixel_bounds = [model.min_pixels, model.max_pixels];
         let out_dir = ctx.workspace().checkpoints().join("nf4");
         let opts = QuantizeOptions {
             skip: cfg.skip.clone(),
@@ -226,11 +241,12 @@ impl Stage for Quantize {
             "NF4 checkpoint written"
         );
 
-        let device = super::probe::device(ctx)?;
         let prompts = evaluation_prompts(&model_dir, cfg.latency_prompts)?;
         // NF4 first: its load-time RSS is then not masked by pages freed from the base model.
-        let nf4 = measure(device, &out_dir, &prompts, &cfg).context("timing the NF4 model")?;
-        let base = measure(device, &model_dir, &prompts, &cfg).context("timing the base model")?;
+        let nf4 = measure(device, &out_dir, &prompts, &cfg, pixel_bounds)
+            .context("timing the NF4 model")?;
+        let base = measure(device, &model_dir, &prompts, &cfg, pixel_bounds)
+            .context("timing the base model")?;
 
         let mut metrics = metrics_of(&report, &cfg.skip);
         metrics.quantize_peak_rss_bytes = quantize_peak;
@@ -360,19 +376,36 @@ fn measure(
     dir: &Path,
     prompts: &[Prompt],
     cfg: &QuantizeConfig,
+    pixel_bounds: [Option<u64>; 2],
 ) -> anyhow::Result<Measured> {
     struct Job<'a> {
         dir: &'a Path,
         prompts: &'a [Prompt],
         cfg: &'a QuantizeConfig,
+        pixel_bounds: [Option<u64>; 2],
     }
     impl BackendJob for Job<'_> {
         type Output = anyhow::Result<Measured>;
         fn run<B: Kernels>(self, device: B::Device, target: Target) -> Self::Output {
-            measure_on::<B>(self.dir, self.prompts, self.cfg, &device, target)
+            measure_on::<B>(
+                self.dir,
+                self.prompts,
+                self.cfg,
+                self.pixel_bounds,
+                &device,
+                target,
+            )
         }
     }
-    run_on(device, Job { dir, prompts, cfg })?
+    run_on(
+        device,
+        Job {
+            dir,
+            prompts,
+            cfg,
+            pixel_bounds,
+        },
+    )?
 }
 
 /// Loads the model in `dir`, then times greedy generation on every prompt.
@@ -380,6 +413,7 @@ fn measure_on<B: Kernels>(
     dir: &Path,
     prompts: &[Prompt],
     cfg: &QuantizeConfig,
+    [min_pixels, max_pixels]: [Option<u64>; 2],
     dev: &B::Device,
     target: Target,
 ) -> anyhow::Result<Measured> {
@@ -392,12 +426,14 @@ fn measure_on<B: Kernels>(
     let (model, load_time_s) = (loaded.model, loaded.load_ms / 1e3);
     let rss_after_load = rss_bytes().map(|(now, _)| now);
     watch.after_call();
-    let encoder = InputEncoder::from_dir(dir).with_context(|| {
-        format!(
-            "reading the tokenizer and image processor of {}",
-            dir.display()
-        )
-    })?;
+    let encoder = InputEncoder::from_dir(dir)
+        .and_then(|e| e.with_pixel_bounds(min_pixels, max_pixels))
+        .with_context(|| {
+            format!(
+                "reading the tokenizer and image processor of {}",
+                dir.display()
+            )
+        })?;
     let requests = prompts
         .iter()
         .map(|p| {

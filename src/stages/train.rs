@@ -204,6 +204,17 @@ impl Stage for Train {
     fn upstream(&self) -> &[&'static str] {
         &["probe", "download", "quantize", "prepare"]
     }
+    fn shared_sections(&self) -> &[&'static str] {
+        &["model"]
+    }
+    fn resolve_config(
+        &self,
+        sections: serde_json::Value,
+        _: &crate::pipeline::Settings,
+        _: &crate::pipeline::Workspace,
+    ) -> serde_json::Value {
+        super::memory::hashed_model_keys(sections)
+    }
     fn code_version(&self) -> u32 {
         1
     }
@@ -213,6 +224,13 @@ impl Stage for Train {
         // Workspace-relative when the model lives in the workspace (issue 15).
         let download = ctx.upstream_metrics::<super::download::Download>()?;
         let model_dir = super::download::model_dir(ctx, &download)?;
+        super::memory::ensure_fits(
+            Self::NAME,
+            ctx.settings(),
+            &model_dir,
+            super::probe::device(ctx)?,
+        )?;
+        let model: crate::config::ModelConfig = ctx.settings().section("model")?;
         let root = ctx.workspace().root().to_path_buf();
         // QLoRA: the frozen base is the quantize stage's NF4 checkpoint.
         let quantized = ctx.upstream_metrics::<super::quantize::Quantize>()?;
@@ -225,6 +243,7 @@ impl Stage for Train {
 
         let processor =
             ImageProcessor::from_config_file(model_dir.join("preprocessor_config.json"))
+                .and_then(|p| p.with_pixel_bounds(model.min_pixels, model.max_pixels))
                 .with_context(|| format!("image processor of {}", model_dir.display()))?;
         let prompts = PromptBuilder::from_dir(&model_dir)
             .with_context(|| format!("tokenizer of {}", model_dir.display()))?;

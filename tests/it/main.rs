@@ -11,6 +11,7 @@ mod download;
 mod evaluate;
 mod forward;
 mod mock_hub;
+mod plan;
 mod prepare;
 mod quantize;
 mod resume;

@@ -60,6 +60,10 @@ pub enum ProcessorError {
     /// The preprocessor config parses but its values cannot work.
     #[error("preprocessor config {path}: {reason}")]
     InvalidConfig { path: PathBuf, reason: String },
+    /// Overridden resize bounds (`[model] min_pixels`/`max_pixels`) that cannot work with
+    /// the model's processor config.
+    #[error("min_pixels {min} is above max_pixels {max} (set by [model] or the model's preprocessor_config.json)")]
+    PixelBounds { min: u64, max: u64 },
     /// The image file could not be opened.
     #[error("opening image {path}")]
     OpenImage {

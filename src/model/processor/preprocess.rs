@@ -93,6 +93,26 @@ impl ImageProcessor {
         self
     }
 
+    /// Overrides the resize bounds (`[model] min_pixels`/`max_pixels`); `None` keeps the
+    /// config's.
+    ///
+    /// # Errors
+    /// [`ProcessorError::PixelBounds`] when the resulting minimum is above the maximum.
+    pub fn with_pixel_bounds(
+        mut self,
+        min_pixels: Option<u64>,
+        max_pixels: Option<u64>,
+    ) -> Result<Self, ProcessorError> {
+        let min = min_pixels.unwrap_or(self.config.min_pixels);
+        let max = max_pixels.unwrap_or(self.config.max_pixels);
+        if min > max {
+            return Err(ProcessorError::PixelBounds { min, max });
+        }
+        self.config.min_pixels = min;
+        self.config.max_pixels = max;
+        Ok(self)
+    }
+
     /// The validated settings.
     pub fn config(&self) -> &ProcessorConfig {
         &self.config

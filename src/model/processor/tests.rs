@@ -457,3 +457,32 @@ fn an_upload_in_memory_is_processed_exactly_as_the_same_file_and_refused_the_sam
     assert!(matches!(e, ProcessorError::ImageTooLarge { .. }), "{e:?}");
     assert!(e.to_string().contains("scan.png"), "{e}");
 }
+
+#[test]
+fn pixel_bounds_override_the_config_and_shrink_or_grow_every_image() {
+    let img = || DynamicImage::ImageRgb8(synthetic(448, 448));
+    let default = tiny_processor().preprocess(&[img().into()]).unwrap();
+    // The fixture's max_pixels (50176) makes 448² a 224² image: 16x16 patches of 14 px.
+    assert_eq!(default.grid_thw, vec![[1, 16, 16]]);
+    // A lower max_pixels shrinks it further: 112².
+    let capped = tiny_processor()
+        .with_pixel_bounds(None, Some(112 * 112))
+        .unwrap()
+        .preprocess(&[img().into()])
+        .unwrap();
+    assert_eq!(capped.grid_thw, vec![[1, 8, 8]]);
+    // A higher min_pixels grows a small one.
+    let small = DynamicImage::ImageRgb8(synthetic(56, 56));
+    let grown = tiny_processor()
+        .with_pixel_bounds(Some(112 * 112), None)
+        .unwrap()
+        .preprocess(&[small.into()])
+        .unwrap();
+    assert_eq!(grown.grid_thw, vec![[1, 8, 8]]);
+    // Bounds that cross are refused with both figures.
+    let e = tiny_processor()
+        .with_pixel_bounds(Some(90_000), Some(80_000))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("90000") && e.contains("80000"), "{e}");
+}

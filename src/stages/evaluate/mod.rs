@@ -89,6 +89,17 @@ impl Stage for Evaluate {
     fn optional_upstream(&self) -> &[&'static str] {
         &self.optional
     }
+    fn shared_sections(&self) -> &[&'static str] {
+        &["model"]
+    }
+    fn resolve_config(
+        &self,
+        sections: serde_json::Value,
+        _: &crate::pipeline::Settings,
+        _: &crate::pipeline::Workspace,
+    ) -> serde_json::Value {
+        crate::stages::memory::hashed_model_keys(sections)
+    }
     fn code_version(&self) -> u32 {
         CODE_VERSION
     }
@@ -120,9 +131,12 @@ impl Stage for Evaluate {
         let base_dir = crate::stages::download::model_dir(ctx, &download)?;
         let prepare = ctx.upstream_metrics::<Prepare>()?;
         // Every variant shares the base checkpoint's tokenizer, chat template and processor.
-        let encoder = InputEncoder::from_dir(&base_dir)?;
-        let docs = load_documents(ctx, &cfg, &encoder, &prepare)?;
         let device = super::probe::device(ctx)?;
+        crate::stages::memory::ensure_fits(Self::NAME, ctx.settings(), &base_dir, device)?;
+        let model: crate::config::ModelConfig = ctx.settings().section("model")?;
+        let encoder = InputEncoder::from_dir(&base_dir)?
+            .with_pixel_bounds(model.min_pixels, model.max_pixels)?;
+        let docs = load_documents(ctx, &cfg, &encoder, &prepare)?;
         let outcome = evaluate_on(device, ctx, &cfg, &plans, &docs, encoder.prompts())?;
         let failed: Vec<&VariantNotRun> = outcome
             .not_run

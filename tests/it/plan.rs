@@ -1,0 +1,205 @@
+//! `medpipe plan` and the memory check every model stage runs before it loads: predictions
+//! from config.json alone, held to measured peaks, and refusals that name what to change.
+
+use std::path::{Path, PathBuf};
+
+use medpipe::builtin::{self, spec::TinySpec};
+use serde_json::Value;
+
+use crate::common::{medpipe, stderr, stdout};
+use crate::small::{self, Upstream};
+
+/// A model of chosen size with builtin:tiny's tokenizer: text width 512 (8 heads, 2
+/// key/value heads), 4 layers; vision width 256, 4 blocks. ~20 M parameters, 80 MB in f32:
+/// large enough that the process's fixed costs do not swamp the measure.
+fn scaled_model(dir: &Path) -> PathBuf {
+    let corpus = builtin::tokenizer_corpus(0, 300);
+    builtin::materialize_with(dir, 0, &corpus, |vocab| {
+        let mut s = TinySpec::tiny(vocab);
+        s.hidden_size = 512;
+        s.intermediate_size = 1408;
+        s.num_hidden_layers = 4;
+        s.num_attention_heads = 8;
+        s.num_key_value_heads = 2;
+        s.vision_config.hidden_size = 256;
+        s.vision_config.intermediate_size = 704;
+        s.vision_config.out_hidden_size = 512;
+        s
+    })
+    .unwrap()
+    .dir
+}
+
+fn plan_json(args: &[&str]) -> (Value, std::process::Output) {
+    let out = medpipe()
+        .arg("plan")
+        .arg("--json")
+        .args(args)
+        .output()
+        .unwrap();
+    let v = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}{}", stdout(&out), stderr(&out)));
+    (v, out)
+}
+
+/// `medpipe plan --measure` on `dir`: the measure beside the prediction.
+fn measured(dir: &Path, batch: usize, max_pixels: u64) -> Value {
+    let (v, out) = plan_json(&[
+        "--model",
+        dir.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--measure",
+        "--set",
+        &format!("baseline.batch_sizes=[{batch}]"),
+        "--set",
+        &format!("model.max_pixels={max_pixels}"),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    v["measured"].clone()
+}
+
+#[test]
+fn predictions_are_within_20_percent_of_measured_cpu_peaks_dense_and_nf4() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dense = scaled_model(&tmp.path().join("dense"));
+    let nf4 = tmp.path().join("nf4");
+    let q = medpipe()
+        .args(["quantize", "--model"])
+        .arg(&dense)
+        .arg("--out")
+        .arg(&nf4)
+        .output()
+        .unwrap();
+    assert!(q.status.success(), "{}", stderr(&q));
+    // Activations led by a full-attention vision block (one large page), by the MLPs of a
+    // batch of pages, and nearly none (a tiny page): weights and working memory alone.
+    for (dir, batch, pixels) in [
+        (&dense, 1, 960_400),
+        (&dense, 2, 401_408),
+        (&nf4, 1, 960_400),
+        (&nf4, 8, 50_176),
+        (&nf4, 1, 3_136),
+    ] {
+        let m = measured(dir, batch, pixels);
+        let ratio = m["ratio"].as_f64().unwrap();
+        let name = dir.file_name().unwrap().to_string_lossy();
+        assert!(
+            (0.8..=1.2).contains(&ratio),
+            "{name}, batch {batch}, {pixels} px: measured / predicted = {ratio:.3}: {m}"
+        );
+        assert_eq!(m["batch"], batch);
+        assert!(m["image_pixels"].as_u64().unwrap() <= pixels);
+    }
+}
+
+#[test]
+fn the_default_pipeline_fits_and_a_limit_below_it_exits_1_marking_the_stages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ws = tmp.path().to_str().unwrap();
+    let (v, out) = plan_json(&["--workspace", ws, "--device", "cpu"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stages: Vec<&str> = v["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(stages, ["baseline", "quantize", "train", "evaluate"]);
+    for s in v["stages"].as_array().unwrap() {
+        let part = |k: &str| s[k].as_u64().unwrap();
+        let work = part("kv_cache") + part("activations") + part("optimizer");
+        assert_eq!(
+            part("peak_bytes"),
+            part("weights") + work.max(part("loading")),
+            "{s}"
+        );
+        assert_eq!(s["fits"], true, "{s}");
+    }
+    assert_eq!(v["budget"]["source"], "available RAM");
+
+    let out = medpipe()
+        .args(["plan", "--workspace", ws, "--device", "cpu"])
+        .args(["--set", "model.memory_limit_mib=1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let table = stdout(&out);
+    assert!(table.contains("DOES NOT FIT"), "{table}");
+    assert!(
+        table.contains("1.00 MiB (model.memory_limit_mib)"),
+        "{table}"
+    );
+    assert!(
+        stderr(&out).contains("a stage will not fit"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_stage_over_its_memory_limit_refuses_before_loading_and_harms_nothing() {
+    let (_tmp, ws) = small::copy_of(Upstream::Download);
+    // Settle the copy first (its first run re-verifies what it inherited).
+    small::run(&ws, &["--to", "download"]);
+    let before = small::snapshot(&ws.join("reports"));
+    let out = small::command(
+        &ws,
+        "run",
+        &["--to", "baseline", "--set", "model.memory_limit_mib=1"],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    for want in [
+        "baseline will not fit in memory",
+        "weights",
+        "activations",
+        "(model.memory_limit_mib) is available",
+    ] {
+        assert!(err.contains(want), "{want:?} missing from: {err}");
+    }
+    let baseline = small::read_json(&ws.join("reports/baseline.json"));
+    assert_eq!(baseline["status"], "failed");
+    // The stages before it are untouched.
+    let after = small::snapshot(&ws.join("reports"));
+    for (path, state) in &before {
+        if path.ends_with("download.json") || path.ends_with("environment.json") {
+            assert_eq!(after.get(path), Some(state), "{}", path.display());
+        }
+    }
+}
+
+#[test]
+fn model_max_pixels_shrinks_every_page_the_baseline_reads_and_makes_it_stale() {
+    let (_tmp, ws) = small::copy_of(Upstream::Download);
+    let prompt_tokens = |ws: &Path| -> Vec<u64> {
+        let b = small::read_json(&ws.join("reports/baseline.json"));
+        b["metrics"]["bench"]["requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["prompt_tokens"].as_u64().unwrap())
+            .collect()
+    };
+    small::run(&ws, &["--to", "baseline"]);
+    let full = prompt_tokens(&ws);
+    // The smallest page the processor makes (56x56): one image token each.
+    small::run(&ws, &["--to", "baseline", "--set", "model.max_pixels=3136"]);
+    let small_pages = prompt_tokens(&ws);
+    assert_eq!(full.len(), small_pages.len());
+    for (f, s) in full.iter().zip(&small_pages) {
+        assert!(
+            s < f,
+            "{s} prompt tokens at 3136 px vs {f} at the model's bound"
+        );
+    }
+    let text_tokens = small_pages.iter().min().unwrap();
+    assert!(small_pages.iter().all(|t| t - text_tokens < 50));
+    // Back to the default bound: the baseline measured at 3136 px is stale.
+    let status = small::command(&ws, "status", &[]).output().unwrap();
+    let table = stdout(&status);
+    let line = table.lines().find(|l| l.starts_with("baseline")).unwrap();
+    assert!(line.contains("stale"), "{table}");
+}
