@@ -95,25 +95,6 @@ impl Default for ModelConfig {
     }
 }
 
-/// A stage's sections for its input hash (`Stage::resolve_config`) with `[model]` cut to
-/// `keys`, the settings that change what the stage produces. With none of them set the
-/// section is left out, so a config that never sets them hashes as before they existed, and
-/// a setting that changes nothing a stage makes (`memory_limit_mib`) never makes it stale.
-pub fn hashed_model_section(mut sections: serde_json::Value, keys: &[&str]) -> serde_json::Value {
-    if let Some(obj) = sections.as_object_mut() {
-        if let Some(serde_json::Value::Object(model)) = obj.remove("model") {
-            let kept: serde_json::Map<String, serde_json::Value> = model
-                .into_iter()
-                .filter(|(k, _)| keys.contains(&k.as_str()))
-                .collect();
-            if !kept.is_empty() {
-                obj.insert("model".into(), serde_json::Value::Object(kept));
-            }
-        }
-    }
-    sections
-}
-
 /// The stages read their sections from the settings: a `&Config` is a `&Settings`.
 impl std::ops::Deref for Config {
     type Target = Settings;

@@ -348,9 +348,8 @@ fn prefill_peak(
 
 /// Peak of one training micro-batch (forward, then backward) of QLoRA on an NF4 base.
 ///
-/// Activations kept for the backward, per decoder layer: the inputs of every LoRA pair and
-/// its rank-`r` product, the normed inputs, q/k/v, the softmax probabilities, and the MLP's
-/// gate and up outputs; the frozen vision tower runs without a graph.
+/// Activations kept for the backward, per decoder layer, as burn's autodiff keeps them
+/// (counted in the body); the frozen vision tower runs without a graph.
 pub fn training(
     cfg: &Qwen25VlConfig,
     skip: &[String],
@@ -372,8 +371,25 @@ pub fn training(
     );
     let q = (t.num_heads * t.head_dim) as u64;
     let kv = (t.num_kv_heads * t.head_dim) as u64;
-    let per_layer = n * (4 * h + 2 * q + 2 * kv + 3 * i + TARGET_MODULES.len() as u64 * r) * F32
-        + b * t.num_heads as u64 * s * s * F32;
+    // Counted op by op from what each backward needs (f32):
+    // - the two RMSNorms (f32 island): input, normalized, scaled: 3h each;
+    // - LoRA dropout on every target's input, output and mask: q/k/v and gate/up read the
+    //   normed stream (5 × 2h), o_proj the attention output (2q), down_proj the MLP
+    //   product (2i); each pair's rank-r product and its gradient input (2r × 7);
+    // - q, k, v (q + 2kv), their rotary terms (cos, rotate_half, sin: 3(q + kv)) and the
+    //   attention output (q);
+    // - the MLP: gate, up, sigmoid(gate), silu(gate), their product: 5i;
+    // - the attention scores, masked scores and probabilities of every head: 3 b·heads·s².
+    let per_token = 6 * h
+        + 10 * h
+        + 2 * q
+        + 2 * i
+        + 2 * TARGET_MODULES.len() as u64 * r
+        + (q + 2 * kv)
+        + 3 * (q + kv)
+        + q
+        + 5 * i;
+    let per_layer = n * per_token * F32 + 3 * b * t.num_heads as u64 * s * s * F32;
     let layers = t.num_layers as u64 * per_layer;
     // The backward of the widest layer holds its gradients next to the saved tensors.
     let backward = n * (2 * h + 3 * i) * F32 + i * h * F32;

@@ -51,7 +51,10 @@ pub trait Stage: Send + Sync + 'static {
     fn optional_upstream(&self) -> &[&'static str] {
         &[]
     }
-    /// Sections owned by no stage that this one also reads (`model`); hashed into its input.
+    /// Sections owned by no stage that this one also reads, hashed into its input: a whole
+    /// section (`model`), or only the keys of one that change what the stage produces
+    /// (`model.max_pixels`; a key left unset is left out of the hash, so adding a key to a
+    /// section makes no stage stale until it is set).
     fn shared_sections(&self) -> &[&'static str] {
         &[]
     }
@@ -121,9 +124,14 @@ impl<S: Stage> AnyStage for S {
     }
     fn config_sections(&self) -> Vec<&'static str> {
         let own = S::Config::IS_SECTION.then_some(Stage::name(self));
-        own.into_iter()
-            .chain(self.shared_sections().iter().copied())
-            .collect()
+        let mut out: Vec<&'static str> = own.into_iter().collect();
+        for s in self.shared_sections() {
+            let section = s.split_once('.').map_or(*s, |(section, _)| section);
+            if !out.contains(&section) {
+                out.push(section);
+            }
+        }
+        out
     }
     fn check_config(&self, settings: &Settings) -> Result<(), ConfigError> {
         if S::Config::IS_SECTION {
@@ -138,7 +146,22 @@ impl<S: Stage> AnyStage for S {
             sections.insert(name.into(), settings.typed_json::<S::Config>(name)?);
         }
         for s in self.shared_sections() {
-            sections.insert((*s).into(), settings.raw_json(s));
+            match s.split_once('.') {
+                None => {
+                    sections.insert((*s).into(), settings.raw_json(s));
+                }
+                Some((section, key)) => match settings.raw_json(section).get(key) {
+                    Some(v) if !v.is_null() => {
+                        let entry = sections
+                            .entry(section)
+                            .or_insert_with(|| Value::Object(serde_json::Map::new()));
+                        if let Value::Object(m) = entry {
+                            m.insert(key.into(), v.clone());
+                        }
+                    }
+                    _ => {}
+                },
+            }
         }
         let written = crate::json::canonical(Value::Object(sections));
         Ok(crate::json::canonical(

@@ -209,17 +209,9 @@ impl Stage for Download {
     fn upstream(&self) -> &[&'static str] {
         &["probe"]
     }
-    fn shared_sections(&self) -> &[&'static str] {
-        &["model"]
-    }
     /// Only `[model] source` changes what is fetched.
-    fn resolve_config(
-        &self,
-        sections: serde_json::Value,
-        _: &crate::pipeline::Settings,
-        _: &crate::pipeline::Workspace,
-    ) -> serde_json::Value {
-        crate::config::hashed_model_section(sections, &["source"])
+    fn shared_sections(&self) -> &[&'static str] {
+        &["model.source"]
     }
     fn code_version(&self) -> u32 {
         // 2: workspace-relative model_dir, dataset dirs and cache paths (issue 15).

@@ -452,13 +452,6 @@ fn fixes(stage: &str, cfg: &Qwen25VlConfig, k: &Knobs, engine: Engine, free: u64
     out
 }
 
-/// A model stage's sections for its input hash, with `[model]` cut to the keys that change
-/// what the stage produces: the image bounds. `source` reaches it through the download
-/// stage, and `memory_limit_mib` changes only whether it runs.
-pub fn hashed_model_keys(sections: Value) -> Value {
-    crate::config::hashed_model_section(sections, &["max_pixels", "min_pixels"])
-}
-
 /// `medpipe plan`: every model stage's prediction against the budget.
 #[derive(Debug, Clone, Serialize)]
 pub struct PlanReport {

@@ -220,6 +220,42 @@ mod tests {
     }
 
     #[test]
+    fn model_stages_hash_only_the_image_bounds_of_model_and_probe_and_download_only_its_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = crate::pipeline::Workspace::open(dir.path()).unwrap();
+        let hash_of = |stage: &str, sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            let cfg = Config::from_toml("", Path::new("x.toml"), &sets).unwrap();
+            pipeline()
+                .stages()
+                .find(|s| s.name() == stage)
+                .unwrap()
+                .config_json(&cfg.settings, &ws)
+                .unwrap()
+        };
+        for stage in ["baseline", "quantize", "train", "evaluate"] {
+            let plain = hash_of(stage, &[]);
+            assert!(plain.get("model").is_none(), "{stage}: {plain}");
+            assert_eq!(plain, hash_of(stage, &["model.memory_limit_mib=100"]));
+            assert_eq!(
+                hash_of(stage, &["model.max_pixels=50176"])["model"],
+                serde_json::json!({ "max_pixels": 50176 }),
+                "{stage}"
+            );
+        }
+        for stage in ["probe", "download"] {
+            let plain = hash_of(stage, &[]);
+            assert_eq!(
+                plain["model"],
+                serde_json::json!({ "source": "builtin:tiny" })
+            );
+            for set in ["model.memory_limit_mib=100", "model.max_pixels=50176"] {
+                assert_eq!(plain, hash_of(stage, &[set]), "{stage} {set}");
+            }
+        }
+    }
+
+    #[test]
     fn issue_16_a_stage_added_with_one_line_shows_in_stages_config_status_and_the_report() {
         let mut work = work_stages();
         work.push(Box::new(Extra)); // the one line

@@ -160,8 +160,9 @@ impl Stage for Probe {
     fn upstream(&self) -> &[&'static str] {
         &[]
     }
+    /// The device choice reads only the model's source (its size).
     fn shared_sections(&self) -> &[&'static str] {
-        &["model"]
+        &["model.source"]
     }
     /// The `[probe]` section is hashed as the device it resolves to on this machine, so a
     /// spelling that changes nothing (`auto` → `cpu` on a CPU machine, or another
@@ -171,8 +172,6 @@ impl Stage for Probe {
         let sections_read = settings
             .section::<ProbeConfig>("probe")
             .and_then(|p| Ok((p, settings.section::<ModelConfig>("model")?)));
-        // The device choice reads only the model's source (its size).
-        sections = crate::config::hashed_model_section(sections, &["source"]);
         let Ok((probe, model)) = sections_read else {
             return sections;
         };

@@ -189,16 +189,10 @@ impl Stage for Quantize {
     fn upstream(&self) -> &[&'static str] {
         &["probe", "download"]
     }
+    /// The image bounds change what a model stage measures; `[model] source` reaches it
+    /// through the download stage, and `memory_limit_mib` only decides whether it runs.
     fn shared_sections(&self) -> &[&'static str] {
-        &["model"]
-    }
-    fn resolve_config(
-        &self,
-        sections: serde_json::Value,
-        _: &crate::pipeline::Settings,
-        _: &crate::pipeline::Workspace,
-    ) -> serde_json::Value {
-        super::memory::hashed_model_keys(sections)
+        &["model.max_pixels", "model.min_pixels"]
     }
     fn code_version(&self) -> u32 {
         1

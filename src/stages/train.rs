@@ -204,16 +204,10 @@ impl Stage for Train {
     fn upstream(&self) -> &[&'static str] {
         &["probe", "download", "quantize", "prepare"]
     }
+    /// The image bounds change what a model stage measures; `[model] source` reaches it
+    /// through the download stage, and `memory_limit_mib` only decides whether it runs.
     fn shared_sections(&self) -> &[&'static str] {
-        &["model"]
-    }
-    fn resolve_config(
-        &self,
-        sections: serde_json::Value,
-        _: &crate::pipeline::Settings,
-        _: &crate::pipeline::Workspace,
-    ) -> serde_json::Value {
-        super::memory::hashed_model_keys(sections)
+        &["model.max_pixels", "model.min_pixels"]
     }
     fn code_version(&self) -> u32 {
         1
@@ -621,15 +615,18 @@ impl AutodiffJob for TrainJob<'_, '_> {
     }
 }
 
-/// A split turned into token ids and pixels once, up front (so over-long samples are
-/// counted before training, and every epoch reuses the decoded pages).
+/// A split turned into token ids once, up front (so over-long samples are counted before
+/// training). The pages are preprocessed again each time a sample is drawn: holding every
+/// decoded page would cost `samples x patches x 4.7 KB` (120 GB for 5,000 pages at 1 Mpx),
+/// and decoding is deterministic, so the pixels are the same each epoch.
 struct Encoded {
     samples: Vec<EncodedSample>,
     dropped: usize,
+    processor: ImageProcessor,
 }
 
-/// Token ids, labels, flattened pixels, their `[patches, patch_dim]` shape, and the grids.
-type EncodedSample = (Vec<u32>, Vec<i64>, Vec<f32>, [usize; 2], Vec<[usize; 3]>);
+/// Token ids, labels and the page image.
+type EncodedSample = (Vec<u32>, Vec<i64>, PathBuf);
 
 impl Encoded {
     fn build(
@@ -653,16 +650,13 @@ impl Encoded {
                 dropped += 1;
                 continue;
             }
-            let grids = px.grid_thw.iter().map(|g| g.map(|v| v as usize)).collect();
-            samples.push((
-                ex.input_ids,
-                ex.labels,
-                px.pixel_values,
-                [px.num_patches, px.patch_dim],
-                grids,
-            ));
+            samples.push((ex.input_ids, ex.labels, path));
         }
-        Ok(Self { samples, dropped })
+        Ok(Self {
+            samples,
+            dropped,
+            processor: processor.clone(),
+        })
     }
 }
 
@@ -677,17 +671,25 @@ impl<B: Kernels> SampleSource<B> for OnDevice<'_, B> {
         self.set.samples.len()
     }
     fn get(&self, index: usize) -> Result<TrainSample<B>, SampleError> {
-        let (ids, labels, px, shape, grids) = self.set.samples.get(index).ok_or(SampleError {
+        let (ids, labels, path) = self.set.samples.get(index).ok_or(SampleError {
             index,
             reason: format!("out of range ({} samples)", self.set.samples.len()),
         })?;
+        let px = self
+            .set
+            .processor
+            .preprocess(&[ProcImage::Path(path.clone())])
+            .map_err(|e| SampleError {
+                index,
+                reason: format!("{:#}", anyhow::Error::new(e)),
+            })?;
         Ok(TrainSample {
             input_ids: ids.clone(),
             labels: labels.clone(),
             images: Some(ImageInput {
-                pixel_values: Tensor::<B, 1>::from_floats(px.as_slice(), &self.device)
-                    .reshape(*shape),
-                grids: grids.clone(),
+                pixel_values: Tensor::<B, 1>::from_floats(px.pixel_values.as_slice(), &self.device)
+                    .reshape([px.num_patches, px.patch_dim]),
+                grids: px.grid_thw.iter().map(|g| g.map(|v| v as usize)).collect(),
             }),
         })
     }

@@ -89,16 +89,10 @@ impl Stage for Evaluate {
     fn optional_upstream(&self) -> &[&'static str] {
         &self.optional
     }
+    /// The image bounds change what a model stage measures; `[model] source` reaches it
+    /// through the download stage, and `memory_limit_mib` only decides whether it runs.
     fn shared_sections(&self) -> &[&'static str] {
-        &["model"]
-    }
-    fn resolve_config(
-        &self,
-        sections: serde_json::Value,
-        _: &crate::pipeline::Settings,
-        _: &crate::pipeline::Workspace,
-    ) -> serde_json::Value {
-        crate::stages::memory::hashed_model_keys(sections)
+        &["model.max_pixels", "model.min_pixels"]
     }
     fn code_version(&self) -> u32 {
         CODE_VERSION
