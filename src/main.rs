@@ -91,7 +91,9 @@ struct PlanArgs {
     /// config's [model] (the workspace's downloaded copy once the download stage ran).
     #[arg(long, value_name = "DIR|builtin:tiny")]
     model: Option<String>,
-    /// Device to plan for: auto, cpu, cuda, cuda:N or wgpu.
+    /// Device to plan for: auto (what this machine would choose), cpu, cuda, cuda:N or
+    /// wgpu; a GPU can be planned for on a machine without one (set
+    /// model.memory_limit_mib to its memory).
     #[arg(long, value_name = "DEVICE", default_value = "auto")]
     device: String,
     /// Print JSON instead of the table.
@@ -418,7 +420,16 @@ fn plan(args: PlanArgs) -> Result<(), Failure> {
         }
         None => memory::model_dir_for_plan(&config.settings, &args.cfg.workspace)?,
     };
-    let device = placement(&args.device, &dir.display().to_string())?;
+    // A named device is planned for even where it is absent (sizing a GPU before renting
+    // one); `auto` is what this machine would choose.
+    let device = if args.device == "auto" {
+        placement(&args.device, &dir.display().to_string())?
+    } else {
+        medpipe::device::Device::parse(&args.device).map_err(|e| Failure {
+            code: 2,
+            error: anyhow::Error::new(e).context("--device"),
+        })?
+    };
     let report = memory::PlanReport::new(&config.settings, &dir, device)?;
     let measured = if args.measure {
         let facts = memory::ModelFacts::read(&dir, &config.model)?;

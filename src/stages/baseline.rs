@@ -237,7 +237,8 @@ impl Stage for Baseline {
             download.model_source.clone()
         };
         let device = super::probe::device(ctx)?;
-        super::memory::ensure_fits(Self::NAME, ctx.settings(), &model_dir, device)?;
+        let memory_plan =
+            super::memory::ensure_fits(Self::NAME, ctx.settings(), &model_dir, device)?;
         let model: crate::config::ModelConfig = ctx.settings().section("model")?;
         let mut opts = cfg.options(&model_id, download.model_revision.clone());
         opts.pixel_bounds = [model.min_pixels, model.max_pixels];
@@ -255,6 +256,8 @@ impl Stage for Baseline {
         let mut value = serde_json::to_value(&metrics)?;
         if let Value::Object(map) = &mut value {
             map.insert("bench".into(), serde_json::to_value(&result)?);
+            // The planner's prediction, beside the measured peak (bench.memory).
+            map.insert("memory_plan".into(), serde_json::to_value(&memory_plan)?);
         }
         Ok(StageOutput {
             metrics: value,

@@ -218,7 +218,7 @@ impl Stage for Train {
         // Workspace-relative when the model lives in the workspace (issue 15).
         let download = ctx.upstream_metrics::<super::download::Download>()?;
         let model_dir = super::download::model_dir(ctx, &download)?;
-        super::memory::ensure_fits(
+        let memory_plan = super::memory::ensure_fits(
             Self::NAME,
             ctx.settings(),
             &model_dir,
@@ -388,6 +388,8 @@ impl Stage for Train {
             "resumed_from_step": trained.resumed_from_step,
             "steps_per_s": if trained.train_time_s > 0.0 { st.step as f64 / trained.train_time_s } else { 0.0 },
             "config": tcfg,
+            // The planner's prediction (for max_seq_len tokens), beside peak_memory_bytes.
+            "memory_plan": memory_plan,
         });
         if let (Some(m), Some(e)) = (metrics.as_object_mut(), extra.as_object()) {
             m.extend(e.clone());

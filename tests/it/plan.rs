@@ -185,6 +185,11 @@ fn model_max_pixels_shrinks_every_page_the_baseline_reads_and_makes_it_stale() {
     };
     small::run(&ws, &["--to", "baseline"]);
     let full = prompt_tokens(&ws);
+    // The baseline records the planner's prediction beside its measured peak.
+    let b = small::read_json(&ws.join("reports/baseline.json"));
+    let plan = &b["metrics"]["memory_plan"];
+    assert_eq!(plan["stage"], "baseline", "{plan}");
+    assert!(plan["peak_bytes"].as_u64().unwrap() > plan["weights"].as_u64().unwrap());
     // The smallest page the processor makes (56x56): one image token each.
     small::run(&ws, &["--to", "baseline", "--set", "model.max_pixels=3136"]);
     let small_pages = prompt_tokens(&ws);
