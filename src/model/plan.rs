@@ -136,43 +136,46 @@ pub fn loading_bytes(
     if !engine.host {
         return 0;
     }
+    per_tensor(cfg, format, |numel, quantized| {
+        if quantized {
+            // Codes, and the 8-bit double-quantized scales.
+            numel / 2 + numel.div_ceil(NF4_BLOCKSIZE as u64)
+        } else if stored_bytes < engine.weight_bytes {
+            // Narrower tensors are read and widened; f32 ones are used in place.
+            numel * stored_bytes
+        } else {
+            0
+        }
+    })
+}
+
+/// Σ over the checkpoint's tensors of `bytes(elements, stored as NF4)`.
+fn per_tensor(
+    cfg: &Qwen25VlConfig,
+    format: &WeightFormat,
+    bytes: impl Fn(u64, bool) -> u64,
+) -> u64 {
     cfg.tensor_manifest()
         .iter()
         .map(|(key, shape)| {
             let numel = shape.iter().product::<usize>() as u64;
-            match format {
-                WeightFormat::Nf4 { skip }
-                    if is_linear_weight(key, shape)
-                        && !is_skipped(key.trim_end_matches(".weight"), skip) =>
-                {
-                    // Codes, and the 8-bit double-quantized scales.
-                    numel / 2 + numel.div_ceil(NF4_BLOCKSIZE as u64)
-                }
-                // f32 tensors are used in place; narrower ones are read and widened.
-                _ if stored_bytes < engine.weight_bytes => numel * stored_bytes,
-                _ => 0,
-            }
+            let quantized = matches!(format, WeightFormat::Nf4 { skip }
+                if is_linear_weight(key, shape)
+                    && !is_skipped(key.trim_end_matches(".weight"), skip));
+            bytes(numel, quantized)
         })
         .sum()
 }
 
 /// Bytes the weights of `cfg` take in memory.
 pub fn weight_bytes(cfg: &Qwen25VlConfig, format: &WeightFormat, engine: Engine) -> u64 {
-    cfg.tensor_manifest()
-        .iter()
-        .map(|(key, shape)| {
-            let numel = shape.iter().product::<usize>() as u64;
-            match format {
-                WeightFormat::Nf4 { skip }
-                    if is_linear_weight(key, shape)
-                        && !is_skipped(key.trim_end_matches(".weight"), skip) =>
-                {
-                    nf4_bytes(numel)
-                }
-                _ => numel * engine.weight_bytes,
-            }
-        })
-        .sum()
+    per_tensor(cfg, format, |numel, quantized| {
+        if quantized {
+            nf4_bytes(numel)
+        } else {
+            numel * engine.weight_bytes
+        }
+    })
 }
 
 /// Packed codes (whole 64-element blocks, as the GPU layout pads them) and f32 scales.

@@ -374,18 +374,21 @@ fn fixes(stage: &str, cfg: &Qwen25VlConfig, k: &Knobs, engine: Engine, free: u64
             out.push(format!("{name} = {value} (peak {}{note})", gib(p)));
         }
     };
-    // The largest image bound that fits, halving from the current one.
-    let mut px = k.max_pixels / 2;
-    while k.max_pixels > 0 && px >= 3136 {
-        let changed = Knobs {
+    // The largest value that fits, halving from the current one down to `floor`.
+    let halving = |from: u64, floor: u64, set: &dyn Fn(u64) -> Knobs| {
+        std::iter::successors(Some(from / 2), |v| Some(v / 2))
+            .take_while(|v| *v >= floor)
+            .map(set)
+            .find(|changed| peak(changed) <= free)
+    };
+    if k.max_pixels > 0 {
+        let set = |px| Knobs {
             max_pixels: px,
             ..k.clone()
         };
-        if peak(&changed) <= free {
-            try_knob("model.max_pixels", px.to_string(), changed);
-            break;
+        if let Some(changed) = halving(k.max_pixels, 3136, &set) {
+            try_knob("model.max_pixels", changed.max_pixels.to_string(), changed);
         }
-        px /= 2;
     }
     match stage {
         "baseline" if k.baseline_batch > 1 => try_knob(
@@ -434,17 +437,16 @@ fn fixes(stage: &str, cfg: &Qwen25VlConfig, k: &Knobs, engine: Engine, free: u64
                     },
                 );
             }
-            let mut len = k.train_seq_len / 2;
-            while len >= 64 {
-                let changed = Knobs {
-                    train_seq_len: len,
-                    ..k.clone()
-                };
-                if peak(&changed) <= free {
-                    try_knob("train.max_seq_len", len.to_string(), changed);
-                    break;
-                }
-                len /= 2;
+            let set = |len| Knobs {
+                train_seq_len: len as usize,
+                ..k.clone()
+            };
+            if let Some(changed) = halving(k.train_seq_len as u64, 64, &set) {
+                try_knob(
+                    "train.max_seq_len",
+                    changed.train_seq_len.to_string(),
+                    changed,
+                );
             }
         }
         _ => {}
@@ -678,8 +680,9 @@ mod tests {
 
     #[test]
     fn a_stage_over_budget_is_refused_naming_its_figures_and_the_settings_that_fit() {
+        // On a GPU (no loading pages), so the activations decide.
         let (cfg, k) = seven_b();
-        let need = stage_plan("evaluate", &cfg, &k, Engine::cpu(2))
+        let need = stage_plan("evaluate", &cfg, &k, Engine::gpu(4))
             .unwrap()
             .peak_bytes;
         // Just under the need: a smaller batch or image bound fits.
@@ -687,7 +690,7 @@ mod tests {
             bytes: Some(need - need / 20),
             source: "model.memory_limit_mib".into(),
         };
-        let err = check("evaluate", &cfg, &k, Engine::cpu(2), &budget)
+        let err = check("evaluate", &cfg, &k, Engine::gpu(4), &budget)
             .unwrap_err()
             .to_string();
         for want in [
@@ -697,6 +700,7 @@ mod tests {
             "model.memory_limit_mib",
             "To fit, set one of:",
             "evaluate.base = false (peak",
+            "model.max_pixels = ",
         ] {
             assert!(err.contains(want), "{want:?} missing from: {err}");
         }
@@ -705,12 +709,33 @@ mod tests {
             bytes: Some(need),
             source: "test".into(),
         };
-        assert!(check("evaluate", &cfg, &k, Engine::cpu(2), &roomy).is_ok());
+        assert!(check("evaluate", &cfg, &k, Engine::gpu(4), &roomy).is_ok());
         let unknown = Budget {
             bytes: None,
             source: "wgpu".into(),
         };
-        assert!(check("evaluate", &cfg, &k, Engine::cpu(2), &unknown).is_ok());
+        assert!(check("evaluate", &cfg, &k, Engine::gpu(4), &unknown).is_ok());
+    }
+
+    #[test]
+    fn training_over_budget_is_offered_a_shorter_sequence_and_a_smaller_micro_batch() {
+        let (cfg, k) = seven_b();
+        let need = stage_plan("train", &cfg, &k, Engine::cpu(2))
+            .unwrap()
+            .peak_bytes;
+        let budget = Budget {
+            bytes: Some(need * 3 / 4),
+            source: "test".into(),
+        };
+        let err = check("train", &cfg, &k, Engine::cpu(2), &budget)
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "train.max_seq_len = 256 (peak",
+            "train.batch_size = 1 (peak",
+        ] {
+            assert!(err.contains(want), "{want:?} missing from: {err}");
+        }
     }
 
     #[test]
