@@ -67,10 +67,7 @@ impl ModelFacts {
 /// Bytes per element of a checkpoint's dense tensors from its `config.json`'s
 /// `torch_dtype` (or transformers 5's `dtype`): 4 for float32, else 2 (the hub's bf16).
 pub fn stored_bytes(dir: &Path) -> u64 {
-    let v = std::fs::read_to_string(dir.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .unwrap_or(Value::Null);
+    let v = raw_config(dir);
     let dtype = ["torch_dtype", "dtype"].iter().find_map(|k| {
         v.get(k)
             .or_else(|| v.get("text_config").and_then(|t| t.get(k)))
@@ -80,6 +77,15 @@ pub fn stored_bytes(dir: &Path) -> u64 {
         Some("float32") => 4,
         _ => 2,
     }
+}
+
+/// `dir/config.json` as plain JSON, for the keys the typed config does not keep
+/// (`Null` when it does not read: the typed read has already reported why).
+fn raw_config(dir: &Path) -> Value {
+    std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null)
 }
 
 /// The settings of the model stages that drive memory, read from a config.
@@ -585,11 +591,7 @@ pub fn model_dir_for_plan(settings: &Settings, ws: &Path) -> anyhow::Result<std:
 /// How the checkpoint in `dir` stores its Linears: NF4 when its `config.json` carries a
 /// bitsandbytes 4-bit `quantization_config`, with that config's skip list.
 pub fn stored_format(dir: &Path) -> WeightFormat {
-    let q = std::fs::read_to_string(dir.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .and_then(|v| v.get("quantization_config").cloned());
-    match q {
+    match raw_config(dir).get("quantization_config") {
         Some(q) if q.get("load_in_4bit").and_then(Value::as_bool) == Some(true) => {
             WeightFormat::Nf4 {
                 skip: q
