@@ -514,8 +514,7 @@ fn load(s: &Server, n: usize, connections: usize) -> Vec<(u16, f64)> {
 #[test]
 fn load_test_200_requests_from_16_connections_no_5xx_no_leak() {
     let s = Server::start(&["--max-new-tokens", "8"]);
-    // The same load once first: allocator arenas and batch buffers reach their working size
-    // (measured: RSS then stays within 2% over five more rounds).
+    // The same load once first: allocator arenas and batch buffers reach their working size.
     let warm = load(&s, 200, 16);
     assert!(warm.iter().all(|r| r.0 == 200), "warm-up answers");
     let before = rss(s.pid());
@@ -528,21 +527,36 @@ fn load_test_200_requests_from_16_connections_no_5xx_no_leak() {
     let mut ms: Vec<f64> = results.iter().map(|r| r.1).collect();
     ms.sort_by(f64::total_cmp);
     let q = |p: f64| medpipe::metrics::stats::percentile_sorted(&ms, p);
-    let after = rss(s.pid());
+    // RSS after each further round. glibc's per-thread arenas grow and shrink with the batch
+    // mix: this machine saw 99 → 112 → 110 → 114 MB, a fresh-clone CI run +11% in one
+    // round. They are bounded; a leak grows every round. So the last round of 200 must end
+    // within 8% of the highest reading before it (fails a leak of over ~45 KB per request),
+    // and 600 requests within 30% of the start (over ~50 KB per request, however spread).
+    let mut rounds = vec![before, rss(s.pid())];
+    for _ in 0..2 {
+        let r = load(&s, 200, 16);
+        assert!(r.iter().all(|r| r.0 == 200), "later rounds answer 200");
+        rounds.push(rss(s.pid()));
+    }
     let h = get(&agent(), &s.url("/health")).json();
+    let mb: Vec<String> = rounds
+        .iter()
+        .map(|b| format!("{:.1}", *b as f64 / 1e6))
+        .collect();
     eprintln!(
-        "load test: 200 requests, 16 connections, {wall:.1} s ({:.1} req/s); latency p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms; mean batch {:.1}; RSS {:.1} → {:.1} MB",
+        "load test: 200 requests, 16 connections, {wall:.1} s ({:.1} req/s); latency p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms; mean batch {:.1}; RSS per round of 200 {} MB",
         200.0 / wall,
         q(0.50),
         q(0.95),
         q(0.99),
         h["mean_batch_size"].as_f64().unwrap(),
-        before as f64 / 1e6,
-        after as f64 / 1e6
+        mb.join(" → ")
     );
+    let last = *rounds.last().unwrap() as f64;
+    let highest_before = *rounds[..rounds.len() - 1].iter().max().unwrap() as f64;
     assert!(
-        (after as f64) <= before as f64 * 1.10,
-        "RSS grew from {before} to {after} bytes over 200 requests"
+        last <= highest_before * 1.08 && last <= before as f64 * 1.30,
+        "RSS kept growing over 600 requests (bytes after each round of 200: {rounds:?}), a leak"
     );
     assert!(
         h["mean_batch_size"].as_f64().unwrap() > 1.5,
