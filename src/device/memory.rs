@@ -100,14 +100,20 @@ impl DeviceMemory {
     /// Memory in use on the device now (NVML, device-wide), bytes; `None` on the CPU or
     /// without NVML.
     pub fn used_bytes(&self) -> Option<u64> {
+        self.nvml_reading().map(|m| m.used)
+    }
+
+    /// Memory free on the device now (NVML, the GPU that `CUDA_VISIBLE_DEVICES` maps the
+    /// CUDA index to), bytes; `None` on the CPU or without NVML.
+    pub fn free_bytes(&self) -> Option<u64> {
+        self.nvml_reading().map(|m| m.free)
+    }
+
+    fn nvml_reading(&self) -> Option<super::nvml::MemoryInfo> {
         let (nvml, index) = self.nvml.as_ref()?;
-        match nvml.memory(*index) {
-            Ok(m) => Some(m.used),
-            Err(e) => {
-                tracing::debug!(error = %e, "NVML memory query failed");
-                None
-            }
-        }
+        nvml.memory(*index)
+            .map_err(|e| tracing::debug!(error = %e, "NVML memory query failed"))
+            .ok()
     }
 
     /// What the allocator holds now; `None` on the CPU, in a build without CUDA, or when the

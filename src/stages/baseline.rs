@@ -237,9 +237,8 @@ impl Stage for Baseline {
             download.model_source.clone()
         };
         let device = super::probe::device(ctx)?;
-        let memory_plan =
-            super::memory::ensure_fits(Self::NAME, ctx.settings(), &model_dir, device)?;
-        let model: crate::config::ModelConfig = ctx.settings().section("model")?;
+        let admitted = super::memory::ensure_fits(Self::NAME, ctx.settings(), &model_dir, device)?;
+        let (memory_plan, model) = (admitted.plan, admitted.model);
         let mut opts = cfg.options(&model_id, download.model_revision.clone());
         opts.pixel_bounds = [model.min_pixels, model.max_pixels];
         let inputs = evaluation_documents()?;

@@ -151,6 +151,10 @@ pub struct StagePlan {
     #[serde(flatten)]
     pub footprint: Footprint,
     pub peak_bytes: u64,
+    /// Peak of work the stage does only when it fits (quantize: timing the base model
+    /// after the NF4 one); the stage itself needs only `peak_bytes`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub optional_peak_bytes: Option<u64>,
 }
 
 /// The engine a stage's device runs the model on (the pipeline computes in f32).
@@ -182,6 +186,7 @@ pub fn stage_plan(
     } else {
         "text only".to_string()
     };
+    let mut optional = None;
     let (stage, workload, footprint) = match stage {
         "baseline" => (
             "baseline",
@@ -198,16 +203,21 @@ pub fn stage_plan(
             ),
         ),
         "quantize" => {
+            // The conversion streams tensor by tensor; the NF4 model's timing is the peak. The
+            // base model's timing is optional: the stage skips it, with a warning, when it
+            // would not fit (a 7B in f32 on a 24 GB machine), and still makes the checkpoint.
             let work = gen(1, k.quantize_new_tokens);
             let base = plan::generation(cfg, &WeightFormat::Dense, k.stored_bytes, engine, work);
             let q = plan::generation(cfg, &nf4, k.stored_bytes, engine, work);
+            optional = Some(base.total());
             (
                 "quantize",
                 format!(
-                    "base, then NF4, batch 1, {images}, {} new tokens",
-                    k.quantize_new_tokens
+                    "NF4, batch 1, {images}, {} new tokens; then the base if it fits ({})",
+                    k.quantize_new_tokens,
+                    gib(base.total())
                 ),
-                larger(base, q),
+                q,
             )
         }
         "train" => (
@@ -260,6 +270,7 @@ pub fn stage_plan(
         workload,
         peak_bytes: footprint.total(),
         footprint,
+        optional_peak_bytes: optional,
     })
 }
 
@@ -297,16 +308,22 @@ pub fn budget(device: Device, model: &ModelConfig) -> Budget {
                 source: "available RAM".into(),
             }
         }
-        Device::Cuda(i) => match crate::device::nvml::Nvml::open().and_then(|n| n.memory(i)) {
-            Ok(m) => Budget {
-                bytes: Some(m.free),
-                source: format!("free memory of GPU {i} (NVML)"),
-            },
-            Err(e) => Budget {
-                bytes: None,
-                source: format!("GPU {i}: NVML does not answer ({e}); set model.memory_limit_mib"),
-            },
-        },
+        Device::Cuda(_) => {
+            let memory = crate::device::memory::DeviceMemory::for_device(device);
+            match memory.free_bytes() {
+                Some(free) => Budget {
+                    bytes: Some(free),
+                    source: format!("free memory of {device} (NVML)"),
+                },
+                None => Budget {
+                    bytes: None,
+                    source: format!(
+                        "{device}: NVML gives no free memory ({}); set model.memory_limit_mib",
+                        memory.note()
+                    ),
+                },
+            }
+        }
         Device::Wgpu => Budget {
             bytes: None,
             source: "wgpu does not report free memory; set model.memory_limit_mib".into(),
@@ -619,6 +636,33 @@ pub fn gib(bytes: u64) -> String {
     }
 }
 
+/// What a model stage may do, from [`ensure_fits`].
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    /// The stage's prediction (`None` for a stage that loads no model).
+    pub plan: Option<StagePlan>,
+    /// The `[model]` section the plan was made with.
+    pub model: ModelConfig,
+    pub budget: Budget,
+}
+
+impl Admitted {
+    /// Why the stage's optional work ([`StagePlan::optional_peak_bytes`]) will not fit, if
+    /// the budget is known and too small for it.
+    pub fn optional_refusal(&self) -> Option<String> {
+        let need = self.plan.as_ref()?.optional_peak_bytes?;
+        let free = self.budget.bytes?;
+        (need > free).then(|| {
+            format!(
+                "predicted peak {} but {} ({}) is available",
+                gib(need),
+                gib(free),
+                self.budget.source
+            )
+        })
+    }
+}
+
 /// What a model stage calls before loading: plan, check, and log the prediction.
 ///
 /// # Errors
@@ -628,22 +672,21 @@ pub fn ensure_fits(
     settings: &Settings,
     model_dir: &Path,
     device: Device,
-) -> anyhow::Result<Option<StagePlan>> {
+) -> anyhow::Result<Admitted> {
     let model: ModelConfig = settings.section("model")?;
     let facts = ModelFacts::read(model_dir, &model)?;
     let knobs = Knobs::read(settings, &facts)?;
     let engine = engine_for(device);
-    let plan = check(
-        stage,
-        &facts.config,
-        &knobs,
-        engine,
-        &budget(device, &model),
-    )?;
+    let budget = budget(device, &model);
+    let plan = check(stage, &facts.config, &knobs, engine, &budget)?;
     if let Some(p) = &plan {
         tracing::info!(stage, peak = %gib(p.peak_bytes), workload = %p.workload, "memory plan");
     }
-    Ok(plan)
+    Ok(Admitted {
+        plan,
+        model,
+        budget,
+    })
 }
 
 #[cfg(test)]

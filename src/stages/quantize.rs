@@ -204,8 +204,8 @@ impl Stage for Quantize {
         let download = ctx.upstream_metrics::<super::download::Download>()?;
         let model_dir = super::download::model_dir(ctx, &download)?;
         let device = super::probe::device(ctx)?;
-        super::memory::ensure_fits(Self::NAME, ctx.settings(), &model_dir, device)?;
-        let model: crate::config::ModelConfig = ctx.settings().section("model")?;
+        let admitted = super::memory::ensure_fits(Self::NAME, ctx.settings(), &model_dir, device)?;
+        let model = &admitted.model;
         let pixel_bounds = [model.min_pixels, model.max_pixels];
         let out_dir = ctx.workspace().checkpoints().join("nf4");
         let opts = QuantizeOptions {
@@ -239,8 +239,20 @@ impl Stage for Quantize {
         // NF4 first: its load-time RSS is then not masked by pages freed from the base model.
         let nf4 = measure(device, &out_dir, &prompts, &cfg, pixel_bounds)
             .context("timing the NF4 model")?;
-        let base = measure(device, &model_dir, &prompts, &cfg, pixel_bounds)
-            .context("timing the base model")?;
+        let mut warnings = Vec::new();
+        let base = match admitted.optional_refusal() {
+            None => Some(
+                measure(device, &model_dir, &prompts, &cfg, pixel_bounds)
+                    .context("timing the base model")?,
+            ),
+            Some(why) => {
+                warnings.push(format!(
+                    "the base model was not timed beside the NF4 one: it would not fit ({why}); \
+                     metrics.base is null"
+                ));
+                None
+            }
+        };
 
         let mut metrics = metrics_of(&report, &cfg.skip);
         metrics.quantize_peak_rss_bytes = quantize_peak;
@@ -253,7 +265,7 @@ impl Stage for Quantize {
                 .into_owned(),
         );
         metrics.performance = nf4.performance;
-        metrics.base = Some(base.performance);
+        metrics.base = base.map(|b| b.performance);
 
         let mut summary = vec![
             (
@@ -279,7 +291,7 @@ impl Stage for Quantize {
             metrics: serde_json::to_value(&metrics).context("serializing quantize metrics")?,
             outputs: vec![out_dir],
             summary,
-            warnings: Vec::new(),
+            warnings,
         })
     }
 }

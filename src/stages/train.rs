@@ -218,13 +218,13 @@ impl Stage for Train {
         // Workspace-relative when the model lives in the workspace (issue 15).
         let download = ctx.upstream_metrics::<super::download::Download>()?;
         let model_dir = super::download::model_dir(ctx, &download)?;
-        let memory_plan = super::memory::ensure_fits(
+        let admitted = super::memory::ensure_fits(
             Self::NAME,
             ctx.settings(),
             &model_dir,
             super::probe::device(ctx)?,
         )?;
-        let model: crate::config::ModelConfig = ctx.settings().section("model")?;
+        let (memory_plan, model) = (admitted.plan, admitted.model);
         let root = ctx.workspace().root().to_path_buf();
         // QLoRA: the frozen base is the quantize stage's NF4 checkpoint.
         let quantized = ctx.upstream_metrics::<super::quantize::Quantize>()?;

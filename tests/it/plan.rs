@@ -208,3 +208,48 @@ fn model_max_pixels_shrinks_every_page_the_baseline_reads_and_makes_it_stale() {
     let line = table.lines().find(|l| l.starts_with("baseline")).unwrap();
     assert!(line.contains("stale"), "{table}");
 }
+
+#[test]
+fn quantize_makes_the_nf4_checkpoint_and_skips_timing_a_base_model_that_would_not_fit() {
+    let (_tmp, ws) = small::copy_of(Upstream::Download);
+    small::run(&ws, &["--to", "download"]);
+    let out = small::command(&ws, "plan", &["--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let quantize = plan["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == "quantize")
+        .unwrap();
+    let (nf4, base) = (
+        quantize["peak_bytes"].as_u64().unwrap(),
+        quantize["optional_peak_bytes"].as_u64().unwrap(),
+    );
+    assert!(base > nf4, "the base model needs more than the NF4 one: {quantize}");
+    // A limit that holds the NF4 model and not the base one.
+    let limit_mib = ((nf4 + base) / 2) >> 20;
+    assert!(nf4 <= limit_mib << 20 && limit_mib << 20 < base, "{quantize}");
+
+    let log = small::run(
+        &ws,
+        &[
+            "--from",
+            "quantize",
+            "--to",
+            "quantize",
+            "--set",
+            &format!("model.memory_limit_mib={limit_mib}"),
+        ],
+    );
+    let art = small::read_json(&ws.join("reports/quantize.json"));
+    assert_eq!(art["status"], "completed", "{art}\n{log}");
+    assert!(ws.join("checkpoints/nf4/config.json").is_file());
+    let m = &art["metrics"];
+    assert!(m["latency_ms"]["mean_ms"].as_f64().unwrap() > 0.0, "the NF4 model is timed");
+    assert!(m["base"].is_null(), "the base model is not: {m}");
+    let warning = art["warnings"][0].as_str().unwrap_or_default();
+    for want in ["base model was not timed", "would not fit", "model.memory_limit_mib"] {
+        assert!(warning.contains(want), "{want:?} missing from {warning:?}");
+    }
+}

@@ -126,8 +126,9 @@ impl Stage for Evaluate {
         let prepare = ctx.upstream_metrics::<Prepare>()?;
         // Every variant shares the base checkpoint's tokenizer, chat template and processor.
         let device = super::probe::device(ctx)?;
-        crate::stages::memory::ensure_fits(Self::NAME, ctx.settings(), &base_dir, device)?;
-        let model: crate::config::ModelConfig = ctx.settings().section("model")?;
+        let model =
+            crate::stages::memory::ensure_fits(Self::NAME, ctx.settings(), &base_dir, device)?
+                .model;
         let encoder = InputEncoder::from_dir(&base_dir)?
             .with_pixel_bounds(model.min_pixels, model.max_pixels)?;
         let docs = load_documents(ctx, &cfg, &encoder, &prepare)?;
