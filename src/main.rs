@@ -439,7 +439,7 @@ fn plan(args: PlanArgs) -> Result<(), Failure> {
             new_tokens: knobs.baseline_new_tokens,
             pixel_bounds: [config.model.min_pixels, config.model.max_pixels],
             format: memory::stored_format(&dir),
-            stored_bytes: facts.stored_bytes,
+            stored: facts.stored,
         };
         Some(
             medpipe::bench::footprint::measure(device, &dir, &probe)

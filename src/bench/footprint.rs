@@ -31,8 +31,8 @@ pub struct Probe {
     pub pixel_bounds: [Option<u64>; 2],
     /// The weights' storage (NF4 when the checkpoint is quantized).
     pub format: WeightFormat,
-    /// Bytes per element of the checkpoint's dense tensors.
-    pub stored_bytes: u64,
+    /// How the checkpoint stores its dense tensors.
+    pub stored: plan::Stored,
 }
 
 /// A prediction and the measure of the same generation.
@@ -124,7 +124,7 @@ fn measure_on<B: Kernels>(
     let predicted = plan::generation(
         &config,
         &probe.format,
-        probe.stored_bytes,
+        probe.stored,
         Engine::cpu(rayon::current_num_threads()),
         work,
     );

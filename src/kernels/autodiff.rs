@@ -5,7 +5,8 @@
 //! alive by the matmul's backward node until `backward()` (BURN_NOTES §3), so QLoRA training
 //! would hold every layer's dequantized weight at once. [`Nf4MatmulBackward`] stores the
 //! packed weight (reference-counted tensors shared with the module) and decodes it again in
-//! backward. The frozen NF4 weight gets no gradient; only `x` does.
+//! backward. The frozen NF4 weight gets no gradient; only `x` does. A bf16 weight kept as
+//! bits ([`Bf16Weight`]) works the same way.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -16,7 +17,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, TensorMetadata};
 
-use super::{Kernels, Nf4Weight, PackedLayout};
+use super::{Bf16Weight, Kernels, Nf4Weight, PackedLayout};
 
 /// The inner backend's view of an autodiff weight (the packed codes are plain int tensors
 /// on both; the float constants are unwrapped).
@@ -46,6 +47,29 @@ impl<B: Kernels> Backward<B, 1> for Nf4MatmulBackward {
     }
 }
 
+/// Backward of `y = x · Wᵀ` with a frozen bf16 `W`: `dx = dy · W`, widened again.
+#[derive(Debug)]
+struct Bf16MatmulBackward;
+
+impl<B: Kernels> Backward<B, 1> for Bf16MatmulBackward {
+    type State = Bf16Weight<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let w = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |dy| {
+            let weight = B::bf16_widen(&w, dy.dtype());
+            B::float_matmul(dy, weight)
+        });
+    }
+}
+
+fn inner_bf16<B: Kernels, C: CheckpointStrategy>(w: &Bf16Weight<Autodiff<B, C>>) -> Bf16Weight<B> {
+    Bf16Weight {
+        bits: w.bits.clone(),
+        shape: w.shape,
+    }
+}
+
 impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
     fn nf4_layout() -> PackedLayout {
         B::nf4_layout()
@@ -60,6 +84,27 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
         let w = inner(w);
         let y = B::nf4_matmul(x.primitive.clone(), &w);
         match Nf4MatmulBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(w, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn keeps_bf16_bits() -> bool {
+        B::keeps_bf16_bits()
+    }
+
+    fn bf16_widen(w: &Bf16Weight<Self>, dtype: DType) -> FloatTensor<Self> {
+        <Self as AutodiffBackend>::from_inner(B::bf16_widen(&inner_bf16(w), dtype))
+    }
+
+    fn bf16_matmul(x: FloatTensor<Self>, w: &Bf16Weight<Self>) -> FloatTensor<Self> {
+        let w = inner_bf16(w);
+        let y = B::bf16_matmul(x.primitive.clone(), &w);
+        match Bf16MatmulBackward
             .prepare::<C>([x.node.clone()])
             .compute_bound()
             .stateful()

@@ -60,3 +60,20 @@ pub(crate) fn silu_mul<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> 
         .into_primitive()
         .tensor()
 }
+
+/// A bf16 weight widened to float `dtype` through the host (see
+/// [`Kernels::bf16_widen`](super::Kernels::bf16_widen)). Correct on any backend; backends
+/// that keep bf16 weights override it.
+pub(crate) fn bf16_widen<B: Backend>(w: &super::Bf16Weight<B>, dtype: DType) -> FloatTensor<B> {
+    let device = B::int_device(&w.bits);
+    let bits = Tensor::<B, 2, Int>::from_primitive(w.bits.clone())
+        .into_data()
+        .convert::<i64>();
+    let values: Vec<f32> = bits
+        .iter::<i64>()
+        .map(|b| f32::from_bits(u32::from(b as u16) << 16))
+        .collect();
+    Tensor::<B, 2>::from_data(TensorData::new(values, w.shape), (&device, dtype))
+        .into_primitive()
+        .tensor()
+}

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::host_gemm::{self, dot, GEMV_MAX_ROWS};
 use super::{generic, host_attention};
-use super::{Kernels, Nf4Weight, PackedLayout};
+use super::{Bf16Weight, Kernels, Nf4Weight, PackedLayout};
 
 /// The CPU inference backend.
 pub type Cpu = NdArray<f32>;
@@ -115,6 +115,91 @@ impl Kernels for Cpu {
     fn nf4_matmul(x: FloatTensor<Self>, w: &Nf4Weight<Self>) -> FloatTensor<Self> {
         let x = Tensor::<Cpu, 2>::from_primitive(TensorPrimitive::Float(x));
         HostView::of(w).matmul(x).into_primitive().tensor()
+    }
+
+    fn keeps_bf16_bits() -> bool {
+        true
+    }
+
+    fn bf16_widen(w: &Bf16Weight<Self>, dtype: DType) -> FloatTensor<Self> {
+        let t = host_tensor(bf16::widen(&u16s(&w.bits)), w.shape);
+        Tensor::<Cpu, 2>::from_primitive(TensorPrimitive::Float(t))
+            .cast(dtype)
+            .into_primitive()
+            .tensor()
+    }
+
+    fn bf16_matmul(x: FloatTensor<Self>, w: &Bf16Weight<Self>) -> FloatTensor<Self> {
+        if x.dtype() != DType::F32 {
+            let weight = Self::bf16_widen(w, x.dtype());
+            return generic::dense_linear::<Cpu>(x, weight, None);
+        }
+        let [m, k] = dims2(&x);
+        let [n, _] = w.shape;
+        let bits = u16s(&w.bits);
+        let xs = f32s(&x);
+        let y = if m <= GEMV_MAX_ROWS {
+            bf16::gemv(&xs, m, k, &bits, n)
+        } else {
+            host_gemm::matmul_nt(&xs, m, k, &bf16::widen(&bits), n, None)
+        };
+        host_tensor(y, [m, n])
+    }
+}
+
+/// A `U16` tensor's values (borrowed when contiguous, as a weight read in place from the
+/// checkpoint's memory map is).
+fn u16s(t: &NdArrayTensor) -> std::borrow::Cow<'_, [u16]> {
+    if let NdArrayTensor::U16(s) = t {
+        if let Some(v) = s.view().to_slice() {
+            return std::borrow::Cow::Borrowed(v);
+        }
+    }
+    let data = Tensor::<Cpu, 1, Int>::from_primitive(t.clone())
+        .into_data()
+        .convert::<i64>();
+    std::borrow::Cow::Owned(data.iter::<i64>().map(|v| v as u16).collect())
+}
+
+/// bf16 weights on the host: widened exactly (bf16 is the top half of an f32), a row at a
+/// time into the dot products (decode) or whole for a GEMM (prefill), so the results equal
+/// the f32 path's on the widened weight bit for bit.
+mod bf16 {
+    use rayon::prelude::*;
+
+    use super::host_gemm::{self, dot};
+
+    #[inline]
+    fn widen_into(bits: &[u16], out: &mut [f32]) {
+        for (o, &b) in out.iter_mut().zip(bits) {
+            *o = f32::from_bits(u32::from(b) << 16);
+        }
+    }
+
+    /// The whole weight as f32, row-major.
+    pub(super) fn widen(bits: &[u16]) -> Vec<f32> {
+        let mut out = vec![0f32; bits.len()];
+        out.par_chunks_mut(1 << 16)
+            .zip(bits.par_chunks(1 << 16))
+            .for_each(|(o, b)| widen_into(b, o));
+        out
+    }
+
+    /// `x · Wᵀ` for `x` `[m, k]` (`m ≤ GEMV_MAX_ROWS`) and `W` `[n, k]` in bf16.
+    pub(super) fn gemv(x: &[f32], m: usize, k: usize, bits: &[u16], n: usize) -> Vec<f32> {
+        thread_local! {
+            static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        debug_assert_eq!(bits.len(), n * k);
+        host_gemm::gemv_rows(m, n, |o, dots| {
+            ROW.with_borrow_mut(|row| {
+                row.resize(k, 0.0);
+                widen_into(&bits[o * k..(o + 1) * k], row);
+                for (r, d) in dots.iter_mut().enumerate() {
+                    *d = dot(&x[r * k..(r + 1) * k], row);
+                }
+            });
+        })
     }
 }
 

@@ -163,3 +163,97 @@ fn rms_norm_equals_the_reference_formula_on_rows_of_any_width() {
         assert_close(&format!("{rows}x{d}"), &floats(got), &floats(want), 1e-5);
     }
 }
+
+/// A bf16 weight `[n, k]` as the loader hands it over (bits borrowed from a file), and the
+/// same values widened to f32.
+fn bf16_weight(n: usize, k: usize, seed: usize) -> (super::Bf16Weight<Cpu>, Tensor<Cpu, 2>) {
+    let bits: Vec<u16> = values(n * k, seed)
+        .iter()
+        .map(|v| half::bf16::from_f32(*v * 1.37).to_bits())
+        .collect();
+    let widened: Vec<f32> = bits
+        .iter()
+        .map(|b| half::bf16::from_bits(*b).to_f32())
+        .collect();
+    let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+    let shared = Bytes::from_shared(bytes::Bytes::from(bytes), AllocationProperty::File);
+    let t = Tensor::<Cpu, 2, Int>::from_data(
+        TensorData::from_bytes(shared, [n, k], burn::tensor::DType::U16),
+        (&Default::default(), burn::tensor::DType::U16),
+    );
+    match t.clone().into_primitive() {
+        burn::backend::ndarray::NdArrayTensor::U16(s) => assert!(s.is_borrowed()),
+        _ => panic!("bf16 bits are not a U16 tensor"),
+    }
+    let w = super::Bf16Weight {
+        bits: t.into_primitive(),
+        shape: [n, k],
+    };
+    let dense = Tensor::from_data(TensorData::new(widened, [n, k]), &Default::default());
+    (w, dense)
+}
+
+#[test]
+fn bf16_weights_multiply_bit_for_bit_as_their_f32_widening_for_decode_and_prefill_rows() {
+    let (k, n) = (67, 45);
+    let (w, dense) = bf16_weight(n, k, 5);
+    // Rows 1..=8 take the GEMV, more the GEMM: both must equal the dense f32 path exactly.
+    for m in [1, 3, 8, 9, 40] {
+        let x = tensor([m, k], m);
+        let got = floats(super::bf16_matmul(x.clone(), &w));
+        let want = floats(linear(x, dense.clone(), None));
+        assert_eq!(got, want, "m = {m}");
+    }
+    assert_eq!(
+        floats(super::bf16_widen(&w, burn::tensor::DType::F32)),
+        floats(dense)
+    );
+}
+
+#[test]
+fn the_generic_bf16_bodies_equal_the_cpu_kernel() {
+    type Generic = NdArray<f64>;
+    let (k, n, m) = (20, 12, 5);
+    let (w, _) = bf16_weight(n, k, 9);
+    let bits = Tensor::<Cpu, 2, Int>::from_primitive(w.bits.clone()).into_data();
+    let gw = super::Bf16Weight::<Generic> {
+        bits: Tensor::<Generic, 2, Int>::from_data(bits, &Default::default()).into_primitive(),
+        shape: [n, k],
+    };
+    let x = tensor([m, k], 3);
+    let gx = Tensor::<Generic, 2>::from_data(x.clone().into_data(), &Default::default());
+    let got: Vec<f32> = super::bf16_matmul(gx, &gw)
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .unwrap();
+    assert_close(
+        "generic bf16_matmul",
+        &got,
+        &floats(super::bf16_matmul(x, &w)),
+        1e-5,
+    );
+}
+
+#[test]
+fn the_bf16_backward_gives_x_the_dense_gradient() {
+    use burn::backend::Autodiff;
+    type Train = Autodiff<Cpu>;
+    let (k, n, m) = (24, 10, 12);
+    let (w, dense) = bf16_weight(n, k, 4);
+    let tw = super::Bf16Weight::<Train> {
+        bits: w.bits.clone(),
+        shape: w.shape,
+    };
+    let x0 = tensor([m, k], 8);
+    let x = Tensor::<Train, 2>::from_inner(x0.clone()).require_grad();
+    let y = super::bf16_matmul(x.clone(), &tw);
+    let grads = (y.clone() * y).sum().backward();
+    let got = floats(x.grad(&grads).unwrap());
+
+    let xd = Tensor::<Train, 2>::from_inner(x0).require_grad();
+    let yd = linear(xd.clone(), Tensor::<Train, 2>::from_inner(dense), None);
+    let grads = (yd.clone() * yd).sum().backward();
+    // The same product summed in another order (burn's matmul backward): f32 rounding only.
+    assert_close("dx", &got, &floats(xd.grad(&grads).unwrap()), 1e-3);
+}

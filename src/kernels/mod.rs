@@ -64,6 +64,16 @@ impl<B: Backend> Nf4Weight<B> {
     }
 }
 
+/// A dense weight `[out_features, in_features]` kept as bf16 bit patterns (a `U16` int
+/// tensor, row-major), as a bf16 checkpoint stores it: half the bytes of f32 on backends
+/// whose float tensors cannot hold bf16 (NdArray). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Bf16Weight<B: Backend> {
+    pub bits: IntTensor<B>,
+    /// `[out_features, in_features]`.
+    pub shape: [usize; 2],
+}
+
 /// Backend operations with a custom kernel on some backends. Every method has a correct
 /// generic default body.
 pub trait Kernels: Backend {
@@ -113,6 +123,25 @@ pub trait Kernels: Backend {
     /// `x · dequant(W)ᵀ`: `x` `[m, in_features]` → `[m, out_features]`, in `x`'s dtype.
     fn nf4_matmul(x: FloatTensor<Self>, w: &Nf4Weight<Self>) -> FloatTensor<Self> {
         let weight = Self::nf4_dequantize(w, x.dtype());
+        Self::float_matmul(x, Self::float_transpose(weight))
+    }
+
+    /// Whether a checkpoint's bf16 projection weights load as [`Bf16Weight`]s (read by
+    /// [`Self::bf16_matmul`]) instead of being widened to the float type: only where a
+    /// kernel reads the bits and the float tensors cannot hold bf16 themselves.
+    fn keeps_bf16_bits() -> bool {
+        false
+    }
+
+    /// The weight widened (exactly) to float `dtype`, `[out_features, in_features]`.
+    fn bf16_widen(w: &Bf16Weight<Self>, dtype: DType) -> FloatTensor<Self> {
+        generic::bf16_widen::<Self>(w, dtype)
+    }
+
+    /// `x · Wᵀ` with `W` in bf16: `x` `[m, in_features]` → `[m, out_features]`, in `x`'s
+    /// dtype. Equal to the dense product on the widened weight.
+    fn bf16_matmul(x: FloatTensor<Self>, w: &Bf16Weight<Self>) -> FloatTensor<Self> {
+        let weight = Self::bf16_widen(w, x.dtype());
         Self::float_matmul(x, Self::float_transpose(weight))
     }
 }
@@ -172,6 +201,17 @@ pub fn nf4_upload<B: Kernels>(
 /// Tensor-level wrappers, so model code reads as tensor code.
 pub fn nf4_matmul<B: Kernels>(x: Tensor<B, 2>, w: &Nf4Weight<B>) -> Tensor<B, 2> {
     let y = B::nf4_matmul(x.into_primitive().tensor(), w);
+    Tensor::from_primitive(TensorPrimitive::Float(y))
+}
+
+/// A bf16 weight widened to float `dtype` (see [`Kernels::bf16_widen`]).
+pub fn bf16_widen<B: Kernels>(w: &Bf16Weight<B>, dtype: DType) -> Tensor<B, 2> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::bf16_widen(w, dtype)))
+}
+
+/// `x · Wᵀ` with a bf16 weight (see [`Kernels::bf16_matmul`]).
+pub fn bf16_matmul<B: Kernels>(x: Tensor<B, 2>, w: &Bf16Weight<B>) -> Tensor<B, 2> {
+    let y = B::bf16_matmul(x.into_primitive().tensor(), w);
     Tensor::from_primitive(TensorPrimitive::Float(y))
 }
 

@@ -38,6 +38,44 @@ pub enum BaseProj<B: Kernels> {
     /// bitsandbytes NF4 weight, dequantized per block on the fly in the forward (+ bias).
     /// Its codes and scales are constants, never trained.
     Nf4(Nf4Linear<B>),
+    /// A bf16 checkpoint's weight kept as bf16 bits, on backends whose float tensors cannot
+    /// hold bf16 ([`Kernels::keeps_bf16_bits`]: the CPU): half the memory of widening it.
+    Bf16(Bf16Linear<B>),
+}
+
+/// A dense linear layer whose weight stays in bf16 (`[d_out, d_in]` bit patterns, read in
+/// place from the checkpoint); the product equals the f32 one on the widened weight.
+#[derive(Module, Debug)]
+pub struct Bf16Linear<B: Kernels> {
+    /// `[d_out, d_in]`, `U16`.
+    bits: Tensor<B, 2, Int>,
+    /// `[d_out]`.
+    bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Kernels> Bf16Linear<B> {
+    fn weight(&self) -> kernels::Bf16Weight<B> {
+        kernels::Bf16Weight {
+            shape: self.bits.dims(),
+            bits: self.bits.clone().into_primitive(),
+        }
+    }
+
+    /// # Shapes
+    /// - `x`: `[..., d_in]` → `[..., d_out]`
+    fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dims = x.dims();
+        let [d_out, d_in] = self.bits.dims();
+        let rows = dims[..D - 1].iter().product();
+        let mut out = dims;
+        out[D - 1] = d_out;
+        let y = kernels::bf16_matmul(x.reshape([rows, d_in]), &self.weight());
+        let y = match &self.bias {
+            Some(b) => y + b.val().unsqueeze(),
+            None => y,
+        };
+        y.reshape(out)
+    }
 }
 
 /// A dense linear layer in PyTorch's layout.
@@ -115,19 +153,38 @@ impl<B: Kernels> Proj<B> {
                     source,
                 }
             })?;
+            // On the CPU the codes are read in place from the file, like dense weights.
+            let lin = match src.nf4_codes_in_place(&wkey) {
+                Some(codes) => lin.with_codes(codes, device),
+                None => lin,
+            };
             return Ok(Proj {
                 base: BaseProj::Nf4(lin),
                 lora: None,
             });
         }
-        let w: Tensor<B, 2> = src.tensor_in_place(&wkey, [spec.d_out, spec.d_in], device)?;
-        let bias = if spec.bias {
-            let b: Tensor<B, 1> = src.tensor(&format!("{prefix}.bias"), [spec.d_out], device)?;
-            Some(Param::from_tensor(b))
-        } else {
-            None
+        let bias = |src: &mut WeightSource| -> Result<_, ModelError> {
+            Ok(if spec.bias {
+                let b: Tensor<B, 1> =
+                    src.tensor(&format!("{prefix}.bias"), [spec.d_out], device)?;
+                Some(Param::from_tensor(b))
+            } else {
+                None
+            })
         };
-        Ok(Self::from_weight(w, bias))
+        if B::keeps_bf16_bits() && src.is_bf16(&wkey) {
+            let data = src.bf16_bits_in_place(&wkey, &[spec.d_out, spec.d_in])?;
+            let bits = Tensor::<B, 2, Int>::from_data(data, (device, burn::tensor::DType::U16));
+            return Ok(Proj {
+                base: BaseProj::Bf16(Bf16Linear {
+                    bits,
+                    bias: bias(src)?,
+                }),
+                lora: None,
+            });
+        }
+        let w: Tensor<B, 2> = src.tensor_in_place(&wkey, [spec.d_out, spec.d_in], device)?;
+        Ok(Self::from_weight(w, bias(src)?))
     }
 
     /// A dense projection from a PyTorch-layout weight `[d_out, d_in]`.
@@ -147,6 +204,7 @@ impl<B: Kernels> Proj<B> {
         let y = match &self.base {
             BaseProj::Dense(l) => l.forward(x.clone()),
             BaseProj::Nf4(l) => l.forward(x.clone()),
+            BaseProj::Bf16(l) => l.forward(x.clone()),
         };
         match &self.lora {
             Some(lora) => y + lora.forward(x),
@@ -163,6 +221,10 @@ impl<B: Kernels> Proj<B> {
             }
             BaseProj::Nf4(l) => {
                 let (d_in, d_out) = l.dims();
+                [d_in, d_out]
+            }
+            BaseProj::Bf16(l) => {
+                let [d_out, d_in] = l.bits.dims();
                 [d_in, d_out]
             }
         }
@@ -185,6 +247,13 @@ impl<B: Kernels> Proj<B> {
                 ((w.shape().num_elements() + b) * w.dtype().size()) as u64
             }
             BaseProj::Nf4(l) => l.stored_bytes(),
+            BaseProj::Bf16(l) => {
+                let b = l
+                    .bias
+                    .as_ref()
+                    .map_or(0, |b| b.val().shape().num_elements() * 4);
+                (l.bits.shape().num_elements() * 2 + b) as u64
+            }
         }
     }
 
@@ -210,6 +279,16 @@ impl<B: Kernels> Proj<B> {
                 // one it replaces.
                 let w = (l.weight.val() + lora.delta_weight()).detach();
                 l.weight = Param::initialized(l.weight.id, w);
+            }
+            // Widened to a dense f32 base: rounding the sum back to bf16 would lose the
+            // update's precision.
+            BaseProj::Bf16(l) => {
+                let w = kernels::bf16_widen(&l.weight(), burn::tensor::DType::F32);
+                let w = (w + lora.delta_weight()).detach();
+                self.base = BaseProj::Dense(DenseLinear {
+                    weight: Param::from_tensor(w),
+                    bias: l.bias.clone(),
+                });
             }
             BaseProj::Nf4(_) => self.lora = Some(lora),
         }

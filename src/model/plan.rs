@@ -3,9 +3,11 @@
 //!
 //! The prediction follows how medpipe itself holds and computes the model, not a generic
 //! rule of thumb:
-//! - **weights**: dense tensors at the engine's weight width (the CPU widens bf16 checkpoints
-//!   to f32; a GPU keeps the compute dtype); NF4 Linears as packed codes (½ byte per weight)
-//!   plus one f32 scale per 64-weight block, as `quant::Nf4Linear` uploads them.
+//! - **weights**: on a GPU, dense tensors at the compute width; on the CPU, dense Linear
+//!   weights used in place from the memory-mapped checkpoint (f32, or bf16 kept as bf16),
+//!   other tensors copied out to f32, and the mapped pages themselves while the mapping
+//!   lives. NF4 Linears as packed codes (½ byte per weight; read in place on the CPU) plus
+//!   one f32 scale per 64-weight block, as `quant::Nf4Linear` holds them.
 //! - **kv_cache**: `KvCache` preallocates keys and values for every layer and row at
 //!   prompt + new tokens.
 //! - **activations**: the largest of the vision tower's and the prefill's live tensors at
@@ -40,6 +42,36 @@ pub enum WeightFormat {
     Dense,
     /// bitsandbytes NF4 Linears, except the modules `skip` names (kept dense).
     Nf4 { skip: Vec<String> },
+}
+
+/// How the checkpoint stores its dense (not NF4) tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stored {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Stored {
+    /// Bytes per element.
+    pub fn bytes(self) -> u64 {
+        match self {
+            Stored::F32 => 4,
+            Stored::Bf16 | Stored::F16 => 2,
+        }
+    }
+}
+
+/// What a checkpoint tensor is, for counting its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A Linear weight stored as NF4.
+    Nf4,
+    /// A Linear weight stored dense.
+    Linear,
+    /// Anything else: embeddings, norms, biases, the patch convolution.
+    Other,
 }
 
 /// Where and in what width the model runs.
@@ -124,57 +156,36 @@ impl Footprint {
     }
 }
 
-/// Host memory the checkpoint's mapped pages take while loading beyond the weights in
-/// memory (see [`Footprint::loading`]). `stored_bytes`: bytes per element of the
-/// checkpoint's dense tensors. A GPU's device memory never holds them.
-pub fn loading_bytes(
-    cfg: &Qwen25VlConfig,
-    format: &WeightFormat,
-    stored_bytes: u64,
-    engine: Engine,
-) -> u64 {
-    if !engine.host {
-        return 0;
-    }
-    per_tensor(cfg, format, |numel, quantized| {
-        if quantized {
-            // Codes, and the 8-bit double-quantized scales.
-            numel / 2 + numel.div_ceil(NF4_BLOCKSIZE as u64)
-        } else if stored_bytes < engine.weight_bytes {
-            // Narrower tensors are read and widened; f32 ones are used in place.
-            numel * stored_bytes
-        } else {
-            0
-        }
-    })
-}
-
-/// Σ over the checkpoint's tensors of `bytes(elements, stored as NF4)`.
+/// Σ over the checkpoint's tensors of `bytes(elements, kind)`.
 fn per_tensor(
     cfg: &Qwen25VlConfig,
     format: &WeightFormat,
-    bytes: impl Fn(u64, bool) -> u64,
+    bytes: impl Fn(u64, Kind) -> u64,
 ) -> u64 {
     cfg.tensor_manifest()
         .iter()
         .map(|(key, shape)| {
             let numel = shape.iter().product::<usize>() as u64;
-            let quantized = matches!(format, WeightFormat::Nf4 { skip }
-                if is_linear_weight(key, shape)
-                    && !is_skipped(key.trim_end_matches(".weight"), skip));
-            bytes(numel, quantized)
+            let kind = if !is_linear_weight(key, shape) {
+                Kind::Other
+            } else if matches!(format, WeightFormat::Nf4 { skip }
+                if !is_skipped(key.trim_end_matches(".weight"), skip))
+            {
+                Kind::Nf4
+            } else {
+                Kind::Linear
+            };
+            bytes(numel, kind)
         })
         .sum()
 }
 
-/// Bytes the weights of `cfg` take in memory.
+/// Bytes the weights of `cfg` take in the engine's own memory: NF4 packed, everything else
+/// at the engine's width (on a GPU, all of it; on the CPU see [`resident_weights`]).
 pub fn weight_bytes(cfg: &Qwen25VlConfig, format: &WeightFormat, engine: Engine) -> u64 {
-    per_tensor(cfg, format, |numel, quantized| {
-        if quantized {
-            nf4_bytes(numel)
-        } else {
-            numel * engine.weight_bytes
-        }
+    per_tensor(cfg, format, |numel, kind| match kind {
+        Kind::Nf4 => nf4_bytes(numel),
+        Kind::Linear | Kind::Other => numel * engine.weight_bytes,
     })
 }
 
@@ -203,7 +214,7 @@ pub fn prompt_tokens(cfg: &Qwen25VlConfig, text_tokens: usize, image_pixels: u64
 pub fn generation(
     cfg: &Qwen25VlConfig,
     format: &WeightFormat,
-    stored_bytes: u64,
+    stored: Stored,
     engine: Engine,
     work: Generation,
 ) -> Footprint {
@@ -220,7 +231,7 @@ pub fn generation(
         * engine.act_bytes;
     let vision = vision_peak(cfg, engine, b, work.image_pixels);
     let prefill = prefill_peak(cfg, format, engine, b, s, capacity);
-    let (weights, loading) = resident_weights(cfg, format, stored_bytes, engine);
+    let (weights, loading) = resident_weights(cfg, format, stored, engine);
     Footprint {
         weights,
         kv_cache,
@@ -230,21 +241,40 @@ pub fn generation(
     }
 }
 
-/// The weights' resident bytes and the loading pages. A checkpoint of f32 tensors keeps its
-/// files mapped for the model's life (those tensors are used in place), so on the CPU the
-/// pages of the NF4 codes read at load stay resident too: they count as weights then.
+/// The weights' resident bytes and the loading pages ([`Footprint::loading`]).
+///
+/// On the CPU, dense Linear weights stored in f32 or bf16 (`Kernels::keeps_bf16_bits`) and
+/// NF4 codes are used in place from the checkpoint's memory map; everything else is copied
+/// out: NF4 scales (double-quantized in the file) to f32, other tensors (and f16 Linears)
+/// widened to f32. While any tensor is used in place the files stay mapped, so every page
+/// read at load stays resident beside the copies: weights = copies + all pages read.
+/// Otherwise the pages are only read while loading (the loading part) and the copies are
+/// the weights. A GPU holds [`weight_bytes`] and never the pages.
 fn resident_weights(
     cfg: &Qwen25VlConfig,
     format: &WeightFormat,
-    stored_bytes: u64,
+    stored: Stored,
     engine: Engine,
 ) -> (u64, u64) {
-    let weights = weight_bytes(cfg, format, engine);
-    let loading = loading_bytes(cfg, format, stored_bytes, engine);
-    if engine.host && stored_bytes >= engine.weight_bytes {
-        (weights + loading, 0)
+    if !engine.host {
+        return (weight_bytes(cfg, format, engine), 0);
+    }
+    let in_place = |kind| kind == Kind::Nf4 || (kind == Kind::Linear && stored != Stored::F16);
+    let copies = per_tensor(cfg, format, |numel, kind| match kind {
+        Kind::Nf4 => numel.div_ceil(NF4_BLOCKSIZE as u64) * F32,
+        _ if in_place(kind) => 0,
+        _ => numel * engine.weight_bytes,
+    });
+    let pages = per_tensor(cfg, format, |numel, kind| match kind {
+        // Codes, and the 8-bit double-quantized scales.
+        Kind::Nf4 => numel / 2 + numel.div_ceil(NF4_BLOCKSIZE as u64),
+        _ => numel * stored.bytes(),
+    });
+    let mapped_for_life = per_tensor(cfg, format, |_, kind| u64::from(in_place(kind))) > 0;
+    if mapped_for_life {
+        (copies + pages, 0)
     } else {
-        (weights, loading)
+        (copies, pages)
     }
 }
 
@@ -356,7 +386,7 @@ fn prefill_peak(
 pub fn training(
     cfg: &Qwen25VlConfig,
     skip: &[String],
-    stored_bytes: u64,
+    stored: Stored,
     work: Training,
 ) -> Footprint {
     let nf4 = WeightFormat::Nf4 {
@@ -399,7 +429,7 @@ pub fn training(
     let logits = n * t.vocab_size as u64 * F32 * 2;
     let vision = vision_peak(cfg, engine, b, work.image_pixels);
     let lora_params = lora_parameters(cfg, work.lora_r);
-    let (weights, loading) = resident_weights(cfg, &nf4, stored_bytes, engine);
+    let (weights, loading) = resident_weights(cfg, &nf4, stored, engine);
     Footprint {
         weights,
         kv_cache: 0,
@@ -469,26 +499,61 @@ mod tests {
     }
 
     #[test]
-    fn a_bf16_checkpoint_on_the_cpu_maps_its_pages_while_widening_but_not_on_a_gpu() {
+    fn a_bf16_checkpoint_on_the_cpu_keeps_its_linears_in_place_and_widens_only_the_rest() {
         let cfg = qwen_7b();
         let params = cfg.parameter_count();
+        // Not Linear weights: embed_tokens, norms, biases, the patch convolution.
+        let other = per_tensor(&cfg, &WeightFormat::Dense, |n, kind| {
+            if kind == Kind::Other {
+                n
+            } else {
+                0
+            }
+        });
+        assert!(other > 545_000_000 && other < params / 10, "{other}");
         let work = Generation {
             batch: 1,
             text_tokens: 64,
             image_pixels: 0,
             new_tokens: 4,
         };
-        let cpu = generation(&cfg, &WeightFormat::Dense, 2, Engine::cpu(2), work);
-        assert_eq!((cpu.weights, cpu.loading), (4 * params, 2 * params));
-        assert_eq!(
-            cpu.total(),
-            cpu.weights + cpu.loading,
-            "loading is the larger here"
+        // bf16: Linears read in place (2 bytes), the rest widened to f32 (4) beside its
+        // pages (2), which stay mapped with the Linears'; nothing is transient.
+        let cpu = generation(
+            &cfg,
+            &WeightFormat::Dense,
+            Stored::Bf16,
+            Engine::cpu(2),
+            work,
         );
-        let f32_file = generation(&cfg, &WeightFormat::Dense, 4, Engine::cpu(2), work);
-        assert_eq!(f32_file.loading, 0, "f32 tensors are used in place");
-        let gpu = generation(&cfg, &WeightFormat::Dense, 2, Engine::gpu(2), work);
-        assert_eq!(gpu.loading, 0);
+        assert_eq!(cpu.weights, 2 * params + 4 * other);
+        assert_eq!(cpu.loading, 0);
+        // f32: the same, at 4 bytes a page.
+        let f32_file = generation(
+            &cfg,
+            &WeightFormat::Dense,
+            Stored::F32,
+            Engine::cpu(2),
+            work,
+        );
+        assert_eq!(f32_file.weights, 4 * params + 4 * other);
+        // f16 Linears are widened: nothing is used in place, the pages are transient.
+        let f16 = generation(
+            &cfg,
+            &WeightFormat::Dense,
+            Stored::F16,
+            Engine::cpu(2),
+            work,
+        );
+        assert_eq!((f16.weights, f16.loading), (4 * params, 2 * params));
+        let gpu = generation(
+            &cfg,
+            &WeightFormat::Dense,
+            Stored::Bf16,
+            Engine::gpu(2),
+            work,
+        );
+        assert_eq!((gpu.weights, gpu.loading), (2 * params, 0));
     }
 
     #[test]
@@ -500,13 +565,19 @@ mod tests {
             image_pixels: 0,
             new_tokens: 28,
         };
-        let one = generation(&cfg, &WeightFormat::Dense, 2, Engine::gpu(2), work);
+        let one = generation(
+            &cfg,
+            &WeightFormat::Dense,
+            Stored::Bf16,
+            Engine::gpu(2),
+            work,
+        );
         // 28 layers × (k, v) × 4 kv heads × 128 dims × 128 positions × 2 bytes.
         assert_eq!(one.kv_cache, 28 * 2 * 4 * 128 * 128 * 2);
         let four = generation(
             &cfg,
             &WeightFormat::Dense,
-            2,
+            Stored::Bf16,
             Engine::gpu(2),
             Generation { batch: 4, ..work },
         );
@@ -528,7 +599,7 @@ mod tests {
             generation(
                 &cfg,
                 &WeightFormat::Dense,
-                2,
+                Stored::Bf16,
                 Engine::gpu(2),
                 Generation {
                     batch: 1,
@@ -563,12 +634,12 @@ mod tests {
             lora_r: 64,
         };
         let skip = ["lm_head".to_string()];
-        let a = training(&cfg, &skip, 2, work);
+        let a = training(&cfg, &skip, Stored::Bf16, work);
         assert_eq!(a.optimizer, 4 * 4 * lora_parameters(&cfg, 64));
         let b = training(
             &cfg,
             &skip,
-            2,
+            Stored::Bf16,
             Training {
                 seq_len: 1024,
                 ..work

@@ -14,7 +14,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::format::Nf4Tensor;
 use super::QuantError;
-use crate::kernels::{self, Kernels, Nf4Weight};
+use crate::kernels::{self, Kernels, Nf4Weight, PackedLayout};
 
 /// `y = x · dequant(W)ᵀ + b` with `W` stored as NF4.
 #[derive(Module, Debug)]
@@ -109,6 +109,21 @@ impl<B: Kernels> Nf4Linear<B> {
             in_features,
             blocksize: w.blocksize,
         })
+    }
+
+    /// The same layer reading its packed codes from `codes` (a 1-D `U8` tensor, typically
+    /// borrowed from the checkpoint's memory map) instead of its own copy, on backends that
+    /// keep bitsandbytes' byte layout ([`PackedLayout::Bytes`]: the CPU). Unchanged when the
+    /// layout, dtype or length differs.
+    pub(crate) fn with_codes(mut self, codes: TensorData, device: &B::Device) -> Self {
+        let want = (self.out_features * self.in_features).div_ceil(2);
+        if B::nf4_layout() == PackedLayout::Bytes
+            && codes.dtype == DType::U8
+            && codes.shape.as_slice() == [want]
+        {
+            self.packed = Tensor::from_data(codes, (device, DType::U8));
+        }
+        self
     }
 
     /// Loads the Linear stored under `prefix` (e.g. `model.layers.0.self_attn.q_proj`): its

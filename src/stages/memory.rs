@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::config::ModelConfig;
 use crate::device::Device;
 use crate::model::config::{HfConfig, Qwen25VlConfig};
-use crate::model::plan::{self, Engine, Footprint, Generation, Training, WeightFormat};
+use crate::model::plan::{self, Engine, Footprint, Generation, Stored, Training, WeightFormat};
 use crate::model::processor::ImageProcessor;
 use crate::pipeline::Settings;
 
@@ -34,8 +34,8 @@ pub struct ModelFacts {
     pub config: Qwen25VlConfig,
     /// Largest resized image, pixels (0: the model has no image processor).
     pub max_pixels: u64,
-    /// Bytes per element of the checkpoint's dense tensors (`torch_dtype`).
-    pub stored_bytes: u64,
+    /// How the checkpoint stores its dense tensors (`torch_dtype`).
+    pub stored: Stored,
 }
 
 impl ModelFacts {
@@ -59,14 +59,14 @@ impl ModelFacts {
         Ok(Self {
             config,
             max_pixels,
-            stored_bytes: stored_bytes(dir),
+            stored: stored_dtype(dir),
         })
     }
 }
 
-/// Bytes per element of a checkpoint's dense tensors from its `config.json`'s
-/// `torch_dtype` (or transformers 5's `dtype`): 4 for float32, else 2 (the hub's bf16).
-pub fn stored_bytes(dir: &Path) -> u64 {
+/// How a checkpoint stores its dense tensors, from its `config.json`'s `torch_dtype` (or
+/// transformers 5's `dtype`): bf16 when it names none (the hub's Qwen2.5-VL releases).
+pub fn stored_dtype(dir: &Path) -> Stored {
     let v = raw_config(dir);
     let dtype = ["torch_dtype", "dtype"].iter().find_map(|k| {
         v.get(k)
@@ -74,8 +74,9 @@ pub fn stored_bytes(dir: &Path) -> u64 {
             .and_then(Value::as_str)
     });
     match dtype {
-        Some("float32") => 4,
-        _ => 2,
+        Some("float32") => Stored::F32,
+        Some("float16") => Stored::F16,
+        _ => Stored::Bf16,
     }
 }
 
@@ -92,7 +93,7 @@ fn raw_config(dir: &Path) -> Value {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Knobs {
     pub max_pixels: u64,
-    pub stored_bytes: u64,
+    pub stored: Stored,
     pub baseline_batch: usize,
     pub baseline_new_tokens: usize,
     pub quantize_skip: Vec<String>,
@@ -121,7 +122,7 @@ impl Knobs {
             .collect();
         Ok(Self {
             max_pixels: facts.max_pixels,
-            stored_bytes: facts.stored_bytes,
+            stored: facts.stored,
             baseline_batch: b.batch_sizes.iter().copied().max().unwrap_or(1),
             baseline_new_tokens: b
                 .grid_max_new_tokens
@@ -197,7 +198,7 @@ pub fn stage_plan(
             plan::generation(
                 cfg,
                 &WeightFormat::Dense,
-                k.stored_bytes,
+                k.stored,
                 engine,
                 gen(k.baseline_batch, k.baseline_new_tokens),
             ),
@@ -207,8 +208,8 @@ pub fn stage_plan(
             // base model's timing is optional: the stage skips it, with a warning, when it
             // would not fit (a 7B in f32 on a 24 GB machine), and still makes the checkpoint.
             let work = gen(1, k.quantize_new_tokens);
-            let base = plan::generation(cfg, &WeightFormat::Dense, k.stored_bytes, engine, work);
-            let q = plan::generation(cfg, &nf4, k.stored_bytes, engine, work);
+            let base = plan::generation(cfg, &WeightFormat::Dense, k.stored, engine, work);
+            let q = plan::generation(cfg, &nf4, k.stored, engine, work);
             optional = Some(base.total());
             (
                 "quantize",
@@ -229,7 +230,7 @@ pub fn stage_plan(
             plan::training(
                 cfg,
                 &k.quantize_skip,
-                k.stored_bytes,
+                k.stored,
                 Training {
                     micro_batch: k.train_batch,
                     seq_len: k.train_seq_len,
@@ -249,7 +250,7 @@ pub fn stage_plan(
                     } else {
                         nf4.clone()
                     };
-                    plan::generation(cfg, &format, k.stored_bytes, engine, work)
+                    plan::generation(cfg, &format, k.stored, engine, work)
                 })
                 .reduce(larger)?;
             (
@@ -705,7 +706,7 @@ mod tests {
         let facts = ModelFacts {
             config: cfg.clone(),
             max_pixels: 1_003_520,
-            stored_bytes: 2,
+            stored: Stored::Bf16,
         };
         (cfg, Knobs::read(&settings, &facts).unwrap())
     }

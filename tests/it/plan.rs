@@ -30,6 +30,52 @@ fn scaled_model(dir: &Path) -> PathBuf {
     .dir
 }
 
+/// A copy of the checkpoint in `src` with every f32 tensor stored as bf16, and its config
+/// saying so (as the hub's releases are).
+fn bf16_copy(src: &Path, dst: &Path) -> PathBuf {
+    use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            let bytes = std::fs::read(&path).unwrap();
+            let st = SafeTensors::deserialize(&bytes).unwrap();
+            let tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
+                .tensors()
+                .into_iter()
+                .map(|(k, v)| match v.dtype() {
+                    Dtype::F32 => {
+                        let b = v
+                            .data()
+                            .chunks_exact(4)
+                            .flat_map(|c| {
+                                let x = f32::from_le_bytes(c.try_into().unwrap());
+                                half::bf16::from_f32(x).to_le_bytes()
+                            })
+                            .collect();
+                        (k, Dtype::BF16, v.shape().to_vec(), b)
+                    }
+                    d => (k, d, v.shape().to_vec(), v.data().to_vec()),
+                })
+                .collect();
+            let views: Vec<_> = tensors
+                .iter()
+                .map(|(k, d, s, b)| (k.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+                .collect();
+            safetensors::serialize_to_file(views, None, &dst.join(name)).unwrap();
+        } else if name == "config.json" {
+            let mut cfg: Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            cfg["torch_dtype"] = "bfloat16".into();
+            std::fs::write(dst.join(name), cfg.to_string()).unwrap();
+        } else if path.is_file() {
+            std::fs::copy(&path, dst.join(name)).unwrap();
+        }
+    }
+    dst.to_path_buf()
+}
+
 fn plan_json(args: &[&str]) -> (Value, std::process::Output) {
     let out = medpipe()
         .arg("plan")
@@ -60,18 +106,25 @@ fn measured(dir: &Path, batch: usize, max_pixels: u64) -> Value {
 }
 
 #[test]
-fn predictions_are_within_20_percent_of_measured_cpu_peaks_dense_and_nf4() {
+fn predictions_are_within_20_percent_of_measured_cpu_peaks_dense_and_nf4_f32_and_bf16() {
     let tmp = tempfile::tempdir().unwrap();
     let dense = scaled_model(&tmp.path().join("dense"));
-    let nf4 = tmp.path().join("nf4");
-    let q = medpipe()
-        .args(["quantize", "--model"])
-        .arg(&dense)
-        .arg("--out")
-        .arg(&nf4)
-        .output()
-        .unwrap();
-    assert!(q.status.success(), "{}", stderr(&q));
+    let quantize = |from: &Path, name: &str| {
+        let out = tmp.path().join(name);
+        let q = medpipe()
+            .args(["quantize", "--model"])
+            .arg(from)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(q.status.success(), "{}", stderr(&q));
+        out
+    };
+    let nf4 = quantize(&dense, "nf4");
+    // bf16 checkpoints: the CPU keeps their Linears in bf16, read in place.
+    let bf16 = bf16_copy(&dense, &tmp.path().join("bf16"));
+    let nf4_of_bf16 = quantize(&bf16, "nf4-of-bf16");
     // Activations led by a full-attention vision block (one large page), by the MLPs of a
     // batch of pages, and nearly none (a tiny page): weights and working memory alone.
     for (dir, batch, pixels) in [
@@ -80,10 +133,14 @@ fn predictions_are_within_20_percent_of_measured_cpu_peaks_dense_and_nf4() {
         (&nf4, 1, 960_400),
         (&nf4, 8, 50_176),
         (&nf4, 1, 3_136),
+        (&bf16, 1, 3_136),
+        (&bf16, 2, 401_408),
+        (&nf4_of_bf16, 1, 3_136),
     ] {
         let m = measured(dir, batch, pixels);
         let ratio = m["ratio"].as_f64().unwrap();
         let name = dir.file_name().unwrap().to_string_lossy();
+        eprintln!("{name}, batch {batch}, {pixels} px: measured / predicted = {ratio:.3}");
         assert!(
             (0.8..=1.2).contains(&ratio),
             "{name}, batch {batch}, {pixels} px: measured / predicted = {ratio:.3}: {m}"
@@ -226,10 +283,16 @@ fn quantize_makes_the_nf4_checkpoint_and_skips_timing_a_base_model_that_would_no
         quantize["peak_bytes"].as_u64().unwrap(),
         quantize["optional_peak_bytes"].as_u64().unwrap(),
     );
-    assert!(base > nf4, "the base model needs more than the NF4 one: {quantize}");
+    assert!(
+        base > nf4,
+        "the base model needs more than the NF4 one: {quantize}"
+    );
     // A limit that holds the NF4 model and not the base one.
     let limit_mib = ((nf4 + base) / 2) >> 20;
-    assert!(nf4 <= limit_mib << 20 && limit_mib << 20 < base, "{quantize}");
+    assert!(
+        nf4 <= limit_mib << 20 && limit_mib << 20 < base,
+        "{quantize}"
+    );
 
     let log = small::run(
         &ws,
@@ -246,10 +309,17 @@ fn quantize_makes_the_nf4_checkpoint_and_skips_timing_a_base_model_that_would_no
     assert_eq!(art["status"], "completed", "{art}\n{log}");
     assert!(ws.join("checkpoints/nf4/config.json").is_file());
     let m = &art["metrics"];
-    assert!(m["latency_ms"]["mean_ms"].as_f64().unwrap() > 0.0, "the NF4 model is timed");
+    assert!(
+        m["latency_ms"]["mean_ms"].as_f64().unwrap() > 0.0,
+        "the NF4 model is timed"
+    );
     assert!(m["base"].is_null(), "the base model is not: {m}");
     let warning = art["warnings"][0].as_str().unwrap_or_default();
-    for want in ["base model was not timed", "would not fit", "model.memory_limit_mib"] {
+    for want in [
+        "base model was not timed",
+        "would not fit",
+        "model.memory_limit_mib",
+    ] {
         assert!(warning.contains(want), "{want:?} missing from {warning:?}");
     }
 }

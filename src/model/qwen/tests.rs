@@ -580,3 +580,79 @@ fn issue_15_resident_weight_bytes_count_every_tensor_and_show_the_nf4_saving() {
         dense.resident_weight_bytes()
     );
 }
+
+/// The fixture with every f32 tensor rounded to bf16, stored as bf16 (`as_bf16`) or as the
+/// same values in f32.
+fn bf16_rounded_checkpoint(as_bf16: bool) -> tempfile::TempDir {
+    use safetensors::Dtype;
+    crate::model::weights::source::tests::rewritten_checkpoint(|m| {
+        for (dtype, _, bytes) in m.values_mut() {
+            if *dtype != Dtype::F32 {
+                continue;
+            }
+            let rounded: Vec<half::bf16> = bytes
+                .chunks_exact(4)
+                .map(|c| half::bf16::from_f32(f32::from_le_bytes(c.try_into().unwrap())))
+                .collect();
+            *bytes = if as_bf16 {
+                rounded.iter().flat_map(|b| b.to_le_bytes()).collect()
+            } else {
+                rounded
+                    .iter()
+                    .flat_map(|b| b.to_f32().to_le_bytes())
+                    .collect()
+            };
+            if as_bf16 {
+                *dtype = Dtype::BF16;
+            }
+        }
+    })
+}
+
+/// Issue 19: a bf16 checkpoint on the CPU keeps its projection weights in bf16, read in
+/// place from the file, at half the bytes of f32, and computes exactly what the f32 model
+/// with the same (bf16-exact) values computes.
+#[test]
+fn a_bf16_checkpoint_on_the_cpu_keeps_bf16_projections_and_gives_the_f32_logits_exactly() {
+    let (bf16_dir, f32_dir) = (
+        bf16_rounded_checkpoint(true),
+        bf16_rounded_checkpoint(false),
+    );
+    let dev = Default::default();
+    let half = Qwen25Vl::<TB>::load(bf16_dir.path(), &dev).unwrap();
+    let full = Qwen25Vl::<TB>::load(f32_dir.path(), &dev).unwrap();
+    let (h, f) = (half.model.linear_bytes(), full.model.linear_bytes());
+    // Decoder projections: 2 bytes per weight instead of 4 (biases stay f32).
+    assert!(h * 10 < f * 6, "bf16 {h} B vs f32 {f} B");
+    assert!(half.linear_bytes() < full.linear_bytes());
+
+    let r = reference();
+    let run = |m: &Qwen25Vl<TB>| {
+        let out = m
+            .forward(
+                std::slice::from_ref(&r.input_ids),
+                None,
+                Some(&image(&r)),
+                &Default::default(),
+            )
+            .unwrap();
+        floats(out.logits)
+    };
+    assert_eq!(run(&half), run(&full));
+    // Decode rows (the GEMV) too: the image prompt's greedy tokens agree.
+    let gen = |m: &Qwen25Vl<TB>| {
+        let cfg = GenerateConfig {
+            max_new_tokens: 6,
+            eos_token_ids: Some(vec![]),
+            ..GenerateConfig::default()
+        };
+        let req = Request {
+            input_ids: r.input_ids.clone(),
+            images: Some(image(&r)),
+        };
+        m.generate(&[req], &cfg, &Default::default()).unwrap()[0]
+            .tokens
+            .clone()
+    };
+    assert_eq!(gen(&half), gen(&full));
+}

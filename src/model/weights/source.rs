@@ -364,12 +364,47 @@ impl WeightSource {
         self.data_as(key, shape, true)
     }
 
-    fn data_as(
+    /// Whether the checkpoint stores `key` in bf16.
+    pub(crate) fn is_bf16(&self, key: &str) -> bool {
+        self.index
+            .get(key)
+            .is_some_and(|e| e.dtype == StDtype::BF16)
+    }
+
+    /// A bf16 tensor's bit patterns as a `U16` tensor, borrowed from the memory map (see
+    /// [`Self::data_in_place`]); the caller checked [`Self::is_bf16`].
+    pub(crate) fn bf16_bits_in_place(
         &mut self,
         key: &str,
         shape: &[usize],
-        in_place: bool,
     ) -> Result<TensorData, ModelError> {
+        let e = self.entry(key, shape)?;
+        debug_assert_eq!(e.dtype, StDtype::BF16);
+        let (start, end, file, shape) = (e.start, e.end, e.file, e.shape.clone());
+        let bytes = Bytes::from_shared(
+            self.files[file].1.slice(start..end),
+            AllocationProperty::File,
+        );
+        self.taken.insert(key.to_string());
+        Ok(TensorData::from_bytes(bytes, shape, DType::U16))
+    }
+
+    /// The packed codes of the NF4 weight `weight_key` (stored under that key as `U8`) as a
+    /// 1-D tensor borrowed from the memory map; `None` when stored otherwise.
+    pub(crate) fn nf4_codes_in_place(&self, weight_key: &str) -> Option<TensorData> {
+        let e = self.index.get(weight_key)?;
+        if e.dtype != StDtype::U8 {
+            return None;
+        }
+        let bytes = Bytes::from_shared(
+            self.files[e.file].1.slice(e.start..e.end),
+            AllocationProperty::File,
+        );
+        Some(TensorData::from_bytes(bytes, [e.end - e.start], DType::U8))
+    }
+
+    /// The index entry of `key`, checked against `shape`.
+    fn entry(&self, key: &str, shape: &[usize]) -> Result<&Entry, ModelError> {
         let e = self
             .index
             .get(key)
@@ -388,11 +423,22 @@ impl WeightSource {
                 )],
             });
         }
+        Ok(e)
+    }
+
+    fn data_as(
+        &mut self,
+        key: &str,
+        shape: &[usize],
+        in_place: bool,
+    ) -> Result<TensorData, ModelError> {
+        let e = self.entry(key, shape)?;
         let (path, map) = &self.files[e.file];
         if in_place && e.dtype == StDtype::F32 {
             let bytes = Bytes::from_shared(map.slice(e.start..e.end), AllocationProperty::File);
+            let data = TensorData::from_bytes(bytes, e.shape.clone(), DType::F32);
             self.taken.insert(key.to_string());
-            return Ok(TensorData::from_bytes(bytes, e.shape.clone(), DType::F32));
+            return Ok(data);
         }
         let bytes = map[e.start..e.end].to_vec();
         let dtype = match e.dtype {
