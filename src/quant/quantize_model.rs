@@ -48,7 +48,9 @@ impl Default for QuantizeOptions {
         Self {
             skip: vec!["lm_head".into()],
             compute_dtype: None,
-            max_shard_bytes: 2_000_000_000,
+            // 1 GB: the shard being assembled is most of the quantizer's memory (a 7B's
+            // largest tensor, its 1.09 GB embedding, still makes one shard of its own).
+            max_shard_bytes: 1_000_000_000,
         }
     }
 }
@@ -188,6 +190,10 @@ pub fn quantize_checkpoint(
                     path: shard.clone(),
                     source,
                 })?;
+                let span = (
+                    view.data().as_ptr() as usize - mmap.as_ptr() as usize,
+                    view.data().len(),
+                );
                 let bytes_before = view.data().len() as u64;
                 report.bytes_before += bytes_before;
                 let module = key.strip_suffix(".weight").unwrap_or(&key);
@@ -241,6 +247,13 @@ pub fn quantize_checkpoint(
                         data: view.data().to_vec(),
                     }])?;
                 }
+                // Converted and copied out: the tensor's pages need not stay resident, so the
+                // quantizer holds one output shard rather than a whole input shard.
+                // SAFETY: a read-only file mapping; a page touched again is read back from
+                // the file (the page around a tensor's edges may be shared with the next).
+                let _ = unsafe {
+                    mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, span.0, span.1)
+                };
             }
         }
         report.bytes_after = writer.total_bytes;
