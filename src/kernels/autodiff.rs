@@ -14,7 +14,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::ops::FloatTensor;
+use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, TensorMetadata};
 
 use super::{Bf16Weight, Kernels, Nf4Weight, PackedLayout};
@@ -99,6 +99,11 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
 
     fn bf16_widen(w: &Bf16Weight<Self>, dtype: DType) -> FloatTensor<Self> {
         <Self as AutodiffBackend>::from_inner(B::bf16_widen(&inner_bf16(w), dtype))
+    }
+
+    fn bf16_rows(table: &Bf16Weight<Self>, ids: IntTensor<Self>) -> FloatTensor<Self> {
+        // A frozen table: the rows are constants.
+        <Self as AutodiffBackend>::from_inner(B::bf16_rows(&inner_bf16(table), ids))
     }
 
     fn bf16_matmul(x: FloatTensor<Self>, w: &Bf16Weight<Self>) -> FloatTensor<Self> {

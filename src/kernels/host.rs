@@ -9,7 +9,7 @@
 use burn::backend::ndarray::{NdArrayDevice, NdArrayTensor};
 use burn::backend::NdArray;
 use burn::prelude::*;
-use burn::tensor::ops::{BoolTensor, FloatTensor};
+use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
 use burn::tensor::{DType, TensorData, TensorMetadata, TensorPrimitive};
 use rayon::prelude::*;
 
@@ -129,6 +129,25 @@ impl Kernels for Cpu {
             .tensor()
     }
 
+    fn bf16_rows(table: &Bf16Weight<Self>, ids: IntTensor<Self>) -> FloatTensor<Self> {
+        // Gathered from the table in place (burn's select would first copy a borrowed
+        // table whole).
+        let ids = Tensor::<Cpu, 1, Int>::from_primitive(ids)
+            .into_data()
+            .convert::<i64>();
+        let bits = u16s(&table.bits);
+        let [rows, d] = table.shape;
+        let ids: Vec<usize> = ids
+            .iter::<i64>()
+            .map(|i| (i.max(0) as usize).min(rows.saturating_sub(1)))
+            .collect();
+        let mut out = vec![0f32; ids.len() * d];
+        for (o, &i) in out.chunks_exact_mut(d.max(1)).zip(&ids) {
+            bf16::widen_into(&bits[i * d..(i + 1) * d], o);
+        }
+        host_tensor(out, [ids.len(), d])
+    }
+
     fn bf16_matmul(x: FloatTensor<Self>, w: &Bf16Weight<Self>) -> FloatTensor<Self> {
         if x.dtype() != DType::F32 {
             let weight = Self::bf16_widen(w, x.dtype());
@@ -170,7 +189,7 @@ mod bf16 {
     use super::host_gemm::{self, dot};
 
     #[inline]
-    fn widen_into(bits: &[u16], out: &mut [f32]) {
+    pub(super) fn widen_into(bits: &[u16], out: &mut [f32]) {
         for (o, &b) in out.iter_mut().zip(bits) {
             *o = f32::from_bits(u32::from(b) << 16);
         }

@@ -138,6 +138,18 @@ pub trait Kernels: Backend {
         generic::bf16_widen::<Self>(w, dtype)
     }
 
+    /// Rows `ids` (`[n]`) of a bf16 table `[rows, width]`, widened to f32: `[n, width]` (a
+    /// token embedding lookup).
+    fn bf16_rows(table: &Bf16Weight<Self>, ids: IntTensor<Self>) -> FloatTensor<Self> {
+        let n = ids.shape()[0];
+        let rows = Self::int_select(table.bits.clone(), 0, ids);
+        let w = Bf16Weight {
+            bits: rows,
+            shape: [n, table.shape[1]],
+        };
+        Self::bf16_widen(&w, DType::F32)
+    }
+
     /// `x · Wᵀ` with `W` in bf16: `x` `[m, in_features]` → `[m, out_features]`, in `x`'s
     /// dtype. Equal to the dense product on the widened weight.
     fn bf16_matmul(x: FloatTensor<Self>, w: &Bf16Weight<Self>) -> FloatTensor<Self> {
@@ -207,6 +219,14 @@ pub fn nf4_matmul<B: Kernels>(x: Tensor<B, 2>, w: &Nf4Weight<B>) -> Tensor<B, 2>
 /// A bf16 weight widened to float `dtype` (see [`Kernels::bf16_widen`]).
 pub fn bf16_widen<B: Kernels>(w: &Bf16Weight<B>, dtype: DType) -> Tensor<B, 2> {
     Tensor::from_primitive(TensorPrimitive::Float(B::bf16_widen(w, dtype)))
+}
+
+/// Rows `ids` of a bf16 table, widened to f32 (see [`Kernels::bf16_rows`]).
+pub fn bf16_rows<B: Kernels>(table: &Bf16Weight<B>, ids: Tensor<B, 1, Int>) -> Tensor<B, 2> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::bf16_rows(
+        table,
+        ids.into_primitive(),
+    )))
 }
 
 /// `x · Wᵀ` with a bf16 weight (see [`Kernels::bf16_matmul`]).

@@ -230,6 +230,28 @@ impl<B: Kernels> Proj<B> {
         }
     }
 
+    /// Whether the base weight's bytes are read in place from the checkpoint's memory map
+    /// (dense f32 or bf16 bits, NF4 codes) rather than copied.
+    #[cfg(test)]
+    pub(crate) fn reads_in_place(&self) -> bool
+    where
+        B: 'static,
+    {
+        use burn::backend::ndarray::NdArrayTensor;
+        use std::any::Any;
+        let Some(this) = (self as &dyn Any).downcast_ref::<Proj<crate::kernels::host::Cpu>>()
+        else {
+            return false;
+        };
+        match &this.base {
+            BaseProj::Dense(l) => matches!(l.weight.val().into_primitive().tensor(),
+                NdArrayTensor::F32(s) if s.is_borrowed()),
+            BaseProj::Bf16(l) => matches!(l.bits.clone().into_primitive(),
+                NdArrayTensor::U16(s) if s.is_borrowed()),
+            BaseProj::Nf4(l) => l.codes_borrowed(),
+        }
+    }
+
     /// Whether the base weight is NF4.
     pub fn is_nf4(&self) -> bool {
         matches!(self.base, BaseProj::Nf4(_))

@@ -17,7 +17,10 @@
 //!
 //! Weights and activations take the device's default float dtype (burn's
 //! `set_default_dtypes` before [`Qwen25Vl::load`] gives a bf16 model); rotary tables and
-//! norms and the attention softmax (`attend`) are computed in f32 as in the reference.
+//! norms and the attention softmax (`attend`) are computed in f32 as in the reference. On
+//! the CPU (whose tensors have no bf16) a bf16 checkpoint's projections and embedding table
+//! stay bf16, read in place from the memory map and widened exactly as they are used
+//! (`Kernels::keeps_bf16_bits`), and NF4 codes are read in place too.
 //!
 //! Reference: transformers `models/qwen2_5_vl/modeling_qwen2_5_vl.py@00b676f8f0489b88652a31d70751cc540dd06305`.
 

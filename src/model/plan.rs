@@ -70,7 +70,9 @@ enum Kind {
     Nf4,
     /// A Linear weight stored dense.
     Linear,
-    /// Anything else: embeddings, norms, biases, the patch convolution.
+    /// `model.embed_tokens.weight`.
+    Embedding,
+    /// Anything else: norms, biases, the patch convolution.
     Other,
 }
 
@@ -166,7 +168,9 @@ fn per_tensor(
         .iter()
         .map(|(key, shape)| {
             let numel = shape.iter().product::<usize>() as u64;
-            let kind = if !is_linear_weight(key, shape) {
+            let kind = if key == "model.embed_tokens.weight" {
+                Kind::Embedding
+            } else if !is_linear_weight(key, shape) {
                 Kind::Other
             } else if matches!(format, WeightFormat::Nf4 { skip }
                 if !is_skipped(key.trim_end_matches(".weight"), skip))
@@ -185,7 +189,7 @@ fn per_tensor(
 pub fn weight_bytes(cfg: &Qwen25VlConfig, format: &WeightFormat, engine: Engine) -> u64 {
     per_tensor(cfg, format, |numel, kind| match kind {
         Kind::Nf4 => nf4_bytes(numel),
-        Kind::Linear | Kind::Other => numel * engine.weight_bytes,
+        Kind::Linear | Kind::Embedding | Kind::Other => numel * engine.weight_bytes,
     })
 }
 
@@ -243,10 +247,10 @@ pub fn generation(
 
 /// The weights' resident bytes and the loading pages ([`Footprint::loading`]).
 ///
-/// On the CPU, dense Linear weights stored in f32 or bf16 (`Kernels::keeps_bf16_bits`) and
-/// NF4 codes are used in place from the checkpoint's memory map; everything else is copied
-/// out: NF4 scales (double-quantized in the file) to f32, other tensors (and f16 Linears)
-/// widened to f32. While any tensor is used in place the files stay mapped, so every page
+/// On the CPU, dense Linear weights stored in f32 or bf16 (`Kernels::keeps_bf16_bits`), a
+/// bf16 embedding table and NF4 codes are used in place from the checkpoint's memory map;
+/// everything else is copied out: NF4 scales (double-quantized in the file) to f32, other
+/// tensors (and f16 Linears) widened to f32. While any tensor is used in place the files stay mapped, so every page
 /// read at load stays resident beside the copies: weights = copies + all pages read.
 /// Otherwise the pages are only read while loading (the loading part) and the copies are
 /// the weights. A GPU holds [`weight_bytes`] and never the pages.
@@ -259,7 +263,13 @@ fn resident_weights(
     if !engine.host {
         return (weight_bytes(cfg, format, engine), 0);
     }
-    let in_place = |kind| kind == Kind::Nf4 || (kind == Kind::Linear && stored != Stored::F16);
+    let in_place = |kind| match kind {
+        Kind::Nf4 => true,
+        Kind::Linear => stored != Stored::F16,
+        // A bf16 table is looked up in place; an f32 one is copied like the other tensors.
+        Kind::Embedding => stored == Stored::Bf16,
+        Kind::Other => false,
+    };
     let copies = per_tensor(cfg, format, |numel, kind| match kind {
         Kind::Nf4 => numel.div_ceil(NF4_BLOCKSIZE as u64) * F32,
         _ if in_place(kind) => 0,
@@ -268,6 +278,10 @@ fn resident_weights(
     let pages = per_tensor(cfg, format, |numel, kind| match kind {
         // Codes, and the 8-bit double-quantized scales.
         Kind::Nf4 => numel / 2 + numel.div_ceil(NF4_BLOCKSIZE as u64),
+        // A table read in place is paged in only at the rows looked up (a few KiB per
+        // token), unless a tied lm_head reads all of it. Measured on the 7B shape: 1.1 GB
+        // less than the whole table.
+        Kind::Embedding if in_place(kind) && !cfg.text.tie_word_embeddings => 0,
         _ => numel * stored.bytes(),
     });
     let mapped_for_life = per_tensor(cfg, format, |_, kind| u64::from(in_place(kind))) > 0;
@@ -502,57 +516,62 @@ mod tests {
     fn a_bf16_checkpoint_on_the_cpu_keeps_its_linears_in_place_and_widens_only_the_rest() {
         let cfg = qwen_7b();
         let params = cfg.parameter_count();
-        // Not Linear weights: embed_tokens, norms, biases, the patch convolution.
-        let other = per_tensor(&cfg, &WeightFormat::Dense, |n, kind| {
-            if kind == Kind::Other {
-                n
-            } else {
-                0
-            }
-        });
-        assert!(other > 545_000_000 && other < params / 10, "{other}");
+        let count = |k| {
+            per_tensor(
+                &cfg,
+                &WeightFormat::Dense,
+                |n, kind| {
+                    if kind == k {
+                        n
+                    } else {
+                        0
+                    }
+                },
+            )
+        };
+        let embedding = count(Kind::Embedding);
+        assert_eq!(embedding, 152_064 * 3584);
+        // Norms, biases, the patch convolution.
+        let other = count(Kind::Other);
+        assert!(other > 0 && other < params / 1000, "{other}");
         let work = Generation {
             batch: 1,
             text_tokens: 64,
             image_pixels: 0,
             new_tokens: 4,
         };
-        // bf16: Linears read in place (2 bytes), the rest widened to f32 (4) beside its
-        // pages (2), which stay mapped with the Linears'; nothing is transient.
-        let cpu = generation(
-            &cfg,
+        let at = |stored, engine| generation(&cfg, &WeightFormat::Dense, stored, engine, work);
+        // bf16: Linears and the embedding table read in place (2 bytes), the rest widened
+        // to f32 (4) beside its pages (2), which stay mapped with the Linears'; nothing is
+        // transient.
+        let cpu = at(Stored::Bf16, Engine::cpu(2));
+        assert_eq!(
+            (cpu.weights, cpu.loading),
+            (2 * (params - embedding) + 4 * other, 0),
+            "the table's pages come in only at the rows looked up"
+        );
+        let mut tied = cfg.clone();
+        tied.text.tie_word_embeddings = true;
+        let lm_head = 152_064 * 3584;
+        let tied_cpu = generation(
+            &tied,
             &WeightFormat::Dense,
             Stored::Bf16,
             Engine::cpu(2),
             work,
         );
-        assert_eq!(cpu.weights, 2 * params + 4 * other);
-        assert_eq!(cpu.loading, 0);
-        // f32: the same, at 4 bytes a page.
-        let f32_file = generation(
-            &cfg,
-            &WeightFormat::Dense,
-            Stored::F32,
-            Engine::cpu(2),
-            work,
+        assert_eq!(
+            tied_cpu.weights,
+            2 * (params - lm_head) + 4 * other,
+            "tied: the logits read the whole table"
         );
-        assert_eq!(f32_file.weights, 4 * params + 4 * other);
+        // f32: the Linears in place, the embedding and the rest copied beside their pages.
+        let f32_file = at(Stored::F32, Engine::cpu(2));
+        assert_eq!(f32_file.weights, 4 * params + 4 * (embedding + other));
         // f16 Linears are widened: nothing is used in place, the pages are transient.
-        let f16 = generation(
-            &cfg,
-            &WeightFormat::Dense,
-            Stored::F16,
-            Engine::cpu(2),
-            work,
-        );
+        let f16 = at(Stored::F16, Engine::cpu(2));
         assert_eq!((f16.weights, f16.loading), (4 * params, 2 * params));
-        let gpu = generation(
-            &cfg,
-            &WeightFormat::Dense,
-            Stored::Bf16,
-            Engine::gpu(2),
-            work,
-        );
+        let gpu = at(Stored::Bf16, Engine::gpu(2));
         assert_eq!((gpu.weights, gpu.loading), (2 * params, 0));
     }
 

@@ -215,12 +215,9 @@ impl<B: Kernels> Qwen25Vl<B> {
             Some(p) => p.forward(hidden),
             None => {
                 let [b, s, d] = hidden.dims();
-                let w = self.model.embedding_weight(); // [vocab, hidden]
-                let v = w.dims()[0];
-                hidden
-                    .reshape([b * s, d])
-                    .matmul(w.transpose())
-                    .reshape([b, s, v])
+                let logits = self.model.tied_logits(hidden.reshape([b * s, d]));
+                let v = logits.dims()[1];
+                logits.reshape([b, s, v])
             }
         }
     }

@@ -21,6 +21,65 @@ use crate::model::lora::Site;
 use crate::model::rope::{apply_rotary, RopeTables};
 use crate::model::weights::WeightSource;
 
+/// The token embedding table `[vocab, hidden]`: f32, or on the CPU a bf16 checkpoint's
+/// bits read in place ([`Kernels::keeps_bf16_bits`]), widened a looked-up row at a time.
+#[derive(Module, Debug)]
+pub enum TokenEmbedding<B: Kernels> {
+    Dense(Embedding<B>),
+    Bf16(Tensor<B, 2, Int>),
+}
+
+impl<B: Kernels> TokenEmbedding<B> {
+    fn load(
+        src: &mut WeightSource,
+        shape: [usize; 2],
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
+        let key = "model.embed_tokens.weight";
+        if B::keeps_bf16_bits() && src.is_bf16(key) {
+            let data = src.bf16_bits_in_place(key, &shape)?;
+            return Ok(Self::Bf16(Tensor::from_data(
+                data,
+                (device, burn::tensor::DType::U16),
+            )));
+        }
+        let weight = src.tensor(key, shape, device)?;
+        Ok(Self::Dense(Embedding {
+            weight: Param::from_tensor(weight),
+        }))
+    }
+
+    /// - `ids`: `[batch, seq]` → `[batch, seq, hidden]`
+    fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        match self {
+            Self::Dense(e) => e.forward(ids),
+            Self::Bf16(bits) => {
+                let [b, s] = ids.dims();
+                let table = kernels::Bf16Weight {
+                    shape: bits.dims(),
+                    bits: bits.clone().into_primitive(),
+                };
+                let d = table.shape[1];
+                kernels::bf16_rows(&table, ids.reshape([b * s])).reshape([b, s, d])
+            }
+        }
+    }
+
+    /// `hidden · tableᵀ`, the logits of a tied `lm_head`: `[n, hidden]` → `[n, vocab]`.
+    fn tied_logits(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
+        match self {
+            Self::Dense(e) => hidden.matmul(e.weight.val().transpose()),
+            Self::Bf16(bits) => kernels::bf16_matmul(
+                hidden,
+                &kernels::Bf16Weight {
+                    shape: bits.dims(),
+                    bits: bits.clone().into_primitive(),
+                },
+            ),
+        }
+    }
+}
+
 /// Causal self-attention with grouped key/value heads.
 #[derive(Module, Debug)]
 pub struct Attention<B: Kernels> {
@@ -101,7 +160,7 @@ pub struct DecoderLayer<B: Kernels> {
 /// Embeddings, decoder stack and final norm (checkpoint prefix `model.`).
 #[derive(Module, Debug)]
 pub struct TextModel<B: Kernels> {
-    embed_tokens: Embedding<B>,
+    embed_tokens: TokenEmbedding<B>,
     layers: Vec<DecoderLayer<B>>,
     norm: RmsNorm<B>,
 }
@@ -117,8 +176,7 @@ impl<B: Kernels> TextModel<B> {
         device: &B::Device,
     ) -> Result<Self, ModelError> {
         let d = cfg.hidden_size;
-        let emb: Tensor<B, 2> =
-            src.tensor("model.embed_tokens.weight", [cfg.vocab_size, d], device)?;
+        let embed_tokens = TokenEmbedding::load(src, [cfg.vocab_size, d], device)?;
         let qd = cfg.num_heads * cfg.head_dim;
         let kvd = cfg.num_kv_heads * cfg.head_dim;
         let it = cfg.intermediate_size;
@@ -170,9 +228,7 @@ impl<B: Kernels> TextModel<B> {
             });
         }
         Ok(TextModel {
-            embed_tokens: Embedding {
-                weight: Param::from_tensor(emb),
-            },
+            embed_tokens,
             layers,
             norm: RmsNorm::load(src, "model.norm", d, cfg.rms_norm_eps, device)?,
         })
@@ -186,9 +242,15 @@ impl<B: Kernels> TextModel<B> {
         self.embed_tokens.forward(ids)
     }
 
-    /// The embedding matrix `[vocab, hidden]` (for a tied `lm_head`).
-    pub(crate) fn embedding_weight(&self) -> Tensor<B, 2> {
-        self.embed_tokens.weight.val()
+    /// Whether the embedding table is held as bf16 bits.
+    #[cfg(test)]
+    pub(crate) fn embeds_in_bf16(&self) -> bool {
+        matches!(self.embed_tokens, TokenEmbedding::Bf16(_))
+    }
+
+    /// Logits through the embedding matrix (a tied `lm_head`): `[n, hidden]` → `[n, vocab]`.
+    pub(crate) fn tied_logits(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.embed_tokens.tied_logits(hidden)
     }
 
     /// Every LoRA target projection (the seven of [`crate::model::lora::TARGET_MODULES`] in

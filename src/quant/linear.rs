@@ -228,6 +228,15 @@ fn floats(key: &str, dtype: Dtype, data: &[u8]) -> Result<Vec<f32>, QuantError> 
 }
 
 #[cfg(test)]
+impl Nf4Linear<crate::kernels::host::Cpu> {
+    /// Whether the packed codes are borrowed (read in place) rather than a copy.
+    pub(crate) fn codes_borrowed(&self) -> bool {
+        matches!(self.packed.clone().into_primitive(),
+            burn::backend::ndarray::NdArrayTensor::U8(s) if s.is_borrowed())
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::test_util::{assert_close, fixture, TB};

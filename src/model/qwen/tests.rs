@@ -582,10 +582,13 @@ fn issue_15_resident_weight_bytes_count_every_tensor_and_show_the_nf4_saving() {
 }
 
 /// The fixture with every f32 tensor rounded to bf16, stored as bf16 (`as_bf16`) or as the
-/// same values in f32.
-fn bf16_rounded_checkpoint(as_bf16: bool) -> tempfile::TempDir {
+/// same values in f32; `tied`: without `lm_head`, tied to the embeddings.
+fn bf16_rounded_checkpoint(as_bf16: bool, tied: bool) -> tempfile::TempDir {
     use safetensors::Dtype;
-    crate::model::weights::source::tests::rewritten_checkpoint(|m| {
+    let dir = crate::model::weights::source::tests::rewritten_checkpoint(|m| {
+        if tied {
+            m.remove("lm_head.weight");
+        }
         for (dtype, _, bytes) in m.values_mut() {
             if *dtype != Dtype::F32 {
                 continue;
@@ -606,7 +609,15 @@ fn bf16_rounded_checkpoint(as_bf16: bool) -> tempfile::TempDir {
                 *dtype = Dtype::BF16;
             }
         }
-    })
+    });
+    if tied {
+        let p = dir.path().join("config.json");
+        let mut c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        c["tie_word_embeddings"] = true.into();
+        std::fs::write(&p, c.to_string()).unwrap();
+    }
+    dir
 }
 
 /// Issue 19: a bf16 checkpoint on the CPU keeps its projection weights in bf16, read in
@@ -615,8 +626,8 @@ fn bf16_rounded_checkpoint(as_bf16: bool) -> tempfile::TempDir {
 #[test]
 fn a_bf16_checkpoint_on_the_cpu_keeps_bf16_projections_and_gives_the_f32_logits_exactly() {
     let (bf16_dir, f32_dir) = (
-        bf16_rounded_checkpoint(true),
-        bf16_rounded_checkpoint(false),
+        bf16_rounded_checkpoint(true, false),
+        bf16_rounded_checkpoint(false, false),
     );
     let dev = Default::default();
     let half = Qwen25Vl::<TB>::load(bf16_dir.path(), &dev).unwrap();
@@ -639,6 +650,10 @@ fn a_bf16_checkpoint_on_the_cpu_keeps_bf16_projections_and_gives_the_f32_logits_
         floats(out.logits)
     };
     assert_eq!(run(&half), run(&full));
+    for (site, p) in half.model.targets() {
+        assert!(p.reads_in_place(), "{site:?}: bf16 bits copied");
+    }
+    assert!(half.model.embeds_in_bf16() && !full.model.embeds_in_bf16());
     // Decode rows (the GEMV) too: the image prompt's greedy tokens agree.
     let gen = |m: &Qwen25Vl<TB>| {
         let cfg = GenerateConfig {
@@ -655,4 +670,50 @@ fn a_bf16_checkpoint_on_the_cpu_keeps_bf16_projections_and_gives_the_f32_logits_
             .clone()
     };
     assert_eq!(gen(&half), gen(&full));
+}
+
+/// Issue 19: on the CPU an NF4 checkpoint's codes are read in place from the file, like a
+/// dense checkpoint's f32 weights: the model holds only the (f32) block scales.
+#[test]
+fn an_nf4_checkpoint_on_the_cpu_reads_its_codes_from_the_file() {
+    let nf4 = Qwen25Vl::<TB>::load(&fixture("qwen2_5_vl_tiny/nf4"), &Default::default()).unwrap();
+    let targets = nf4.model.targets();
+    assert!(!targets.is_empty());
+    for (site, p) in targets {
+        assert!(
+            p.is_nf4() && p.reads_in_place(),
+            "{site:?}: NF4 codes copied"
+        );
+    }
+    let dense = tiny();
+    for (site, p) in dense.model.targets() {
+        assert!(p.reads_in_place(), "{site:?}: f32 weight copied");
+    }
+}
+
+/// A tied bf16 checkpoint computes its logits through the bf16 embedding table.
+#[test]
+fn a_tied_bf16_checkpoint_on_the_cpu_gives_the_f32_logits() {
+    let dev = Default::default();
+    let (h, f) = (
+        bf16_rounded_checkpoint(true, true),
+        bf16_rounded_checkpoint(false, true),
+    );
+    let half = Qwen25Vl::<TB>::load(h.path(), &dev).unwrap();
+    let full = Qwen25Vl::<TB>::load(f.path(), &dev).unwrap();
+    assert!(half.config().text.tie_word_embeddings && half.model.embeds_in_bf16());
+    let r = reference();
+    let ids = std::slice::from_ref(&r.input_ids);
+    let lh = floats(
+        half.forward(ids, None, Some(&image(&r)), &dev)
+            .unwrap()
+            .logits,
+    );
+    let lf = floats(
+        full.forward(ids, None, Some(&image(&r)), &dev)
+            .unwrap()
+            .logits,
+    );
+    // burn's matmul against the host GEMM: f32 summation order only.
+    assert_close("tied bf16 vs f32 logits", &lh, &lf, CACHE_ATOL);
 }
