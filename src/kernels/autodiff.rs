@@ -3,7 +3,7 @@
 //!
 //! Why an op of our own: with burn's matmul, a weight dequantized inside `forward` is kept
 //! alive by the matmul's backward node until `backward()` (BURN_NOTES §3), so QLoRA training
-//! would hold every layer's dequantized weight at once. [`Nf4MatmulBackward`] stores the
+//! would hold every layer's dequantized weight at once. [`FrozenMatmulBackward`] stores the
 //! packed weight (reference-counted tensors shared with the module) and decodes it again in
 //! backward. The frozen NF4 weight gets no gradient; only `x` does. A bf16 weight kept as
 //! bits ([`Bf16Weight`]) works the same way.
@@ -31,35 +31,53 @@ fn inner<B: Kernels, C: CheckpointStrategy>(w: &Nf4Weight<Autodiff<B, C>>) -> Nf
     }
 }
 
-/// Backward of `y = x · dequant(W)ᵀ` with a frozen `W`: `dx = dy · dequant(W)`.
-#[derive(Debug)]
-struct Nf4MatmulBackward;
+/// A frozen weight stored in a compact form (NF4 codes, bf16 bits) that the inner backend
+/// can expand to a dense float weight `[out, in]`.
+trait Frozen<B: Kernels>: Clone + Send + std::fmt::Debug + 'static {
+    fn dense(&self, dtype: DType) -> FloatTensor<B>;
+}
 
-impl<B: Kernels> Backward<B, 1> for Nf4MatmulBackward {
-    type State = Nf4Weight<B>;
+impl<B: Kernels> Frozen<B> for Nf4Weight<B> {
+    fn dense(&self, dtype: DType) -> FloatTensor<B> {
+        B::nf4_dequantize(self, dtype)
+    }
+}
+
+impl<B: Kernels> Frozen<B> for Bf16Weight<B> {
+    fn dense(&self, dtype: DType) -> FloatTensor<B> {
+        B::bf16_widen(self, dtype)
+    }
+}
+
+/// Backward of `y = x · Wᵀ` with a frozen compact `W`: `dx = dy · W`, expanded again.
+#[derive(Debug)]
+struct FrozenMatmulBackward<W>(std::marker::PhantomData<W>);
+
+impl<B: Kernels, W: Frozen<B>> Backward<B, 1> for FrozenMatmulBackward<W> {
+    type State = W;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let w = ops.state;
         unary::<B, _>(ops.parents, ops.node, grads, |dy| {
-            let weight = B::nf4_dequantize(&w, dy.dtype());
+            let weight = w.dense(dy.dtype());
             B::float_matmul(dy, weight)
         });
     }
 }
 
-/// Backward of `y = x · Wᵀ` with a frozen bf16 `W`: `dx = dy · W`, widened again.
-#[derive(Debug)]
-struct Bf16MatmulBackward;
-
-impl<B: Kernels> Backward<B, 1> for Bf16MatmulBackward {
-    type State = Bf16Weight<B>;
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let w = ops.state;
-        unary::<B, _>(ops.parents, ops.node, grads, |dy| {
-            let weight = B::bf16_widen(&w, dy.dtype());
-            B::float_matmul(dy, weight)
-        });
+/// `y` (the inner backend's `x · Wᵀ`) recorded with a backward that keeps only `w`.
+fn frozen_matmul<B: Kernels, C: CheckpointStrategy, W: Frozen<B>>(
+    x: &FloatTensor<Autodiff<B, C>>,
+    w: W,
+    y: FloatTensor<B>,
+) -> FloatTensor<Autodiff<B, C>> {
+    match FrozenMatmulBackward::<W>(std::marker::PhantomData)
+        .prepare::<C>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(w, y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
     }
 }
 
@@ -83,14 +101,7 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
     fn nf4_matmul(x: FloatTensor<Self>, w: &Nf4Weight<Self>) -> FloatTensor<Self> {
         let w = inner(w);
         let y = B::nf4_matmul(x.primitive.clone(), &w);
-        match Nf4MatmulBackward
-            .prepare::<C>([x.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(w, y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        }
+        frozen_matmul::<B, C, _>(&x, w, y)
     }
 
     fn keeps_bf16_bits() -> bool {
@@ -109,13 +120,6 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
     fn bf16_matmul(x: FloatTensor<Self>, w: &Bf16Weight<Self>) -> FloatTensor<Self> {
         let w = inner_bf16(w);
         let y = B::bf16_matmul(x.primitive.clone(), &w);
-        match Bf16MatmulBackward
-            .prepare::<C>([x.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(w, y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        }
+        frozen_matmul::<B, C, _>(&x, w, y)
     }
 }

@@ -620,6 +620,14 @@ fn bf16_rounded_checkpoint(as_bf16: bool, tied: bool) -> tempfile::TempDir {
     dir
 }
 
+/// The logits of the reference prompt (with its image).
+fn reference_logits(m: &Qwen25Vl<TB>) -> Vec<f32> {
+    let r = reference();
+    let ids = std::slice::from_ref(&r.input_ids);
+    let out = m.forward(ids, None, Some(&image(&r)), &Default::default());
+    floats(out.unwrap().logits)
+}
+
 /// Issue 19: a bf16 checkpoint on the CPU keeps its projection weights in bf16, read in
 /// place from the file, at half the bytes of f32, and computes exactly what the f32 model
 /// with the same (bf16-exact) values computes.
@@ -637,19 +645,8 @@ fn a_bf16_checkpoint_on_the_cpu_keeps_bf16_projections_and_gives_the_f32_logits_
     assert!(h * 10 < f * 6, "bf16 {h} B vs f32 {f} B");
     assert!(half.linear_bytes() < full.linear_bytes());
 
+    assert_eq!(reference_logits(&half), reference_logits(&full));
     let r = reference();
-    let run = |m: &Qwen25Vl<TB>| {
-        let out = m
-            .forward(
-                std::slice::from_ref(&r.input_ids),
-                None,
-                Some(&image(&r)),
-                &Default::default(),
-            )
-            .unwrap();
-        floats(out.logits)
-    };
-    assert_eq!(run(&half), run(&full));
     for (site, p) in half.model.targets() {
         assert!(p.reads_in_place(), "{site:?}: bf16 bits copied");
     }
@@ -702,18 +699,7 @@ fn a_tied_bf16_checkpoint_on_the_cpu_gives_the_f32_logits() {
     let half = Qwen25Vl::<TB>::load(h.path(), &dev).unwrap();
     let full = Qwen25Vl::<TB>::load(f.path(), &dev).unwrap();
     assert!(half.config().text.tie_word_embeddings && half.model.embeds_in_bf16());
-    let r = reference();
-    let ids = std::slice::from_ref(&r.input_ids);
-    let lh = floats(
-        half.forward(ids, None, Some(&image(&r)), &dev)
-            .unwrap()
-            .logits,
-    );
-    let lf = floats(
-        full.forward(ids, None, Some(&image(&r)), &dev)
-            .unwrap()
-            .logits,
-    );
     // burn's matmul against the host GEMM: f32 summation order only.
+    let (lh, lf) = (reference_logits(&half), reference_logits(&full));
     assert_close("tied bf16 vs f32 logits", &lh, &lf, CACHE_ATOL);
 }
