@@ -48,9 +48,11 @@ impl Default for QuantizeOptions {
         Self {
             skip: vec!["lm_head".into()],
             compute_dtype: None,
-            // 1 GB: the shard being assembled is most of the quantizer's memory (a 7B's
-            // largest tensor, its 1.09 GB embedding, still makes one shard of its own).
-            max_shard_bytes: 1_000_000_000,
+            // 512 MB: the shard being assembled is most of the quantizer's memory, beside a
+            // Linear's f32 values and their dequantized copy (2 × 272 MB for a 7B's MLP);
+            // with 1 GB shards the 7B shape peaked at 2.01 GB. A larger tensor (a 7B's
+            // 1.09 GB embedding) still makes one shard of its own.
+            max_shard_bytes: 512_000_000,
         }
     }
 }
@@ -190,10 +192,7 @@ pub fn quantize_checkpoint(
                     path: shard.clone(),
                     source,
                 })?;
-                let span = (
-                    view.data().as_ptr() as usize - mmap.as_ptr() as usize,
-                    view.data().len(),
-                );
+
                 let bytes_before = view.data().len() as u64;
                 report.bytes_before += bytes_before;
                 let module = key.strip_suffix(".weight").unwrap_or(&key);
@@ -240,20 +239,20 @@ pub fn quantize_checkpoint(
                         report.tensors_skipped += 1;
                     }
                     report.tensors_copied += 1;
+                    // The shard being assembled goes to disk first if this tensor would not
+                    // fit in it, so the copy never meets a full shard.
+                    writer.make_room(bytes_before)?;
+                    let data = copy_releasing(&mmap, view.data());
                     writer.push_group(vec![RawTensor {
                         key: key.clone(),
                         dtype: view.dtype(),
                         shape: view.shape().to_vec(),
-                        data: view.data().to_vec(),
+                        data,
                     }])?;
                 }
                 // Converted and copied out: the tensor's pages need not stay resident, so the
                 // quantizer holds one output shard rather than a whole input shard.
-                // SAFETY: a read-only file mapping; a page touched again is read back from
-                // the file (the page around a tensor's edges may be shared with the next).
-                let _ = unsafe {
-                    mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, span.0, span.1)
-                };
+                release(&mmap, view.data());
             }
         }
         report.bytes_after = writer.total_bytes;
@@ -309,6 +308,27 @@ pub fn quantize_checkpoint(
     commit_dir(&partial, out_dir)?;
     report.elapsed_s = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Drops `data`'s pages (a slice of `mmap`) from this process's resident memory.
+fn release(mmap: &memmap2::Mmap, data: &[u8]) {
+    let start = data.as_ptr() as usize - mmap.as_ptr() as usize;
+    // SAFETY: a read-only file mapping: a page touched again is read back from the file
+    // (the pages at a tensor's edges may be shared with its neighbours).
+    let _ = unsafe {
+        mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, data.len())
+    };
+}
+
+/// `data` (a slice of `mmap`) copied out, its pages released 64 MiB at a time as they are
+/// copied: a 1 GB embedding costs its copy, not its copy and its pages.
+fn copy_releasing(mmap: &memmap2::Mmap, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len());
+    for chunk in data.chunks(64 << 20) {
+        out.extend_from_slice(chunk);
+        release(mmap, chunk);
+    }
+    out
 }
 
 #[cfg(test)]

@@ -132,12 +132,19 @@ impl ShardWriter {
         }
     }
 
-    /// Adds the tensors of one source tensor; they always land in the same shard.
-    pub(super) fn push_group(&mut self, group: Vec<RawTensor>) -> Result<(), QuantError> {
-        let bytes: u64 = group.iter().map(|t| t.data.len() as u64).sum();
+    /// Writes out the shard being assembled if `bytes` more would not fit in it (before the
+    /// caller makes a large copy, so the two are never in memory together).
+    pub(super) fn make_room(&mut self, bytes: u64) -> Result<(), QuantError> {
         if !self.pending.is_empty() && self.pending_bytes + bytes > self.max_bytes {
             self.flush()?;
         }
+        Ok(())
+    }
+
+    /// Adds the tensors of one source tensor; they always land in the same shard.
+    pub(super) fn push_group(&mut self, group: Vec<RawTensor>) -> Result<(), QuantError> {
+        let bytes: u64 = group.iter().map(|t| t.data.len() as u64).sum();
+        self.make_room(bytes)?;
         self.pending_bytes += bytes;
         self.total_bytes += bytes;
         self.pending.extend(group);
