@@ -12,6 +12,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::device::{Device, Precision, PrecisionError};
 use crate::pipeline::settings::{check, ConfigError, InvalidValue, SectionConfig, Settings};
 
 /// The embedded default config (`pipeline/default.toml`), used when no `--config` is given.
@@ -36,6 +37,55 @@ pub struct ModelConfig {
     /// stage starts). A stage whose predicted peak exceeds it refuses before loading.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_limit_mib: Option<u64>,
+    /// The float the model stages compute in (`auto`: bf16 on CUDA, f16 on wgpu, f32 on the
+    /// CPU). Left out of the section's JSON when `auto`, so older hashes stay valid.
+    #[serde(default, skip_serializing_if = "ModelDtype::is_auto")]
+    pub dtype: ModelDtype,
+}
+
+/// `[model] dtype`: the compute precision of the model stages, or `auto` for the device's
+/// natural one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelDtype {
+    #[default]
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+impl ModelDtype {
+    fn is_auto(&self) -> bool {
+        *self == Self::Auto
+    }
+
+    /// The precision on `device`: `auto` is bf16 on CUDA (what the hub's checkpoints store
+    /// and Hopper computes fastest), f16 on wgpu (WGSL has no bf16) and f32 on the CPU (its
+    /// kernels compute in f32; bf16 weights stay bf16 in memory there anyway).
+    ///
+    /// # Errors
+    /// An explicit half precision the device cannot compute in, naming what can.
+    pub fn resolve(self, device: Device) -> Result<Precision, PrecisionError> {
+        let precision = match (self, device) {
+            (Self::Auto, Device::Cpu) | (Self::F32, _) => Precision::F32,
+            (Self::Auto, Device::Wgpu) | (Self::F16, _) => Precision::F16,
+            (Self::Auto, Device::Cuda(_)) | (Self::Bf16, _) => Precision::Bf16,
+        };
+        precision.supported_on(device)?;
+        Ok(precision)
+    }
+}
+
+impl std::fmt::Display for ModelDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+        })
+    }
 }
 
 fn default_model_source() -> String {
@@ -91,6 +141,7 @@ impl Default for ModelConfig {
             max_pixels: None,
             min_pixels: None,
             memory_limit_mib: None,
+            dtype: ModelDtype::Auto,
         }
     }
 }
@@ -208,6 +259,36 @@ mod tests {
             err.starts_with("config test.toml: model.source = \"builtin:huge\" is not allowed"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn dtype_auto_is_bf16_on_cuda_f16_on_wgpu_f32_on_the_cpu() {
+        let auto = parse("", &[]).unwrap().model.dtype;
+        assert_eq!(auto, ModelDtype::Auto);
+        let on = |d: ModelDtype, dev| d.resolve(dev).map_err(|e| e.to_string());
+        assert_eq!(on(auto, Device::Cuda(1)), Ok(Precision::Bf16));
+        assert_eq!(on(auto, Device::Wgpu), Ok(Precision::F16));
+        assert_eq!(on(auto, Device::Cpu), Ok(Precision::F32));
+        for dev in [Device::Cpu, Device::Wgpu, Device::Cuda(0)] {
+            assert_eq!(on(ModelDtype::F32, dev), Ok(Precision::F32));
+        }
+        assert_eq!(on(ModelDtype::F16, Device::Wgpu), Ok(Precision::F16));
+        let err = on(ModelDtype::F16, Device::Cpu).unwrap_err();
+        assert!(err.contains("f16 is not supported on cpu"), "{err}");
+        let err = on(ModelDtype::Bf16, Device::Wgpu).unwrap_err();
+        assert!(err.contains("WGSL has no bf16"), "{err}");
+    }
+
+    #[test]
+    fn a_dtype_typo_names_the_file_line_and_the_accepted_values() {
+        let err = parse("[model]\ndtype = \"fp16\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test.toml") && err.contains("line 2"), "{err}");
+        assert!(err.contains("unknown variant `fp16`"), "{err}");
+        assert!(err.contains("`f16`") && err.contains("`auto`"), "{err}");
+        let cfg = parse("", &["model.dtype=bf16"]).unwrap();
+        assert_eq!(cfg.model.dtype, ModelDtype::Bf16);
     }
 
     #[test]

@@ -93,7 +93,8 @@ struct PlanArgs {
     model: Option<String>,
     /// Device to plan for: auto (what this machine would choose), cpu, cuda, cuda:N or
     /// wgpu; a GPU can be planned for on a machine without one (set
-    /// model.memory_limit_mib to its memory).
+    /// model.memory_limit_mib to its memory). The stages are planned in the config's
+    /// model.dtype on that device (auto: bf16 on CUDA, f16 on wgpu, f32 on the CPU).
     #[arg(long, value_name = "DEVICE", default_value = "auto")]
     device: String,
     /// Print JSON instead of the table.
@@ -410,7 +411,8 @@ fn dispatch(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-/// The `--dtype` value for `device`; half precision on the CPU is a usage error (exit 2).
+/// `medpipe plan`: every model stage's predicted peak against the device's memory; exit 1
+/// when one will not fit.
 fn plan(args: PlanArgs) -> Result<(), Failure> {
     use medpipe::stages::memory;
     let config = stages::load_config(args.cfg.config.as_deref(), &args.cfg.set)?;
@@ -484,6 +486,8 @@ fn plan(args: PlanArgs) -> Result<(), Failure> {
     }
 }
 
+/// The `--dtype` value for `device`; a precision the device cannot compute in is a usage
+/// error (exit 2).
 fn precision(
     flag: &str,
     device: medpipe::device::Device,

@@ -21,5 +21,5 @@ pub mod run;
 pub mod schema;
 pub mod source;
 
-pub use run::{parse_list, run_bench, run_bench_as, run_bench_on, BenchError, BenchOptions};
+pub use run::{parse_list, run_bench, run_bench_as, BenchError, BenchOptions};
 pub use schema::BenchResult;

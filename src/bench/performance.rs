@@ -37,4 +37,7 @@ pub struct Performance {
     pub documents: Option<usize>,
     /// Warm-up runs excluded from the figures.
     pub warmup_runs: Option<usize>,
+    /// The float the model computed in (`f32`, `f16`, `bf16`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compute_dtype: Option<String>,
 }

@@ -5,7 +5,7 @@
 //!
 //! On a GPU the device memory is measured too (`crate::device::DeviceMemory`): NVML's used
 //! memory sampled beside RSS, and the allocator's figures read after loading and after every
-//! generate call. [`run_bench_on`] runs the harness on the backend of a [`Device`].
+//! generate call. [`run_bench_as`] runs the harness on the backend of a [`Device`].
 //!
 //! Timings per call come from [`Qwen25Vl::generate`] (prefill incl. vision tower and first
 //! token, then decode); throughput divides new tokens by the wall time of the calls.
@@ -176,29 +176,12 @@ struct Prepared<B: Kernels> {
     request: Request<B>,
 }
 
-/// [`run_bench`] on the backend of `device` (NdArray for the CPU, Cuda for a GPU).
+/// [`run_bench`] on the backend of `device` (NdArray for the CPU, wgpu or Cuda for a GPU),
+/// computing in `precision` (`--dtype`, `model.dtype`).
 ///
 /// # Errors
-/// As [`run_bench`]; [`BenchError::Device`] for a GPU in a build without `--features cuda`.
-pub fn run_bench_on(
-    device: Device,
-    model_dir: &Path,
-    opts: &BenchOptions,
-    inputs: &[BenchInput],
-) -> Result<BenchResult, BenchError> {
-    run_bench_as(
-        device,
-        crate::device::Precision::F32,
-        model_dir,
-        opts,
-        inputs,
-    )
-}
-
-/// [`run_bench_on`] computing in `precision` (`--dtype`).
-///
-/// # Errors
-/// As [`run_bench_on`]; a precision the device does not support.
+/// As [`run_bench`]; [`BenchError::Device`] for a GPU in a build without `--features cuda`;
+/// a precision the device does not support.
 pub fn run_bench_as(
     device: Device,
     precision: crate::device::Precision,
@@ -343,11 +326,7 @@ pub fn run_bench<B: Kernels>(
             dir: model_dir.display().to_string(),
             revision: opts.revision.clone(),
             // The device's default float dtype: `--dtype` sets it, the backend type does not.
-            dtype: format!(
-                "{:?}",
-                burn::tensor::Tensor::<B, 1>::zeros([1], device).dtype()
-            )
-            .to_lowercase(),
+            dtype: crate::device::compute_dtype::<B>(device),
             quantization: quantization_of(model_dir),
             adapter: None,
             parameters: model.config().parameter_count(),

@@ -109,6 +109,27 @@ pub fn run_on_as<J: BackendJob>(
     run_on(device, AtPrecision(job, precision))
 }
 
+/// [`run_autodiff_on`] with `precision` as the device's default float dtype: the frozen
+/// model computes in it, while the trainable LoRA params stay f32 (`model::lora`).
+///
+/// # Errors
+/// As [`run_on_as`].
+pub fn run_autodiff_on_as<J: AutodiffJob>(
+    device: Device,
+    precision: Precision,
+    job: J,
+) -> Result<Result<J::Output, PrecisionError>, DeviceError> {
+    struct AtPrecision<J>(J, Precision);
+    impl<J: AutodiffJob> AutodiffJob for AtPrecision<J> {
+        type Output = Result<J::Output, PrecisionError>;
+        fn run<B: AutodiffKernels>(self, device: B::Device, target: Target) -> Self::Output {
+            self.1.apply::<B>(&device, target.device)?;
+            Ok(self.0.run::<B>(device, target))
+        }
+    }
+    run_autodiff_on(device, AtPrecision(job, precision))
+}
+
 fn cpu_target() -> Target {
     Target {
         device: Device::Cpu,

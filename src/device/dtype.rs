@@ -5,6 +5,7 @@
 //! weights load and activations flow in that dtype while the model keeps transformers' f32
 //! islands (RMSNorm variance, rotary tables, the loss) by explicit casts.
 
+use burn::tensor::backend::DeviceError;
 use burn::tensor::{DType, FloatDType, IntDType};
 
 use crate::device::choice::Device;
@@ -55,24 +56,28 @@ impl Precision {
         }
     }
 
-    /// Whether `device` can compute in this precision: f32 everywhere; half precision not on
-    /// the CPU (burn would find out only at the first op, with a panic).
+    /// Whether `device` can compute in this precision: f32 everywhere, f16 on GPUs, bf16 on
+    /// CUDA (burn would find out only at the first op, with a panic).
     ///
     /// # Errors
-    /// [`PrecisionError::Unsupported`] for f16 or bf16 on the CPU.
+    /// [`PrecisionError::Unsupported`] for f16 or bf16 on the CPU, bf16 on wgpu.
     pub fn supported_on(self, device: Device) -> Result<(), PrecisionError> {
-        if self != Self::F32 && device == Device::Cpu {
-            return Err(PrecisionError::Unsupported {
-                dtype: self,
-                device: device.to_string(),
-                reason: "the CPU backend computes in f32".into(),
-            });
-        }
-        Ok(())
+        let reason = match (self, device) {
+            (Self::F16 | Self::Bf16, Device::Cpu) => "the CPU backend computes in f32",
+            (Self::Bf16, Device::Wgpu) => "WGSL has no bf16",
+            _ => return Ok(()),
+        };
+        Err(PrecisionError::Unsupported {
+            dtype: self,
+            device: device.to_string(),
+            reason: reason.into(),
+        })
     }
 
     /// Makes this the default float dtype of `device` (backend `B`, the device `target`).
-    /// Call before any tensor is created there. f32 is the default already.
+    /// burn fixes a device's dtype once per process, at its first tensor: a device already
+    /// computing in this precision (an earlier stage of the same run) is accepted, one
+    /// fixed to another is refused rather than computing silently in the wrong one.
     ///
     /// # Errors
     /// As [`Precision::supported_on`]; a dtype the backend does not support, or a device
@@ -84,19 +89,41 @@ impl Precision {
     ) -> Result<(), PrecisionError> {
         self.supported_on(target)?;
         let float = match self {
-            Self::F32 => return Ok(()),
+            Self::F32 => FloatDType::F32,
             Self::F16 => FloatDType::F16,
             Self::Bf16 => FloatDType::BF16,
         };
-        // Both GPU backends built here (`Wgpu<f32, i32>`, `Cuda<f32, i32>`) use i32 ints.
-        burn::tensor::set_default_dtypes::<B>(device, float, IntDType::I32).map_err(|e| {
-            PrecisionError::Unsupported {
-                dtype: self,
-                device: target.to_string(),
-                reason: format!("{e:?}"),
+        let refused = |reason: String| PrecisionError::Unsupported {
+            dtype: self,
+            device: target.to_string(),
+            reason,
+        };
+        // Both GPU backends built here (`Wgpu<f32, i32>`, `Cuda<f32, i32>`) use i32 ints;
+        // f32 is every backend's default, so it needs no setting, only the check below.
+        if self != Self::F32 {
+            match burn::tensor::set_default_dtypes::<B>(device, float, IntDType::I32) {
+                Ok(()) => return Ok(()),
+                Err(DeviceError::AlreadyInitialized { .. }) => {}
+                Err(e) => return Err(refused(e.to_string())),
             }
-        })
+        }
+        let current = burn::tensor::get_device_settings::<B>(device).float_dtype;
+        if current == float {
+            Ok(())
+        } else {
+            Err(refused(format!(
+                "this process already computes in {current:?} there; a device's precision \
+                 is fixed at its first tensor"
+            )))
+        }
     }
+}
+
+/// The float `B` makes tensors in on `device` (`f32`, `f16`, `bf16`): what a `--dtype` or
+/// `model.dtype` set, for the records a run writes.
+pub fn compute_dtype<B: burn::tensor::backend::Backend>(device: &B::Device) -> String {
+    let dtype = burn::tensor::Tensor::<B, 1>::zeros([1], device).dtype();
+    format!("{dtype:?}").to_lowercase()
 }
 
 impl std::fmt::Display for Precision {
@@ -134,5 +161,41 @@ mod tests {
             .is_ok());
         assert!(Precision::Bf16.supported_on(Device::Cpu).is_err());
         assert!(Precision::F16.supported_on(Device::Wgpu).is_ok());
+        let err = Precision::Bf16.supported_on(Device::Wgpu).unwrap_err();
+        assert!(err.to_string().contains("WGSL has no bf16"), "{err}");
+        assert!(Precision::Bf16.supported_on(Device::Cuda(0)).is_ok());
+    }
+
+    /// burn fixes a device's dtype at its first tensor. A second stage of the same run asking
+    /// for the same precision proceeds; asking for another is refused, never run silently in
+    /// the first one. (`WgpuDevice::Cpu`, lavapipe in CI: no other test uses that device.)
+    #[test]
+    fn a_device_keeps_its_first_precision_and_refuses_another() {
+        use crate::device::dispatch::WgpuBackend;
+        if !crate::test_util::wgpu_available(
+            "a_device_keeps_its_first_precision_and_refuses_another",
+        ) {
+            return;
+        }
+        let dev = burn::backend::wgpu::WgpuDevice::Cpu;
+        Precision::F16
+            .apply::<WgpuBackend>(&dev, Device::Wgpu)
+            .unwrap();
+        assert_eq!(compute_dtype::<WgpuBackend>(&dev), "f16");
+        Precision::F16
+            .apply::<WgpuBackend>(&dev, Device::Wgpu)
+            .unwrap();
+        let err = Precision::F32
+            .apply::<WgpuBackend>(&dev, Device::Wgpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("already computes in F16"), "{err}");
+        assert_eq!(compute_dtype::<WgpuBackend>(&dev), "f16");
+    }
+
+    #[test]
+    fn the_compute_dtype_is_the_devices_default_float() {
+        let dev = Default::default();
+        assert_eq!(compute_dtype::<burn::backend::NdArray<f32>>(&dev), "f32");
     }
 }

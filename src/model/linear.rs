@@ -299,7 +299,8 @@ impl<B: Kernels> Proj<B> {
             BaseProj::Dense(l) => {
                 // Both [d_out, d_in]. Detached: the merged weight is a frozen base like the
                 // one it replaces.
-                let w = (l.weight.val() + lora.delta_weight()).detach();
+                let w = l.weight.val();
+                let w = (w.clone() + lora.delta_weight().cast(w.dtype())).detach();
                 l.weight = Param::initialized(l.weight.id, w);
             }
             // Widened to a dense f32 base: rounding the sum back to bf16 would lose the

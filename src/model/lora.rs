@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use burn::module::{Param, ParamId};
 use burn::prelude::*;
+use burn::tensor::DType;
 use serde::{Deserialize, Serialize};
 
 use crate::fs::{write_atomic, write_json_atomic, FsError};
@@ -434,8 +435,12 @@ impl<B: Kernels> Lora<B> {
         dropout: f64,
         device: &B::Device,
     ) -> Self {
-        let a = Tensor::<B, 1>::from_floats(w.a.as_slice(), device).reshape(w.a_shape);
-        let b = Tensor::<B, 1>::from_floats(w.b.as_slice(), device).reshape(w.b_shape);
+        // f32 whatever the device computes in (peft's autocast_adapter_dtype): in f16 the
+        // small updates and AdamW's moments would round away (its eps 1e-8 is 0 in f16).
+        let f32_ = |v: &[f32], shape: [usize; 2]| {
+            Tensor::<B, 2>::from_data(TensorData::new(v.to_vec(), shape), (device, DType::F32))
+        };
+        let (a, b) = (f32_(&w.a, w.a_shape), f32_(&w.b, w.b_shape));
         let p = site.peft_prefix();
         // `require_grad`: LoRA pairs are the trainable params (a no-op without autodiff).
         Self {
@@ -476,23 +481,36 @@ impl<B: Kernels> Lora<B> {
         Self::from_weights(site, &w, alpha / r as f64, dropout, device)
     }
 
-    /// The update `scaling · dropout(x) Aᵀ Bᵀ`.
+    /// The update `scaling · dropout(x) Aᵀ Bᵀ`, computed in f32 (the pair's dtype) and
+    /// returned in `x`'s, as peft does with a half-precision base.
     ///
     /// # Shapes
     /// - `x`: `[..., d_in]`; returns `[..., d_out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
         let x = self.dropout.forward(x);
+        let x = if dtype == DType::F32 {
+            x
+        } else {
+            x.cast(DType::F32)
+        };
         let mut dims = x.dims();
         let d_in = dims[D - 1];
         let rows = dims[..D - 1].iter().product::<usize>();
         let a = self.lora_a.val().transpose(); // [d_in, r]
         let b = self.lora_b.val().transpose(); // [r, d_out]
         dims[D - 1] = b.dims()[1];
-        x.reshape([rows, d_in])
+        let y = x
+            .reshape([rows, d_in])
             .matmul(a)
             .matmul(b)
             .mul_scalar(self.scaling)
-            .reshape(dims)
+            .reshape(dims);
+        if dtype == DType::F32 {
+            y
+        } else {
+            y.cast(dtype)
+        }
     }
 
     /// The dense update `scaling · B·A` in PyTorch layout `[d_out, d_in]` (for merging).

@@ -254,12 +254,18 @@ impl Settings {
                 }
             }
         })?;
-        typed.validate().map_err(|invalid| ConfigError::Invalid {
+        typed.validate().map_err(|invalid| self.invalid(invalid))?;
+        Ok(typed)
+    }
+
+    /// `invalid` as an error naming this config's file and the `--set` that gave the value:
+    /// for checks across sections, which no single section's `validate` can make.
+    pub fn invalid(&self, invalid: InvalidValue) -> ConfigError {
+        ConfigError::Invalid {
             path: self.origin.clone(),
             via: self.override_of(&invalid.key),
             invalid,
-        })?;
-        Ok(typed)
+        }
     }
 
     /// Section `name` exactly as merged, as canonical JSON (`null` when absent). Hashing

@@ -9,8 +9,9 @@
 //! `baseline_latency.{png,svg}`, `baseline_batch_sweep.{png,svg}`.
 //!
 //! Device: `probe.device` resolved by the probe's rule (`crate::device::resolve`): NdArray
-//! f32 on the CPU, burn's Cuda backend on a GPU in a `--features cuda` build; the bench
-//! block records the device, and on a GPU its memory (NVML and the allocator).
+//! on the CPU, burn's wgpu or Cuda backend on a GPU, computing in `model.dtype` (auto: f32
+//! on the CPU, f16 on wgpu, bf16 on CUDA); the bench block records the device and dtype,
+//! and on a GPU its memory (NVML and the allocator).
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -21,7 +22,7 @@ use crate::bench::inputs::evaluation_documents;
 use crate::bench::output::markdown_document;
 use crate::bench::performance::Performance;
 use crate::bench::schema::BenchResult;
-use crate::bench::{run_bench_on, BenchOptions};
+use crate::bench::{run_bench_as, BenchOptions};
 use crate::fs::write_atomic;
 use crate::model::Sampling;
 use crate::pipeline::{Stage, StageCtx, StageOutput};
@@ -194,7 +195,7 @@ impl BaselineConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct BaselineMetrics {
-    /// Weight dtype (`bf16`, `f32`).
+    /// The float the model computed in (`f32`, `f16`, `bf16`: `model.dtype` on the device).
     pub dtype: String,
     #[serde(flatten)]
     pub performance: Performance,
@@ -220,7 +221,7 @@ impl Stage for Baseline {
     /// The image bounds change what a model stage measures; `[model] source` reaches it
     /// through the download stage, and `memory_limit_mib` only decides whether it runs.
     fn shared_sections(&self) -> &[&'static str] {
-        &["model.max_pixels", "model.min_pixels"]
+        &["model.max_pixels", "model.min_pixels", "model.dtype"]
     }
     fn code_version(&self) -> u32 {
         // 2: bench schema 2 (device and allocator memory); runs on the chosen device.
@@ -238,11 +239,11 @@ impl Stage for Baseline {
         };
         let device = super::probe::device(ctx)?;
         let admitted = super::memory::ensure_fits(Self::NAME, ctx.settings(), &model_dir, device)?;
-        let (memory_plan, model) = (admitted.plan, admitted.model);
+        let (memory_plan, model, precision) = (admitted.plan, admitted.model, admitted.precision);
         let mut opts = cfg.options(&model_id, download.model_revision.clone());
         opts.pixel_bounds = [model.min_pixels, model.max_pixels];
         let inputs = evaluation_documents()?;
-        let result = run_bench_on(device, &model_dir, &opts, &inputs)
+        let result = run_bench_as(device, precision, &model_dir, &opts, &inputs)
             .with_context(|| format!("benchmarking {}", model_dir.display()))?;
 
         let reports = ctx.workspace().reports();
@@ -295,6 +296,7 @@ pub fn baseline_metrics(r: &BenchResult, documents: usize) -> BaselineMetrics {
             tokens_per_s: decode_tokens_per_s,
             documents: Some(documents),
             warmup_runs: Some(r.settings.warmup_runs),
+            compute_dtype: Some(r.model.dtype.clone()),
             ..Performance::default()
         },
     }

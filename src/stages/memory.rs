@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::config::ModelConfig;
-use crate::device::Device;
+use crate::device::{Device, Precision};
 use crate::model::config::{HfConfig, Qwen25VlConfig};
 use crate::model::plan::{self, Engine, Footprint, Generation, Stored, Training, WeightFormat};
 use crate::model::processor::ImageProcessor;
@@ -158,11 +158,19 @@ pub struct StagePlan {
     pub optional_peak_bytes: Option<u64>,
 }
 
-/// The engine a stage's device runs the model on (the pipeline computes in f32).
-pub fn engine_for(device: Device) -> Engine {
+/// The engine a stage's device runs the model on, computing in `precision` (the CPU always
+/// computes in f32).
+pub fn engine_for(device: Device, precision: Precision) -> Engine {
     match device {
         Device::Cpu => Engine::cpu(rayon::current_num_threads()),
-        Device::Cuda(_) | Device::Wgpu => Engine::gpu(4),
+        Device::Cuda(_) | Device::Wgpu => Engine::gpu(precision_bytes(precision)),
+    }
+}
+
+fn precision_bytes(precision: Precision) -> u64 {
+    match precision {
+        Precision::F32 => 4,
+        Precision::F16 | Precision::Bf16 => 2,
     }
 }
 
@@ -484,6 +492,8 @@ pub struct PlanReport {
     pub model_dir: String,
     pub parameters: u64,
     pub device: String,
+    /// The precision the stages compute in there (`model.dtype` on the device).
+    pub dtype: String,
     /// Largest resized image the stages are planned for, pixels.
     pub max_pixels: u64,
     pub budget: Budget,
@@ -507,7 +517,8 @@ impl PlanReport {
         let model: ModelConfig = settings.section("model")?;
         let facts = ModelFacts::read(model_dir, &model)?;
         let knobs = Knobs::read(settings, &facts)?;
-        let engine = engine_for(device);
+        let precision = model.dtype.resolve(device).context("model.dtype")?;
+        let engine = engine_for(device, precision);
         let budget = budget(device, &model);
         let stages = MODEL_STAGES
             .iter()
@@ -521,6 +532,7 @@ impl PlanReport {
             model_dir: model_dir.display().to_string(),
             parameters: facts.config.parameter_count(),
             device: device.to_string(),
+            dtype: precision.to_string(),
             max_pixels: facts.max_pixels,
             budget,
             stages,
@@ -535,11 +547,12 @@ impl PlanReport {
     /// The table `medpipe plan` prints.
     pub fn table(&self) -> String {
         let mut out = format!(
-            "model {} ({:.1} M parameters), device {}, images up to {} px\n\
+            "model {} ({:.1} M parameters), device {} ({}), images up to {} px\n\
              available: {} ({})\n\n",
             self.model_dir,
             self.parameters as f64 / 1e6,
             self.device,
+            self.dtype,
             self.max_pixels,
             self.budget.bytes.map_or("unknown".into(), gib),
             self.budget.source,
@@ -644,6 +657,8 @@ pub struct Admitted {
     pub plan: Option<StagePlan>,
     /// The `[model]` section the plan was made with.
     pub model: ModelConfig,
+    /// `model.dtype` resolved for the device: what inference computes in.
+    pub precision: Precision,
     pub budget: Budget,
 }
 
@@ -677,7 +692,8 @@ pub fn ensure_fits(
     let model: ModelConfig = settings.section("model")?;
     let facts = ModelFacts::read(model_dir, &model)?;
     let knobs = Knobs::read(settings, &facts)?;
-    let engine = engine_for(device);
+    let precision = model.dtype.resolve(device).context("model.dtype")?;
+    let engine = engine_for(device, precision);
     let budget = budget(device, &model);
     let plan = check(stage, &facts.config, &knobs, engine, &budget)?;
     if let Some(p) = &plan {
@@ -686,6 +702,7 @@ pub fn ensure_fits(
     Ok(Admitted {
         plan,
         model,
+        precision,
         budget,
     })
 }
@@ -722,6 +739,25 @@ mod tests {
         for s in ["probe", "download", "prepare", "report"] {
             assert!(stage_plan(s, &cfg, &k, Engine::gpu(4)).is_none(), "{s}");
         }
+    }
+
+    #[test]
+    fn a_gpu_in_half_precision_holds_the_7b_base_in_half_the_bytes_of_f32() {
+        let (cfg, k) = seven_b();
+        let weights = |precision| {
+            stage_plan("baseline", &cfg, &k, engine_for(Device::Cuda(0), precision))
+                .unwrap()
+                .footprint
+                .weights
+        };
+        let (bf16, f32) = (weights(Precision::Bf16), weights(Precision::F32));
+        assert_eq!(bf16 * 2, f32);
+        // 8.29 B parameters in bf16: the issue's 16.6 GB.
+        assert!((16.4e9..16.8e9).contains(&(bf16 as f64)), "{bf16}");
+        assert_eq!(weights(Precision::F16), bf16);
+        // The CPU computes in f32 whatever the setting.
+        let cpu = |p| engine_for(Device::Cpu, p);
+        assert_eq!(cpu(Precision::F16), cpu(Precision::F32));
     }
 
     #[test]

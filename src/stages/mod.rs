@@ -72,7 +72,20 @@ pub fn load_config(path: Option<&Path>, overrides: &[String]) -> Result<Config, 
 pub fn check(config: &Config) -> Result<(), ConfigError> {
     let pipeline = pipeline();
     config.check_sections(&pipeline.config_sections())?;
-    pipeline.check_config(config)
+    pipeline.check_config(config)?;
+    // A dtype the named device cannot compute in fails now, not after the stages before
+    // the first model stage (`auto` devices are checked when the probe has chosen).
+    let probe: probe::ProbeConfig = config.section("probe")?;
+    if let Ok(device) = crate::device::Device::parse(&probe.device) {
+        if let Err(e) = config.model.dtype.resolve(device) {
+            return Err(config.invalid(crate::pipeline::InvalidValue {
+                key: "model.dtype".into(),
+                value: format!("\"{}\"", config.model.dtype),
+                allowed: format!("with probe.device = \"{}\": {e}", probe.device),
+            }));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -243,6 +256,14 @@ mod tests {
                 "{stage}"
             );
         }
+        // The compute dtype changes what every model stage measures or trains.
+        for stage in ["baseline", "quantize", "train", "evaluate"] {
+            assert_eq!(
+                hash_of(stage, &["model.dtype=f16"])["model"],
+                serde_json::json!({ "dtype": "f16" }),
+                "{stage}"
+            );
+        }
         for stage in ["probe", "download"] {
             let plain = hash_of(stage, &[]);
             assert_eq!(
@@ -253,6 +274,27 @@ mod tests {
                 assert_eq!(plain, hash_of(stage, &[set]), "{stage} {set}");
             }
         }
+    }
+
+    #[test]
+    fn a_dtype_the_named_device_cannot_compute_in_is_refused_before_any_stage_runs() {
+        let err = parse("[model]\ndtype = \"f16\"\n", &["probe.device=cpu"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("config test.toml: model.dtype = \"f16\" is not allowed (with probe.device = \"cpu\": dtype f16 is not supported on cpu"),
+            "{err}"
+        );
+        let err = parse("", &["probe.device=wgpu", "model.dtype=bf16"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--set model.dtype=bf16"), "{err}");
+        assert!(err.contains("WGSL has no bf16"), "{err}");
+        // auto is checked once the probe has chosen; every device has a precision for auto.
+        for device in ["auto", "cpu", "wgpu", "cuda:1"] {
+            parse("", &[&format!("probe.device={device}")]).unwrap();
+        }
+        parse("", &["probe.device=cuda", "model.dtype=bf16"]).unwrap();
     }
 
     #[test]

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bench::memory::{rss_bytes, DeviceWatch, MemorySampler};
 use crate::bench::performance::Performance;
-use crate::device::{run_on, BackendJob, Device, DeviceMemory, Target};
+use crate::device::{run_on_as, BackendJob, Device, DeviceMemory, Precision, Target};
 use crate::kernels::Kernels;
 use crate::metrics::stats::summarize_ms;
 use crate::model::loader::{load_model, InputEncoder};
@@ -192,7 +192,7 @@ impl Stage for Quantize {
     /// The image bounds change what a model stage measures; `[model] source` reaches it
     /// through the download stage, and `memory_limit_mib` only decides whether it runs.
     fn shared_sections(&self) -> &[&'static str] {
-        &["model.max_pixels", "model.min_pixels"]
+        &["model.max_pixels", "model.min_pixels", "model.dtype"]
     }
     fn code_version(&self) -> u32 {
         1
@@ -237,12 +237,13 @@ impl Stage for Quantize {
 
         let prompts = evaluation_prompts(&model_dir, cfg.latency_prompts)?;
         // NF4 first: its load-time RSS is then not masked by pages freed from the base model.
-        let nf4 = measure(device, &out_dir, &prompts, &cfg, pixel_bounds)
-            .context("timing the NF4 model")?;
+        let on = (device, admitted.precision);
+        let nf4 =
+            measure(on, &out_dir, &prompts, &cfg, pixel_bounds).context("timing the NF4 model")?;
         let mut warnings = Vec::new();
         let base = match admitted.optional_refusal() {
             None => Some(
-                measure(device, &model_dir, &prompts, &cfg, pixel_bounds)
+                measure(on, &model_dir, &prompts, &cfg, pixel_bounds)
                     .context("timing the base model")?,
             ),
             Some(why) => {
@@ -378,7 +379,7 @@ struct Measured {
 
 /// [`measure_on`] on the backend of `device`.
 fn measure(
-    device: Device,
+    (device, precision): (Device, Precision),
     dir: &Path,
     prompts: &[Prompt],
     cfg: &QuantizeConfig,
@@ -403,15 +404,16 @@ fn measure(
             )
         }
     }
-    run_on(
+    run_on_as(
         device,
+        precision,
         Job {
             dir,
             prompts,
             cfg,
             pixel_bounds,
         },
-    )?
+    )??
 }
 
 /// Loads the model in `dir`, then times greedy generation on every prompt.
@@ -490,6 +492,7 @@ fn measure_on<B: Kernels>(
             tokens_per_s: (decode_ms > 0.0).then(|| decode_tokens as f64 / (decode_ms / 1e3)),
             documents: Some(requests.len()),
             warmup_runs: Some(cfg.warmup_runs),
+            compute_dtype: Some(crate::device::compute_dtype::<B>(dev)),
             ..Performance::default()
         },
         rss_after_load,

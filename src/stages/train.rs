@@ -22,7 +22,7 @@ use serde_json::json;
 
 use crate::bench::memory::DeviceWatch;
 use crate::data::sample::Sample;
-use crate::device::{run_autodiff_on, AutodiffJob, DeviceMemory, Target};
+use crate::device::{run_autodiff_on_as, AutodiffJob, DeviceMemory, Target};
 use crate::fs::commit_dir;
 use crate::kernels::{AutodiffKernels, Kernels};
 use crate::model::lora::LoraSpec;
@@ -207,7 +207,7 @@ impl Stage for Train {
     /// The image bounds change what a model stage measures; `[model] source` reaches it
     /// through the download stage, and `memory_limit_mib` only decides whether it runs.
     fn shared_sections(&self) -> &[&'static str] {
-        &["model.max_pixels", "model.min_pixels"]
+        &["model.max_pixels", "model.min_pixels", "model.dtype"]
     }
     fn code_version(&self) -> u32 {
         1
@@ -224,7 +224,7 @@ impl Stage for Train {
             &model_dir,
             super::probe::device(ctx)?,
         )?;
-        let (memory_plan, model) = (admitted.plan, admitted.model);
+        let (memory_plan, model, precision) = (admitted.plan, admitted.model, admitted.precision);
         let root = ctx.workspace().root().to_path_buf();
         // QLoRA: the frozen base is the quantize stage's NF4 checkpoint.
         let quantized = ctx.upstream_metrics::<super::quantize::Quantize>()?;
@@ -308,8 +308,9 @@ impl Stage for Train {
         }
         let adapter_dir = ctx.workspace().checkpoints().join("adapter");
         let device = super::probe::device(ctx)?;
-        let trained = run_autodiff_on(
+        let trained = run_autodiff_on_as(
             device,
+            precision,
             TrainJob {
                 ctx,
                 cfg: &cfg,
@@ -321,7 +322,7 @@ impl Stage for Train {
                 train_set: &train_set,
                 val_set: &val_set,
             },
-        )??;
+        )???;
 
         let st = &trained.state;
         let tokens: usize = st.history.iter().map(|m| m.input_tokens).sum();
@@ -371,9 +372,12 @@ impl Stage for Train {
             "base_model_dir": ctx.workspace().relative(&model_dir),
             "nf4_base_dir": ctx.workspace().relative(&nf4_dir),
             "base_quantization": format!(
-                "nf4 (bitsandbytes layout, double quant); compute f32 on {}",
-                if device.is_cuda() { device.to_string() } else { "CPU".into() }
+                "nf4 (bitsandbytes layout, double quant); compute {precision} on {}",
+                if device == crate::device::Device::Cpu { "CPU".into() } else { device.to_string() }
             ),
+            // The frozen model computes in model.dtype; LoRA params, gradients, AdamW and the
+            // loss stay f32.
+            "compute_dtype": precision.to_string(),
             "adapter_chosen": trained.chosen,
             "total_params": trained.total_params,
             "trainable_percent": 100.0 * trained.trainable as f64 / (trained.total_params + trained.trainable).max(1) as f64,

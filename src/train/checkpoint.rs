@@ -251,9 +251,10 @@ pub fn load_latest<B: Kernels>(
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         let n = data.len();
+        // f32 like the LoRA params they belong to, whatever the device computes in.
         halves.entry(key.to_string()).or_default()[slot] = Some(Tensor::from_data(
             burn::tensor::TensorData::new(data, [n]),
-            device,
+            (device, burn::tensor::DType::F32),
         ));
     }
     let mut moments = BTreeMap::new();

@@ -5,6 +5,7 @@
 use crate::kernels::Kernels;
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
+use burn::tensor::DType;
 
 /// Label value that masks a position out of the loss (prompt and image tokens).
 pub const IGNORE_INDEX: i64 = -100;
@@ -23,7 +24,13 @@ pub fn causal_lm_loss<B: Kernels>(
     if s < 2 {
         return (Tensor::zeros([1], &logits.device()), 0);
     }
+    // In f32 whatever the model computes in, as transformers upcasts logits for the loss.
     let logits = logits.slice([0..b, 0..s - 1, 0..v]); // predicts positions 1..s
+    let logits = if logits.dtype() == DType::F32 {
+        logits
+    } else {
+        logits.cast(DType::F32)
+    };
     let targets = labels.slice([0..b, 1..s]); // [b, s-1]
     let mask = targets.clone().not_equal_elem(IGNORE_INDEX); // [b, s-1]
     let count: usize = mask.clone().int().sum().into_scalar().elem::<i64>().max(0) as usize;
@@ -33,7 +40,7 @@ pub fn causal_lm_loss<B: Kernels>(
     let picked = logp
         .gather(2, safe.unsqueeze_dim::<3>(2))
         .squeeze_dim::<2>(2); // [b, s-1]
-    let nll = picked.neg() * mask.float();
+    let nll = picked.neg() * mask.float().cast(DType::F32);
     let loss = nll.sum() / (count.max(1) as f64);
     (loss, count)
 }

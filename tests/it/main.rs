@@ -12,6 +12,7 @@ mod evaluate;
 mod forward;
 mod mock_hub;
 mod plan;
+mod precision;
 mod prepare;
 mod quantize;
 mod resume;

@@ -92,7 +92,7 @@ impl Stage for Evaluate {
     /// The image bounds change what a model stage measures; `[model] source` reaches it
     /// through the download stage, and `memory_limit_mib` only decides whether it runs.
     fn shared_sections(&self) -> &[&'static str] {
-        &["model.max_pixels", "model.min_pixels"]
+        &["model.max_pixels", "model.min_pixels", "model.dtype"]
     }
     fn code_version(&self) -> u32 {
         CODE_VERSION
@@ -126,13 +126,14 @@ impl Stage for Evaluate {
         let prepare = ctx.upstream_metrics::<Prepare>()?;
         // Every variant shares the base checkpoint's tokenizer, chat template and processor.
         let device = super::probe::device(ctx)?;
-        let model =
-            crate::stages::memory::ensure_fits(Self::NAME, ctx.settings(), &base_dir, device)?
-                .model;
+        let admitted =
+            crate::stages::memory::ensure_fits(Self::NAME, ctx.settings(), &base_dir, device)?;
+        let model = &admitted.model;
         let encoder = InputEncoder::from_dir(&base_dir)?
             .with_pixel_bounds(model.min_pixels, model.max_pixels)?;
         let docs = load_documents(ctx, &cfg, &encoder, &prepare)?;
-        let outcome = evaluate_on(device, ctx, &cfg, &plans, &docs, encoder.prompts())?;
+        let on = (device, admitted.precision);
+        let outcome = evaluate_on(on, ctx, &cfg, &plans, &docs, encoder.prompts())?;
         let failed: Vec<&VariantNotRun> = outcome
             .not_run
             .iter()

@@ -14,7 +14,7 @@ use super::plan::{EvalDoc, EvaluateConfig, Variant, VariantPlan, VariantSource};
 use crate::bench::memory::{rss_bytes, MemorySampler};
 use crate::bench::performance::Performance;
 use crate::bench::run::{generate_batch, watch_device};
-use crate::device::{run_on, BackendJob, Device, Target};
+use crate::device::{run_on_as, BackendJob, Device, Precision, Target};
 use crate::fs::write_atomic_with;
 use crate::kernels::Kernels;
 use crate::metrics::answer::Item;
@@ -41,14 +41,14 @@ pub fn load_variant<B: Kernels>(
         .with_context(|| format!("loading the model from {}", source.model_dir.display()))
 }
 
-/// Runs every planned variant on the backend of `device` (NdArray for the CPU, Cuda for a
-/// GPU), each on the same documents.
+/// Runs every planned variant on the backend of `device` (NdArray for the CPU, wgpu or Cuda
+/// for a GPU) computing in `precision`, each on the same documents.
 ///
 /// # Errors
 /// No backend for `device` in this build; scores that cannot be compared. A variant that
 /// fails is listed in the outcome, not returned.
 pub(super) fn evaluate_on(
-    device: Device,
+    (device, precision): (Device, Precision),
     ctx: &StageCtx<'_>,
     cfg: &EvaluateConfig,
     plans: &[VariantPlan],
@@ -76,8 +76,9 @@ pub(super) fn evaluate_on(
             )
         }
     }
-    run_on(
+    run_on_as(
         device,
+        precision,
         Job {
             ctx,
             cfg,
@@ -85,7 +86,7 @@ pub(super) fn evaluate_on(
             docs,
             prompts,
         },
-    )?
+    )??
 }
 
 /// One line of `reports/predictions/<variant>.jsonl`.
@@ -288,6 +289,7 @@ fn run_variant<B: Kernels>(
         tokens_per_s: (decode_ms > 0.0).then(|| decode_tokens as f64 / (decode_ms / 1e3)),
         documents: Some(records.len()),
         warmup_runs: Some(0),
+        compute_dtype: Some(crate::device::compute_dtype::<B>(device)),
     };
     tracing::info!(variant = name, docs = records.len(), "variant scored");
     Ok(Scored {

@@ -538,7 +538,7 @@ mod tests {
         );
         let md = std::fs::read_to_string(dir.path().join(BENCHMARK_REPORT_FILE)).unwrap();
         assert!(
-            md.contains("| nf4 | 5.25 GiB | 6.00 GiB | 7.00 GiB | 7.00 GiB |"),
+            md.contains("| nf4 | f32 | 5.25 GiB | 6.00 GiB | 7.00 GiB | 7.00 GiB |"),
             "{md}"
         );
         let svg =

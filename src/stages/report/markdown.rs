@@ -202,15 +202,16 @@ fn variant_tables(w: &mut String, variants: &[VariantRow]) {
     );
     let _ = writeln!(
         w,
-        "| variant | weights on disk | weights resident | RSS growth | peak memory | load time | from |"
+        "| variant | computes in | weights on disk | weights resident | RSS growth | peak memory | load time | from |"
     );
-    let _ = writeln!(w, "| --- | ---: | ---: | ---: | ---: | ---: | --- |");
+    let _ = writeln!(w, "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |");
     for v in variants {
         let p = &v.performance;
         let _ = writeln!(
             w,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             v.name,
+            p.compute_dtype.as_deref().unwrap_or("-"),
             opt(p.weights_bytes, bytes),
             opt(p.weights_resident_bytes, bytes),
             opt(p.rss_delta_bytes, bytes),
