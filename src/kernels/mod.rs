@@ -57,6 +57,16 @@ pub struct Nf4Weight<B: Backend> {
     pub blocksize: usize,
 }
 
+impl<B: Backend> Bf16Weight<B> {
+    /// The weight whose bit patterns `bits` (`[out_features, in_features]`, `U16`) holds.
+    pub fn of(bits: &burn::tensor::Tensor<B, 2, burn::tensor::Int>) -> Self {
+        Self {
+            shape: bits.dims(),
+            bits: bits.clone().into_primitive(),
+        }
+    }
+}
+
 impl<B: Backend> Nf4Weight<B> {
     /// Elements of the (unpadded) weight.
     pub fn numel(&self) -> usize {

@@ -55,10 +55,7 @@ pub struct Bf16Linear<B: Kernels> {
 
 impl<B: Kernels> Bf16Linear<B> {
     fn weight(&self) -> kernels::Bf16Weight<B> {
-        kernels::Bf16Weight {
-            shape: self.bits.dims(),
-            bits: self.bits.clone().into_primitive(),
-        }
+        kernels::Bf16Weight::of(&self.bits)
     }
 
     /// # Shapes

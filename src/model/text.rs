@@ -55,10 +55,7 @@ impl<B: Kernels> TokenEmbedding<B> {
             Self::Dense(e) => e.forward(ids),
             Self::Bf16(bits) => {
                 let [b, s] = ids.dims();
-                let table = kernels::Bf16Weight {
-                    shape: bits.dims(),
-                    bits: bits.clone().into_primitive(),
-                };
+                let table = kernels::Bf16Weight::of(bits);
                 let d = table.shape[1];
                 kernels::bf16_rows(&table, ids.reshape([b * s])).reshape([b, s, d])
             }
@@ -69,13 +66,7 @@ impl<B: Kernels> TokenEmbedding<B> {
     fn tied_logits(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
         match self {
             Self::Dense(e) => hidden.matmul(e.weight.val().transpose()),
-            Self::Bf16(bits) => kernels::bf16_matmul(
-                hidden,
-                &kernels::Bf16Weight {
-                    shape: bits.dims(),
-                    bits: bits.clone().into_primitive(),
-                },
-            ),
+            Self::Bf16(bits) => kernels::bf16_matmul(hidden, &kernels::Bf16Weight::of(bits)),
         }
     }
 }

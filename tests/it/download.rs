@@ -43,6 +43,58 @@ fn tiny_repo(id: &str) -> MockRepo {
     }
 }
 
+/// The fixture model split as the hub's large checkpoints are: `model-0000i-of-00005`
+/// shards (tensors dealt round-robin) and `model.safetensors.index.json`.
+fn sharded_tiny_repo(id: &str) -> (MockRepo, Vec<String>) {
+    use safetensors::{tensor::TensorView, SafeTensors};
+    let whole = fixture("model.safetensors");
+    let st = SafeTensors::deserialize(&whole).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    let shard_names: Vec<String> = (1..=5)
+        .map(|i| format!("model-{i:05}-of-00005.safetensors"))
+        .collect();
+    let mut weight_map = serde_json::Map::new();
+    let mut files = vec![
+        MockFile::new("config.json", fixture("config.json"), false),
+        MockFile::new(
+            "preprocessor_config.json",
+            fixture("preprocessor_config.json"),
+            false,
+        ),
+    ];
+    for (s, shard) in shard_names.iter().enumerate() {
+        let mine: Vec<(String, TensorView)> = names
+            .iter()
+            .skip(s)
+            .step_by(5)
+            .map(|n| (n.clone(), st.tensor(n).unwrap()))
+            .collect();
+        for (n, _) in &mine {
+            weight_map.insert(n.clone(), shard.clone().into());
+        }
+        let bytes = safetensors::serialize(mine, None).unwrap();
+        files.push(MockFile::new(shard, bytes, true));
+    }
+    let index = serde_json::json!({
+        "metadata": { "total_size": whole.len() },
+        "weight_map": weight_map,
+    });
+    files.push(MockFile::new(
+        "model.safetensors.index.json",
+        index.to_string().into_bytes(),
+        false,
+    ));
+    let repo = MockRepo {
+        kind: "models",
+        id: id.into(),
+        commit: COMMIT.into(),
+        files,
+        gated: false,
+    };
+    (repo, shard_names)
+}
+
 struct Env {
     _tmp: tempfile::TempDir,
     ws: PathBuf,
@@ -280,6 +332,58 @@ fn a_dropped_connection_resumes_on_the_next_run_and_the_file_verifies() {
         "no request continued at {DROP_AFTER}: {:?}",
         hub.requests()
     );
+}
+
+/// Issue 19: a real-size checkpoint comes in shards with an index. Every shard is fetched and
+/// verified, a shard cut off mid-transfer resumes on the next run, and the downloaded
+/// snapshot loads and gives the fixture's reference logits.
+#[test]
+fn a_sharded_checkpoint_downloads_every_shard_resumes_a_cut_one_and_loads() {
+    let (repo, shards) = sharded_tiny_repo("test/sharded");
+    let cut = shards[2].clone();
+    let cut_sha = repo.files.iter().find(|f| f.path == cut).unwrap().sha256();
+    let hub = MockHub::start(vec![repo], Some((cut.as_str(), 100_000)));
+    let e = Env::new();
+    let args = [
+        "--set",
+        "model.source=hf:test/sharded",
+        "--set",
+        "download.retries=0",
+    ];
+    let out = e.run(&hub.url(), &args, &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(e.error_text().contains(&cut), "{}", e.error_text());
+
+    hub.clear_log();
+    ok(&e.run(&hub.url(), &args, &[]));
+    let files = files_by_path(&e.artifact());
+    let mut want: Vec<&str> = shards.iter().map(String::as_str).collect();
+    want.extend([
+        "config.json",
+        "model.safetensors.index.json",
+        "preprocessor_config.json",
+    ]);
+    want.sort();
+    assert_eq!(files.keys().map(String::as_str).collect::<Vec<_>>(), want);
+    for shard in &shards {
+        assert_eq!(files[shard]["verified"], true, "{shard}");
+    }
+    assert_eq!(files[&cut]["resumed_from_bytes"], 100_000);
+    assert_eq!(files[&cut]["sha256"], cut_sha);
+    // The shards finished in the first run are reused, not fetched again.
+    for shard in shards.iter().take(2) {
+        assert_eq!(files[shard]["action"], "reused", "{shard}");
+    }
+    let snapshot = e
+        .repo_dir("models--test--sharded")
+        .join("snapshots")
+        .join(COMMIT);
+    crate::forward::assert_dir_gives_the_tiny_reference(&snapshot);
 }
 
 #[test]

@@ -112,6 +112,26 @@ fn assert_forward_matches_on(device: &str, model: &str, adapter: Option<&str>, w
     }
 }
 
+/// `forward` on the CPU of the checkpoint in `dir` gives the tiny fixture's reference logits
+/// (for copies of the fixture model: sharded, downloaded).
+pub fn assert_dir_gives_the_tiny_reference(dir: &Path) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.safetensors");
+    let reference = fixture("qwen2_5_vl_tiny/reference.safetensors");
+    let run = forward(dir, None, &reference, &out);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let worst = max_diff(&logits(&out), &logits(&reference));
+    assert!(
+        worst <= LOGITS_ATOL,
+        "{}: max |diff| {worst}",
+        dir.display()
+    );
+}
+
 fn assert_forward_matches(model: &str, adapter: Option<&str>, want: &str) {
     assert_forward_matches_on("cpu", model, adapter, want);
 }
