@@ -175,6 +175,12 @@ pub struct TrainStep {
     pub lr: Option<f64>,
     /// Global gradient L2 norm before clipping.
     pub grad_norm: Option<f64>,
+    /// The loss scale of an f16 run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    /// Skipped: its f16 gradients overflowed at that scale (`grad_norm` is then null).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
 }
 
 /// One validation point.
@@ -342,7 +348,9 @@ impl Stage for Train {
                     step: m.step as usize,
                     loss: m.loss,
                     lr: Some(m.lr),
-                    grad_norm: Some(m.grad_norm),
+                    grad_norm: (!m.skipped).then_some(m.grad_norm),
+                    loss_scale: m.loss_scale,
+                    skipped: m.skipped,
                 })
                 .collect(),
             val: st
@@ -360,6 +368,14 @@ impl Stage for Train {
             train_time_s: Some(trained.train_time_s),
             trainable_params: Some(trained.trainable),
         };
+        let skipped = st.history.iter().filter(|m| m.skipped).count();
+        if skipped > 0 {
+            warnings.push(format!(
+                "{skipped} of {} optimizer steps were skipped: their f16 gradients overflowed \
+                 and the loss scale was halved (steps[].skipped)",
+                st.history.len()
+            ));
+        }
         let first = st.history.first().map(|m| m.loss);
         let last = st.history.last().map(|m| m.loss);
         let best_val = st

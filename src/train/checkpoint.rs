@@ -25,6 +25,7 @@ use crate::kernels::Kernels;
 use crate::model::lora::{Adapter, LoraError};
 use crate::train::metrics::{StepMetrics, ValMetrics};
 use crate::train::optim::{AdamW, Moments};
+use crate::train::scaler::LossScaler;
 
 /// Version of the checkpoint layout.
 pub const CHECKPOINT_FORMAT: u32 = 1;
@@ -83,6 +84,9 @@ pub struct TrainState {
     pub history: Vec<StepMetrics>,
     /// Every validation run.
     pub validations: Vec<ValMetrics>,
+    /// The loss scale of an f16 run (`None` in f32 and bf16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<LossScaler>,
 }
 
 /// `step-00000012`

@@ -20,8 +20,14 @@ pub struct StepMetrics {
     pub loss: f64,
     /// Learning rate the step used.
     pub lr: f64,
-    /// Global gradient L2 norm before clipping.
+    /// Global gradient L2 norm before clipping (0 on a step skipped for overflow).
     pub grad_norm: f64,
+    /// The f16 loss scale the step used (`None` in f32 and bf16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    /// Whether the step's scaled gradients overflowed in f16, so it changed nothing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
     /// Samples in the window.
     pub samples: usize,
     /// Unpadded input tokens in the window.

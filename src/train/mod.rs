@@ -3,7 +3,8 @@
 //! per tensor), HF's linear-warmup + cosine schedule (burn's cosine restarts), and the masked
 //! next-token cross-entropy transformers computes; and the loop that uses them: samples and
 //! batching (`batch`), resumable checkpoints (`checkpoint`), hyper-parameters (`config`),
-//! what a run measures and reports (`metrics`), the validation pass (`validate`), and the
+//! what a run measures and reports (`metrics`), f16 loss scaling (`scaler`), the validation
+//! pass (`validate`), and the
 //! trainer (`trainer`) with its errors (`error`).
 
 pub mod batch;
@@ -15,6 +16,7 @@ pub mod metrics;
 pub mod optim;
 #[cfg(test)]
 pub(crate) mod qlora_check;
+pub mod scaler;
 pub mod schedule;
 pub mod trainer;
 mod validate;

@@ -72,7 +72,24 @@ impl<B: Backend> AdamW<B> {
 
     /// Applies one AdamW step with learning rate `lr` to every float param of `module` that
     /// has a gradient in `grads`; others are left untouched.
-    pub fn step<AB, M>(&mut self, lr: f64, module: M, mut grads: GradientsParams) -> (M, StepStats)
+    pub fn step<AB, M>(&mut self, lr: f64, module: M, grads: GradientsParams) -> (M, StepStats)
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
+        self.step_unscaled(lr, module, grads, 1.0)
+    }
+
+    /// [`AdamW::step`] on gradients of a loss multiplied by `1 / unscale` (f16 loss scaling):
+    /// they are multiplied by `unscale` first. Gradients with an inf or NaN are not applied:
+    /// the module and the state come back unchanged, with a non-finite `grad_norm`.
+    pub fn step_unscaled<AB, M>(
+        &mut self,
+        lr: f64,
+        module: M,
+        mut grads: GradientsParams,
+        unscale: f64,
+    ) -> (M, StepStats)
     where
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
@@ -83,7 +100,14 @@ impl<B: Backend> AdamW<B> {
             _b: std::marker::PhantomData,
         };
         module.visit(&mut norm);
-        let grad_norm = norm.sum_sq.sqrt();
+        let grad_norm = norm.sum_sq.sqrt() * unscale;
+        if !grad_norm.is_finite() {
+            let stats = StepStats {
+                grad_norm,
+                clip_scale: 0.0,
+            };
+            return (module, stats);
+        }
         let clip_scale = match self.config.max_grad_norm {
             // torch: clip_coef = max_norm / (total_norm + 1e-6), clamped to at most 1.
             Some(max) => (max / (grad_norm + 1e-6)).min(1.0),
@@ -94,7 +118,8 @@ impl<B: Backend> AdamW<B> {
             opt: self,
             grads: &mut grads,
             lr,
-            clip_scale,
+            // The update multiplies each gradient by this once: unscaling and clipping.
+            clip_scale: clip_scale * unscale,
         };
         let module = module.map(&mut mapper);
         (
@@ -311,6 +336,35 @@ mod tests {
         m.sort_by(f32::total_cmp);
         // m = (1 - beta1) * clipped grad: 0.1 * [0, 0.6, 0.8]
         assert_close("first moments", &m, &[0.0, 0.06, 0.08], 1e-6);
+    }
+
+    /// f16 loss scaling: gradients of a loss scaled by 1024 give the unscaled step exactly
+    /// (powers of two), and an overflowed gradient changes neither the params nor the state.
+    #[test]
+    fn scaled_gradients_unscale_to_the_same_step_and_an_overflow_is_not_applied() {
+        let dev = Default::default();
+        let bag = || Bag {
+            params: vec![Param::from_tensor(Tensor::<AB, 2>::ones([1, 2], &dev))],
+        };
+        let step = |g: [f32; 2], unscale: f64| {
+            let b = bag();
+            let gp = grads_of(&b, &[Tensor::from_floats([g], &dev)]);
+            let mut opt = AdamW::new(AdamWConfig {
+                max_grad_norm: Some(1.0),
+                ..Default::default()
+            });
+            let (b, stats) = opt.step_unscaled(0.1, b, gp, unscale);
+            let p = b.params[0].val().into_data().to_vec::<f32>().unwrap();
+            (p, stats, opt.step, opt.moments.len())
+        };
+        let (plain, s1, ..) = step([3.0, 4.0], 1.0);
+        let (scaled, s2, ..) = step([3.0 * 1024.0, 4.0 * 1024.0], 1.0 / 1024.0);
+        assert_eq!(plain, scaled);
+        assert_eq!(s1.grad_norm, s2.grad_norm);
+        let (p, stats, steps, moments) = step([f32::INFINITY, 4.0], 1.0 / 1024.0);
+        assert_eq!(p, vec![1.0, 1.0]);
+        assert!(!stats.grad_norm.is_finite());
+        assert_eq!((steps, moments), (0, 0));
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub use crate::train::error::TrainError;
 use crate::train::loss::causal_lm_loss;
 pub use crate::train::metrics::{Flow, StepMetrics, TrainEvent, ValMetrics};
 use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::scaler::LossScaler;
 use crate::train::schedule::WarmupCosine;
 use crate::train::validate::{save_best, validate};
 
@@ -237,6 +238,9 @@ fn resume_or_init<B: AutodiffKernels>(
         best: None,
         history: vec![],
         validations: vec![],
+        // f16 flushes small gradients to zero: scale the loss (bf16 and f32 need not).
+        loss_scaler: (crate::device::compute_dtype::<B>(ctx.device) == "f16")
+            .then(LossScaler::default),
     };
     let Some(saved) = checkpoint::load_latest::<B::InnerBackend>(ctx.ckpt_dir, ctx.device)? else {
         return Ok((
@@ -306,7 +310,9 @@ fn optimizer_step<B: AutodiffKernels>(
         .collect::<Result<Vec<_>, _>>()?;
     let window_tokens: usize = batches.iter().map(|b| b.label_tokens).sum();
     let input_tokens: usize = batches.iter().map(|b| b.input_tokens).sum();
-    let (grads, loss_sum) = accumulate_gradients(&model, batches, window_tokens, state.step, ctx)?;
+    let scale = state.loss_scaler.map_or(1.0, |s| s.scale);
+    let (grads, loss_sum) =
+        accumulate_gradients(&model, batches, window_tokens, scale, state.step, ctx)?;
     if !loss_sum.is_finite() {
         return Err(TrainError::NonFinite {
             step: state.step + 1,
@@ -314,7 +320,22 @@ fn optimizer_step<B: AutodiffKernels>(
         });
     }
     let lr = ctx.sched.lr(state.step);
-    let (model, stats) = opt.step(lr, model, grads);
+    let (model, stats) = opt.step_unscaled(lr, model, grads, 1.0 / scale);
+    let applied = stats.grad_norm.is_finite();
+    match &mut state.loss_scaler {
+        // An overflow of the scaled gradients: the step changed nothing; like HF's Trainer,
+        // it still counts, on a smaller scale next time.
+        Some(scaler) => {
+            scaler.update(applied);
+        }
+        None if !applied => {
+            return Err(TrainError::NonFinite {
+                step: state.step + 1,
+                loss: stats.grad_norm,
+            })
+        }
+        None => {}
+    }
     state.step += 1;
     state.next_sample = end;
     let secs = started.elapsed().as_secs_f64().max(1e-9);
@@ -325,7 +346,9 @@ fn optimizer_step<B: AutodiffKernels>(
         epoch: epoch_frac,
         loss: loss_sum,
         lr,
-        grad_norm: stats.grad_norm,
+        grad_norm: if applied { stats.grad_norm } else { 0.0 },
+        loss_scale: state.loss_scaler.is_some().then_some(scale),
+        skipped: !applied,
         samples: indices.len(),
         input_tokens,
         label_tokens: window_tokens,
@@ -348,6 +371,7 @@ fn accumulate_gradients<B: AutodiffKernels>(
     model: &Qwen25Vl<B>,
     batches: Vec<Batch<B::InnerBackend>>,
     window_tokens: usize,
+    loss_scale: f64,
     step: u64,
     ctx: &Ctx<'_, B>,
 ) -> Result<(GradientsParams, f64), TrainError> {
@@ -361,6 +385,11 @@ fn accumulate_gradients<B: AutodiffKernels>(
         // HF `num_items_in_batch`: each micro-batch's token sum over the window's tokens.
         let loss = loss.mul_scalar(count as f64 / window_tokens.max(1) as f64);
         loss_sum += loss.clone().into_scalar().elem::<f64>();
+        let loss = if loss_scale == 1.0 {
+            loss
+        } else {
+            loss.mul_scalar(loss_scale)
+        };
         let grads = GradientsParams::from_grads(loss.backward(), model);
         accum.accumulate(model, grads);
     }

@@ -1,6 +1,6 @@
 //! `[model] dtype`: the model stages compute in half precision on a GPU (`auto`: f16 on
 //! wgpu, bf16 on CUDA), in one process, and record it; QLoRA keeps its LoRA params, AdamW
-//! and the loss in f32, so it trains as the f32 CPU run does.
+//! and the loss in f32 and scales the f16 loss, so it trains as the f32 CPU run does.
 
 use serde_json::Value;
 
@@ -52,6 +52,11 @@ fn on_wgpu_the_whole_pipeline_computes_in_f16_and_trains_like_the_f32_cpu_run() 
 
     let train = metrics(&ws, "training_metrics.json");
     assert_eq!(train["compute_dtype"], "f16", "{train}");
+    // f16 scales the loss (2^16 to start); no step of this run overflowed.
+    for s in train["steps"].as_array().unwrap() {
+        assert_eq!(s["loss_scale"], 65536.0, "{s}");
+        assert!(s.get("skipped").is_none(), "{s}");
+    }
     let (steps, val) = training(&train);
     assert_eq!(steps.len(), cpu_steps.len());
     for ((loss, norm), (cpu_loss, cpu_norm)) in steps.iter().zip(&cpu_steps) {

@@ -62,10 +62,15 @@ pub(crate) fn tiny() -> Qwen25Vl<TB> {
 
 /// The reference image as model input, on any backend.
 pub(crate) fn image<B: Kernels>(r: &Reference) -> ImageInput<B> {
+    image_on(r, &Default::default())
+}
+
+/// The reference image as model input, on `device`.
+pub(crate) fn image_on<B: Kernels>(r: &Reference, device: &B::Device) -> ImageInput<B> {
     ImageInput {
         pixel_values: Tensor::from_data(
             TensorData::new(r.pixel_values.clone(), r.pixel_shape),
-            &Default::default(),
+            device,
         ),
         grids: vec![r.grid],
     }
