@@ -37,6 +37,85 @@ mod kernel {
         let value = code[nibble as usize] * absmax[i / blocksize as usize];
         out[i] = F::cast_from(value);
     }
+
+    /// `x · dequant(W)ᵀ` for a few input rows (decode), the weight never written out: one
+    /// cube per output feature `o`; its units stride over `o`'s 32-bit words (8 codes each,
+    /// all in one quantization block), decode them in registers and accumulate every input
+    /// row's dot product in f32, then sum across the cube in shared memory.
+    ///
+    /// Needs `in_features % 8 == 0` (a word never straddles two rows) and a block size that
+    /// is a multiple of 8 (nor two blocks); `cube_size` a power of two.
+    #[cube(launch)]
+    pub fn nf4_gemv<F: Float>(
+        x: &Array<F>,
+        packed: &Array<u32>,
+        absmax: &Array<f32>,
+        code: &Array<f32>,
+        out: &mut Array<F>,
+        in_features: u32,
+        out_features: u32,
+        #[comptime] rows: usize,
+        #[comptime] blocksize: u32,
+        #[comptime] cube_size: u32,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let o = CUBE_POS;
+        if o >= out_features as usize {
+            terminate!();
+        }
+        let tid = UNIT_POS;
+        let width = in_features as usize;
+        let words = in_features / 8;
+        let mut acc = Array::<f32>::new(rows);
+        #[unroll]
+        for r in 0..rows {
+            acc[r] = 0.0;
+        }
+        let mut k = tid;
+        while k < words {
+            let word = packed[o * words as usize + k as usize];
+            let first = o * width + (k * 8) as usize;
+            let scale = absmax[first / blocksize as usize];
+            #[unroll]
+            for j in 0..8u32 {
+                // bitsandbytes' order: byte j / 2 of the little-endian word, high nibble first.
+                let shift = (j / 2) * 8 + (1 - j % 2) * 4;
+                let w = code[((word >> shift) & 15u32) as usize] * scale;
+                let col = (k * 8 + j) as usize;
+                #[unroll]
+                for r in 0..rows {
+                    acc[r] += w * f32::cast_from(x[r * width + col]);
+                }
+            }
+            k += cube_size;
+        }
+        let mut partial = SharedMemory::<f32>::new(cube_size as usize * rows);
+        #[unroll]
+        for r in 0..rows {
+            partial[tid as usize * rows + r] = acc[r];
+        }
+        sync_cube();
+        // A tree over the units: log2(cube_size) halvings, unrolled at compile time.
+        let levels = comptime!(cube_size.trailing_zeros());
+        #[unroll]
+        for level in 0..levels {
+            let stride = (cube_size / 2) >> level;
+            if tid < stride {
+                #[unroll]
+                for r in 0..rows {
+                    let other = partial[(tid + stride) as usize * rows + r];
+                    partial[tid as usize * rows + r] += other;
+                }
+            }
+            sync_cube();
+        }
+        if tid == 0 {
+            #[unroll]
+            for r in 0..rows {
+                out[r * out_features as usize + o] = F::cast_from(partial[r]);
+            }
+        }
+    }
 }
 
 /// Threads per cube of the element-wise kernels.
@@ -79,6 +158,66 @@ pub fn nf4_dequantize<R: CubeRuntime>(
     out
 }
 
+/// Input rows up to which [`nf4_matmul`] runs the fused GEMV (decode batches); more rows
+/// (prefill) dequantize once and multiply with burn's tiled matmul.
+pub const GEMV_MAX_ROWS: usize = 8;
+/// Units per cube of the GEMV: 128 units stride over a row of words, then reduce.
+const GEMV_CUBE: u32 = 128;
+
+/// Whether [`nf4_gemv`] takes `x` `[m, in]` against `w`'s shape and block size.
+pub fn gemv_fits(m: usize, shape: [usize; 2], blocksize: usize) -> bool {
+    (1..=GEMV_MAX_ROWS).contains(&m)
+        && shape[1].is_multiple_of(8)
+        && blocksize.is_multiple_of(8)
+        && shape[0] > 0
+}
+
+/// `x · dequant(W)ᵀ` by [`kernel::nf4_gemv`]: `x` `[m, in]` (m ≤ [`GEMV_MAX_ROWS`]) →
+/// `[m, out]` in `x`'s dtype. Call only where [`gemv_fits`].
+pub fn nf4_gemv<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    packed: CubeTensor<R>,
+    absmax: CubeTensor<R>,
+    code: CubeTensor<R>,
+    shape: [usize; 2],
+    blocksize: usize,
+) -> CubeTensor<R> {
+    let x = into_contiguous(x);
+    let packed = into_contiguous(packed);
+    let absmax = into_contiguous(absmax);
+    let code = into_contiguous(code);
+    let (m, dtype) = (x.meta.shape()[0], x.dtype);
+    let client = x.client.clone();
+    let out = burn_cubecl::ops::numeric::empty_device_dtype::<R>(
+        client.clone(),
+        x.device.clone(),
+        [m, shape[0]].into(),
+        dtype,
+    );
+    // One cube per output feature, laid out in 2D past the 65,535 cubes one axis allows.
+    let cube_count = cubecl::CubeCount::new_2d(
+        shape[0].min(65_535) as u32,
+        shape[0].div_ceil(65_535) as u32,
+    );
+    kernel::nf4_gemv::launch::<R>(
+        &client,
+        cube_count,
+        CubeDim::new_1d(GEMV_CUBE),
+        x.into_array_arg(),
+        packed.into_array_arg(),
+        absmax.into_array_arg(),
+        code.into_array_arg(),
+        out.clone().into_array_arg(),
+        shape[1] as u32,
+        shape[0] as u32,
+        m,
+        blocksize as u32,
+        GEMV_CUBE,
+        dtype.into(),
+    );
+    out
+}
+
 impl<R, F, I, BT> Kernels for CubeBackend<R, F, I, BT>
 where
     R: CubeRuntime,
@@ -94,6 +233,20 @@ where
             w.shape,
             w.blocksize,
             dtype,
+        )
+    }
+
+    fn nf4_matmul(x: FloatTensor<Self>, w: &Nf4Weight<Self>) -> FloatTensor<Self> {
+        if !gemv_fits(x.meta.shape()[0], w.shape, w.blocksize) {
+            return super::nf4_generic::matmul::<Self>(x, w);
+        }
+        nf4_gemv::<R>(
+            x,
+            w.packed.clone(),
+            w.absmax.clone(),
+            w.code.clone(),
+            w.shape,
+            w.blocksize,
         )
     }
 }

@@ -40,6 +40,33 @@ impl<B: FusionBackend + Kernels> Operation<B::FusionRuntime> for Nf4Dequantize<B
     }
 }
 
+/// The fused backend's `x · dequant(W)ᵀ` (its decode GEMV or its dequantize + matmul).
+#[derive(Clone, Debug)]
+struct Nf4Matmul<B> {
+    desc: CustomOpIr,
+    shape: [usize; 2],
+    blocksize: usize,
+    _backend: PhantomData<B>,
+}
+
+impl<B: FusionBackend + Kernels> Operation<B::FusionRuntime> for Nf4Matmul<B> {
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+    ) {
+        let ([x, packed, absmax, code], [out]) = self.desc.as_fixed();
+        let w = Nf4Weight::<B> {
+            packed: handles.get_int_tensor::<B>(packed),
+            absmax: handles.get_float_tensor::<B>(absmax),
+            code: handles.get_float_tensor::<B>(code),
+            shape: self.shape,
+            blocksize: self.blocksize,
+        };
+        let y = B::nf4_matmul(handles.get_float_tensor::<B>(x), &w);
+        handles.register_float_tensor::<B>(&out.id, y);
+    }
+}
+
 impl<B: FusionBackend + Kernels> Kernels for Fusion<B> {
     fn nf4_layout() -> PackedLayout {
         B::nf4_layout()
@@ -63,6 +90,36 @@ impl<B: FusionBackend + Kernels> Kernels for Fusion<B> {
             shape: w.shape,
             blocksize: w.blocksize,
             dtype,
+            _backend: PhantomData,
+        };
+        client
+            .register(streams, OperationIr::Custom(desc), op)
+            .output()
+    }
+
+    fn nf4_matmul(x: FloatTensor<Self>, w: &Nf4Weight<Self>) -> FloatTensor<Self> {
+        let client = x.client.clone();
+        let streams = OperationStreams::with_inputs([&x, &w.packed, &w.absmax, &w.code]);
+        let m = x.shape[0];
+        let out = TensorIr::uninit(
+            client.create_empty_handle(),
+            Shape::new([m, w.shape[0]]),
+            x.dtype,
+        );
+        let desc = CustomOpIr::new(
+            "medpipe_nf4_matmul",
+            &[
+                x.clone().into_ir(),
+                w.packed.clone().into_ir(),
+                w.absmax.clone().into_ir(),
+                w.code.clone().into_ir(),
+            ],
+            &[out],
+        );
+        let op = Nf4Matmul::<B> {
+            desc: desc.clone(),
+            shape: w.shape,
+            blocksize: w.blocksize,
             _backend: PhantomData,
         };
         client

@@ -132,8 +132,7 @@ pub trait Kernels: Backend {
 
     /// `x · dequant(W)ᵀ`: `x` `[m, in_features]` → `[m, out_features]`, in `x`'s dtype.
     fn nf4_matmul(x: FloatTensor<Self>, w: &Nf4Weight<Self>) -> FloatTensor<Self> {
-        let weight = Self::nf4_dequantize(w, x.dtype());
-        Self::float_matmul(x, Self::float_transpose(weight))
+        nf4_generic::matmul::<Self>(x, w)
     }
 
     /// Whether a checkpoint's bf16 projection weights load as [`Bf16Weight`]s (read by

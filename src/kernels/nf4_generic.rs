@@ -3,7 +3,7 @@
 
 use burn::prelude::*;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, ElementConversion, TensorPrimitive};
+use burn::tensor::{DType, ElementConversion, TensorMetadata, TensorPrimitive};
 
 use super::{Kernels, Nf4Weight, PackedLayout};
 
@@ -60,4 +60,11 @@ pub fn dequantize<B: Kernels>(w: &Nf4Weight<B>, dtype: DType) -> FloatTensor<B> 
         .cast(dtype)
         .into_primitive()
         .tensor()
+}
+
+/// `x · dequant(W)ᵀ` by dequantizing the whole weight (`B`'s own kernel) and multiplying:
+/// the trait's default, and the prefill path of backends with a decode kernel.
+pub fn matmul<B: Kernels>(x: FloatTensor<B>, w: &Nf4Weight<B>) -> FloatTensor<B> {
+    let weight = B::nf4_dequantize(w, x.dtype());
+    B::float_matmul(x, B::float_transpose(weight))
 }

@@ -12,8 +12,12 @@ use crate::test_util::{assert_close, wgpu_available};
 
 /// `(out, in, blocksize)`: odd rows start mid-byte (13×11), rows cross blocks (5×130), a
 /// tail block (7×9 at 128), one row, nine rows of 70; rows of whole blocks (3×64, 6×128 at
-/// 32, 2×192), the layout of real models, which the CPU's AVX-512 path takes.
-const SHAPES: [(usize, usize, usize); 8] = [
+/// 32, 2×192), the layout of real models, which the CPU's AVX-512 path takes. Rows of whole
+/// words take the GPU's decode GEMV: 72 (blocks straddle rows) and 2,056 (each unit of its
+/// cube strides over several words).
+const SHAPES: [(usize, usize, usize); 10] = [
+    (4, 72, 64),
+    (3, 2056, 64),
     (13, 11, 64),
     (5, 130, 64),
     (3, 64, 64),
@@ -24,11 +28,11 @@ const SHAPES: [(usize, usize, usize); 8] = [
     (2, 192, 64),
 ];
 
-/// Input rows: decode (1, 8: the GEMV path on the CPU) and prefill (9, 13).
-const ROWS: [usize; 4] = [1, 8, 9, 13];
+/// Input rows: decode (1, 3, 8: the GEMV paths) and prefill (9, 13).
+const ROWS: [usize; 5] = [1, 3, 8, 9, 13];
 
-/// f32 dot products of a few hundred terms summed in another order than the f64 reference.
-const ATOL: f32 = 1e-4;
+/// f32 dot products of up to 2,056 terms summed in another order than the f64 reference.
+const ATOL: f32 = 2e-4;
 
 /// A quantized weight and its bitsandbytes-order dequantization.
 fn weight(out: usize, inn: usize, blocksize: usize) -> (Nf4Tensor, Vec<f32>) {
@@ -189,6 +193,43 @@ mod wgpu {
         }
     }
 
+    /// The decode GEMV itself, called directly (not through the seam's routing), on every
+    /// shape and row count it takes: at least one of each kind runs.
+    #[test]
+    fn the_fused_gemv_equals_x_times_w_transposed_on_every_shape_it_takes() {
+        if !wgpu_available("the_fused_gemv_equals_x_times_w_transposed_on_every_shape_it_takes") {
+            return;
+        }
+        let device = WgpuDevice::DefaultDevice;
+        let mut ran = 0;
+        for (out, inn, bs) in SHAPES {
+            let (w, want) = weight(out, inn, bs);
+            let nf4 = upload::<Cube>(&w, &device);
+            for m in ROWS
+                .into_iter()
+                .filter(|&m| cube::gemv_fits(m, [out, inn], bs))
+            {
+                let x = inputs(m, inn);
+                let xt =
+                    Tensor::<Cube, 2>::from_data(TensorData::new(x.clone(), [m, inn]), &device);
+                let y = cube::nf4_gemv::<WgpuRuntime>(
+                    xt.into_primitive().tensor(),
+                    nf4.packed.clone(),
+                    nf4.absmax.clone(),
+                    nf4.code.clone(),
+                    [out, inn],
+                    bs,
+                );
+                let y = Tensor::<Cube, 2>::from_primitive(burn::tensor::TensorPrimitive::Float(y));
+                let label = format!("gemv {out}x{inn} blocksize {bs}, {m} rows");
+                assert_close(&label, &values(y), &reference(&x, &want, m, inn, out), ATOL);
+                ran += 1;
+            }
+        }
+        assert_eq!(ran, 18, "6 shapes take the GEMV, at 1, 3 and 8 rows");
+        assert!(!cube::gemv_fits(9, [4, 72], 64) && !cube::gemv_fits(1, [5, 130], 64));
+    }
+
     /// f16 output: each element is the f32 value rounded to f16 (the kernel computes the
     /// product in f32 and casts once), so the match is exact.
     #[test]
@@ -224,10 +265,10 @@ mod wgpu {
             return;
         }
         let device = WgpuDevice::DefaultDevice;
-        let (out, inn, bs) = (9, 70, 64);
-        let (w, deq) = weight(out, inn, bs);
-        let nf4 = upload::<Wgpu>(&w, &device);
-        for m in ROWS {
+        // 70 columns: dequantize + matmul; 72: the decode GEMV for up to 8 rows.
+        for (out, inn, m) in ROWS.iter().flat_map(|&m| [(9, 70, m), (9, 72, m)]) {
+            let (w, deq) = weight(out, inn, 64);
+            let nf4 = upload::<Wgpu>(&w, &device);
             let x = inputs(m, inn);
             let xt = Tensor::<Wgpu, 2>::from_data(TensorData::new(x.clone(), [m, inn]), &device)
                 .cast(DType::F16);
@@ -237,7 +278,7 @@ mod wgpu {
             let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
             // 70 products in f16: a few units of the last place (2⁻¹⁰) of the largest value.
             assert_close(
-                &format!("f16 matmul, {m} rows"),
+                &format!("f16 matmul, {m} rows of {inn}"),
                 &values(y),
                 &want,
                 scale * 8e-3,
