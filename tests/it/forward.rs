@@ -346,3 +346,34 @@ fn generate_runs_in_f16_on_wgpu() {
     assert!(err.contains("4 new tokens"), "{err}");
     assert!(!run.stdout.is_empty(), "an answer is printed");
 }
+
+/// Decode on wgpu goes through the fused NF4 GEMV (one row per step): greedy tokens of the
+/// NF4 fixture equal the CPU's host kernels' token for token, in f32, and in f16 too.
+#[test]
+fn nf4_greedy_decode_on_wgpu_gives_the_cpus_tokens() {
+    if !wgpu_available("nf4_greedy_decode_on_wgpu_gives_the_cpus_tokens") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let reference = fixture("qwen2_5_vl_tiny/reference.safetensors");
+    let tokens = |device: &str, dtype: &str| {
+        let out = dir.path().join(format!("{device}-{dtype}.safetensors"));
+        let run = forward_with(
+            &["--device", device, "--dtype", dtype, "--greedy", "24"],
+            &fixture("qwen2_5_vl_tiny/nf4"),
+            None,
+            &reference,
+            &out,
+        );
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        tensor(&out, "greedy_new_tokens")
+    };
+    let cpu = tokens("cpu", "f32");
+    assert_eq!(cpu.len(), 24);
+    assert_eq!(tokens("wgpu", "f32"), cpu, "f32");
+    assert_eq!(tokens("wgpu", "f16"), cpu, "f16");
+}
