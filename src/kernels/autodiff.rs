@@ -93,6 +93,10 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
         B::nf4_layout()
     }
 
+    fn max_buffer_bytes(device: &Self::Device) -> Option<u64> {
+        B::max_buffer_bytes(device)
+    }
+
     fn nf4_dequantize(w: &Nf4Weight<Self>, dtype: DType) -> FloatTensor<Self> {
         // A constant: it has no parents and records nothing.
         <Self as AutodiffBackend>::from_inner(B::nf4_dequantize(&inner(w), dtype))

@@ -225,6 +225,10 @@ where
     I: IntElement,
     BT: BoolElement,
 {
+    fn max_buffer_bytes(device: &Self::Device) -> Option<u64> {
+        Some(R::client(device).properties().memory.max_page_size)
+    }
+
     fn nf4_dequantize(w: &Nf4Weight<Self>, dtype: DType) -> FloatTensor<Self> {
         nf4_dequantize::<R>(
             w.packed.clone(),

@@ -72,6 +72,10 @@ impl<B: FusionBackend + Kernels> Kernels for Fusion<B> {
         B::nf4_layout()
     }
 
+    fn max_buffer_bytes(device: &Self::Device) -> Option<u64> {
+        B::max_buffer_bytes(device)
+    }
+
     fn nf4_dequantize(w: &Nf4Weight<Self>, dtype: DType) -> FloatTensor<Self> {
         let client = w.packed.client.clone();
         let streams = OperationStreams::with_inputs([&w.packed, &w.absmax, &w.code]);

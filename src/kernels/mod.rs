@@ -92,6 +92,12 @@ pub trait Kernels: Backend {
         PackedLayout::Words
     }
 
+    /// The largest single buffer `device` can hold, bytes, where the backend has such a
+    /// limit (wgpu: the adapter's storage-buffer binding size); `None`: no limit but memory.
+    fn max_buffer_bytes(_device: &Self::Device) -> Option<u64> {
+        None
+    }
+
     /// The dequantized weight `[out_features, in_features]` in float `dtype`.
     fn nf4_dequantize(w: &Nf4Weight<Self>, dtype: DType) -> FloatTensor<Self> {
         nf4_generic::dequantize::<Self>(w, dtype)

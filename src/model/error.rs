@@ -62,6 +62,20 @@ pub enum ModelError {
         /// One line per missing, unexpected or mis-shaped tensor, naming file and shapes.
         problems: Vec<String>,
     },
+    /// A tensor is larger than the device's largest buffer: wgpu caps one buffer per
+    /// adapter, and a larger upload fails on the runtime's own thread, leaving zeros.
+    #[error(
+        "checkpoint {dir}: tensor `{key}` takes {bytes} bytes on this device ({dtype}), more \
+         than the largest buffer it allows ({limit} bytes); run it on CUDA or the CPU, in f16 \
+         if that brings it under, or quantize it"
+    )]
+    TooLargeForDevice {
+        dir: PathBuf,
+        key: String,
+        bytes: u64,
+        dtype: String,
+        limit: u64,
+    },
     /// A tensor is stored in a dtype this loader does not convert.
     #[error(
         "tensor `{key}` in {path} has dtype {dtype}; only F32, F64, BF16 and F16 are supported"

@@ -73,6 +73,34 @@ pub(crate) struct Prefill<B: Kernels> {
     pub positions: MropePositions,
 }
 
+/// Refuses a checkpoint with a tensor larger than `device`'s largest buffer, before any
+/// upload: on wgpu such an upload fails on the runtime's thread and the tensor reads as
+/// zeros, a model that runs and answers garbage.
+fn fits_buffers<B: Kernels>(src: &WeightSource, device: &B::Device) -> Result<(), ModelError> {
+    let Some(limit) = B::max_buffer_bytes(device) else {
+        return Ok(());
+    };
+    let dtype = burn::tensor::Tensor::<B, 1>::zeros([1], device).dtype();
+    check_buffer_limit(src, dtype, limit)
+}
+
+fn check_buffer_limit(
+    src: &WeightSource,
+    dtype: burn::tensor::DType,
+    limit: u64,
+) -> Result<(), ModelError> {
+    match src.largest_on_device(dtype.size() as u64) {
+        Some((key, bytes)) if bytes > limit => Err(ModelError::TooLargeForDevice {
+            dir: src.dir().to_path_buf(),
+            key,
+            bytes,
+            dtype: format!("{dtype:?}").to_lowercase(),
+            limit,
+        }),
+        _ => Ok(()),
+    }
+}
+
 impl<B: Kernels> Qwen25Vl<B> {
     /// Loads `dir/config.json` (+ `generation_config.json` when present) and the weights
     /// (`model.safetensors` or shards), checking every tensor against the config first.
@@ -84,6 +112,7 @@ impl<B: Kernels> Qwen25Vl<B> {
         let config = HfConfig::from_dir(dir)?.resolve()?;
         let mut src = WeightSource::open(dir)?;
         src.check_against(&config)?;
+        fits_buffers::<B>(&src, device)?;
         let visual = VisionTransformer::load(&mut src, &config.vision, device)?;
         let model = TextModel::load(&mut src, &config.text, device)?;
         let t = &config.text;

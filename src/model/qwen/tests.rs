@@ -708,3 +708,36 @@ fn a_tied_bf16_checkpoint_on_the_cpu_gives_the_f32_logits() {
     let (lh, lf) = (reference_logits(&half), reference_logits(&full));
     assert_close("tied bf16 vs f32 logits", &lh, &lf, CACHE_ATOL);
 }
+
+/// A tensor larger than the device's largest buffer is refused before any upload, naming
+/// it, its bytes in the compute dtype and the limit (wgpu would leave it as zeros).
+#[test]
+fn a_tensor_over_the_devices_buffer_limit_is_refused_before_loading() {
+    use burn::tensor::DType;
+    let src = WeightSource::open(&fixture("qwen2_5_vl_tiny")).unwrap();
+    let (key, f32_bytes) = src.largest_on_device(4).unwrap();
+    assert_eq!(
+        src.largest_on_device(2).unwrap(),
+        (key.clone(), f32_bytes / 2)
+    );
+    check_buffer_limit(&src, DType::F32, f32_bytes).unwrap();
+    check_buffer_limit(&src, DType::F16, f32_bytes / 2).unwrap();
+    let err = check_buffer_limit(&src, DType::F32, f32_bytes - 1)
+        .unwrap_err()
+        .to_string();
+    for want in [
+        format!("tensor `{key}` takes {f32_bytes} bytes on this device (f32)"),
+        format!("largest buffer it allows ({} bytes)", f32_bytes - 1),
+    ] {
+        assert!(err.contains(&want), "{want:?} missing from {err}");
+    }
+    // The CPU has no such limit; wgpu reports its adapter's (lavapipe in CI).
+    assert_eq!(<TB as Kernels>::max_buffer_bytes(&Default::default()), None);
+    if crate::test_util::wgpu_available(
+        "a_tensor_over_the_devices_buffer_limit_is_refused_before_loading",
+    ) {
+        let dev = burn::backend::wgpu::WgpuDevice::DefaultDevice;
+        let limit = <crate::device::dispatch::WgpuBackend as Kernels>::max_buffer_bytes(&dev);
+        assert!(limit.is_some_and(|l| l >= 64 << 20), "{limit:?}");
+    }
+}

@@ -218,6 +218,25 @@ impl WeightSource {
         }
     }
 
+    /// The tensor taking the most bytes on a device whose floats take `float_bytes` each
+    /// (every float tensor is converted to the compute dtype on upload; codes keep their
+    /// stored bytes), with those bytes.
+    pub(crate) fn largest_on_device(&self, float_bytes: u64) -> Option<(String, u64)> {
+        self.index
+            .values()
+            .map(|e| {
+                let elements = e.shape.iter().product::<usize>() as u64;
+                let bytes = match e.dtype {
+                    StDtype::F64 | StDtype::F32 | StDtype::BF16 | StDtype::F16 => {
+                        elements * float_bytes
+                    }
+                    _ => (e.end - e.start) as u64,
+                };
+                (e.stored_key.clone(), bytes)
+            })
+            .max_by_key(|(_, b)| *b)
+    }
+
     /// Whether the Linear weight `weight_key` (canonical) is stored as bitsandbytes 4-bit.
     pub(crate) fn is_nf4(&self, weight_key: &str) -> bool {
         self.index
