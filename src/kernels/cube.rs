@@ -89,13 +89,80 @@ mod kernel {
             }
             k += cube_size;
         }
+        let sums = cube_sum(&acc, tid, rows, cube_size);
+        if tid == 0 {
+            #[unroll]
+            for r in 0..rows {
+                out[r * out_features as usize + o] = F::cast_from(sums[r]);
+            }
+        }
+    }
+
+    /// `x · Wᵀ (+ b)` for a few input rows with a dense weight `[out, in]` in `F` (half
+    /// precision on a GPU): one cube per output feature, its units striding over the
+    /// columns, products accumulated in f32 and summed across the cube.
+    #[cube(launch)]
+    pub fn dense_gemv<F: Float>(
+        x: &Array<F>,
+        w: &Array<F>,
+        bias: &Array<F>,
+        out: &mut Array<F>,
+        in_features: u32,
+        out_features: u32,
+        #[comptime] rows: usize,
+        #[comptime] has_bias: bool,
+        #[comptime] cube_size: u32,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let o = CUBE_POS;
+        if o >= out_features as usize {
+            terminate!();
+        }
+        let tid = UNIT_POS;
+        let width = in_features as usize;
+        let mut acc = Array::<f32>::new(rows);
+        #[unroll]
+        for r in 0..rows {
+            acc[r] = 0.0;
+        }
+        let mut c = tid;
+        while c < in_features {
+            let wv = f32::cast_from(w[o * width + c as usize]);
+            #[unroll]
+            for r in 0..rows {
+                acc[r] += wv * f32::cast_from(x[r * width + c as usize]);
+            }
+            c += cube_size;
+        }
+        let sums = cube_sum(&acc, tid, rows, cube_size);
+        if tid == 0 {
+            #[unroll]
+            for r in 0..rows {
+                let mut v = sums[r];
+                if has_bias {
+                    v += f32::cast_from(bias[o]);
+                }
+                out[r * out_features as usize + o] = F::cast_from(v);
+            }
+        }
+    }
+
+    /// Each unit's `rows` partial sums, summed across the cube: a tree of log2(cube_size)
+    /// halvings in shared memory, unrolled at compile time. Every unit must call it; the
+    /// sums are in the first `rows` slots.
+    #[cube]
+    fn cube_sum(
+        acc: &Array<f32>,
+        tid: u32,
+        #[comptime] rows: usize,
+        #[comptime] cube_size: u32,
+    ) -> SharedMemory<f32> {
         let mut partial = SharedMemory::<f32>::new(cube_size as usize * rows);
         #[unroll]
         for r in 0..rows {
             partial[tid as usize * rows + r] = acc[r];
         }
         sync_cube();
-        // A tree over the units: log2(cube_size) halvings, unrolled at compile time.
         let levels = comptime!(cube_size.trailing_zeros());
         #[unroll]
         for level in 0..levels {
@@ -109,12 +176,7 @@ mod kernel {
             }
             sync_cube();
         }
-        if tid == 0 {
-            #[unroll]
-            for r in 0..rows {
-                out[r * out_features as usize + o] = F::cast_from(partial[r]);
-            }
-        }
+        partial
     }
 }
 
@@ -194,14 +256,9 @@ pub fn nf4_gemv<R: CubeRuntime>(
         [m, shape[0]].into(),
         dtype,
     );
-    // One cube per output feature, laid out in 2D past the 65,535 cubes one axis allows.
-    let cube_count = cubecl::CubeCount::new_2d(
-        shape[0].min(65_535) as u32,
-        shape[0].div_ceil(65_535) as u32,
-    );
     kernel::nf4_gemv::launch::<R>(
         &client,
-        cube_count,
+        gemv_cube_count(shape[0]),
         CubeDim::new_1d(GEMV_CUBE),
         x.into_array_arg(),
         packed.into_array_arg(),
@@ -216,6 +273,71 @@ pub fn nf4_gemv<R: CubeRuntime>(
         dtype.into(),
     );
     out
+}
+
+/// `x · Wᵀ (+ b)` by [`kernel::dense_gemv`]: `x` `[m, in]` (m ≤ [`GEMV_MAX_ROWS`]),
+/// `weight` `[out, in]` and `bias` `[out]` all in one float dtype → `[m, out]`.
+pub fn dense_gemv<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    weight: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+) -> CubeTensor<R> {
+    let x = into_contiguous(x);
+    let weight = into_contiguous(weight);
+    let (m, inn) = (x.meta.shape()[0], x.meta.shape()[1]);
+    let out_features = weight.meta.shape()[0];
+    let dtype = x.dtype;
+    let client = x.client.clone();
+    let out = burn_cubecl::ops::numeric::empty_device_dtype::<R>(
+        client.clone(),
+        x.device.clone(),
+        [m, out_features].into(),
+        dtype,
+    );
+    let has_bias = bias.is_some();
+    // Without a bias the kernel reads none: any array of the dtype stands in.
+    let bias = bias.map(into_contiguous).unwrap_or_else(|| out.clone());
+    kernel::dense_gemv::launch::<R>(
+        &client,
+        gemv_cube_count(out_features),
+        CubeDim::new_1d(GEMV_CUBE),
+        x.into_array_arg(),
+        weight.into_array_arg(),
+        bias.into_array_arg(),
+        out.clone().into_array_arg(),
+        inn as u32,
+        out_features as u32,
+        m,
+        has_bias,
+        GEMV_CUBE,
+        dtype.into(),
+    );
+    out
+}
+
+/// Whether [`dense_gemv`] takes `x` `[m, in]` with this weight and bias: few rows, one
+/// dtype throughout.
+pub fn dense_gemv_fits<R: CubeRuntime>(
+    x: &CubeTensor<R>,
+    weight: &CubeTensor<R>,
+    bias: Option<&CubeTensor<R>>,
+) -> bool {
+    let (xs, ws) = (x.meta.shape(), weight.meta.shape());
+    xs.num_dims() == 2
+        && ws.num_dims() == 2
+        && (1..=GEMV_MAX_ROWS).contains(&xs[0])
+        && xs[1] == ws[1]
+        && ws[0] > 0
+        && weight.dtype == x.dtype
+        && bias.is_none_or(|b| b.dtype == x.dtype && b.meta.shape().num_elements() == ws[0])
+}
+
+/// One cube per output feature, laid out in 2D past the 65,535 cubes one axis allows.
+fn gemv_cube_count(out_features: usize) -> cubecl::CubeCount {
+    cubecl::CubeCount::new_2d(
+        out_features.min(65_535) as u32,
+        out_features.div_ceil(65_535) as u32,
+    )
 }
 
 impl<R, F, I, BT> Kernels for CubeBackend<R, F, I, BT>
@@ -238,6 +360,18 @@ where
             w.blocksize,
             dtype,
         )
+    }
+
+    fn dense_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        if dense_gemv_fits(&x, &weight, bias.as_ref()) {
+            dense_gemv::<R>(x, weight, bias)
+        } else {
+            super::generic::dense_linear::<Self>(x, weight, bias)
+        }
     }
 
     fn nf4_matmul(x: FloatTensor<Self>, w: &Nf4Weight<Self>) -> FloatTensor<Self> {

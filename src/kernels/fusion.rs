@@ -67,6 +67,28 @@ impl<B: FusionBackend + Kernels> Operation<B::FusionRuntime> for Nf4Matmul<B> {
     }
 }
 
+/// The fused backend's dense projection of a few rows (its decode GEMV).
+#[derive(Clone, Debug)]
+struct DenseLinear<B> {
+    desc: CustomOpIr,
+    _backend: PhantomData<B>,
+}
+
+impl<B: FusionBackend + Kernels> Operation<B::FusionRuntime> for DenseLinear<B> {
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+    ) {
+        // Inputs: x, weight and, when the projection has one, bias.
+        let inputs = &self.desc.inputs;
+        let x = handles.get_float_tensor::<B>(&inputs[0]);
+        let weight = handles.get_float_tensor::<B>(&inputs[1]);
+        let bias = inputs.get(2).map(|b| handles.get_float_tensor::<B>(b));
+        let y = B::dense_linear(x, weight, bias);
+        handles.register_float_tensor::<B>(&self.desc.outputs[0].id, y);
+    }
+}
+
 impl<B: FusionBackend + Kernels> Kernels for Fusion<B> {
     fn nf4_layout() -> PackedLayout {
         B::nf4_layout()
@@ -94,6 +116,36 @@ impl<B: FusionBackend + Kernels> Kernels for Fusion<B> {
             shape: w.shape,
             blocksize: w.blocksize,
             dtype,
+            _backend: PhantomData,
+        };
+        client
+            .register(streams, OperationIr::Custom(desc), op)
+            .output()
+    }
+
+    /// Decode rows (a few) go to the fused backend's kernel as one custom op; prefill stays
+    /// burn's fused tensor ops.
+    fn dense_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        if x.shape.num_dims() != 2 || x.shape[0] > super::cube::GEMV_MAX_ROWS {
+            return super::generic::dense_linear::<Self>(x, weight, bias);
+        }
+        let (rows, client) = (x.shape[0], x.client.clone());
+        let mut inputs = vec![x.clone(), weight.clone()];
+        inputs.extend(bias.clone());
+        let streams = OperationStreams::with_inputs(inputs.iter());
+        let out = TensorIr::uninit(
+            client.create_empty_handle(),
+            Shape::new([rows, weight.shape[0]]),
+            x.dtype,
+        );
+        let ir: Vec<TensorIr> = inputs.into_iter().map(|t| t.into_ir()).collect();
+        let desc = CustomOpIr::new("medpipe_dense_linear", &ir, &[out]);
+        let op = DenseLinear::<B> {
+            desc: desc.clone(),
             _backend: PhantomData,
         };
         client

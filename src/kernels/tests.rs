@@ -230,6 +230,55 @@ mod wgpu {
         assert!(!cube::gemv_fits(9, [4, 72], 64) && !cube::gemv_fits(1, [5, 130], 64));
     }
 
+    /// The dense decode GEMV through the seam, on the cube backend and through fusion, in
+    /// f32 and f16, with and without a bias: rows 1, 3 and 8 take it, 9 the tiled matmul.
+    #[test]
+    fn the_dense_gemv_equals_x_times_w_transposed_plus_bias_in_f32_and_f16() {
+        if !wgpu_available("the_dense_gemv_equals_x_times_w_transposed_plus_bias_in_f32_and_f16") {
+            return;
+        }
+        fn run<B: Kernels>(
+            device: &B::Device,
+            (out, inn, m): (usize, usize, usize),
+            bias: bool,
+            dtype: DType,
+        ) -> (Vec<f32>, Vec<f32>) {
+            let w: Vec<f32> = (0..out * inn)
+                .map(|i| (((i * 7919) % 211) as f32 - 105.0) / 400.0)
+                .collect();
+            let b: Vec<f32> = (0..out).map(|i| i as f32 / 10.0 - 1.0).collect();
+            let x = inputs(m, inn);
+            let t = |v: &[f32], shape: [usize; 2]| {
+                Tensor::<B, 2>::from_data(TensorData::new(v.to_vec(), shape), device).cast(dtype)
+            };
+            let y = linear(
+                t(&x, [m, inn]),
+                t(&w, [out, inn]),
+                bias.then(|| t(&b, [1, out]).reshape([out])),
+            );
+            assert_eq!(y.dtype(), dtype);
+            let mut want = reference(&x, &w, m, inn, out);
+            if bias {
+                for (i, v) in want.iter_mut().enumerate() {
+                    *v += b[i % out];
+                }
+            }
+            (values(y), want)
+        }
+        let device = WgpuDevice::DefaultDevice;
+        for shape in [(5, 37, 1), (300, 1030, 3), (3, 64, 8), (7, 40, 9)] {
+            for bias in [false, true] {
+                for (dtype, tol) in [(DType::F32, ATOL), (DType::F16, 2e-2)] {
+                    let label = format!("{shape:?} bias {bias} {dtype:?}");
+                    let (got, want) = run::<Cube>(&device, shape, bias, dtype);
+                    assert_close(&format!("cube {label}"), &got, &want, tol);
+                    let (got, want) = run::<Wgpu>(&device, shape, bias, dtype);
+                    assert_close(&format!("fusion {label}"), &got, &want, tol);
+                }
+            }
+        }
+    }
+
     /// f16 output: each element is the f32 value rounded to f16 (the kernel computes the
     /// product in f32 and casts once), so the match is exact.
     #[test]
