@@ -66,11 +66,7 @@ mod kernel {
         let tid = UNIT_POS;
         let width = in_features as usize;
         let words = in_features / 8;
-        let mut acc = Array::<f32>::new(rows);
-        #[unroll]
-        for r in 0..rows {
-            acc[r] = 0.0;
-        }
+        let mut acc = zeros(rows);
         let mut k = tid;
         while k < words {
             let word = packed[o * words as usize + k as usize];
@@ -120,11 +116,7 @@ mod kernel {
         }
         let tid = UNIT_POS;
         let width = in_features as usize;
-        let mut acc = Array::<f32>::new(rows);
-        #[unroll]
-        for r in 0..rows {
-            acc[r] = 0.0;
-        }
+        let mut acc = zeros(rows);
         let mut c = tid;
         while c < in_features {
             let wv = f32::cast_from(w[o * width + c as usize]);
@@ -145,6 +137,17 @@ mod kernel {
                 out[r * out_features as usize + o] = F::cast_from(v);
             }
         }
+    }
+
+    /// One f32 accumulator per input row, zeroed.
+    #[cube]
+    fn zeros(#[comptime] rows: usize) -> Array<f32> {
+        let mut acc = Array::<f32>::new(rows);
+        #[unroll]
+        for r in 0..rows {
+            acc[r] = 0.0;
+        }
+        acc
     }
 
     /// Each unit's `rows` partial sums, summed across the cube: a tree of log2(cube_size)

@@ -28,15 +28,25 @@ impl<B: FusionBackend + Kernels> Operation<B::FusionRuntime> for Nf4Dequantize<B
         handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
     ) {
         let ([packed, absmax, code], [out]) = self.desc.as_fixed();
-        let w = Nf4Weight::<B> {
-            packed: handles.get_int_tensor::<B>(packed),
-            absmax: handles.get_float_tensor::<B>(absmax),
-            code: handles.get_float_tensor::<B>(code),
-            shape: self.shape,
-            blocksize: self.blocksize,
-        };
+        let w = nf4_weight::<B>(handles, [packed, absmax, code], self.shape, self.blocksize);
         let weight = B::nf4_dequantize(&w, self.dtype);
         handles.register_float_tensor::<B>(&out.id, weight);
+    }
+}
+
+/// The fused backend's NF4 weight from the handles of its codes, scales and code book.
+fn nf4_weight<B: FusionBackend>(
+    handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+    [packed, absmax, code]: [&TensorIr; 3],
+    shape: [usize; 2],
+    blocksize: usize,
+) -> Nf4Weight<B> {
+    Nf4Weight {
+        packed: handles.get_int_tensor::<B>(packed),
+        absmax: handles.get_float_tensor::<B>(absmax),
+        code: handles.get_float_tensor::<B>(code),
+        shape,
+        blocksize,
     }
 }
 
@@ -55,13 +65,7 @@ impl<B: FusionBackend + Kernels> Operation<B::FusionRuntime> for Nf4Matmul<B> {
         handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
     ) {
         let ([x, packed, absmax, code], [out]) = self.desc.as_fixed();
-        let w = Nf4Weight::<B> {
-            packed: handles.get_int_tensor::<B>(packed),
-            absmax: handles.get_float_tensor::<B>(absmax),
-            code: handles.get_float_tensor::<B>(code),
-            shape: self.shape,
-            blocksize: self.blocksize,
-        };
+        let w = nf4_weight::<B>(handles, [packed, absmax, code], self.shape, self.blocksize);
         let y = B::nf4_matmul(handles.get_float_tensor::<B>(x), &w);
         handles.register_float_tensor::<B>(&out.id, y);
     }
@@ -99,28 +103,16 @@ impl<B: FusionBackend + Kernels> Kernels for Fusion<B> {
     }
 
     fn nf4_dequantize(w: &Nf4Weight<Self>, dtype: DType) -> FloatTensor<Self> {
-        let client = w.packed.client.clone();
-        let streams = OperationStreams::with_inputs([&w.packed, &w.absmax, &w.code]);
-        let out = TensorIr::uninit(client.create_empty_handle(), Shape::new(w.shape), dtype);
-        let desc = CustomOpIr::new(
-            "medpipe_nf4_dequantize",
-            &[
-                w.packed.clone().into_ir(),
-                w.absmax.clone().into_ir(),
-                w.code.clone().into_ir(),
-            ],
-            &[out],
-        );
-        let op = Nf4Dequantize::<B> {
-            desc: desc.clone(),
-            shape: w.shape,
-            blocksize: w.blocksize,
-            dtype,
-            _backend: PhantomData,
-        };
-        client
-            .register(streams, OperationIr::Custom(desc), op)
-            .output()
+        let inputs = [w.packed.clone(), w.absmax.clone(), w.code.clone()];
+        custom_op::<B, _>("medpipe_nf4_dequantize", inputs, w.shape, dtype, |desc| {
+            Nf4Dequantize::<B> {
+                desc,
+                shape: w.shape,
+                blocksize: w.blocksize,
+                dtype,
+                _backend: PhantomData,
+            }
+        })
     }
 
     /// Decode rows (a few) go to the fused backend's kernel as one custom op; prefill stays
@@ -133,53 +125,51 @@ impl<B: FusionBackend + Kernels> Kernels for Fusion<B> {
         if x.shape.num_dims() != 2 || x.shape[0] > super::cube::GEMV_MAX_ROWS {
             return super::generic::dense_linear::<Self>(x, weight, bias);
         }
-        let (rows, client) = (x.shape[0], x.client.clone());
-        let mut inputs = vec![x.clone(), weight.clone()];
-        inputs.extend(bias.clone());
-        let streams = OperationStreams::with_inputs(inputs.iter());
-        let out = TensorIr::uninit(
-            client.create_empty_handle(),
-            Shape::new([rows, weight.shape[0]]),
-            x.dtype,
-        );
-        let ir: Vec<TensorIr> = inputs.into_iter().map(|t| t.into_ir()).collect();
-        let desc = CustomOpIr::new("medpipe_dense_linear", &ir, &[out]);
-        let op = DenseLinear::<B> {
-            desc: desc.clone(),
-            _backend: PhantomData,
-        };
-        client
-            .register(streams, OperationIr::Custom(desc), op)
-            .output()
+        let (shape, dtype) = ([x.shape[0], weight.shape[0]], x.dtype);
+        let mut inputs = vec![x, weight];
+        inputs.extend(bias);
+        custom_op::<B, _>("medpipe_dense_linear", inputs, shape, dtype, |desc| {
+            DenseLinear::<B> {
+                desc,
+                _backend: PhantomData,
+            }
+        })
     }
 
     fn nf4_matmul(x: FloatTensor<Self>, w: &Nf4Weight<Self>) -> FloatTensor<Self> {
-        let client = x.client.clone();
-        let streams = OperationStreams::with_inputs([&x, &w.packed, &w.absmax, &w.code]);
-        let m = x.shape[0];
-        let out = TensorIr::uninit(
-            client.create_empty_handle(),
-            Shape::new([m, w.shape[0]]),
-            x.dtype,
-        );
-        let desc = CustomOpIr::new(
-            "medpipe_nf4_matmul",
-            &[
-                x.clone().into_ir(),
-                w.packed.clone().into_ir(),
-                w.absmax.clone().into_ir(),
-                w.code.clone().into_ir(),
-            ],
-            &[out],
-        );
-        let op = Nf4Matmul::<B> {
-            desc: desc.clone(),
-            shape: w.shape,
-            blocksize: w.blocksize,
-            _backend: PhantomData,
-        };
-        client
-            .register(streams, OperationIr::Custom(desc), op)
-            .output()
+        let (shape, dtype) = ([x.shape[0], w.shape[0]], x.dtype);
+        let inputs = [x, w.packed.clone(), w.absmax.clone(), w.code.clone()];
+        custom_op::<B, _>("medpipe_nf4_matmul", inputs, shape, dtype, |desc| {
+            Nf4Matmul::<B> {
+                desc,
+                shape: w.shape,
+                blocksize: w.blocksize,
+                _backend: PhantomData,
+            }
+        })
     }
+}
+
+/// Registers the custom op `op` makes from its description: `inputs` in, one tensor of
+/// `shape` and `dtype` out, run by the fused backend when the stream reaches it.
+fn custom_op<B, O>(
+    id: &'static str,
+    inputs: impl IntoIterator<Item = FloatTensor<Fusion<B>>>,
+    shape: [usize; 2],
+    dtype: DType,
+    op: impl FnOnce(CustomOpIr) -> O,
+) -> FloatTensor<Fusion<B>>
+where
+    B: FusionBackend,
+    O: Operation<B::FusionRuntime> + 'static,
+{
+    let inputs: Vec<_> = inputs.into_iter().collect();
+    let client = inputs[0].client.clone();
+    let streams = OperationStreams::with_inputs(inputs.iter());
+    let out = TensorIr::uninit(client.create_empty_handle(), Shape::new(shape), dtype);
+    let ir: Vec<TensorIr> = inputs.into_iter().map(|t| t.into_ir()).collect();
+    let desc = CustomOpIr::new(id, &ir, &[out]);
+    client
+        .register(streams, OperationIr::Custom(desc.clone()), op(desc))
+        .output()
 }

@@ -163,6 +163,15 @@ impl Env {
         serde_json::from_str(&text).unwrap()
     }
 
+    /// `run` fails (exit 1) with an error naming `what`.
+    fn run_fails_naming(&self, endpoint: &str, args: &[&str], what: &str) {
+        let out = self.run(endpoint, args, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let error = self.error_text();
+        assert!(error.contains(what), "{what:?} not named in: {error}");
+    }
+
     /// The failed artifact's full error text.
     fn error_text(&self) -> String {
         let a = self.artifact();
@@ -295,18 +304,7 @@ fn a_dropped_connection_resumes_on_the_next_run_and_the_file_verifies() {
         "--set",
         "download.retries=0",
     ];
-    let out = e.run(&hub.url(), &args, &[]);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        e.error_text().contains("model.safetensors"),
-        "{}",
-        e.error_text()
-    );
+    e.run_fails_naming(&hub.url(), &args, "model.safetensors");
     let sha = sha256_hex(&fixture("model.safetensors"));
     let dir = e.repo_dir("models--test--tiny");
     let part = dir.join("blobs").join(format!("{sha}.part"));
@@ -350,14 +348,7 @@ fn a_sharded_checkpoint_downloads_every_shard_resumes_a_cut_one_and_loads() {
         "--set",
         "download.retries=0",
     ];
-    let out = e.run(&hub.url(), &args, &[]);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(e.error_text().contains(&cut), "{}", e.error_text());
+    e.run_fails_naming(&hub.url(), &args, &cut);
 
     hub.clear_log();
     ok(&e.run(&hub.url(), &args, &[]));
