@@ -61,13 +61,15 @@ impl ModelDtype {
     }
 
     /// The precision on `device`: `auto` is bf16 on CUDA (what the hub's checkpoints store
-    /// and Hopper computes fastest), f16 on wgpu (WGSL has no bf16) and f32 on the CPU (its
-    /// kernels compute in f32; bf16 weights stay bf16 in memory there anyway).
+    /// and Hopper computes fastest), f16 on wgpu (WGSL has no bf16; f32 on an adapter
+    /// without f16, which this asks the adapter, opening it) and f32 on the CPU (its kernels
+    /// compute in f32; bf16 weights stay bf16 in memory there anyway).
     ///
     /// # Errors
     /// An explicit half precision the device cannot compute in, naming what can.
     pub fn resolve(self, device: Device) -> Result<Precision, PrecisionError> {
         let precision = match (self, device) {
+            (Self::Auto, Device::Wgpu) if !crate::device::wgpu::supports_f16() => Precision::F32,
             (Self::Auto, Device::Cpu) | (Self::F32, _) => Precision::F32,
             (Self::Auto, Device::Wgpu) | (Self::F16, _) => Precision::F16,
             (Self::Auto, Device::Cuda(_)) | (Self::Bf16, _) => Precision::Bf16,
@@ -267,8 +269,12 @@ mod tests {
         assert_eq!(auto, ModelDtype::Auto);
         let on = |d: ModelDtype, dev| d.resolve(dev).map_err(|e| e.to_string());
         assert_eq!(on(auto, Device::Cuda(1)), Ok(Precision::Bf16));
-        assert_eq!(on(auto, Device::Wgpu), Ok(Precision::F16));
         assert_eq!(on(auto, Device::Cpu), Ok(Precision::F32));
+        // wgpu: f16 where the adapter has it (lavapipe does).
+        if crate::test_util::wgpu_available("dtype_auto_is_bf16_on_cuda_f16_on_wgpu") {
+            assert!(crate::device::wgpu::supports_f16());
+            assert_eq!(on(auto, Device::Wgpu), Ok(Precision::F16));
+        }
         for dev in [Device::Cpu, Device::Wgpu, Device::Cuda(0)] {
             assert_eq!(on(ModelDtype::F32, dev), Ok(Precision::F32));
         }

@@ -28,6 +28,16 @@ pub fn adapters() -> Vec<AdapterFacts> {
     ADAPTERS.get_or_init(enumerate).clone()
 }
 
+/// Whether the default wgpu adapter computes in f16 (WGSL's optional `shader-f16`; most
+/// hardware has it, some adapters do not). Opens the adapter: call only to run on it.
+pub fn supports_f16() -> bool {
+    use burn::tensor::backend::Backend;
+    <crate::device::dispatch::WgpuBackend as Backend>::supports_dtype(
+        &burn::backend::wgpu::WgpuDevice::DefaultDevice,
+        burn::tensor::DType::F16,
+    )
+}
+
 fn enumerate() -> Vec<AdapterFacts> {
     let instance = ::wgpu::Instance::new(::wgpu::InstanceDescriptor {
         backends: ::wgpu::Backends::VULKAN | ::wgpu::Backends::METAL | ::wgpu::Backends::DX12,

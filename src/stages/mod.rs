@@ -75,8 +75,13 @@ pub fn check(config: &Config) -> Result<(), ConfigError> {
     pipeline.check_config(config)?;
     // A dtype the named device cannot compute in fails now, not after the stages before
     // the first model stage (`auto` devices are checked when the probe has chosen).
+    // `auto` has a precision on every device; resolving it would open a wgpu adapter.
     let probe: probe::ProbeConfig = config.section("probe")?;
-    if let Ok(device) = crate::device::Device::parse(&probe.device) {
+    let explicit = config.model.dtype != crate::config::ModelDtype::Auto;
+    if let Some(device) = crate::device::Device::parse(&probe.device)
+        .ok()
+        .filter(|_| explicit)
+    {
         if let Err(e) = config.model.dtype.resolve(device) {
             return Err(config.invalid(crate::pipeline::InvalidValue {
                 key: "model.dtype".into(),
