@@ -29,6 +29,8 @@ pub enum TrainError {
     UnknownMoment { dir: PathBuf, key: String },
     #[error("loss is {loss} at optimizer step {step}: training diverged")]
     NonFinite { step: u64, loss: f64 },
+    #[error("the gradient norm is {norm} at optimizer step {step} (the loss was finite): training diverged")]
+    NonFiniteGradient { step: u64, norm: f64 },
     #[error(transparent)]
     Sample(#[from] SampleError),
     #[error(transparent)]

@@ -329,9 +329,9 @@ fn optimizer_step<B: AutodiffKernels>(
             scaler.update(applied);
         }
         None if !applied => {
-            return Err(TrainError::NonFinite {
+            return Err(TrainError::NonFiniteGradient {
                 step: state.step + 1,
-                loss: stats.grad_norm,
+                norm: stats.grad_norm,
             })
         }
         None => {}
