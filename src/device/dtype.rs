@@ -119,10 +119,20 @@ impl Precision {
     }
 }
 
-/// The float `B` makes tensors in on `device` (`f32`, `f16`, `bf16`): what a `--dtype` or
-/// `model.dtype` set, for the records a run writes.
+/// The float `B` makes tensors in on `device`: what a `--dtype` or `model.dtype` set.
+pub fn float_dtype<B: burn::tensor::backend::Backend>(device: &B::Device) -> DType {
+    burn::tensor::get_device_settings::<B>(device)
+        .float_dtype
+        .into()
+}
+
+/// [`float_dtype`] as the records a run writes name it (`f32`, `f16`, `bf16`).
 pub fn compute_dtype<B: burn::tensor::backend::Backend>(device: &B::Device) -> String {
-    let dtype = burn::tensor::Tensor::<B, 1>::zeros([1], device).dtype();
+    dtype_name(float_dtype::<B>(device))
+}
+
+/// `f32`, `f16`, `bf16`: burn's name of `dtype` in lower case.
+pub fn dtype_name(dtype: DType) -> String {
     format!("{dtype:?}").to_lowercase()
 }
 

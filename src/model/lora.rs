@@ -488,29 +488,20 @@ impl<B: Kernels> Lora<B> {
     /// - `x`: `[..., d_in]`; returns `[..., d_out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
-        let x = self.dropout.forward(x);
-        let x = if dtype == DType::F32 {
-            x
-        } else {
-            x.cast(DType::F32)
-        };
+        // burn's cast is a no-op on an f32 input.
+        let x = self.dropout.forward(x).cast(DType::F32);
         let mut dims = x.dims();
         let d_in = dims[D - 1];
         let rows = dims[..D - 1].iter().product::<usize>();
         let a = self.lora_a.val().transpose(); // [d_in, r]
         let b = self.lora_b.val().transpose(); // [r, d_out]
         dims[D - 1] = b.dims()[1];
-        let y = x
-            .reshape([rows, d_in])
+        x.reshape([rows, d_in])
             .matmul(a)
             .matmul(b)
             .mul_scalar(self.scaling)
-            .reshape(dims);
-        if dtype == DType::F32 {
-            y
-        } else {
-            y.cast(dtype)
-        }
+            .reshape(dims)
+            .cast(dtype)
     }
 
     /// The dense update `scaling · B·A` in PyTorch layout `[d_out, d_in]` (for merging).

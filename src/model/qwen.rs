@@ -80,8 +80,7 @@ fn fits_buffers<B: Kernels>(src: &WeightSource, device: &B::Device) -> Result<()
     let Some(limit) = B::max_buffer_bytes(device) else {
         return Ok(());
     };
-    let dtype = burn::tensor::Tensor::<B, 1>::zeros([1], device).dtype();
-    check_buffer_limit(src, dtype, limit)
+    check_buffer_limit(src, crate::device::float_dtype::<B>(device), limit)
 }
 
 fn check_buffer_limit(
@@ -94,7 +93,7 @@ fn check_buffer_limit(
             dir: src.dir().to_path_buf(),
             key,
             bytes,
-            dtype: format!("{dtype:?}").to_lowercase(),
+            dtype: crate::device::dtype_name(dtype),
             limit,
         }),
         _ => Ok(()),

@@ -163,14 +163,7 @@ pub struct StagePlan {
 pub fn engine_for(device: Device, precision: Precision) -> Engine {
     match device {
         Device::Cpu => Engine::cpu(rayon::current_num_threads()),
-        Device::Cuda(_) | Device::Wgpu => Engine::gpu(precision_bytes(precision)),
-    }
-}
-
-fn precision_bytes(precision: Precision) -> u64 {
-    match precision {
-        Precision::F32 => 4,
-        Precision::F16 | Precision::Bf16 => 2,
+        Device::Cuda(_) | Device::Wgpu => Engine::gpu(precision.dtype().size() as u64),
     }
 }
 

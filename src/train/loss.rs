@@ -25,12 +25,7 @@ pub fn causal_lm_loss<B: Kernels>(
         return (Tensor::zeros([1], &logits.device()), 0);
     }
     // In f32 whatever the model computes in, as transformers upcasts logits for the loss.
-    let logits = logits.slice([0..b, 0..s - 1, 0..v]); // predicts positions 1..s
-    let logits = if logits.dtype() == DType::F32 {
-        logits
-    } else {
-        logits.cast(DType::F32)
-    };
+    let logits = logits.slice([0..b, 0..s - 1, 0..v]).cast(DType::F32); // predicts 1..s
     let targets = labels.slice([0..b, 1..s]); // [b, s-1]
     let mask = targets.clone().not_equal_elem(IGNORE_INDEX); // [b, s-1]
     let count: usize = mask.clone().int().sum().into_scalar().elem::<i64>().max(0) as usize;

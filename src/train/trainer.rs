@@ -239,7 +239,7 @@ fn resume_or_init<B: AutodiffKernels>(
         history: vec![],
         validations: vec![],
         // f16 flushes small gradients to zero: scale the loss (bf16 and f32 need not).
-        loss_scaler: (crate::device::compute_dtype::<B>(ctx.device) == "f16")
+        loss_scaler: (crate::device::float_dtype::<B>(ctx.device) == burn::tensor::DType::F16)
             .then(LossScaler::default),
     };
     let Some(saved) = checkpoint::load_latest::<B::InnerBackend>(ctx.ckpt_dir, ctx.device)? else {
