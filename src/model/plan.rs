@@ -135,6 +135,9 @@ pub struct Training {
     pub image_pixels: u64,
     /// LoRA rank.
     pub lora_r: usize,
+    /// Layer recomputation: the decoder runs in segments of this many layers and keeps only
+    /// each segment's input (`None`: every layer's activations are kept).
+    pub recompute_every: Option<usize>,
 }
 
 /// Predicted peak bytes and its parts.
@@ -437,7 +440,16 @@ pub fn training(
         + q
         + 5 * i;
     let per_layer = n * per_token * F32 + 3 * b * t.num_heads as u64 * s * s * F32;
-    let layers = t.num_layers as u64 * per_layer;
+    // With recomputation only one segment's graph is alive, beside every segment's kept
+    // input and the gradient handed from segment to segment (`[n, hidden]` each).
+    let layers = match work.recompute_every {
+        None => t.num_layers as u64 * per_layer,
+        Some(k) => {
+            let k = k.clamp(1, t.num_layers.max(1));
+            let segments = t.num_layers.div_ceil(k) as u64;
+            k as u64 * per_layer + (segments + 1) * n * h * F32
+        }
+    };
     // The backward of the widest layer holds its gradients next to the saved tensors.
     let backward = n * (2 * h + 3 * i) * F32 + i * h * F32;
     let logits = n * t.vocab_size as u64 * F32 * 2;
@@ -651,6 +663,7 @@ mod tests {
             seq_len: 512,
             image_pixels: 448 * 448,
             lora_r: 64,
+            recompute_every: None,
         };
         let skip = ["lm_head".to_string()];
         let a = training(&cfg, &skip, Stored::Bf16, work);
@@ -665,5 +678,42 @@ mod tests {
             },
         );
         assert!(b.activations > 2 * a.activations - a.activations / 4);
+    }
+
+    #[test]
+    fn recomputation_keeps_one_segment_of_layers_and_every_segment_input() {
+        let cfg = qwen_7b(); // 28 layers
+        let skip = ["lm_head".to_string()];
+        let plan = |recompute_every| {
+            training(
+                &cfg,
+                &skip,
+                Stored::Bf16,
+                Training {
+                    micro_batch: 1,
+                    seq_len: 2048,
+                    image_pixels: 0,
+                    lora_r: 64,
+                    recompute_every,
+                },
+            )
+        };
+        let (none, layers, four) = (plan(None), plan(Some(1)), plan(Some(4)));
+        // Saved activations shrink from 28 layers' to one layer's (or four) plus the kept
+        // inputs; weights and optimizer state do not change.
+        let saved = |f: &Footprint| f.activations - plan(Some(1)).activations;
+        assert!(saved(&none) > 20 * saved(&four) / 4, "{none:?} vs {four:?}");
+        assert!(
+            layers.activations < none.activations / 4,
+            "{layers:?} vs {none:?}"
+        );
+        assert!(layers.activations < four.activations && four.activations < none.activations);
+        assert_eq!(
+            (layers.weights, layers.optimizer),
+            (none.weights, none.optimizer)
+        );
+        // every_n beyond the depth is one segment: no recomputation at all.
+        assert!(plan(Some(28)).activations >= none.activations);
+        assert_eq!(plan(Some(100)), plan(Some(28)));
     }
 }

@@ -73,6 +73,17 @@ pub(crate) struct Prefill<B: Kernels> {
     pub positions: MropePositions,
 }
 
+/// The decoder stack's input for one batch (see [`Qwen25Vl::decoder_input`]).
+pub(crate) struct DecoderInput<B: Kernels> {
+    /// `[batch, seq, hidden]` embeddings, image features merged in.
+    pub x: Tensor<B, 3>,
+    pub rope: RopeTables<B>,
+    /// `[batch, 1, seq, past + seq]` (true = hidden), or `None`.
+    pub mask: Option<Tensor<B, 4, Bool>>,
+    pub image_embeds: Option<Tensor<B, 2>>,
+    pub positions: MropePositions,
+}
+
 /// Refuses a checkpoint with a tensor larger than `device`'s largest buffer, before any
 /// upload: on wgpu such an upload fails on the runtime's thread and the tensor reads as
 /// zeros, a model that runs and answers garbage.
@@ -306,6 +317,31 @@ impl<B: Kernels> Qwen25Vl<B> {
         device: &B::Device,
     ) -> Result<Prefill<B>, ModelError> {
         let _span = tracing::debug_span!("prefill", batch = rows.len()).entered();
+        let past = caches
+            .as_ref()
+            .and_then(|c| c.first())
+            .map_or(0, KvCache::len);
+        let input = self.decoder_input(rows, valid, images, past, device)?;
+        let hidden = self
+            .model
+            .forward(input.x, &input.rope, input.mask.as_ref(), caches)?;
+        Ok(Prefill {
+            hidden,
+            image_embeds: input.image_embeds,
+            positions: input.positions,
+        })
+    }
+
+    /// What the decoder stack takes for a prompt batch after `past` cached tokens: the
+    /// token embeddings with the image features merged in, the rotary tables and the mask.
+    pub(crate) fn decoder_input(
+        &self,
+        rows: &[Vec<u32>],
+        valid: &[Vec<bool>],
+        images: Option<&ImageInput<B>>,
+        past: usize,
+        device: &B::Device,
+    ) -> Result<DecoderInput<B>, ModelError> {
         let batch = rows.len();
         let seq = rows.first().map_or(0, Vec::len);
         if batch == 0 || seq == 0 {
@@ -371,10 +407,6 @@ impl<B: Kernels> Qwen25Vl<B> {
             x.dtype(),
             device,
         );
-        let past = caches
-            .as_ref()
-            .and_then(|c| c.first())
-            .map_or(0, KvCache::len);
         let keys: Vec<Vec<bool>> = valid
             .iter()
             .map(|v| {
@@ -384,12 +416,42 @@ impl<B: Kernels> Qwen25Vl<B> {
             })
             .collect();
         let mask = attention_mask::<B>(&keys, past, seq, device);
-        let hidden = self.model.forward(x, &rope, mask.as_ref(), caches)?;
-        Ok(Prefill {
-            hidden,
+        Ok(DecoderInput {
+            x,
+            rope,
+            mask,
             image_embeds,
             positions,
         })
+    }
+
+    /// Decoder layers `range` over `x` (see [`TextModel::forward_layers`]), for a forward
+    /// the trainer runs in pieces; `input` gives the rotary tables and the mask.
+    ///
+    /// # Errors
+    /// [`ModelError::Input`] when `range` is not within the stack.
+    pub(crate) fn forward_layers(
+        &self,
+        range: std::ops::Range<usize>,
+        x: Tensor<B, 3>,
+        input: &DecoderInput<B>,
+        before: impl FnMut(usize),
+    ) -> Result<Tensor<B, 3>, ModelError> {
+        self.model
+            .forward_layers(range, x, &input.rope, input.mask.as_ref(), before)
+    }
+
+    /// The final norm and the logits, after the whole decoder stack.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]` → `[batch, seq, vocab]`
+    pub(crate) fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.logits(self.model.final_norm(x))
+    }
+
+    /// Decoder layers of the language model.
+    pub fn num_layers(&self) -> usize {
+        self.model.num_layers()
     }
 
     /// One decoding step: one new token per row at M-RoPE position `positions[b]` (all three

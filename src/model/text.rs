@@ -11,6 +11,7 @@ use crate::model::attend::attend;
 use burn::module::Param;
 use burn::nn::Embedding;
 use burn::prelude::*;
+use std::ops::Range;
 
 use crate::kernels::{self, Kernels};
 use crate::model::cache::KvCache;
@@ -314,22 +315,75 @@ impl<B: Kernels> TextModel<B> {
         let mut x = x;
         for (i, layer) in self.layers.iter().enumerate() {
             let cache = caches.as_mut().map(|c| &mut c[i]);
-            let a = layer.self_attn.forward(
-                layer.input_layernorm.forward(x.clone()),
-                rope,
-                mask,
-                cache,
-            )?;
-            x = x + a;
-            let h = layer.post_attention_layernorm.forward(x.clone());
-            let m = &layer.mlp;
-            let h = m.down_proj.forward(kernels::silu_mul(
-                m.gate_proj.forward(h.clone()),
-                m.up_proj.forward(h),
-            ));
-            x = x + h;
+            x = layer.forward(x, rope, mask, cache)?;
         }
         Ok(self.norm.forward(x))
+    }
+
+    /// Decoder layers `range` of a full-sequence forward (no caches), without the final
+    /// norm, calling `before(i)` ahead of layer `i`: the trainer runs the stack in pieces
+    /// for layer recomputation and seeds each layer's LoRA dropout there, so a piece run
+    /// twice draws the same masks.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`
+    ///
+    /// # Errors
+    /// [`ModelError::Input`] when `range` is not within the stack.
+    pub(crate) fn forward_layers(
+        &self,
+        range: Range<usize>,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        mask: Option<&Tensor<B, 4, Bool>>,
+        mut before: impl FnMut(usize),
+    ) -> Result<Tensor<B, 3>, ModelError> {
+        let layers = self
+            .layers
+            .get(range.clone())
+            .ok_or_else(|| ModelError::Input {
+                name: "layers",
+                reason: format!("{range:?} of {} decoder layers", self.layers.len()),
+            })?;
+        let mut x = x;
+        for (i, layer) in range.zip(layers) {
+            before(i);
+            x = layer.forward(x, rope, mask, None)?;
+        }
+        Ok(x)
+    }
+
+    /// The final RMSNorm (after [`Self::forward_layers`] over the whole stack).
+    pub(crate) fn final_norm(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.norm.forward(x)
+    }
+
+    /// Decoder layers.
+    pub(crate) fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+}
+
+impl<B: Kernels> DecoderLayer<B> {
+    /// Pre-norm attention and MLP, each added to the residual stream.
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        mask: Option<&Tensor<B, 4, Bool>>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Result<Tensor<B, 3>, ModelError> {
+        let a =
+            self.self_attn
+                .forward(self.input_layernorm.forward(x.clone()), rope, mask, cache)?;
+        let x = x + a;
+        let h = self.post_attention_layernorm.forward(x.clone());
+        let m = &self.mlp;
+        let h = m.down_proj.forward(kernels::silu_mul(
+            m.gate_proj.forward(h.clone()),
+            m.up_proj.forward(h),
+        ));
+        Ok(x + h)
     }
 }
 

@@ -23,6 +23,7 @@ use super::baseline::BaselineConfig;
 use super::evaluate::EvaluateConfig;
 use super::quantize::QuantizeConfig;
 use super::train::TrainStageConfig;
+use crate::train::config::Recompute;
 
 /// The stages that load a model, in pipeline order.
 pub const MODEL_STAGES: [&str; 4] = ["baseline", "quantize", "train", "evaluate"];
@@ -101,6 +102,8 @@ pub struct Knobs {
     pub train_batch: usize,
     pub train_seq_len: usize,
     pub train_r: usize,
+    /// `train.recompute` as a segment length (`None`: none).
+    pub train_recompute: Option<usize>,
     pub evaluate_variants: Vec<&'static str>,
     pub evaluate_batch: usize,
     pub evaluate_new_tokens: usize,
@@ -136,6 +139,10 @@ impl Knobs {
             train_batch: t.batch_size,
             train_seq_len: t.max_seq_len,
             train_r: t.r,
+            train_recompute: match t.recompute {
+                Recompute::None => None,
+                Recompute::EveryN(k) => Some(k.get()),
+            },
             evaluate_variants: variants,
             evaluate_batch: e.batch_size,
             evaluate_new_tokens: e.max_new_tokens,
@@ -225,8 +232,15 @@ pub fn stage_plan(
         "train" => (
             "train",
             format!(
-                "QLoRA r {} on NF4, micro-batch {}, {} tokens, {images}",
-                k.train_r, k.train_batch, k.train_seq_len
+                "QLoRA r {} on NF4, micro-batch {}, {} tokens, {images}{}",
+                k.train_r,
+                k.train_batch,
+                k.train_seq_len,
+                match k.train_recompute {
+                    None => String::new(),
+                    Some(1) => ", layers recomputed".into(),
+                    Some(n) => format!(", recomputed in segments of {n} layers"),
+                }
             ),
             plan::training(
                 cfg,
@@ -237,6 +251,7 @@ pub fn stage_plan(
                     seq_len: k.train_seq_len,
                     image_pixels: k.max_pixels,
                     lora_r: k.train_r,
+                    recompute_every: k.train_recompute,
                 },
             ),
         ),
@@ -452,6 +467,16 @@ fn fixes(stage: &str, cfg: &Qwen25VlConfig, k: &Knobs, engine: Engine, free: u64
             }
         }
         "train" => {
+            if k.train_recompute != Some(1) {
+                try_knob(
+                    "train.recompute",
+                    "\"layers\" (one more forward of the decoder per step)".into(),
+                    Knobs {
+                        train_recompute: Some(1),
+                        ..k.clone()
+                    },
+                );
+            }
             if k.train_batch > 1 {
                 try_knob(
                     "train.batch_size",

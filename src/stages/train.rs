@@ -32,6 +32,7 @@ use crate::model::{ImageInput, Qwen25Vl};
 use crate::pipeline::{Stage, StageCtx, StageOutput};
 use crate::train::batch::{SampleError, SampleSource, TrainSample};
 use crate::train::checkpoint::TrainState;
+use crate::train::config::Recompute;
 use crate::train::trainer::{train, Flow, TrainConfig, TrainEvent};
 
 /// `[train]` config section. Defaults: the QLoRA recipe of the project brief.
@@ -68,6 +69,10 @@ pub struct TrainStageConfig {
     pub checkpoint_every: u64,
     /// Validate every N optimizer steps (0 = only at epoch ends).
     pub eval_every: u64,
+    /// Layer recomputation: `none`, `layers` or `every_n:K` (see [`Recompute`]). Trades a
+    /// second forward of the decoder for the activations of all but K layers; the adapter
+    /// is the same, so it is left out of the stage's input hash.
+    pub recompute: Recompute,
 }
 
 impl crate::pipeline::SectionConfig for TrainStageConfig {
@@ -135,6 +140,7 @@ impl Default for TrainStageConfig {
             max_samples: 0,
             checkpoint_every: 10,
             eval_every: 0,
+            recompute: Recompute::None,
         }
     }
 }
@@ -214,6 +220,19 @@ impl Stage for Train {
     /// through the download stage, and `memory_limit_mib` only decides whether it runs.
     fn shared_sections(&self) -> &[&'static str] {
         &["model.max_pixels", "model.min_pixels", "model.dtype"]
+    }
+    /// `recompute` changes the time and memory of training, not the adapter (the
+    /// gradients agree to rounding), so changing it does not make the stage stale.
+    fn resolve_config(
+        &self,
+        mut sections: serde_json::Value,
+        _settings: &crate::pipeline::Settings,
+        _ws: &crate::pipeline::Workspace,
+    ) -> serde_json::Value {
+        if let Some(train) = sections.get_mut("train").and_then(|t| t.as_object_mut()) {
+            train.remove("recompute");
+        }
+        sections
     }
     fn code_version(&self) -> u32 {
         1
@@ -301,6 +320,7 @@ impl Stage for Train {
             eval_every: (cfg.eval_every > 0).then_some(cfg.eval_every),
             max_samples: None,
             keep_checkpoints: 2,
+            recompute: cfg.recompute,
         };
         let ckpt_dir = ctx.workspace().checkpoints().join("train-state");
         // Resume only checkpoints made from these inputs: the trainer's own run fingerprint

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod optim;
 #[cfg(test)]
 pub(crate) mod qlora_check;
+mod recompute;
 pub mod scaler;
 pub mod schedule;
 pub mod trainer;

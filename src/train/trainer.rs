@@ -8,8 +8,9 @@
 //! learning rate of optimizer step `s` is `lr(s)` of `get_cosine_schedule_with_warmup`.
 //!
 //! Determinism: the data order of epoch `e` is a Fisher-Yates shuffle by ChaCha8 seeded with
-//! `(seed, e)`; before each micro-batch the backend RNG (LoRA dropout) is reseeded from
-//! `(seed, step, micro-batch)`. Both are functions of counters saved in the checkpoint, so a
+//! `(seed, e)`; before each decoder layer of a micro-batch the backend RNG (LoRA dropout) is
+//! reseeded from `(seed, step, micro-batch, layer)`, which also lets layer recomputation
+//! (`recompute`) rerun a layer with the masks of its first run. Both are functions of counters saved in the checkpoint, so a
 //! resumed run replays exactly what an uninterrupted one computes. (burn's backend RNG is
 //! process-global: another thread drawing from it concurrently would break this for
 //! dropout > 0.)
@@ -29,9 +30,9 @@ use crate::train::batch::{collate, Batch, SampleSource};
 use crate::train::checkpoint::{self, BestVal, RunFingerprint, TrainState};
 pub use crate::train::config::TrainConfig;
 pub use crate::train::error::TrainError;
-use crate::train::loss::causal_lm_loss;
 pub use crate::train::metrics::{Flow, StepMetrics, TrainEvent, ValMetrics};
 use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::recompute::{AdBatch, Pass};
 use crate::train::scaler::LossScaler;
 use crate::train::schedule::WarmupCosine;
 use crate::train::validate::{save_best, validate};
@@ -59,7 +60,8 @@ pub fn epoch_order(seed: u64, epoch: usize, n: usize) -> Vec<usize> {
     order
 }
 
-/// The backend seed for LoRA dropout in micro-batch `micro` of optimizer step `step`.
+/// The seed of micro-batch `micro` of optimizer step `step` (each layer's LoRA dropout
+/// mixes its index in).
 fn dropout_seed(seed: u64, step: u64, micro: usize) -> u64 {
     seed ^ (step + 1).wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
         ^ (micro as u64).wrapping_mul(0x1656_67B1_9E37_79F9)
@@ -375,23 +377,18 @@ fn accumulate_gradients<B: AutodiffKernels>(
     step: u64,
     ctx: &Ctx<'_, B>,
 ) -> Result<(GradientsParams, f64), TrainError> {
+    let pass = Pass {
+        model,
+        device: ctx.device,
+        recompute: ctx.cfg.recompute,
+        window_tokens,
+        loss_scale,
+    };
     let mut accum = GradientsAccumulator::<Qwen25Vl<B>>::new();
     let mut loss_sum = 0.0;
     for (micro, batch) in batches.into_iter().enumerate() {
-        B::seed(ctx.device, dropout_seed(ctx.cfg.seed, step, micro));
-        let (ids, mask, labels, images) = to_autodiff::<B>(batch);
-        let out = model.forward(&ids, Some(&mask), images.as_ref(), ctx.device)?;
-        let (loss, count) = causal_lm_loss(out.logits, labels);
-        // HF `num_items_in_batch`: each micro-batch's token sum over the window's tokens.
-        let loss = loss.mul_scalar(count as f64 / window_tokens.max(1) as f64);
-        loss_sum += loss.clone().into_scalar().elem::<f64>();
-        let loss = if loss_scale == 1.0 {
-            loss
-        } else {
-            loss.mul_scalar(loss_scale)
-        };
-        let grads = GradientsParams::from_grads(loss.backward(), model);
-        accum.accumulate(model, grads);
+        let seed = dropout_seed(ctx.cfg.seed, step, micro);
+        loss_sum += pass.run(to_autodiff::<B>(batch), seed, &mut accum)?;
     }
     Ok((accum.grads(), loss_sum))
 }
@@ -477,25 +474,16 @@ fn checkpoint_if_due<B: AutodiffKernels>(
     }))
 }
 
-/// A collated batch moved onto the autodiff backend (no gradients needed for its tensors).
-type AdBatch<B> = (
-    Vec<Vec<u32>>,
-    Vec<Vec<bool>>,
-    Tensor<B, 2, Int>,
-    Option<ImageInput<B>>,
-);
-
 fn to_autodiff<B: AutodiffKernels>(b: Batch<B::InnerBackend>) -> AdBatch<B> {
-    let images = b.images.map(|i| ImageInput {
-        pixel_values: Tensor::from_inner(i.pixel_values),
-        grids: i.grids,
-    });
-    (
-        b.input_ids,
-        b.attention_mask,
-        Tensor::from_inner(b.labels),
-        images,
-    )
+    AdBatch {
+        ids: b.input_ids,
+        valid: b.attention_mask,
+        labels: Tensor::from_inner(b.labels),
+        images: b.images.map(|i| ImageInput {
+            pixel_values: Tensor::from_inner(i.pixel_values),
+            grids: i.grids,
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -505,6 +493,7 @@ mod tests {
     use crate::model::qwen::tests::{image, reference};
     use crate::test_util::{fixture, TB};
     use crate::train::batch::TrainSample;
+    use crate::train::config::Recompute;
     use crate::train::loss::IGNORE_INDEX;
     use burn::module::{Module, ModuleVisitor, Param, ParamId};
     use std::collections::{BTreeMap, HashSet};
@@ -572,6 +561,7 @@ mod tests {
             eval_every: None,
             max_samples: None,
             keep_checkpoints: 2,
+            recompute: Default::default(),
         }
     }
 
@@ -586,6 +576,7 @@ mod tests {
             TrainEvent::Checkpoint { step, .. } if Some(*step) == stop_at => Flow::Stop,
             _ => Flow::Continue,
         };
+        let _rng = crate::test_util::backend_rng();
         train(
             model(),
             samples,
@@ -705,6 +696,7 @@ mod tests {
             events.push(format!("{e:?}"));
             Flow::Continue
         };
+        let _rng = crate::test_util::backend_rng();
         let out = train(
             m,
             &samples,
@@ -812,5 +804,162 @@ mod tests {
         let mut s = a.clone();
         s.sort();
         assert_eq!(s, (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_run_with_recomputed_layers_ends_where_a_plain_one_does_even_resumed_without() {
+        let samples = vec![
+            text(1, 12),
+            with_image(),
+            text(2, 9),
+            text(3, 14),
+            text(4, 7),
+        ];
+        let plain = config();
+        let recomputed = TrainConfig {
+            recompute: "layers".parse().unwrap(),
+            ..config()
+        };
+        let a_dir = tempfile::tempdir().unwrap();
+        let a = run(&samples, None, &plain, a_dir.path(), None);
+        // The setting is not part of the run: a checkpoint of one resumes under the other.
+        let b_dir = tempfile::tempdir().unwrap();
+        let first = run(&samples, None, &recomputed, b_dir.path(), Some(2));
+        assert_eq!(first.state.step, 2);
+        let b = run(&samples, None, &plain, b_dir.path(), None);
+        assert!(b.completed && b.state.step == a.state.step);
+        for (x, y) in a.state.history.iter().zip(&b.state.history) {
+            assert!(
+                (x.loss - y.loss).abs() <= 1e-6 * x.loss.abs(),
+                "step {}",
+                x.step
+            );
+        }
+        let (a, b) = (
+            a.model.export_adapter(None).unwrap(),
+            b.model.export_adapter(None).unwrap(),
+        );
+        for (site, w) in &a.pairs {
+            let v = &b.pairs[site];
+            for (x, y) in [(&w.a, &v.a), (&w.b, &v.b)] {
+                let scale = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+                let d = max_abs_diff(x, y);
+                assert!(d <= 1e-5 * scale, "{site:?}: {d} of {scale}");
+            }
+        }
+    }
+
+    /// A 5-layer builtin model (so `every_n:2` makes uneven segments) with LoRA pairs under
+    /// dropout 0.2, and one micro-batch of two text rows, the shorter one padded.
+    fn five_layers() -> (tempfile::TempDir, Qwen25Vl<AD>, Batch<TB>) {
+        use crate::builtin::{self, spec::TinySpec};
+        let tmp = tempfile::tempdir().unwrap();
+        let corpus = builtin::tokenizer_corpus(0, 100);
+        let dir = builtin::materialize_with(&tmp.path().join("m"), 3, &corpus, |vocab| {
+            let mut s = TinySpec::tiny(vocab);
+            s.num_hidden_layers = 5;
+            s
+        })
+        .unwrap()
+        .dir;
+        let dev = Default::default();
+        let mut m = Qwen25Vl::<AD>::load(&dir, &dev).unwrap();
+        let spec = LoraSpec {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.2,
+            seed: 11,
+        };
+        m.add_lora(&spec, &dev);
+        let m = m.freeze_except_lora();
+        let vocab = m.config().text.vocab_size as u32;
+        let rows = [text(5, 20), text(9, 33)].map(|mut r| {
+            r.input_ids.iter_mut().for_each(|t| *t %= vocab);
+            r.labels
+                .iter_mut()
+                .filter(|l| **l >= 0)
+                .for_each(|l| *l %= vocab as i64);
+            r
+        });
+        let batch = collate(&rows, &[0, 1], &dev).unwrap();
+        (tmp, m, batch)
+    }
+
+    /// One micro-batch's loss and LoRA gradients (by param id) under `recompute`.
+    fn gradients(
+        m: &Qwen25Vl<AD>,
+        batch: &Batch<TB>,
+        recompute: Recompute,
+        seed: u64,
+    ) -> (f64, BTreeMap<ParamId, Vec<f32>>) {
+        struct Collect<'a> {
+            grads: &'a GradientsParams,
+            out: BTreeMap<ParamId, Vec<f32>>,
+        }
+        impl ModuleVisitor<AD> for Collect<'_> {
+            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<AD, D>>) {
+                if let Some(g) = self.grads.get::<TB, D>(p.id) {
+                    self.out
+                        .insert(p.id, g.into_data().to_vec::<f32>().unwrap());
+                }
+            }
+        }
+        let pass = Pass {
+            model: m,
+            device: &Default::default(),
+            recompute,
+            window_tokens: batch.label_tokens,
+            loss_scale: 1.0,
+        };
+        let mut accum = GradientsAccumulator::<Qwen25Vl<AD>>::new();
+        let loss = pass
+            .run(to_autodiff::<AD>(batch.clone()), seed, &mut accum)
+            .unwrap();
+        let grads = accum.grads();
+        let mut c = Collect {
+            grads: &grads,
+            out: BTreeMap::new(),
+        };
+        m.visit(&mut c);
+        (loss, c.out)
+    }
+
+    #[test]
+    fn recomputed_layers_give_the_gradients_of_a_plain_backward_dropout_included() {
+        let _rng = crate::test_util::backend_rng();
+        let (_tmp, m, batch) = five_layers();
+        let (loss, plain) = gradients(&m, &batch, Recompute::None, 21);
+        // Every LoRA pair of the 5 layers (7 targets, A and B) has a gradient, and nothing
+        // else does: the base stays frozen.
+        assert_eq!(plain.len(), 5 * 7 * 2);
+        // Dropout is live: another seed draws other masks and other gradients, so equal
+        // gradients below mean the reruns drew the masks of the first run.
+        let (_, reseeded) = gradients(&m, &batch, Recompute::None, 22);
+        let moved = plain
+            .iter()
+            .map(|(id, g)| max_abs_diff(g, &reseeded[id]))
+            .fold(0.0, f32::max);
+        assert!(moved > 1e-4, "dropout changed nothing ({moved})");
+        for setting in ["layers", "every_n:2", "every_n:5"] {
+            let r: Recompute = setting.parse().unwrap();
+            let (l, got) = gradients(&m, &batch, r, 21);
+            assert!(
+                (l - loss).abs() <= 1e-6 * loss.abs(),
+                "{setting}: loss {l} vs {loss}"
+            );
+            assert_eq!(got.len(), plain.len(), "{setting}");
+            for (id, want) in &plain {
+                let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-12);
+                let d = max_abs_diff(&got[id], want);
+                assert!(d <= 1e-6 * scale, "{setting}: param {id}: {d} of {scale}");
+            }
+        }
+    }
+
+    fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
     }
 }
