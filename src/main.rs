@@ -58,7 +58,7 @@ enum Command {
     /// Benchmark a model on the five evaluation documents: load time, memory, latency
     /// statistics, tokens/s, batch sweep; or compare two result files.
     #[command(
-        after_help = "Examples:\n  medpipe bench --model builtin:tiny --runs 3 --batch-sizes 1,2 --output bench.json\n  medpipe bench --model checkpoints/base --runs 10 --batch-sizes 1,2,4,8 --grid-new-tokens 32,128 --price-per-hour 2.5\n  medpipe bench --model builtin:tiny --soak-seconds 60 --output soak.json\n  medpipe bench --compare before.json after.json"
+        after_help = "Examples:\n  medpipe bench --model builtin:tiny --runs 3 --batch-sizes 1,2 --output bench.json\n  medpipe bench --model checkpoints/base --runs 10 --batch-sizes 1,2,4,8 --grid-new-tokens 32,128 --price-per-hour 2.5\n  medpipe bench --model builtin:tiny --soak-seconds 60 --output soak.json\n  medpipe bench --compare before.json after.json\n  medpipe bench --train --model checkpoints/nf4 --seq-len 512 --recompute layers --output train.json"
     )]
     Bench(BenchArgs),
     /// Answer one prompt about one or more images, printing the answer and its timing.
@@ -218,6 +218,28 @@ struct BenchArgs {
     /// Compare two result files instead of measuring.
     #[arg(long, num_args = 2, value_names = ["A.json", "B.json"])]
     compare: Option<Vec<PathBuf>>,
+    /// Benchmark QLoRA training instead of generation: --steps optimizer steps of
+    /// --micro-batch synthetic samples of --seq-len tokens through the train stage's
+    /// trainer, reporting samples/s, tokens/s and the memory the steps add beside the
+    /// planner's prediction. Give --model the quantize stage's NF4 checkpoint
+    /// (checkpoints/nf4) to measure QLoRA proper; a dense one trains LoRA on a dense base.
+    #[arg(long)]
+    train: bool,
+    /// --train: measured optimizer steps (one warm-up step runs first).
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    steps: u64,
+    /// --train: tokens per sample.
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    seq_len: usize,
+    /// --train: samples per optimizer step.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    micro_batch: usize,
+    /// --train: LoRA rank (alpha = 2 r, dropout 0.05).
+    #[arg(long, value_name = "R", default_value_t = 16)]
+    lora_r: usize,
+    /// --train: layer recomputation, as train.recompute: none, layers or every_n:K.
+    #[arg(long, value_name = "MODE", default_value = "none")]
+    recompute: String,
 }
 
 #[derive(Args, Debug)]
@@ -591,6 +613,9 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
     }
     let device = placement(&args.device, &args.model)?;
     let precision = precision(&args.dtype, device)?;
+    if args.train {
+        return bench_train(&args, device, precision);
+    }
     let opts = bench::BenchOptions {
         model_id: args.model.clone(),
         revision: None,
@@ -650,6 +675,44 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
             }
         }
         None => print!("{}", bench::output::markdown_document(&result)),
+    }
+    Ok(())
+}
+
+fn bench_train(
+    args: &BenchArgs,
+    device: medpipe::device::Device,
+    precision: medpipe::device::Precision,
+) -> Result<(), Failure> {
+    use medpipe::bench::train::{self, TrainBenchOptions};
+    let usage = |e: anyhow::Error| Failure { code: 2, error: e };
+    let opts = TrainBenchOptions {
+        steps: usize::try_from(args.steps).unwrap_or(usize::MAX),
+        warmup_steps: 1,
+        micro_batch: args.micro_batch,
+        seq_len: args.seq_len,
+        lora_r: args.lora_r,
+        recompute: args
+            .recompute
+            .parse()
+            .map_err(|e: String| usage(anyhow::anyhow!("--recompute: {e}")))?,
+        seed: args.seed,
+    };
+    opts.validate().map_err(|e| usage(e.into()))?;
+    let dir = medpipe::bench::source::resolve_model(&args.model, args.seed)?;
+    let result =
+        train::run_train_bench_as(device, precision, &dir, &args.model, &opts).map_err(|e| {
+            Failure {
+                code: 1,
+                error: anyhow::Error::new(e)
+                    .context(format!("training benchmark on {}", dir.display())),
+            }
+        })?;
+    print!("{}", train::markdown(&result));
+    if let Some(out) = &args.output {
+        medpipe::fs::write_json_atomic(out, &result)
+            .with_context(|| format!("writing {}", out.display()))?;
+        println!("wrote {}", out.display());
     }
     Ok(())
 }

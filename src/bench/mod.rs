@@ -20,6 +20,7 @@ pub mod performance;
 pub mod run;
 pub mod schema;
 pub mod source;
+pub mod train;
 
 pub use run::{parse_list, run_bench, run_bench_as, BenchError, BenchOptions};
 pub use schema::BenchResult;

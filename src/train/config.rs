@@ -83,7 +83,7 @@ impl Recompute {
     /// run once with the loss (at least one range, even for an empty stack).
     pub fn segments(self, layers: usize) -> Vec<Range<usize>> {
         let k = match self {
-            Recompute::None => return vec![0..layers],
+            Recompute::None => return std::iter::once(0..layers).collect(),
             Recompute::EveryN(k) => k.get(),
         };
         let mut out: Vec<Range<usize>> = (0..layers)
