@@ -17,7 +17,10 @@ use crate::model::lora::{Adapter, AdapterConfig, LoraWeights, Site, TARGET_MODUL
 use crate::model::qwen::tests::{image_on, reference};
 use crate::model::Qwen25Vl;
 use crate::test_util::fixture;
+use crate::train::batch::counted_tokens;
+use crate::train::config::Recompute;
 use crate::train::loss::causal_lm_loss;
+use crate::train::recompute::{AdBatch, Pass};
 
 /// The fixture's step: LoRA `.before` weights as an adapter, the labels, and the loss torch
 /// computed (on the NF4 model).
@@ -100,22 +103,52 @@ pub(crate) fn load_step() -> QloraStep {
 /// and the gradient of every LoRA param, keyed as in `step.safetensors` (without `.grad`),
 /// in key order. Compare against [`load_step`]'s `loss` and `grads` for an NF4 base.
 pub(crate) fn qlora_step_check<B: AutodiffKernels>(
+    model: Qwen25Vl<B>,
+    dev: &B::Device,
+) -> (f32, Vec<(String, Vec<f32>)>) {
+    qlora_step_check_with(model, dev, Recompute::None)
+}
+
+/// [`qlora_step_check`] through the trainer's micro-batch pass with `recompute` (its
+/// backward in segments) instead of one plain backward.
+pub(crate) fn qlora_step_check_with<B: AutodiffKernels>(
     mut model: Qwen25Vl<B>,
     dev: &B::Device,
+    recompute: Recompute,
 ) -> (f32, Vec<(String, Vec<f32>)>) {
     let step = load_step();
     let r = reference();
     model.attach_adapter(&step.adapter, dev).unwrap();
     let model = model.freeze_except_lora();
     let img = image_on::<B>(&r, dev);
-    let out = model
-        .forward(std::slice::from_ref(&r.input_ids), None, Some(&img), dev)
-        .unwrap();
     let n = step.labels.len();
+    let counted = counted_tokens(&step.labels);
     let labels = Tensor::<B, 2, Int>::from_data(TensorData::new(step.labels, [1, n]), dev);
-    let (loss, _) = causal_lm_loss(out.logits, labels);
-    let value = loss.clone().into_scalar().elem::<f32>();
-    let gp = GradientsParams::from_grads(loss.backward(), &model);
+    let (value, gp) = if recompute == Recompute::None {
+        let out = model
+            .forward(std::slice::from_ref(&r.input_ids), None, Some(&img), dev)
+            .unwrap();
+        let (loss, _) = causal_lm_loss(out.logits, labels);
+        let value = loss.clone().into_scalar().elem::<f32>();
+        (value, GradientsParams::from_grads(loss.backward(), &model))
+    } else {
+        let pass = Pass {
+            model: &model,
+            device: dev,
+            recompute,
+            window_tokens: counted,
+            loss_scale: 1.0,
+        };
+        let batch = AdBatch {
+            ids: vec![r.input_ids.clone()],
+            valid: vec![vec![true; n]],
+            labels,
+            images: Some(img),
+        };
+        let mut accum = burn::optim::GradientsAccumulator::<Qwen25Vl<B>>::new();
+        let value = pass.run(batch, 0, &mut accum).unwrap() as f32;
+        (value, accum.grads())
+    };
     let mut grads: Vec<(String, Vec<f32>)> = model
         .lora_params()
         .into_iter()
@@ -264,6 +297,24 @@ mod tests {
         qlora_step_matches_peft_on::<W>(&dev, F16_LOSS_REL_TOL, F16_GRAD_REL_TOL);
     }
 
+    /// Layer recomputation (the backward in one-layer segments) against the same peft step.
+    #[test]
+    fn qlora_step_with_recomputed_layers_matches_peft_on_the_cpu_and_on_wgpu() {
+        let layers: Recompute = "layers".parse().unwrap();
+        qlora_step_matches_peft_with::<AD>(&Default::default(), LOSS_REL_TOL, GRAD_REL_TOL, layers);
+        if crate::test_util::wgpu_available(
+            "qlora_step_with_recomputed_layers_matches_peft_on_the_cpu_and_on_wgpu",
+        ) {
+            type W = burn::backend::Autodiff<burn::backend::Wgpu>;
+            qlora_step_matches_peft_with::<W>(
+                &Default::default(),
+                LOSS_REL_TOL,
+                GRAD_REL_TOL,
+                layers,
+            );
+        }
+    }
+
     fn qlora_step_matches_peft<B: AutodiffKernels>() {
         qlora_step_matches_peft_on::<B>(&Default::default(), LOSS_REL_TOL, GRAD_REL_TOL);
     }
@@ -273,8 +324,17 @@ mod tests {
         loss_tol: f64,
         grad_tol: f32,
     ) {
+        qlora_step_matches_peft_with::<B>(dev, loss_tol, grad_tol, Recompute::None);
+    }
+
+    fn qlora_step_matches_peft_with<B: AutodiffKernels>(
+        dev: &B::Device,
+        loss_tol: f64,
+        grad_tol: f32,
+        recompute: Recompute,
+    ) {
         let m = Qwen25Vl::<B>::load(&fixture("qwen2_5_vl_tiny/nf4"), dev).unwrap();
-        let (loss, grads) = qlora_step_check(m, dev);
+        let (loss, grads) = qlora_step_check_with(m, dev, recompute);
         let step = load_step();
         let rel = (f64::from(loss) - step.loss).abs() / step.loss.abs();
         assert!(
