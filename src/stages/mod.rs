@@ -156,6 +156,19 @@ mod tests {
         let cfg = load_config(Some(&path), &[]).unwrap();
         let t = train(&cfg);
         assert_eq!((t.r, t.lora_alpha, t.max_samples), (64, 128.0, 0));
+        assert_eq!(t.recompute.to_string(), "layers");
+    }
+
+    #[test]
+    fn a_recompute_typo_names_the_accepted_forms() {
+        let err = parse("[train]\nrecompute = \"every_n:0\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test.toml"), "{err}");
+        assert!(
+            err.contains("\"layers\" or \"every_n:K\" with K >= 1"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -269,6 +282,12 @@ mod tests {
                 "{stage}"
             );
         }
+        // Recomputation changes the time and memory of training, not the adapter, while
+        // the other train keys are hashed.
+        let train = hash_of("train", &[]);
+        assert_eq!(train, hash_of("train", &["train.recompute=\"layers\""]));
+        assert!(train["train"].get("recompute").is_none(), "{train}");
+        assert_ne!(train, hash_of("train", &["train.lora_dropout=0.1"]));
         for stage in ["probe", "download"] {
             let plain = hash_of(stage, &[]);
             assert_eq!(
