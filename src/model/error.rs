@@ -76,6 +76,20 @@ pub enum ModelError {
         dtype: String,
         limit: u64,
     },
+    /// One tensor of the work asked for is larger than the device's largest buffer: on
+    /// wgpu it would not be allocated, the runtime would log a failed task, and the result
+    /// would read as garbage.
+    #[error(
+        "{what} would take {bytes} bytes in one buffer, more than this device allows ({limit} \
+         bytes); shorten the prompt or the sequence, lower the batch size or \
+         model.max_pixels, or run on CUDA or the CPU"
+    )]
+    WorkTooLargeForDevice {
+        /// The tensor, with its shape and dtype.
+        what: String,
+        bytes: u64,
+        limit: u64,
+    },
     /// A tensor is stored in a dtype this loader does not convert.
     #[error(
         "tensor `{key}` in {path} has dtype {dtype}; only F32, F64, BF16 and F16 are supported"

@@ -84,6 +84,26 @@ pub(crate) struct DecoderInput<B: Kernels> {
     pub positions: MropePositions,
 }
 
+/// Refuses work whose tensor `what` (shape and dtype, in words) takes `bytes` when that is
+/// more than `device`'s largest buffer (no limit on the CPU). Checked before the work, from
+/// its shapes: wgpu does not fail such an allocation, it logs a failed task on its own
+/// thread and the model computes on garbage (issue 19; a 3,000-token prompt on lavapipe
+/// gave logits 4.6 away from the CPU's, with no error).
+pub(crate) fn fits_one_buffer<B: Kernels>(
+    device: &B::Device,
+    what: impl FnOnce() -> String,
+    bytes: u64,
+) -> Result<(), ModelError> {
+    match B::max_buffer_bytes(device) {
+        Some(limit) if bytes > limit => Err(ModelError::WorkTooLargeForDevice {
+            what: what(),
+            bytes,
+            limit,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Refuses a checkpoint with a tensor larger than `device`'s largest buffer, before any
 /// upload: on wgpu such an upload fails on the runtime's thread and the tensor reads as
 /// zeros, a model that runs and answers garbage.
@@ -298,6 +318,19 @@ impl<B: Kernels> Qwen25Vl<B> {
                 ),
             });
         }
+        let (batch, seq) = (input_ids.len(), input_ids.first().map_or(0, Vec::len));
+        let vocab = self.config.text.vocab_size;
+        let dtype = crate::device::float_dtype::<B>(device);
+        fits_one_buffer::<B>(
+            device,
+            || {
+                format!(
+                    "the logits [{batch}, {seq}, {vocab}] ({})",
+                    crate::device::dtype_name(dtype)
+                )
+            },
+            (batch * seq * vocab * dtype.size()) as u64,
+        )?;
         let p = self.prefill(input_ids, valid, images, None, device)?;
         Ok(ForwardOutput {
             logits: self.logits(p.hidden),
@@ -351,6 +384,7 @@ impl<B: Kernels> Qwen25Vl<B> {
             });
         }
         let vocab = self.config.text.vocab_size;
+        self.text_work_fits(batch, seq, past, device)?;
         if let Some(&t) = rows.iter().flatten().find(|&&t| t as usize >= vocab) {
             return Err(ModelError::Input {
                 name: "input_ids",
@@ -425,6 +459,37 @@ impl<B: Kernels> Qwen25Vl<B> {
         })
     }
 
+    /// Refuses a prefill of `batch` rows of `seq` tokens after `past` cached ones whose
+    /// attention scores (f32, every head: see `attend`) or gated-MLP activations would not
+    /// fit one buffer of `device`.
+    fn text_work_fits(
+        &self,
+        batch: usize,
+        seq: usize,
+        past: usize,
+        device: &B::Device,
+    ) -> Result<(), ModelError> {
+        let t = &self.config.text;
+        let (heads, keys) = (t.num_heads, past + seq);
+        fits_one_buffer::<B>(
+            device,
+            || format!("the attention scores [{batch}, {heads}, {seq}, {keys}] (f32)"),
+            (batch * heads * seq * keys * 4) as u64,
+        )?;
+        let dtype = crate::device::float_dtype::<B>(device);
+        let inter = t.intermediate_size;
+        fits_one_buffer::<B>(
+            device,
+            || {
+                format!(
+                    "the MLP activations [{batch}, {seq}, {inter}] ({})",
+                    crate::device::dtype_name(dtype)
+                )
+            },
+            (batch * seq * inter * dtype.size()) as u64,
+        )
+    }
+
     /// Decoder layers `range` over `x` (see [`TextModel::forward_layers`]), for a forward
     /// the trainer runs in pieces; `input` gives the rotary tables and the mask.
     ///
@@ -441,12 +506,23 @@ impl<B: Kernels> Qwen25Vl<B> {
             .forward_layers(range, x, &input.rope, input.mask.as_ref(), before)
     }
 
-    /// The final norm and the logits, after the whole decoder stack.
+    /// The final norm and the logits, after the whole decoder stack, for a loss that
+    /// takes them in f32.
     ///
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → `[batch, seq, vocab]`
-    pub(crate) fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.logits(self.model.final_norm(x))
+    ///
+    /// # Errors
+    /// [`ModelError::WorkTooLargeForDevice`] when the f32 logits would not fit one buffer.
+    pub(crate) fn head(&self, x: Tensor<B, 3>) -> Result<Tensor<B, 3>, ModelError> {
+        let [batch, seq, _] = x.dims();
+        let vocab = self.config.text.vocab_size;
+        fits_one_buffer::<B>(
+            &x.device(),
+            || format!("the logits [{batch}, {seq}, {vocab}] (f32, for the loss)"),
+            (batch * seq * vocab * 4) as u64,
+        )?;
+        Ok(self.logits(self.model.final_norm(x)))
     }
 
     /// Decoder layers of the language model.

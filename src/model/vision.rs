@@ -348,6 +348,7 @@ impl<B: Kernels> VisionTransformer<B> {
             });
         }
         let layout = window_layout(cfg, grids);
+        self.work_fits(rows, &layout, &device)?;
         let mu = cfg.merge_unit();
         let perm: Vec<i64> = layout
             .window_index
@@ -388,6 +389,41 @@ impl<B: Kernels> VisionTransformer<B> {
         let x = mg.fc2.forward(gelu(mg.fc1.forward(x)));
         let n = inverse.len();
         Ok(x.select(0, Tensor::from_data(TensorData::new(inverse, [n]), &device)))
+    }
+
+    /// Refuses images whose attention scores (f32, every head, each window or frame
+    /// padded to the longest: see `Segments`) or MLP activations would not fit one buffer
+    /// of `device`.
+    fn work_fits(
+        &self,
+        rows: usize,
+        layout: &WindowLayout,
+        device: &B::Device,
+    ) -> Result<(), ModelError> {
+        let h = self.cfg.num_heads;
+        for (kind, lens) in [
+            ("window", &layout.window_lens),
+            ("frame", &layout.frame_lens),
+        ] {
+            let (n, l) = (lens.len(), lens.iter().copied().max().unwrap_or(0));
+            crate::model::qwen::fits_one_buffer::<B>(
+                device,
+                || format!("the vision attention scores [{n}, {h}, {l}, {l}] (f32, per {kind})"),
+                (n * h * l * l * 4) as u64,
+            )?;
+        }
+        let dtype = crate::device::float_dtype::<B>(device);
+        let inter = self.cfg.intermediate_size;
+        crate::model::qwen::fits_one_buffer::<B>(
+            device,
+            || {
+                format!(
+                    "the vision MLP activations [{rows}, {inter}] ({})",
+                    crate::device::dtype_name(dtype)
+                )
+            },
+            (rows * inter * dtype.size()) as u64,
+        )
     }
 
     /// f32 cos/sin `[seq, 1, head_dim]` for patches at `(row, col)`.

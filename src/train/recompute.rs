@@ -82,7 +82,7 @@ impl<B: AutodiffKernels> Pass<'_, B> {
             x.detach().require_grad()
         };
         let out = model.forward_layers(last, x_in.clone(), &input, reseed)?;
-        let (loss, count) = causal_lm_loss(model.head(out), batch.labels);
+        let (loss, count) = causal_lm_loss(model.head(out)?, batch.labels);
         let loss = loss.mul_scalar(count as f64 / self.window_tokens.max(1) as f64);
         let value = loss.clone().into_scalar().elem::<f64>();
         let loss = if self.loss_scale == 1.0 {

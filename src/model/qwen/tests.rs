@@ -154,6 +154,84 @@ fn on_wgpu_greedy_tokens_are_the_reference_and_batching_changes_nothing() {
     }
 }
 
+/// Work with a tensor over the adapter's largest buffer (lavapipe: 128 MiB) is refused
+/// before it runs, naming the tensor: wgpu would fail the allocation on its own thread and
+/// the model would compute on garbage (a 3,000-token prompt gave logits 4.6 away from the
+/// CPU's, with no error).
+#[test]
+fn on_wgpu_work_over_the_largest_buffer_is_refused_naming_the_tensor() {
+    type W = burn::backend::Wgpu;
+    if !crate::test_util::wgpu_available(
+        "on_wgpu_work_over_the_largest_buffer_is_refused_naming_the_tensor",
+    ) {
+        return;
+    }
+    let dev = Default::default();
+    let limit = W::max_buffer_bytes(&dev).expect("wgpu caps its buffers");
+    let m = Qwen25Vl::<W>::load(&fixture("qwen2_5_vl_tiny"), &dev).unwrap();
+    let cfg = m.config().clone();
+    let refusal = |e: ModelError| match e {
+        ModelError::WorkTooLargeForDevice {
+            what,
+            bytes,
+            limit: l,
+        } => {
+            assert!(bytes > l && l == limit, "{bytes} vs {l}");
+            what
+        }
+        other => panic!("not refused for its size: {other}"),
+    };
+
+    // Text: f32 scores [1, heads, s, s] just over the limit.
+    let heads = cfg.text.num_heads;
+    let s = ((limit / (4 * heads as u64)) as f64).sqrt() as usize + 1;
+    let e = m.forward(&[vec![10; s]], None, None, &dev).unwrap_err();
+    assert_eq!(
+        refusal(e),
+        format!("the attention scores [1, {heads}, {s}, {s}] (f32)")
+    );
+    let e = m.generate(
+        &[Request {
+            input_ids: vec![10; s],
+            images: None,
+        }],
+        &GenerateConfig {
+            max_new_tokens: 1,
+            sampling: Sampling::Greedy,
+            seed: 0,
+            eos_token_ids: None,
+        },
+        &dev,
+    );
+    assert!(refusal(e.unwrap_err()).starts_with("the attention scores"));
+
+    // Vision: one frame whose full-attention scores [1, heads, n, n] pass the limit.
+    let v = &cfg.vision;
+    let side = (((limit / (4 * v.num_heads as u64)) as f64).sqrt().sqrt() as usize + 2) & !1;
+    let n = side * side;
+    let grids = vec![[1, side, side]];
+    let img = ImageInput::<W> {
+        pixel_values: Tensor::zeros([n, v.patch_dim()], &dev),
+        grids,
+    };
+    let ids = [
+        vec![cfg.tokens.vision_start_token_id],
+        vec![cfg.tokens.image_token_id; n / v.merge_unit()],
+        vec![10],
+    ]
+    .concat();
+    let e = m.forward(&[ids], None, Some(&img), &dev).unwrap_err();
+    let what = refusal(e);
+    assert!(
+        what.starts_with("the vision attention scores [1, "),
+        "{what}"
+    );
+    assert!(
+        what.ends_with(&format!(", {n}, {n}] (f32, per frame)")),
+        "{what}"
+    );
+}
+
 fn greedy_tokens_are_the_reference<B: Kernels>() {
     let r = reference();
     let m = Qwen25Vl::<B>::load(&fixture("qwen2_5_vl_tiny"), &Default::default()).unwrap();
