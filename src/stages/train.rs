@@ -353,6 +353,12 @@ impl Stage for Train {
         let st = &trained.state;
         let tokens: usize = st.history.iter().map(|m| m.input_tokens).sum();
         let samples: usize = st.history.iter().map(|m| m.samples).sum();
+        let padded: usize = st.history.iter().map(|m| m.padding_tokens).sum();
+        let padded_unbucketed: usize = st.history.iter().map(|m| m.padding_tokens_unbucketed).sum();
+        let share = |pad: usize| {
+            let total = tokens + pad;
+            (total > 0).then(|| pad as f64 / total as f64)
+        };
         let step_time: f64 = st
             .history
             .iter()
@@ -426,6 +432,10 @@ impl Stage for Train {
             "best_val_loss": best_val.is_finite().then_some(best_val),
             "load_s": trained.load_s,
             "resumed_from_step": trained.resumed_from_step,
+            // Of the tokens the micro-batches computed on, the share that was padding, and
+            // what it would have been without grouping each window's samples by length.
+            "padding_fraction": share(padded),
+            "padding_fraction_unbucketed": share(padded_unbucketed),
             "steps_per_s": if trained.train_time_s > 0.0 { st.step as f64 / trained.train_time_s } else { 0.0 },
             "config": tcfg,
             // The planner's prediction (for max_seq_len tokens), beside peak_memory_bytes.

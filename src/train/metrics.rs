@@ -34,6 +34,13 @@ pub struct StepMetrics {
     pub input_tokens: usize,
     /// Tokens the loss counted.
     pub label_tokens: usize,
+    /// Padding the window's micro-batches computed on (rows × longest row − real tokens),
+    /// after grouping samples of similar length.
+    #[serde(default)]
+    pub padding_tokens: usize,
+    /// The padding the same window would have had in its shuffled order.
+    #[serde(default)]
+    pub padding_tokens_unbucketed: usize,
     /// Input tokens per second of wall time (forward + backward + update).
     pub tokens_per_s: f64,
     /// Samples per second of wall time.
