@@ -10,6 +10,42 @@ use burn::tensor::DType;
 /// Label value that masks a position out of the loss (prompt and image tokens).
 pub const IGNORE_INDEX: i64 = -100;
 
+/// Summed masked next-token cross-entropy, without reading anything back from the device
+/// (the trainer divides by the window's token count, known on the host from the labels).
+///
+/// # Shapes
+/// - `logits`: `[batch, seq, vocab]`; `labels`: `[batch, seq]` → a scalar `[1]` tensor.
+pub fn causal_lm_loss_sum<B: Kernels>(
+    logits: Tensor<B, 3>,
+    labels: Tensor<B, 2, Int>,
+) -> Tensor<B, 1> {
+    let [b, s, v] = logits.dims();
+    if s < 2 {
+        return Tensor::zeros([1], &logits.device());
+    }
+    masked_nll(logits, labels, [b, s, v]).sum()
+}
+
+/// Per-position negative log-likelihood of the shifted labels, zero where masked:
+/// `[b, s-1]`, with the mask.
+fn masked_nll<B: Kernels>(
+    logits: Tensor<B, 3>,
+    labels: Tensor<B, 2, Int>,
+    [b, s, v]: [usize; 3],
+) -> Tensor<B, 2> {
+    // In f32 whatever the model computes in, as transformers upcasts logits for the loss.
+    let logits = logits.slice([0..b, 0..s - 1, 0..v]).cast(DType::F32); // predicts 1..s
+    let targets = labels.slice([0..b, 1..s]); // [b, s-1]
+    let mask = targets.clone().not_equal_elem(IGNORE_INDEX); // [b, s-1]
+                                                             // Masked labels point at class 0; their loss is zeroed by the mask below.
+    let safe = targets.mask_fill(mask.clone().bool_not(), 0);
+    let logp = log_softmax(logits, 2);
+    let picked = logp
+        .gather(2, safe.unsqueeze_dim::<3>(2))
+        .squeeze_dim::<2>(2); // [b, s-1]
+    picked.neg() * mask.float().cast(DType::F32)
+}
+
 /// Mean masked next-token cross-entropy and the number of tokens it averaged.
 ///
 /// # Shapes
@@ -24,19 +60,16 @@ pub fn causal_lm_loss<B: Kernels>(
     if s < 2 {
         return (Tensor::zeros([1], &logits.device()), 0);
     }
-    // In f32 whatever the model computes in, as transformers upcasts logits for the loss.
-    let logits = logits.slice([0..b, 0..s - 1, 0..v]).cast(DType::F32); // predicts 1..s
-    let targets = labels.slice([0..b, 1..s]); // [b, s-1]
-    let mask = targets.clone().not_equal_elem(IGNORE_INDEX); // [b, s-1]
-    let count: usize = mask.clone().int().sum().into_scalar().elem::<i64>().max(0) as usize;
-    // Masked labels point at class 0; their loss is zeroed by the mask below.
-    let safe = targets.mask_fill(mask.clone().bool_not(), 0);
-    let logp = log_softmax(logits, 2);
-    let picked = logp
-        .gather(2, safe.unsqueeze_dim::<3>(2))
-        .squeeze_dim::<2>(2); // [b, s-1]
-    let nll = picked.neg() * mask.float().cast(DType::F32);
-    let loss = nll.sum() / (count.max(1) as f64);
+    let count: usize = labels
+        .clone()
+        .slice([0..b, 1..s])
+        .not_equal_elem(IGNORE_INDEX)
+        .int()
+        .sum()
+        .into_scalar()
+        .elem::<i64>()
+        .max(0) as usize;
+    let loss = masked_nll(logits, labels, [b, s, v]).sum() / (count.max(1) as f64);
     (loss, count)
 }
 
@@ -57,6 +90,16 @@ mod tests {
         assert_eq!(n, 2);
         let got = loss.into_scalar() as f64;
         assert!((got - (l0 + l1) / 2.0).abs() < 1e-6, "{got}");
+    }
+
+    #[test]
+    fn the_summed_loss_is_the_mean_times_the_counted_tokens() {
+        let dev = Default::default();
+        let logits = Tensor::<TB, 3>::from_floats([[[0.0, 0.0], [2.0, 0.0], [9.0, 9.0]]], &dev);
+        let labels = Tensor::<TB, 2, Int>::from_ints([[IGNORE_INDEX, 1, 0]], &dev);
+        let (mean, n) = causal_lm_loss(logits.clone(), labels.clone());
+        let sum = causal_lm_loss_sum(logits, labels).into_scalar();
+        assert!((sum - mean.into_scalar() * n as f32).abs() < 1e-6);
     }
 
     #[test]

@@ -146,7 +146,11 @@ pub(crate) fn qlora_step_check_with<B: AutodiffKernels>(
             images: Some(img),
         };
         let mut accum = burn::optim::GradientsAccumulator::<Qwen25Vl<B>>::new();
-        let value = pass.run(batch, 0, &mut accum).unwrap() as f32;
+        let value = pass
+            .run(batch, 0, &mut accum)
+            .unwrap()
+            .into_scalar()
+            .elem::<f32>();
         (value, accum.grads())
     };
     let mut grads: Vec<(String, Vec<f32>)> = model

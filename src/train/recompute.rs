@@ -22,7 +22,7 @@ use crate::kernels::AutodiffKernels;
 use crate::model::{ImageInput, Qwen25Vl};
 use crate::train::config::Recompute;
 use crate::train::error::TrainError;
-use crate::train::loss::causal_lm_loss;
+use crate::train::loss::causal_lm_loss_sum;
 
 /// A collated micro-batch on the autodiff backend: token rows, their validity, labels and
 /// images (no gradients needed for any of them).
@@ -47,7 +47,8 @@ pub(crate) struct Pass<'a, B: AutodiffKernels> {
 
 impl<B: AutodiffKernels> Pass<'_, B> {
     /// Runs forward and backward of `batch`, adds its gradients to `accum` and returns its
-    /// weighted, unscaled loss. `seed` seeds the LoRA dropout of this micro-batch.
+    /// weighted, unscaled loss, left on the device (the trainer reads a window's sum once).
+    /// `seed` seeds the LoRA dropout of this micro-batch.
     ///
     /// # Errors
     /// Model errors (image placeholders that disagree with the images, bad token ids).
@@ -56,7 +57,7 @@ impl<B: AutodiffKernels> Pass<'_, B> {
         batch: AdBatch<B>,
         seed: u64,
         accum: &mut GradientsAccumulator<Qwen25Vl<B>>,
-    ) -> Result<f64, TrainError> {
+    ) -> Result<Tensor<B::InnerBackend, 1>, TrainError> {
         let (model, device) = (self.model, self.device);
         let input =
             model.decoder_input(&batch.ids, &batch.valid, batch.images.as_ref(), 0, device)?;
@@ -82,9 +83,10 @@ impl<B: AutodiffKernels> Pass<'_, B> {
             x.detach().require_grad()
         };
         let out = model.forward_layers(last, x_in.clone(), &input, reseed)?;
-        let (loss, count) = causal_lm_loss(model.head(out)?, batch.labels);
-        let loss = loss.mul_scalar(count as f64 / self.window_tokens.max(1) as f64);
-        let value = loss.clone().into_scalar().elem::<f64>();
+        // The token sum over the window's count (known on the host): no read-back here.
+        let loss = causal_lm_loss_sum(model.head(out)?, batch.labels)
+            .div_scalar(self.window_tokens.max(1) as f64);
+        let value = loss.clone().detach().inner();
         let loss = if self.loss_scale == 1.0 {
             loss
         } else {

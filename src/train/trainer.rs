@@ -418,11 +418,17 @@ fn accumulate_gradients<B: AutodiffKernels>(
         loss_scale,
     };
     let mut accum = GradientsAccumulator::<Qwen25Vl<B>>::new();
-    let mut loss_sum = 0.0;
+    let mut loss_sum: Option<Tensor<B::InnerBackend, 1>> = None;
     for (micro, batch) in batches.into_iter().enumerate() {
         let seed = dropout_seed(ctx.cfg.seed, step, micro);
-        loss_sum += pass.run(to_autodiff::<B>(batch), seed, &mut accum)?;
+        let loss = pass.run(to_autodiff::<B>(batch), seed, &mut accum)?;
+        loss_sum = Some(match loss_sum {
+            Some(sum) => sum + loss,
+            None => loss,
+        });
     }
+    // The one read-back of the step's forward passes.
+    let loss_sum = loss_sum.map_or(0.0, |l| l.into_scalar().elem::<f64>());
     Ok((accum.grads(), loss_sum))
 }
 
@@ -947,7 +953,9 @@ mod tests {
         let mut accum = GradientsAccumulator::<Qwen25Vl<AD>>::new();
         let loss = pass
             .run(to_autodiff::<AD>(batch.clone()), seed, &mut accum)
-            .unwrap();
+            .unwrap()
+            .into_scalar()
+            .elem::<f64>();
         let grads = accum.grads();
         let mut c = Collect {
             grads: &grads,
