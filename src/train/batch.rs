@@ -23,8 +23,9 @@ pub struct TrainSample<B: Kernels> {
     pub images: Option<ImageInput<B>>,
 }
 
-/// Random access to samples, so a resumed run can replay the same shuffled order.
-pub trait SampleSource<B: Kernels> {
+/// Random access to samples, so a resumed run can replay the same shuffled order. `Sync`:
+/// the trainer loads the next window on another thread while a step computes.
+pub trait SampleSource<B: Kernels>: Sync {
     /// Number of samples.
     fn len(&self) -> usize;
     /// Whether there are no samples.

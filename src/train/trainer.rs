@@ -26,7 +26,7 @@ use rand::SeedableRng;
 use crate::fs::recover_dir;
 use crate::kernels::{AutodiffKernels, Kernels};
 use crate::model::{ImageInput, Qwen25Vl};
-use crate::train::batch::{collate, Batch, SampleSource};
+use crate::train::batch::{collate, Batch, SampleError, SampleSource, TrainSample};
 use crate::train::checkpoint::{self, BestVal, RunFingerprint, TrainState};
 pub use crate::train::config::TrainConfig;
 pub use crate::train::error::TrainError;
@@ -88,26 +88,89 @@ pub fn train<B: AutodiffKernels>(
     if flow == Flow::Stop {
         return Ok(run.finish(false, ckpt_dir));
     }
-    while run.state.epoch < cfg.epochs {
-        let order = epoch_order(cfg.seed, run.state.epoch, ctx.n);
-        while run.state.next_sample < ctx.n {
-            let metrics;
-            (run, metrics) = optimizer_step(run, &order, &ctx)?;
-            let mut stop = progress(&TrainEvent::Step(&metrics)) == Flow::Stop;
-            run.state.history.push(metrics);
-            let epoch_done = end_epoch_if_done(&mut run.state, ctx.n);
-            stop |= validate_if_due(&mut run, epoch_done, &ctx, progress)? == Flow::Stop;
-            let finished = run.state.epoch >= cfg.epochs;
-            stop |= checkpoint_if_due(&run, finished, &ctx, progress)? == Flow::Stop;
-            if stop && !finished {
-                return Ok(run.finish(false, ckpt_dir));
-            }
-            if epoch_done {
-                break;
+    // The next window's samples (pages decoded and preprocessed) load on another thread
+    // while a step computes; what it loads depends only on the order, so results are the
+    // same as loading in line.
+    std::thread::scope(|scope| {
+        let mut prefetch: Option<(Vec<usize>, Loading<'_, B>)> = None;
+        while run.state.epoch < cfg.epochs {
+            let order = epoch_order(cfg.seed, run.state.epoch, ctx.n);
+            while run.state.next_sample < ctx.n {
+                let start = run.state.next_sample;
+                let indices = order[start..(start + ctx.window).min(ctx.n)].to_vec();
+                let samples = match prefetch.take() {
+                    Some((next, loading)) if next == indices => loading
+                        .join()
+                        .unwrap_or_else(|p| std::panic::resume_unwind(p))?,
+                    _ => load(ctx.train, &indices)?,
+                };
+                if let Some(next) = next_window(&run.state, &order, &ctx) {
+                    let source = ctx.train;
+                    let spawned = next.clone();
+                    prefetch = Some((next, scope.spawn(move || load(source, &spawned))));
+                }
+                let metrics;
+                (run, metrics) = optimizer_step(run, &indices, samples, &ctx)?;
+                let mut stop = progress(&TrainEvent::Step(&metrics)) == Flow::Stop;
+                run.state.history.push(metrics);
+                let epoch_done = end_epoch_if_done(&mut run.state, ctx.n);
+                stop |= validate_if_due(&mut run, epoch_done, &ctx, progress)? == Flow::Stop;
+                let finished = run.state.epoch >= cfg.epochs;
+                stop |= checkpoint_if_due(&run, finished, &ctx, progress)? == Flow::Stop;
+                if stop && !finished {
+                    return Ok(run.finish(false, ckpt_dir));
+                }
+                if epoch_done {
+                    break;
+                }
             }
         }
+        Ok(run.finish(true, ckpt_dir))
+    })
+}
+
+/// A window's samples being loaded on another thread.
+type Loading<'scope, B> = std::thread::ScopedJoinHandle<
+    'scope,
+    Result<
+        Vec<TrainSample<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend>>,
+        SampleError,
+    >,
+>;
+
+/// Samples `indices` of `source`, in order.
+fn load<B: Kernels>(
+    source: &dyn SampleSource<B>,
+    indices: &[usize],
+) -> Result<Vec<TrainSample<B>>, SampleError> {
+    indices.iter().map(|&i| source.get(i)).collect()
+}
+
+/// The window after the one starting at `state.next_sample` of `order`: the rest of this
+/// epoch, or the start of the next epoch's order; `None` after the last.
+fn next_window<B: AutodiffKernels>(
+    state: &TrainState,
+    order: &[usize],
+    ctx: &Ctx<'_, B>,
+) -> Option<Vec<usize>> {
+    window_after(state.epoch, state.next_sample, order, ctx.window, ctx.cfg)
+}
+
+/// [`next_window`] for the window of `epoch` starting at `start` of `order`, `window`
+/// samples per step over `order.len()` samples.
+fn window_after(
+    epoch: usize,
+    start: usize,
+    order: &[usize],
+    window: usize,
+    cfg: &TrainConfig,
+) -> Option<Vec<usize>> {
+    let n = order.len();
+    let end = (start + window).min(n);
+    if end < n {
+        return Some(order[end..(end + window).min(n)].to_vec());
     }
-    Ok(run.finish(true, ckpt_dir))
+    (epoch + 1 < cfg.epochs).then(|| epoch_order(cfg.seed, epoch + 1, n)[..window.min(n)].to_vec())
 }
 
 /// What stays fixed for a whole run: the config, the sample sources, where checkpoints go,
@@ -289,7 +352,8 @@ fn resume_or_init<B: AutodiffKernels>(
 /// schedule count) and returns its metrics.
 fn optimizer_step<B: AutodiffKernels>(
     run: Run<B>,
-    order: &[usize],
+    indices: &[usize],
+    samples: Vec<TrainSample<B::InnerBackend>>,
     ctx: &Ctx<'_, B>,
 ) -> Result<(Run<B>, StepMetrics), TrainError> {
     let Run {
@@ -299,12 +363,7 @@ fn optimizer_step<B: AutodiffKernels>(
     } = run;
     let (cfg, n) = (ctx.cfg, ctx.n);
     let started = Instant::now();
-    let end = (state.next_sample + ctx.window).min(n);
-    let indices = &order[state.next_sample..end];
-    let samples = indices
-        .iter()
-        .map(|&i| ctx.train.get(i))
-        .collect::<Result<Vec<_>, _>>()?;
+    let end = state.next_sample + indices.len();
     let lens: Vec<usize> = samples.iter().map(|s| s.input_ids.len()).collect();
     let by_length = bucket_by_length(&lens);
     let padding_unbucketed = padding(&lens, &(0..lens.len()).collect::<Vec<_>>(), cfg.batch_size);
@@ -1007,6 +1066,32 @@ mod tests {
         assert_eq!(padding(&lens, &order, 2), 1 + 278 + 5);
         // Equal lengths keep the window order.
         assert_eq!(bucket_by_length(&[7, 7, 7]), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn the_window_loaded_ahead_is_the_one_the_next_step_takes_across_epochs() {
+        let cfg = TrainConfig {
+            epochs: 3,
+            ..config()
+        };
+        let (n, window) = (7, 3);
+        let mut taken = Vec::new();
+        for epoch in 0..cfg.epochs {
+            let order = epoch_order(cfg.seed, epoch, n);
+            for start in (0..n).step_by(window) {
+                let ahead = window_after(epoch, start, &order, window, &cfg);
+                taken.push((order[start..(start + window).min(n)].to_vec(), ahead));
+            }
+        }
+        for pair in taken.windows(2) {
+            assert_eq!(pair[0].1.as_ref(), Some(&pair[1].0));
+        }
+        assert_eq!(
+            taken.last().unwrap().1,
+            None,
+            "nothing is loaded after the last step"
+        );
+        assert_eq!(taken.len(), 3 * 3);
     }
 
     fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
