@@ -130,7 +130,8 @@ struct ServeArgs {
     /// Device: auto, cpu, cuda, cuda:N or wgpu (as for `generate`).
     #[arg(long, value_name = "DEVICE", default_value = "auto")]
     device: String,
-    /// Compute precision: f32 (everywhere), f16 (wgpu, cuda) or bf16 (cuda).
+    /// Compute precision: f32 (everywhere), f16 (wgpu, cuda), bf16 (cuda), or auto (as
+    /// `[model] dtype`: bf16 on CUDA, f16 on wgpu with shader-f16, else f32).
     #[arg(long, value_name = "DTYPE", default_value = "f32")]
     dtype: String,
     /// Address to listen on (0.0.0.0 exposes the server to the network).
@@ -206,7 +207,8 @@ struct BenchArgs {
     /// software ones such as lavapipe included).
     #[arg(long, value_name = "DEVICE", default_value = "auto")]
     device: String,
-    /// Compute precision: f32 (everywhere), f16 (wgpu, cuda) or bf16 (cuda).
+    /// Compute precision: f32 (everywhere), f16 (wgpu, cuda), bf16 (cuda), or auto (as
+    /// `[model] dtype`: bf16 on CUDA, f16 on wgpu with shader-f16, else f32).
     #[arg(long, value_name = "DTYPE", default_value = "f32")]
     dtype: String,
     /// Write the result JSON here (plus FILE.md and charts beside it); else print the table.
@@ -265,7 +267,8 @@ struct GenerateArgs {
     /// software ones such as lavapipe included).
     #[arg(long, value_name = "DEVICE", default_value = "auto")]
     device: String,
-    /// Compute precision: f32 (everywhere), f16 (wgpu, cuda) or bf16 (cuda).
+    /// Compute precision: f32 (everywhere), f16 (wgpu, cuda), bf16 (cuda), or auto (as
+    /// `[model] dtype`: bf16 on CUDA, f16 on wgpu with shader-f16, else f32).
     #[arg(long, value_name = "DTYPE", default_value = "f32")]
     dtype: String,
 }
@@ -290,7 +293,8 @@ struct ForwardArgs {
     /// Device: cpu (the f32 reference path), cuda, cuda:N, wgpu or auto.
     #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     device: String,
-    /// Compute precision: f32 (everywhere), f16 (wgpu, cuda) or bf16 (cuda). Outputs are
+    /// Compute precision: f32 (everywhere), f16 (wgpu, cuda), bf16 (cuda), or auto (as
+    /// `[model] dtype`: bf16 on CUDA, f16 on wgpu with shader-f16, else f32). Outputs are
     /// written as f32.
     #[arg(long, value_name = "DTYPE", default_value = "f32")]
     dtype: String,
@@ -514,7 +518,20 @@ fn precision(
     flag: &str,
     device: medpipe::device::Device,
 ) -> Result<medpipe::device::Precision, Failure> {
-    medpipe::device::Precision::parse(flag)
+    if !["f32", "f16", "bf16", "auto"].contains(&flag) {
+        return Err(Failure {
+            code: 2,
+            error: anyhow::anyhow!(
+                "--dtype: unknown dtype `{flag}` (expected f32, f16, bf16 or auto)"
+            ),
+        });
+    }
+    let parsed = if flag == "auto" {
+        medpipe::config::ModelDtype::Auto.resolve(device)
+    } else {
+        medpipe::device::Precision::parse(flag)
+    };
+    parsed
         .and_then(|p| p.supported_on(device).map(|()| p))
         .map_err(|e| Failure {
             code: 2,

@@ -377,3 +377,27 @@ fn nf4_greedy_decode_on_wgpu_gives_the_cpus_tokens() {
     assert_eq!(tokens("wgpu", "f32"), cpu, "f32");
     assert_eq!(tokens("wgpu", "f16"), cpu, "f16");
 }
+
+#[test]
+fn dtype_auto_picks_the_devices_precision_and_a_typo_names_the_accepted_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.safetensors");
+    let run = |dtype: &str| {
+        forward_with(
+            &["--device", "cpu", "--dtype", dtype],
+            &fixture("qwen2_5_vl_tiny"),
+            None,
+            &fixture("qwen2_5_vl_tiny/reference.safetensors"),
+            &out,
+        )
+    };
+    // auto on the CPU is f32: the reference run.
+    let auto = run("auto");
+    assert!(auto.status.success(), "{}", String::from_utf8_lossy(&auto.stderr));
+    assert!(out.exists());
+    std::fs::remove_file(&out).unwrap();
+    let typo = run("fp16");
+    assert_eq!(typo.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&typo.stderr).contains("expected f32, f16, bf16 or auto"));
+    assert!(!out.exists());
+}
