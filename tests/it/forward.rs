@@ -393,7 +393,11 @@ fn dtype_auto_picks_the_devices_precision_and_a_typo_names_the_accepted_values()
     };
     // auto on the CPU is f32: the reference run.
     let auto = run("auto");
-    assert!(auto.status.success(), "{}", String::from_utf8_lossy(&auto.stderr));
+    assert!(
+        auto.status.success(),
+        "{}",
+        String::from_utf8_lossy(&auto.stderr)
+    );
     assert!(out.exists());
     std::fs::remove_file(&out).unwrap();
     let typo = run("fp16");
