@@ -38,8 +38,8 @@ pub(crate) struct Pass<'a, B: AutodiffKernels> {
     pub model: &'a Qwen25Vl<B>,
     pub device: &'a B::Device,
     pub recompute: Recompute,
-    /// Counted label tokens of the whole accumulation window: a micro-batch's mean loss is
-    /// weighted by its share of them (HF `num_items_in_batch`).
+    /// Counted label tokens of the whole accumulation window: a micro-batch's loss is its
+    /// token sum divided by this (HF `num_items_in_batch`), so the window's loss is the mean.
     pub window_tokens: usize,
     /// The loss is multiplied by this before the backward (f16 loss scaling; 1 otherwise).
     pub loss_scale: f64,
