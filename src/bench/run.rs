@@ -53,6 +53,8 @@ pub enum BenchError {
     Precision(#[from] crate::device::PrecisionError),
     #[error(transparent)]
     Device(#[from] DeviceError),
+    #[error("training: {0}")]
+    Train(#[from] crate::train::trainer::TrainError),
     #[error("summarizing {what}: {source}")]
     Stats {
         what: String,

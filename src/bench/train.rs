@@ -171,6 +171,9 @@ impl AutodiffJob for TrainBenchJob<'_> {
         let scratch = Scratch(
             std::env::temp_dir().join(format!("medpipe-bench-train-{}", std::process::id())),
         );
+        // A killed run of a process with the same pid may have left checkpoints there, which
+        // the trainer would resume from, timing fewer steps.
+        let _ = std::fs::remove_dir_all(&scratch.0);
         watch.after_call();
         let after_load = memory_now(&watch);
         let reset = reset_peak_rss();
@@ -195,11 +198,7 @@ impl AutodiffJob for TrainBenchJob<'_> {
             &scratch.0,
             &device,
             &mut on_event,
-        )
-        .map_err(|e| BenchError::Invalid {
-            name: "training",
-            reason: format!("{e:#}"),
-        })?;
+        )?;
         let gpu = target.device != Device::Cpu;
         let peak = if gpu {
             watch.peak().map(|p| p.bytes_reserved)
