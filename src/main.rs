@@ -518,7 +518,11 @@ fn precision(
     flag: &str,
     device: medpipe::device::Device,
 ) -> Result<medpipe::device::Precision, Failure> {
-    if !["f32", "f16", "bf16", "auto"].contains(&flag) {
+    let parsed = match flag {
+        "auto" => medpipe::config::ModelDtype::Auto.resolve(device),
+        _ => medpipe::device::Precision::parse(flag),
+    };
+    if let Err(medpipe::device::PrecisionError::Unknown(_)) = parsed {
         return Err(Failure {
             code: 2,
             error: anyhow::anyhow!(
@@ -526,11 +530,6 @@ fn precision(
             ),
         });
     }
-    let parsed = if flag == "auto" {
-        medpipe::config::ModelDtype::Auto.resolve(device)
-    } else {
-        medpipe::device::Precision::parse(flag)
-    };
     parsed
         .and_then(|p| p.supported_on(device).map(|()| p))
         .map_err(|e| Failure {
