@@ -23,16 +23,6 @@ pub fn causal_lm_loss_sum<B: Kernels>(
     if s < 2 {
         return Tensor::zeros([1], &logits.device());
     }
-    masked_nll(logits, labels, [b, s, v]).sum()
-}
-
-/// Per-position negative log-likelihood of the shifted labels, zero where masked:
-/// `[b, s-1]`, with the mask.
-fn masked_nll<B: Kernels>(
-    logits: Tensor<B, 3>,
-    labels: Tensor<B, 2, Int>,
-    [b, s, v]: [usize; 3],
-) -> Tensor<B, 2> {
     // In f32 whatever the model computes in, as transformers upcasts logits for the loss.
     let logits = logits.slice([0..b, 0..s - 1, 0..v]).cast(DType::F32); // predicts 1..s
     let targets = labels.slice([0..b, 1..s]); // [b, s-1]
@@ -43,7 +33,7 @@ fn masked_nll<B: Kernels>(
     let picked = logp
         .gather(2, safe.unsqueeze_dim::<3>(2))
         .squeeze_dim::<2>(2); // [b, s-1]
-    picked.neg() * mask.float().cast(DType::F32)
+    (picked.neg() * mask.float().cast(DType::F32)).sum()
 }
 
 /// Mean masked next-token cross-entropy and the number of tokens it averaged.
@@ -56,7 +46,7 @@ pub fn causal_lm_loss<B: Kernels>(
     logits: Tensor<B, 3>,
     labels: Tensor<B, 2, Int>,
 ) -> (Tensor<B, 1>, usize) {
-    let [b, s, v] = logits.dims();
+    let [b, s, _] = logits.dims();
     if s < 2 {
         return (Tensor::zeros([1], &logits.device()), 0);
     }
@@ -69,7 +59,7 @@ pub fn causal_lm_loss<B: Kernels>(
         .into_scalar()
         .elem::<i64>()
         .max(0) as usize;
-    let loss = masked_nll(logits, labels, [b, s, v]).sum() / (count.max(1) as f64);
+    let loss = causal_lm_loss_sum(logits, labels) / (count.max(1) as f64);
     (loss, count)
 }
 
