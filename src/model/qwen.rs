@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use burn::prelude::*;
-use burn::tensor::TensorData;
+use burn::tensor::{DType, TensorData};
 
 use crate::kernels::Kernels;
 use crate::model::cache::KvCache;
@@ -84,19 +84,27 @@ pub(crate) struct DecoderInput<B: Kernels> {
     pub positions: MropePositions,
 }
 
-/// Refuses work whose tensor `what` (shape and dtype, in words) takes `bytes` when that is
-/// more than `device`'s largest buffer (no limit on the CPU). Checked before the work, from
-/// its shapes: wgpu does not fail such an allocation, it logs a failed task on its own
-/// thread and the model computes on garbage (issue 19; a 3,000-token prompt on lavapipe
-/// gave logits 4.6 away from the CPU's, with no error).
+/// Refuses work whose tensor `name` of `shape` in `dtype` would take more than `device`'s
+/// largest buffer (no limit on the CPU), naming it as "the {name} {shape} ({dtype}{,
+/// detail})". Checked before the work, from its shapes: wgpu does not fail such an
+/// allocation, it logs a failed task on its own thread and the model computes on garbage
+/// (issue 19; a 3,000-token prompt on lavapipe gave logits 4.6 away from the CPU's, with no
+/// error).
 pub(crate) fn fits_one_buffer<B: Kernels>(
     device: &B::Device,
-    what: impl FnOnce() -> String,
-    bytes: u64,
+    name: &str,
+    shape: &[usize],
+    dtype: burn::tensor::DType,
+    detail: Option<&str>,
 ) -> Result<(), ModelError> {
+    let bytes = (shape.iter().product::<usize>() * dtype.size()) as u64;
     match B::max_buffer_bytes(device) {
         Some(limit) if bytes > limit => Err(ModelError::WorkTooLargeForDevice {
-            what: what(),
+            what: format!(
+                "the {name} {shape:?} ({}{})",
+                crate::device::dtype_name(dtype),
+                detail.map(|d| format!(", {d}")).unwrap_or_default()
+            ),
             bytes,
             limit,
         }),
@@ -321,16 +329,7 @@ impl<B: Kernels> Qwen25Vl<B> {
         let (batch, seq) = (input_ids.len(), input_ids.first().map_or(0, Vec::len));
         let vocab = self.config.text.vocab_size;
         let dtype = crate::device::float_dtype::<B>(device);
-        fits_one_buffer::<B>(
-            device,
-            || {
-                format!(
-                    "the logits [{batch}, {seq}, {vocab}] ({})",
-                    crate::device::dtype_name(dtype)
-                )
-            },
-            (batch * seq * vocab * dtype.size()) as u64,
-        )?;
+        fits_one_buffer::<B>(device, "logits", &[batch, seq, vocab], dtype, None)?;
         let p = self.prefill(input_ids, valid, images, None, device)?;
         Ok(ForwardOutput {
             logits: self.logits(p.hidden),
@@ -470,24 +469,11 @@ impl<B: Kernels> Qwen25Vl<B> {
         device: &B::Device,
     ) -> Result<(), ModelError> {
         let t = &self.config.text;
-        let (heads, keys) = (t.num_heads, past + seq);
-        fits_one_buffer::<B>(
-            device,
-            || format!("the attention scores [{batch}, {heads}, {seq}, {keys}] (f32)"),
-            (batch * heads * seq * keys * 4) as u64,
-        )?;
+        let scores = [batch, t.num_heads, seq, past + seq];
+        fits_one_buffer::<B>(device, "attention scores", &scores, DType::F32, None)?;
+        let mlp = [batch, seq, t.intermediate_size];
         let dtype = crate::device::float_dtype::<B>(device);
-        let inter = t.intermediate_size;
-        fits_one_buffer::<B>(
-            device,
-            || {
-                format!(
-                    "the MLP activations [{batch}, {seq}, {inter}] ({})",
-                    crate::device::dtype_name(dtype)
-                )
-            },
-            (batch * seq * inter * dtype.size()) as u64,
-        )
+        fits_one_buffer::<B>(device, "MLP activations", &mlp, dtype, None)
     }
 
     /// Decoder layers `range` over `x` (see [`TextModel::forward_layers`]), for a forward
@@ -516,11 +502,13 @@ impl<B: Kernels> Qwen25Vl<B> {
     /// [`ModelError::WorkTooLargeForDevice`] when the f32 logits would not fit one buffer.
     pub(crate) fn head(&self, x: Tensor<B, 3>) -> Result<Tensor<B, 3>, ModelError> {
         let [batch, seq, _] = x.dims();
-        let vocab = self.config.text.vocab_size;
+        let shape = [batch, seq, self.config.text.vocab_size];
         fits_one_buffer::<B>(
             &x.device(),
-            || format!("the logits [{batch}, {seq}, {vocab}] (f32, for the loss)"),
-            (batch * seq * vocab * 4) as u64,
+            "logits",
+            &shape,
+            DType::F32,
+            Some("for the loss"),
         )?;
         Ok(self.logits(self.model.final_norm(x)))
     }

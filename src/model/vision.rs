@@ -21,6 +21,7 @@ use crate::kernels::{self, Kernels};
 use crate::model::config::{VisionConfig, VISION_ROPE_THETA};
 use crate::model::error::ModelError;
 use crate::model::linear::{Proj, ProjSpec, RmsNorm};
+use crate::model::qwen::fits_one_buffer;
 use crate::model::rope::rotate_half;
 use crate::model::weights::WeightSource;
 
@@ -401,29 +402,23 @@ impl<B: Kernels> VisionTransformer<B> {
         device: &B::Device,
     ) -> Result<(), ModelError> {
         let h = self.cfg.num_heads;
-        for (kind, lens) in [
-            ("window", &layout.window_lens),
-            ("frame", &layout.frame_lens),
+        for (per, lens) in [
+            ("per window", &layout.window_lens),
+            ("per frame", &layout.frame_lens),
         ] {
             let (n, l) = (lens.len(), lens.iter().copied().max().unwrap_or(0));
-            crate::model::qwen::fits_one_buffer::<B>(
+            let scores = [n, h, l, l];
+            fits_one_buffer::<B>(
                 device,
-                || format!("the vision attention scores [{n}, {h}, {l}, {l}] (f32, per {kind})"),
-                (n * h * l * l * 4) as u64,
+                "vision attention scores",
+                &scores,
+                DType::F32,
+                Some(per),
             )?;
         }
         let dtype = crate::device::float_dtype::<B>(device);
-        let inter = self.cfg.intermediate_size;
-        crate::model::qwen::fits_one_buffer::<B>(
-            device,
-            || {
-                format!(
-                    "the vision MLP activations [{rows}, {inter}] ({})",
-                    crate::device::dtype_name(dtype)
-                )
-            },
-            (rows * inter * dtype.size()) as u64,
-        )
+        let mlp = [rows, self.cfg.intermediate_size];
+        fits_one_buffer::<B>(device, "vision MLP activations", &mlp, dtype, None)
     }
 
     /// f32 cos/sin `[seq, 1, head_dim]` for patches at `(row, col)`.
