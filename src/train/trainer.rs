@@ -10,8 +10,9 @@
 //! Determinism: the data order of epoch `e` is a Fisher-Yates shuffle by ChaCha8 seeded with
 //! `(seed, e)`; before each decoder layer of a micro-batch the backend RNG (LoRA dropout) is
 //! reseeded from `(seed, step, micro-batch, layer)`, which also lets layer recomputation
-//! (`recompute`) rerun a layer with the masks of its first run. Both are functions of counters saved in the checkpoint, so a
-//! resumed run replays exactly what an uninterrupted one computes. (burn's backend RNG is
+//! (`recompute`) rerun a layer with the masks of its first run. Both are functions of
+//! counters saved in the checkpoint, so a resumed run replays exactly what an uninterrupted
+//! one computes. (burn's backend RNG is
 //! process-global: another thread drawing from it concurrently would break this for
 //! dropout > 0.)
 
@@ -104,7 +105,8 @@ pub fn train<B: AutodiffKernels>(
                         .unwrap_or_else(|p| std::panic::resume_unwind(p))?,
                     _ => load(ctx.train, &indices)?,
                 };
-                if let Some(next) = next_window(&run.state, &order, &ctx) {
+                let ahead = window_after(run.state.epoch, start, &order, ctx.window, cfg);
+                if let Some(next) = ahead {
                     let source = ctx.train;
                     let spawned = next.clone();
                     prefetch = Some((next, scope.spawn(move || load(source, &spawned))));
@@ -146,18 +148,9 @@ fn load<B: Kernels>(
     indices.iter().map(|&i| source.get(i)).collect()
 }
 
-/// The window after the one starting at `state.next_sample` of `order`: the rest of this
-/// epoch, or the start of the next epoch's order; `None` after the last.
-fn next_window<B: AutodiffKernels>(
-    state: &TrainState,
-    order: &[usize],
-    ctx: &Ctx<'_, B>,
-) -> Option<Vec<usize>> {
-    window_after(state.epoch, state.next_sample, order, ctx.window, ctx.cfg)
-}
-
-/// [`next_window`] for the window of `epoch` starting at `start` of `order`, `window`
-/// samples per step over `order.len()` samples.
+/// The window after the one of `epoch` starting at `start` of `order` (`window` samples per
+/// step over `order.len()`): the rest of this epoch, or the start of the next epoch's order;
+/// `None` after the last.
 fn window_after(
     epoch: usize,
     start: usize,
