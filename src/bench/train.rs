@@ -216,10 +216,7 @@ impl AutodiffJob for TrainBenchJob<'_> {
                 seq_len: opts.seq_len,
                 image_pixels: 0,
                 lora_r: opts.lora_r,
-                recompute_every: match opts.recompute {
-                    Recompute::None => None,
-                    Recompute::EveryN(k) => Some(k.get()),
-                },
+                recompute_every: opts.recompute.segment_len(),
             },
         );
         Ok(TrainBenchResult {

@@ -23,7 +23,6 @@ use super::baseline::BaselineConfig;
 use super::evaluate::EvaluateConfig;
 use super::quantize::QuantizeConfig;
 use super::train::TrainStageConfig;
-use crate::train::config::Recompute;
 
 /// The stages that load a model, in pipeline order.
 pub const MODEL_STAGES: [&str; 4] = ["baseline", "quantize", "train", "evaluate"];
@@ -139,10 +138,7 @@ impl Knobs {
             train_batch: t.batch_size,
             train_seq_len: t.max_seq_len,
             train_r: t.r,
-            train_recompute: match t.recompute {
-                Recompute::None => None,
-                Recompute::EveryN(k) => Some(k.get()),
-            },
+            train_recompute: t.recompute.segment_len(),
             evaluate_variants: variants,
             evaluate_batch: e.batch_size,
             evaluate_new_tokens: e.max_new_tokens,

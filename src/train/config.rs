@@ -96,11 +96,11 @@ impl Recompute {
         out
     }
 
-    /// Layers whose activations are alive at once in a `layers`-deep stack.
-    pub fn kept_layers(self, layers: usize) -> usize {
+    /// Layers per segment (`None`: no recomputation), as the memory planner takes it.
+    pub fn segment_len(self) -> Option<usize> {
         match self {
-            Recompute::None => layers,
-            Recompute::EveryN(k) => k.get().min(layers),
+            Recompute::None => None,
+            Recompute::EveryN(k) => Some(k.get()),
         }
     }
 }
@@ -182,8 +182,7 @@ mod tests {
         assert_eq!(every(3).segments(8), vec![0..3, 3..6, 6..8]);
         assert_eq!(every(16).segments(8), vec![0..8]);
         assert_eq!(every(2).segments(0), vec![0..0]);
-        assert_eq!(every(3).kept_layers(8), 3);
-        assert_eq!(every(16).kept_layers(8), 8);
-        assert_eq!(Recompute::None.kept_layers(8), 8);
+        assert_eq!(every(3).segment_len(), Some(3));
+        assert_eq!(Recompute::None.segment_len(), None);
     }
 }
