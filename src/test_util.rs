@@ -13,14 +13,6 @@ pub type TB = burn::backend::NdArray<f32>;
 /// When that directory does not exist, naming the path tried and the variable.
 #[allow(dead_code)]
 #[track_caller]
-/// Serializes the tests that seed or draw from burn's backend RNG, which is
-/// process-global: the trainer reseeds it before every decoder layer (LoRA dropout), so a
-/// test comparing two runs' dropout masks fails when another test reseeds in between.
-pub fn backend_rng() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 pub fn fixtures_dir() -> PathBuf {
     let dir = match std::env::var_os("MEDPIPE_FIXTURES") {
         Some(d) => PathBuf::from(d),
@@ -106,4 +98,12 @@ pub fn wgpu_available(test: &str) -> bool {
     }
     eprintln!("SKIPPED {test}: no wgpu adapter (apt-get install mesa-vulkan-drivers)");
     false
+}
+
+/// Serializes the tests that seed or draw from burn's backend RNG, which is process-global:
+/// the trainer reseeds it before every LoRA dropout draw (`model::dropout`), so a test
+/// comparing two runs' dropout masks can fail when a test outside that lock draws in between.
+pub fn backend_rng() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -130,6 +130,18 @@ pub fn run_autodiff_on_as<J: AutodiffJob>(
     run_autodiff_on(device, AtPrecision(job, precision))
 }
 
+/// `device` as a device of backend `B`, when `B` is the backend [`run_on`] runs `device` on
+/// (a data parallel run's further devices, inside a job already generic over `B`); `None`
+/// when it is another backend's, or a GPU in a binary built without CUDA.
+pub fn backend_device<B: burn::tensor::backend::Backend>(device: Device) -> Option<B::Device> {
+    let any: Box<dyn std::any::Any> = match device {
+        Device::Cpu => Box::new(NdArrayDevice::Cpu),
+        Device::Wgpu => Box::new(WgpuDevice::DefaultDevice),
+        Device::Cuda(index) => cuda::device(index)?,
+    };
+    any.downcast::<B::Device>().ok().map(|d| *d)
+}
+
 fn cpu_target() -> Target {
     Target {
         device: Device::Cpu,
@@ -163,6 +175,10 @@ mod cuda {
         Ok(job.run::<CudaBackend>(CudaDevice { index }, target(index)))
     }
 
+    pub(super) fn device(index: usize) -> Option<Box<dyn std::any::Any>> {
+        Some(Box::new(CudaDevice { index }))
+    }
+
     pub(super) fn run_autodiff<J: AutodiffJob>(
         index: usize,
         job: J,
@@ -182,6 +198,10 @@ mod cuda {
         })
     }
 
+    pub(super) fn device(_index: usize) -> Option<Box<dyn std::any::Any>> {
+        None
+    }
+
     pub(super) fn run_autodiff<J: AutodiffJob>(
         index: usize,
         _job: J,
@@ -198,6 +218,21 @@ mod tests {
 
     use super::*;
     use crate::device::choice::Device;
+
+    #[test]
+    fn a_device_converts_to_its_own_backends_device_type_only() {
+        use burn::backend::ndarray::NdArrayDevice;
+        assert_eq!(
+            backend_device::<Autodiff<CpuBackend>>(Device::Cpu),
+            Some(NdArrayDevice::Cpu)
+        );
+        assert_eq!(
+            backend_device::<WgpuBackend>(Device::Wgpu),
+            Some(WgpuDevice::DefaultDevice)
+        );
+        assert_eq!(backend_device::<CpuBackend>(Device::Wgpu), None);
+        assert_eq!(backend_device::<WgpuBackend>(Device::Cpu), None);
+    }
 
     /// Reports the backend's float dtype and the target it was given.
     struct WhereAmI;

@@ -17,7 +17,8 @@ pub mod wgpu;
 
 pub use choice::{choose_device, resolve, Device, DeviceError, Placement};
 pub use dispatch::{
-    run_autodiff_on, run_autodiff_on_as, run_on, run_on_as, AutodiffJob, BackendJob, Target,
+    backend_device, run_autodiff_on, run_autodiff_on_as, run_on, run_on_as, AutodiffJob,
+    BackendJob, Target,
 };
 pub use dtype::{compute_dtype, dtype_name, float_dtype, Precision, PrecisionError};
 pub use memory::{AllocatorUsage, DeviceMemory};

@@ -127,6 +127,16 @@ impl<B: Kernels> Qwen25Vl<B> {
         m
     }
 
+    /// Sets this model's LoRA pairs to copies of `other`'s (the same architecture) on
+    /// `device`, trainable: a data parallel replica takes the first device's pairs before
+    /// each step, so every peer computes with the same weights.
+    pub fn take_lora_from(&mut self, other: &Self, device: &B::Device) {
+        let theirs = other.text().targets();
+        for ((_, proj), (_, src)) in self.text_mut().targets_mut().into_iter().zip(theirs) {
+            proj.set_lora(src.lora().map(|l| l.clone().fork(device).trainable()));
+        }
+    }
+
     /// Folds every pair into its dense base (`W + s·B·A`) and removes the pairs.
     pub fn merge_lora(&mut self) {
         for (_, proj) in self.text_mut().targets_mut() {

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fs::{write_atomic, write_json_atomic, FsError};
 use crate::kernels::Kernels;
+use crate::model::dropout;
 
 /// The projections QLoRA adapts, in the language model (the vision tower stays frozen).
 pub const TARGET_MODULES: [&str; 7] = [
@@ -412,7 +413,8 @@ pub struct Lora<B: Kernels> {
     lora_b: Param<Tensor<B, 2>>,
     /// `alpha / r`.
     scaling: f64,
-    /// Dropout on the LoRA input; burn applies it only under autodiff (training).
+    /// Dropout on the LoRA input, only under autodiff (training); drawn by
+    /// [`dropout::apply`], burn's module only holds the probability.
     dropout: burn::nn::Dropout,
 }
 
@@ -489,7 +491,8 @@ impl<B: Kernels> Lora<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
         // burn's cast is a no-op on an f32 input.
-        let x = self.dropout.forward(x).cast(DType::F32);
+        // Seeded per site (`model::dropout`): reruns and concurrent peers draw the same masks.
+        let x = dropout::apply(x, self.dropout.prob, self.lora_a.id.val()).cast(DType::F32);
         let mut dims = x.dims();
         let d_in = dims[D - 1];
         let rows = dims[..D - 1].iter().product::<usize>();

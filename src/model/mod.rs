@@ -6,7 +6,8 @@
 //!   coverage checks against the config's tensor manifest.
 //! - `linear`: the one projection seam (`Proj` over `BaseProj`) for NF4/LoRA;
 //!   `adapt`: attaching, exporting, freezing and merging LoRA on the whole model;
-//!   `lora`: LoRA pairs and the PEFT adapter format.
+//!   `lora`: LoRA pairs and the PEFT adapter format; `dropout`: their dropout, seeded per
+//!   micro-batch and site so reruns and concurrent peers draw the same masks.
 //! - `vision`, `rope`, `text`: vision tower, M-RoPE, decoder; `cache`: per-layer KV cache.
 //! - `processor`: the Qwen2-VL image processor; `prompt`: chat prompts and training labels.
 //! - `loader`: a model directory loaded for generation (weights + adapter, timed) and its
@@ -28,6 +29,7 @@ pub mod adapt;
 mod attend;
 mod cache;
 pub mod config;
+pub mod dropout;
 mod error;
 pub mod generate;
 pub(crate) mod linear;

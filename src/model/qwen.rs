@@ -486,10 +486,9 @@ impl<B: Kernels> Qwen25Vl<B> {
         range: std::ops::Range<usize>,
         x: Tensor<B, 3>,
         input: &DecoderInput<B>,
-        before: impl FnMut(usize),
     ) -> Result<Tensor<B, 3>, ModelError> {
         self.model
-            .forward_layers(range, x, &input.rope, input.mask.as_ref(), before)
+            .forward_layers(range, x, &input.rope, input.mask.as_ref())
     }
 
     /// The final norm and the logits, after the whole decoder stack, for a loss that

@@ -321,9 +321,8 @@ impl<B: Kernels> TextModel<B> {
     }
 
     /// Decoder layers `range` of a full-sequence forward (no caches), without the final
-    /// norm, calling `before(i)` ahead of layer `i`: the trainer runs the stack in pieces
-    /// for layer recomputation and seeds each layer's LoRA dropout there, so a piece run
-    /// twice draws the same masks.
+    /// norm: the trainer runs the stack in pieces for layer recomputation (a piece run twice
+    /// draws the same LoRA dropout masks, `model::dropout`).
     ///
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → `[batch, seq, hidden]`
@@ -336,7 +335,6 @@ impl<B: Kernels> TextModel<B> {
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
         mask: Option<&Tensor<B, 4, Bool>>,
-        mut before: impl FnMut(usize),
     ) -> Result<Tensor<B, 3>, ModelError> {
         let layers = self
             .layers
@@ -346,8 +344,7 @@ impl<B: Kernels> TextModel<B> {
                 reason: format!("{range:?} of {} decoder layers", self.layers.len()),
             })?;
         let mut x = x;
-        for (i, layer) in range.zip(layers) {
-            before(i);
+        for layer in layers {
             x = layer.forward(x, rope, mask, None)?;
         }
         Ok(x)

@@ -103,6 +103,9 @@ pub struct Knobs {
     pub train_r: usize,
     /// `train.recompute` as a segment length (`None`: none).
     pub train_recompute: Option<usize>,
+    /// Data parallel peers on the busiest device of `train.devices` (1 without data
+    /// parallelism): peers sharing a device (the CPU) each hold a model and its activations.
+    pub train_peers_per_device: usize,
     pub evaluate_variants: Vec<&'static str>,
     pub evaluate_batch: usize,
     pub evaluate_new_tokens: usize,
@@ -139,6 +142,12 @@ impl Knobs {
             train_seq_len: t.max_seq_len,
             train_r: t.r,
             train_recompute: t.recompute.segment_len(),
+            train_peers_per_device: t
+                .devices
+                .iter()
+                .map(|d| t.devices.iter().filter(|e| *e == d).count())
+                .max()
+                .unwrap_or(1),
             evaluate_variants: variants,
             evaluate_batch: e.batch_size,
             evaluate_new_tokens: e.max_new_tokens,
@@ -228,7 +237,7 @@ pub fn stage_plan(
         "train" => (
             "train",
             format!(
-                "QLoRA r {} on NF4, micro-batch {}, {} tokens, {images}{}",
+                "QLoRA r {} on NF4, micro-batch {}, {} tokens, {images}{}{}",
                 k.train_r,
                 k.train_batch,
                 k.train_seq_len,
@@ -236,19 +245,26 @@ pub fn stage_plan(
                     None => String::new(),
                     Some(1) => ", layers recomputed".into(),
                     Some(n) => format!(", recomputed in segments of {n} layers"),
+                },
+                match k.train_peers_per_device {
+                    1 => String::new(),
+                    n => format!(", {n} data parallel peers on one device"),
                 }
             ),
-            plan::training(
-                cfg,
-                &k.quantize_skip,
-                k.stored,
-                Training {
-                    micro_batch: k.train_batch,
-                    seq_len: k.train_seq_len,
-                    image_pixels: k.max_pixels,
-                    lora_r: k.train_r,
-                    recompute_every: k.train_recompute,
-                },
+            peers_on_one_device(
+                plan::training(
+                    cfg,
+                    &k.quantize_skip,
+                    k.stored,
+                    Training {
+                        micro_batch: k.train_batch,
+                        seq_len: k.train_seq_len,
+                        image_pixels: k.max_pixels,
+                        lora_r: k.train_r,
+                        recompute_every: k.train_recompute,
+                    },
+                ),
+                k.train_peers_per_device,
             ),
         ),
         "evaluate" => {
@@ -285,6 +301,19 @@ pub fn stage_plan(
         footprint,
         optional_peak_bytes: optional,
     })
+}
+
+/// The footprint of `peers` data parallel peers sharing one device: each loads the model and
+/// runs its own micro-batches; AdamW lives on the first only.
+fn peers_on_one_device(one: Footprint, peers: usize) -> Footprint {
+    let n = peers.max(1) as u64;
+    Footprint {
+        weights: one.weights * n,
+        kv_cache: one.kv_cache * n,
+        activations: one.activations * n,
+        optimizer: one.optimizer,
+        loading: one.loading * n,
+    }
 }
 
 fn larger(a: Footprint, b: Footprint) -> Footprint {
@@ -753,6 +782,39 @@ mod tests {
         for s in ["probe", "download", "prepare", "report"] {
             assert!(stage_plan(s, &cfg, &k, Engine::gpu(4)).is_none(), "{s}");
         }
+    }
+
+    #[test]
+    fn data_parallel_peers_sharing_a_device_each_hold_a_model_and_activations() {
+        let (cfg, k) = seven_b();
+        let settings = |devices: &str| {
+            let set = format!("train.devices={devices}");
+            let s = Settings::load(None, crate::config::DEFAULT_CONFIG, &[set]).unwrap();
+            let facts = ModelFacts {
+                config: cfg.clone(),
+                max_pixels: k.max_pixels,
+                stored: k.stored,
+            };
+            Knobs::read(&s, &facts).unwrap()
+        };
+        let plan = |k: &Knobs| stage_plan("train", &cfg, k, Engine::gpu(2)).unwrap();
+        let one = plan(&k);
+        // One peer per device: each device's plan is the single-device one.
+        let spread = plan(&settings(r#"["cuda:0", "cuda:1"]"#));
+        assert_eq!(spread.peak_bytes, one.peak_bytes);
+        // Two peers on one device: two models and two micro-batches' activations, one AdamW.
+        let shared = plan(&settings(r#"["cpu", "cpu", "cpu"]"#));
+        let (a, b) = (&one.footprint, &shared.footprint);
+        assert_eq!(b.weights, 3 * a.weights);
+        assert_eq!(b.activations, 3 * a.activations);
+        assert_eq!(b.optimizer, a.optimizer);
+        assert!(
+            shared
+                .workload
+                .contains("3 data parallel peers on one device"),
+            "{}",
+            shared.workload
+        );
     }
 
     #[test]

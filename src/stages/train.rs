@@ -22,7 +22,9 @@ use serde_json::json;
 
 use crate::bench::memory::DeviceWatch;
 use crate::data::sample::Sample;
-use crate::device::{run_autodiff_on_as, AutodiffJob, DeviceMemory, Target};
+use crate::device::{
+    backend_device, run_autodiff_on_as, AutodiffJob, Device, DeviceMemory, Precision, Target,
+};
 use crate::fs::commit_dir;
 use crate::kernels::{AutodiffKernels, Kernels};
 use crate::model::lora::LoraSpec;
@@ -33,7 +35,7 @@ use crate::pipeline::{Stage, StageCtx, StageOutput};
 use crate::train::batch::{SampleError, SampleSource, TrainSample};
 use crate::train::checkpoint::TrainState;
 use crate::train::config::Recompute;
-use crate::train::trainer::{train, Flow, TrainConfig, TrainEvent};
+use crate::train::trainer::{train_parallel, Flow, Replica, TrainConfig, TrainEvent};
 
 /// `[train]` config section. Defaults: the QLoRA recipe of the project brief.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -73,6 +75,27 @@ pub struct TrainStageConfig {
     /// second forward of the decoder for the activations of all but K layers; the adapter
     /// is the same, so it is left out of the stage's input hash.
     pub recompute: Recompute,
+    /// Data parallel devices, one backend: `["cuda:0", "cuda:1"]`, `["cpu", "cpu"]`, …
+    /// Each runs `grad_accum` micro-batches per optimizer step (so a step takes
+    /// `batch_size × grad_accum × devices` samples) and the gradients are summed with
+    /// burn-collective. Empty: the probe's device alone.
+    pub devices: Vec<String>,
+}
+
+impl TrainStageConfig {
+    /// The devices to train on: `devices`, or `probe` when it is empty.
+    ///
+    /// # Errors
+    /// A name that is not a device (checked by `validate` first).
+    pub fn device_list(&self, probe: Device) -> anyhow::Result<Vec<Device>> {
+        if self.devices.is_empty() {
+            return Ok(vec![probe]);
+        }
+        self.devices
+            .iter()
+            .map(|d| Device::parse(d).with_context(|| "train.devices"))
+            .collect()
+    }
 }
 
 impl crate::pipeline::SectionConfig for TrainStageConfig {
@@ -118,6 +141,24 @@ impl crate::pipeline::SectionConfig for TrainStageConfig {
             "train.weight_decay",
             self.weight_decay,
             "must be at least 0",
+        )?;
+        let mut kinds = Vec::new();
+        for d in &self.devices {
+            let parsed = Device::parse(d).ok();
+            check(
+                parsed.is_some(),
+                "train.devices",
+                format!("{d:?}"),
+                "must name a device: cpu, wgpu, cuda or cuda:N; auto is not allowed here",
+            )?;
+            kinds.extend(parsed.map(|p| std::mem::discriminant(&p)));
+        }
+        kinds.dedup();
+        check(
+            kinds.len() <= 1,
+            "train.devices",
+            format!("{:?}", self.devices),
+            "must all be devices of one backend: all cpu, all wgpu or all cuda:N",
         )
     }
 }
@@ -141,6 +182,7 @@ impl Default for TrainStageConfig {
             checkpoint_every: 10,
             eval_every: 0,
             recompute: Recompute::None,
+            devices: Vec::new(),
         }
     }
 }
@@ -243,12 +285,9 @@ impl Stage for Train {
         // Workspace-relative when the model lives in the workspace (issue 15).
         let download = ctx.upstream_metrics::<super::download::Download>()?;
         let model_dir = super::download::model_dir(ctx, &download)?;
-        let admitted = super::memory::ensure_fits(
-            Self::NAME,
-            ctx.settings(),
-            &model_dir,
-            super::probe::device(ctx)?,
-        )?;
+        let devices = cfg.device_list(super::probe::device(ctx)?)?;
+        let admitted =
+            super::memory::ensure_fits(Self::NAME, ctx.settings(), &model_dir, devices[0])?;
         let (memory_plan, model, precision) = (admitted.plan, admitted.model, admitted.precision);
         let root = ctx.workspace().root().to_path_buf();
         // QLoRA: the frozen base is the quantize stage's NF4 checkpoint.
@@ -333,12 +372,13 @@ impl Stage for Train {
             ));
         }
         let adapter_dir = ctx.workspace().checkpoints().join("adapter");
-        let device = super::probe::device(ctx)?;
         let trained = run_autodiff_on_as(
-            device,
+            devices[0],
             precision,
             TrainJob {
                 ctx,
+                devices: &devices,
+                precision,
                 cfg: &cfg,
                 tcfg: &tcfg,
                 model_dir: &model_dir,
@@ -415,8 +455,10 @@ impl Stage for Train {
             "nf4_base_dir": ctx.workspace().relative(&nf4_dir),
             "base_quantization": format!(
                 "nf4 (bitsandbytes layout, double quant); compute {precision} on {}",
-                if device == crate::device::Device::Cpu { "CPU".into() } else { device.to_string() }
+                if devices[0] == Device::Cpu { "CPU".into() } else { devices[0].to_string() }
             ),
+            // Data parallel: every device the micro-batches ran on, the first stepping AdamW.
+            "devices": devices.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
             // The frozen model computes in model.dtype; LoRA params, gradients, AdamW and the
             // loss stay f32.
             "compute_dtype": precision.to_string(),
@@ -538,6 +580,9 @@ struct Trained {
 /// the adapter to ship into `adapter_dir`, on the backend `run_autodiff_on` picks.
 struct TrainJob<'a, 'c> {
     ctx: &'a StageCtx<'c>,
+    /// The first runs the job; data parallel replicas go on the others.
+    devices: &'a [Device],
+    precision: Precision,
     cfg: &'a TrainStageConfig,
     tcfg: &'a TrainConfig,
     model_dir: &'a Path,
@@ -554,6 +599,8 @@ impl AutodiffJob for TrainJob<'_, '_> {
     fn run<B: AutodiffKernels>(self, device: B::Device, target: Target) -> Self::Output {
         let TrainJob {
             ctx,
+            devices,
+            precision,
             cfg,
             tcfg,
             model_dir,
@@ -565,22 +612,42 @@ impl AutodiffJob for TrainJob<'_, '_> {
         } = self;
         let mut watch = DeviceWatch::new(DeviceMemory::for_device(target.device));
         let load_clock = Instant::now();
-        let mut model = Qwen25Vl::<B>::load(nf4_dir, &device)
-            .with_context(|| format!("loading the NF4 base {}", nf4_dir.display()))?;
+        let spec = LoraSpec {
+            r: cfg.r,
+            alpha: cfg.lora_alpha,
+            dropout: cfg.lora_dropout,
+            seed: cfg.seed,
+        };
+        let load = |device: &B::Device| {
+            Qwen25Vl::<B>::load(nf4_dir, device)
+                .with_context(|| format!("loading the NF4 base {}", nf4_dir.display()))
+        };
+        let mut model = load(&device)?;
         // The base's parameter count as transformers reports it: NF4 codes are constants that
         // burn's `num_params` does not see, so count from the architecture instead.
         let total_params = model.config().parameter_count();
         let params_before_lora = model.num_params() as u64;
-        model.add_lora(
-            &LoraSpec {
-                r: cfg.r,
-                alpha: cfg.lora_alpha,
-                dropout: cfg.lora_dropout,
-                seed: cfg.seed,
-            },
-            &device,
-        );
+        model.add_lora(&spec, &device);
         let trainable = (model.num_params() as u64).saturating_sub(params_before_lora);
+        // A replica per further device (data parallel), at the run's precision.
+        let mut replicas = Vec::new();
+        for &d in &devices[1..] {
+            let dev = backend_device::<B>(d).with_context(|| {
+                format!(
+                    "train.devices: {d} is not a device of the first one's backend ({})",
+                    target.backend
+                )
+            })?;
+            precision
+                .apply::<B>(&dev, d)
+                .with_context(|| format!("train.devices: {d}"))?;
+            let mut replica = load(&dev).with_context(|| format!("the replica on {d}"))?;
+            replica.add_lora(&spec, &dev);
+            replicas.push(Replica {
+                model: replica,
+                device: dev,
+            });
+        }
         // f32 LoRA weights: each kept checkpoint (plus the one being written) holds them and
         // both AdamW moments; the adapter, the best adapter and a `.partial` copy come on top.
         let lora_bytes = trainable * 4;
@@ -588,7 +655,7 @@ impl AutodiffJob for TrainJob<'_, '_> {
         crate::fs::space::ensure_free(ckpt_dir, needed, "the LoRA checkpoints and adapter")?;
         let load_s = load_clock.elapsed().as_secs_f64();
 
-        let window = cfg.batch_size * cfg.grad_accum;
+        let window = cfg.batch_size * cfg.grad_accum * devices.len();
         let total = (train_set.samples.len().div_ceil(window.max(1)) * cfg.epochs) as u64;
         let bar = ctx.progress_bar(total, "train");
         let mut peak_rss = crate::bench::memory::rss_bytes().map(|r| r.1).unwrap_or(0);
@@ -623,8 +690,9 @@ impl AutodiffJob for TrainJob<'_, '_> {
         };
         let valid =
             (!val_set.samples.is_empty()).then_some(&val_src as &dyn SampleSource<B::InnerBackend>);
-        let outcome = train::<B>(
+        let outcome = train_parallel::<B>(
             model,
+            replicas,
             &train_src,
             valid,
             tcfg,

@@ -143,8 +143,9 @@ pub fn collate<B: Kernels>(
             grids.extend_from_slice(&img.grids);
         }
     }
+    // Samples load on the first device; a data parallel peer collates onto its own.
     let images = (!pixels.is_empty()).then(|| ImageInput {
-        pixel_values: Tensor::cat(pixels, 0),
+        pixel_values: Tensor::cat(pixels, 0).to_device(device),
         grids,
     });
     Ok(Batch {

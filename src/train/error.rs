@@ -31,6 +31,8 @@ pub enum TrainError {
     NonFinite { step: u64, loss: f64 },
     #[error("the gradient norm is {norm} at optimizer step {step} (the loss was finite): training diverged")]
     NonFiniteGradient { step: u64, norm: f64 },
+    #[error("data parallel training: burn-collective failed {what}: {reason}")]
+    Collective { what: &'static str, reason: String },
     #[error(transparent)]
     Sample(#[from] SampleError),
     #[error(transparent)]

@@ -4,7 +4,7 @@
 //! next-token cross-entropy transformers computes; and the loop that uses them: samples and
 //! batching (`batch`), resumable checkpoints (`checkpoint`), hyper-parameters (`config`),
 //! what a run measures and reports (`metrics`), f16 loss scaling (`scaler`), the validation
-//! pass (`validate`), and the
+//! pass (`validate`), data parallel peers over burn-collective (`parallel`), and the
 //! trainer (`trainer`) with its errors (`error`).
 
 pub mod batch;
@@ -14,6 +14,7 @@ pub mod error;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+mod parallel;
 #[cfg(test)]
 pub(crate) mod qlora_check;
 mod recompute;

@@ -138,6 +138,7 @@ pub(crate) fn qlora_step_check_with<B: AutodiffKernels>(
             recompute,
             window_tokens: counted,
             loss_scale: 1.0,
+            concurrent: false,
         };
         let batch = AdBatch {
             ids: vec![r.input_ids.clone()],

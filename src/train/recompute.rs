@@ -11,15 +11,15 @@
 //!    backpropagates the gradient that arrived at its output (the vector-Jacobian product
 //!    `∂(out · g)/∂θ`), handing the gradient at its own input on.
 //!
-//! Every layer reseeds the backend RNG before it runs (a function of the micro-batch seed
-//! and the layer), so a rerun layer draws the LoRA dropout masks of its first run, and a
-//! run with recomputation computes the gradients of one without.
+//! LoRA dropout masks are a function of the micro-batch seed and the site
+//! ([`crate::model::dropout`]), so a rerun layer draws the masks of its first run, and a run
+//! with recomputation computes the gradients of one without.
 
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 
 use crate::kernels::AutodiffKernels;
-use crate::model::{ImageInput, Qwen25Vl};
+use crate::model::{dropout, ImageInput, Qwen25Vl};
 use crate::train::config::Recompute;
 use crate::train::error::TrainError;
 use crate::train::loss::causal_lm_loss_sum;
@@ -43,6 +43,8 @@ pub(crate) struct Pass<'a, B: AutodiffKernels> {
     pub window_tokens: usize,
     /// The loss is multiplied by this before the backward (f16 loss scaling; 1 otherwise).
     pub loss_scale: f64,
+    /// Other threads run passes at the same time (data parallel peers).
+    pub concurrent: bool,
 }
 
 impl<B: AutodiffKernels> Pass<'_, B> {
@@ -59,9 +61,9 @@ impl<B: AutodiffKernels> Pass<'_, B> {
         accum: &mut GradientsAccumulator<Qwen25Vl<B>>,
     ) -> Result<Tensor<B::InnerBackend, 1>, TrainError> {
         let (model, device) = (self.model, self.device);
+        let _masks = dropout::seeded(seed, self.concurrent);
         let input =
             model.decoder_input(&batch.ids, &batch.valid, batch.images.as_ref(), 0, device)?;
-        let reseed = |layer: usize| B::seed(device, layer_seed(seed, layer));
         let mut segments = self.recompute.segments(model.num_layers());
         let last = segments.pop().unwrap_or(0..0);
 
@@ -72,7 +74,7 @@ impl<B: AutodiffKernels> Pass<'_, B> {
             let untracked = model.clone().no_grad();
             for seg in &segments {
                 kept.push(x.clone());
-                x = untracked.forward_layers(seg.clone(), x, &input, reseed)?;
+                x = untracked.forward_layers(seg.clone(), x, &input)?;
             }
         }
 
@@ -82,7 +84,7 @@ impl<B: AutodiffKernels> Pass<'_, B> {
         } else {
             x.detach().require_grad()
         };
-        let out = model.forward_layers(last, x_in.clone(), &input, reseed)?;
+        let out = model.forward_layers(last, x_in.clone(), &input)?;
         // The token sum over the window's count (known on the host): no read-back here.
         let loss = causal_lm_loss_sum(model.head(out)?, batch.labels)
             .div_scalar(self.window_tokens.max(1) as f64);
@@ -103,16 +105,11 @@ impl<B: AutodiffKernels> Pass<'_, B> {
             let Some(g) = upstream.take() else { break };
             let first = segments.is_empty(); // the embeddings need no gradient
             let x_in = if first { x } else { x.detach().require_grad() };
-            let out = model.forward_layers(seg, x_in.clone(), &input, reseed)?;
+            let out = model.forward_layers(seg, x_in.clone(), &input)?;
             let grads = (out * Tensor::from_inner(g)).sum().backward();
             upstream = if first { None } else { x_in.grad(&grads) };
             accum.accumulate(model, GradientsParams::from_grads(grads, model));
         }
         Ok(value)
     }
-}
-
-/// The backend seed of `layer`'s LoRA dropout in the micro-batch seeded `seed`.
-fn layer_seed(seed: u64, layer: usize) -> u64 {
-    seed ^ (layer as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9)
 }

@@ -8,13 +8,20 @@
 //! learning rate of optimizer step `s` is `lr(s)` of `get_cosine_schedule_with_warmup`.
 //!
 //! Determinism: the data order of epoch `e` is a Fisher-Yates shuffle by ChaCha8 seeded with
-//! `(seed, e)`; before each decoder layer of a micro-batch the backend RNG (LoRA dropout) is
-//! reseeded from `(seed, step, micro-batch, layer)`, which also lets layer recomputation
+//! `(seed, e)`; each micro-batch's LoRA dropout masks are a function of `(seed, step,
+//! micro-batch, site)` ([`crate::model::dropout`]), which also lets layer recomputation
 //! (`recompute`) rerun a layer with the masks of its first run. Both are functions of
 //! counters saved in the checkpoint, so a resumed run replays exactly what an uninterrupted
-//! one computes. (burn's backend RNG is
-//! process-global: another thread drawing from it concurrently would break this for
-//! dropout > 0.)
+//! one computes.
+//!
+//! Data parallel ([`train_parallel`]): with `D` devices an optimizer step takes
+//! `batch_size × grad_accum × D` samples; micro-batch `k` of the window runs on device
+//! `k mod D` (a replica of the model there), with the dropout masks micro-batch `k` has on
+//! one device. The replicas' gradients are summed onto the first device by burn-collective's
+//! `reduce` (one call per LoRA tensor per step), AdamW steps there, and the replicas take the
+//! new LoRA weights before the next step. So `D` devices compute what one device computes
+//! with `grad_accum × D` micro-batches (the sum in another order), and the checkpoint format
+//! and resume do not change.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -33,6 +40,7 @@ pub use crate::train::config::TrainConfig;
 pub use crate::train::error::TrainError;
 pub use crate::train::metrics::{Flow, StepMetrics, TrainEvent, ValMetrics};
 use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::parallel::Peers;
 use crate::train::recompute::{AdBatch, Pass};
 use crate::train::scaler::LossScaler;
 use crate::train::schedule::WarmupCosine;
@@ -49,6 +57,14 @@ pub struct TrainOutcome<B: Kernels> {
     pub completed: bool,
     /// `<checkpoint dir>/best`, the adapter of the best validation, when one ran.
     pub best_dir: Option<PathBuf>,
+}
+
+/// A copy of the model on another device, for data parallel training ([`train_parallel`]).
+/// Its LoRA pairs are replaced by the first device's before every step, so only its base
+/// matters: load it from the same checkpoint as the first device's model.
+pub struct Replica<B: Kernels> {
+    pub model: Qwen25Vl<B>,
+    pub device: B::Device,
 }
 
 /// The sample order of `epoch`: a seeded shuffle of `0..n`.
@@ -84,8 +100,33 @@ pub fn train<B: AutodiffKernels>(
     device: &B::Device,
     progress: &mut dyn FnMut(&TrainEvent<'_>) -> Flow,
 ) -> Result<TrainOutcome<B>, TrainError> {
-    let ctx = Ctx::new(cfg, train, valid, ckpt_dir, device)?;
-    let (mut run, flow) = resume_or_init(model, &ctx, progress)?;
+    train_parallel(model, vec![], train, valid, cfg, ckpt_dir, device, progress)
+}
+
+/// [`train`] with data parallelism: `model` on `device` and one [`Replica`] per further
+/// device, micro-batches spread over them and gradients summed with burn-collective (see
+/// the module doc). Validation and checkpoints run on `device`.
+///
+/// # Errors
+/// As [`train`]; [`TrainError::Collective`] when burn-collective fails.
+#[allow(clippy::too_many_arguments)]
+pub fn train_parallel<B: AutodiffKernels>(
+    model: Qwen25Vl<B>,
+    replicas: Vec<Replica<B>>,
+    train: &dyn SampleSource<B::InnerBackend>,
+    valid: Option<&dyn SampleSource<B::InnerBackend>>,
+    cfg: &TrainConfig,
+    ckpt_dir: &Path,
+    device: &B::Device,
+    progress: &mut dyn FnMut(&TrainEvent<'_>) -> Flow,
+) -> Result<TrainOutcome<B>, TrainError> {
+    let mut devices = vec![device.clone()];
+    devices.extend(replicas.iter().map(|r| r.device.clone()));
+    let replicas = replicas.into_iter().map(|r| r.model).collect();
+    let ctx = Ctx::new(cfg, train, valid, ckpt_dir, devices)?;
+    // Registers the peers with burn-collective for the run (none on one device).
+    let _peers = Peers::<B::InnerBackend>::register(&ctx.devices)?;
+    let (mut run, flow) = resume_or_init(model, replicas, &ctx, progress)?;
     if flow == Flow::Stop {
         return Ok(run.finish(false, ckpt_dir));
     }
@@ -173,10 +214,12 @@ struct Ctx<'a, B: AutodiffKernels> {
     train: &'a dyn SampleSource<B::InnerBackend>,
     valid: Option<&'a dyn SampleSource<B::InnerBackend>>,
     ckpt_dir: &'a Path,
-    device: &'a B::Device,
+    /// The devices micro-batches run on; the first holds the model that AdamW steps,
+    /// validates and checkpoints.
+    devices: Vec<B::Device>,
     /// Training samples used (after `max_samples`).
     n: usize,
-    /// Samples per optimizer step (`batch_size × grad_accum`).
+    /// Samples per optimizer step (`batch_size × grad_accum × devices`).
     window: usize,
     /// Learning rate per optimizer step; `total_steps` is the run's length.
     sched: WarmupCosine,
@@ -185,13 +228,18 @@ struct Ctx<'a, B: AutodiffKernels> {
 }
 
 impl<'a, B: AutodiffKernels> Ctx<'a, B> {
+    /// The first device (where AdamW steps, validation and checkpoints run).
+    fn device(&self) -> &B::Device {
+        &self.devices[0]
+    }
+
     /// Checks the config and derives the schedule, so a bad config fails before any I/O.
     fn new(
         cfg: &'a TrainConfig,
         train: &'a dyn SampleSource<B::InnerBackend>,
         valid: Option<&'a dyn SampleSource<B::InnerBackend>>,
         ckpt_dir: &'a Path,
-        device: &'a B::Device,
+        devices: Vec<B::Device>,
     ) -> Result<Self, TrainError> {
         if cfg.batch_size == 0
             || cfg.grad_accum == 0
@@ -213,7 +261,10 @@ impl<'a, B: AutodiffKernels> Ctx<'a, B> {
         if n == 0 {
             return Err(TrainError::NoSamples);
         }
-        let window = cfg.batch_size * cfg.grad_accum;
+        // One device with `grad_accum × D` micro-batches takes the same steps (and can resume
+        // the run).
+        let micro_batches = cfg.grad_accum * devices.len();
+        let window = cfg.batch_size * micro_batches;
         let steps_per_epoch = n.div_ceil(window) as u64;
         let total_steps = steps_per_epoch * cfg.epochs as u64;
         let sched = WarmupCosine {
@@ -224,7 +275,7 @@ impl<'a, B: AutodiffKernels> Ctx<'a, B> {
         let fingerprint = RunFingerprint {
             samples: n,
             batch_size: cfg.batch_size,
-            grad_accum: cfg.grad_accum,
+            grad_accum: micro_batches,
             epochs: cfg.epochs,
             seed: cfg.seed,
             lr: cfg.lr,
@@ -238,7 +289,7 @@ impl<'a, B: AutodiffKernels> Ctx<'a, B> {
             train,
             valid,
             ckpt_dir,
-            device,
+            devices,
             n,
             window,
             sched,
@@ -250,6 +301,8 @@ impl<'a, B: AutodiffKernels> Ctx<'a, B> {
 /// What a run changes as it goes: the model (LoRA pairs trainable), AdamW, and the position.
 struct Run<B: AutodiffKernels> {
     model: Qwen25Vl<B>,
+    /// The models of devices 1.. (data parallel), LoRA pairs taken from `model` each step.
+    replicas: Vec<Qwen25Vl<B>>,
     opt: AdamW<B::InnerBackend>,
     state: TrainState,
 }
@@ -272,6 +325,7 @@ impl<B: AutodiffKernels> Run<B> {
 /// `Resumed` (`Continue` on a fresh start), so a stop is honoured before the first step.
 fn resume_or_init<B: AutodiffKernels>(
     model: Qwen25Vl<B>,
+    replicas: Vec<Qwen25Vl<B>>,
     ctx: &Ctx<'_, B>,
     progress: &mut dyn FnMut(&TrainEvent<'_>) -> Flow,
 ) -> Result<(Run<B>, Flow), TrainError> {
@@ -281,6 +335,10 @@ fn resume_or_init<B: AutodiffKernels>(
     if model.lora_params().is_empty() {
         return Err(TrainError::NoLora);
     }
+    let replicas = replicas
+        .into_iter()
+        .map(|r| r.freeze_except_lora())
+        .collect();
     let mut opt = AdamW::<B::InnerBackend>::new(AdamWConfig {
         weight_decay: ctx.cfg.weight_decay,
         max_grad_norm: ctx.cfg.max_grad_norm,
@@ -297,13 +355,15 @@ fn resume_or_init<B: AutodiffKernels>(
         history: vec![],
         validations: vec![],
         // f16 flushes small gradients to zero: scale the loss (bf16 and f32 need not).
-        loss_scaler: (crate::device::float_dtype::<B>(ctx.device) == burn::tensor::DType::F16)
+        loss_scaler: (crate::device::float_dtype::<B>(ctx.device()) == burn::tensor::DType::F16)
             .then(LossScaler::default),
     };
-    let Some(saved) = checkpoint::load_latest::<B::InnerBackend>(ctx.ckpt_dir, ctx.device)? else {
+    let Some(saved) = checkpoint::load_latest::<B::InnerBackend>(ctx.ckpt_dir, ctx.device())?
+    else {
         return Ok((
             Run {
                 model,
+                replicas,
                 opt,
                 state: fresh,
             },
@@ -317,7 +377,7 @@ fn resume_or_init<B: AutodiffKernels>(
             now: Box::new(ctx.fingerprint.clone()),
         });
     }
-    model.attach_adapter(&saved.adapter, ctx.device)?;
+    model.attach_adapter(&saved.adapter, ctx.device())?;
     model = model.freeze_except_lora();
     let ids = model.lora_params();
     for (key, m) in saved.moments {
@@ -338,7 +398,13 @@ fn resume_or_init<B: AutodiffKernels>(
         step: state.step,
         dir: &saved.dir,
     });
-    Ok((Run { model, opt, state }, flow))
+    let run = Run {
+        model,
+        replicas,
+        opt,
+        state,
+    };
+    Ok((run, flow))
 }
 
 /// Takes one optimizer step on the next window of `order` (the unit checkpoints and the
@@ -351,6 +417,7 @@ fn optimizer_step<B: AutodiffKernels>(
 ) -> Result<(Run<B>, StepMetrics), TrainError> {
     let Run {
         model,
+        mut replicas,
         mut opt,
         mut state,
     } = run;
@@ -366,16 +433,26 @@ fn optimizer_step<B: AutodiffKernels>(
         .iter()
         .map(|&k| (slots[k].take().expect("a permutation"), indices[k]))
         .unzip();
+    // Micro-batch `k` runs on device `k mod D`.
     let batches = samples
         .chunks(cfg.batch_size)
         .zip(indices.chunks(cfg.batch_size))
-        .map(|(s, i)| collate(s, i, ctx.device))
+        .enumerate()
+        .map(|(k, (s, i))| collate(s, i, &ctx.devices[k % ctx.devices.len()]))
         .collect::<Result<Vec<_>, _>>()?;
     let window_tokens: usize = batches.iter().map(|b| b.label_tokens).sum();
     let input_tokens: usize = batches.iter().map(|b| b.input_tokens).sum();
     let scale = state.loss_scaler.map_or(1.0, |s| s.scale);
-    let (grads, loss_sum) =
-        accumulate_gradients(&model, batches, window_tokens, scale, state.step, ctx)?;
+    for (replica, device) in replicas.iter_mut().zip(&ctx.devices[1..]) {
+        replica.take_lora_from(&model, device);
+    }
+    let models: Vec<&Qwen25Vl<B>> = std::iter::once(&model).chain(&replicas).collect();
+    let inputs = StepInputs {
+        step: state.step,
+        window_tokens,
+        loss_scale: scale,
+    };
+    let (grads, loss_sum) = accumulate_gradients(&models, batches, inputs, ctx)?;
     if !loss_sum.is_finite() {
         return Err(TrainError::NonFinite {
             step: state.step + 1,
@@ -427,7 +504,13 @@ fn optimizer_step<B: AutodiffKernels>(
         grad_norm = stats.grad_norm,
         "train step"
     );
-    Ok((Run { model, opt, state }, metrics))
+    let run = Run {
+        model,
+        replicas,
+        opt,
+        state,
+    };
+    Ok((run, metrics))
 }
 
 /// The order in which a window's samples (of `lens` tokens) fill its micro-batches: by
@@ -452,36 +535,121 @@ fn padding(lens: &[usize], order: &[usize], batch: usize) -> usize {
         .sum()
 }
 
+/// What every micro-batch of one optimizer step shares.
+#[derive(Debug, Clone, Copy)]
+struct StepInputs {
+    /// Optimizer step being taken (0-based; seeds the dropout).
+    step: u64,
+    /// Counted label tokens of the whole window.
+    window_tokens: usize,
+    /// f16 loss scale (1 otherwise).
+    loss_scale: f64,
+}
+
+/// One device's part of a step: its summed gradients and loss (`None`: no micro-batch),
+/// left on the device.
+struct PeerSum<B: Kernels> {
+    grads: GradientsParams,
+    loss: Option<Tensor<B, 1>>,
+}
+
 /// Forward and backward over the micro-batches of one window, summing their gradients, so
 /// gradient accumulation equals one large batch; returns the gradients and the window's loss.
+///
+/// `models[p]` is device `p`'s model (`models[0]` the one AdamW steps). With more than one,
+/// micro-batch `k` runs on device `k mod D`, each device on its own thread, and
+/// burn-collective then sums the peers' gradients onto the first device. The reduction starts
+/// only once every peer has succeeded, so an error on one cannot leave the others waiting in
+/// a collective call.
 fn accumulate_gradients<B: AutodiffKernels>(
-    model: &Qwen25Vl<B>,
+    models: &[&Qwen25Vl<B>],
     batches: Vec<Batch<B::InnerBackend>>,
-    window_tokens: usize,
-    loss_scale: f64,
-    step: u64,
+    inputs: StepInputs,
     ctx: &Ctx<'_, B>,
 ) -> Result<(GradientsParams, f64), TrainError> {
+    let peers = models.len();
+    let mut shares: Vec<Vec<_>> = (0..peers).map(|_| Vec::new()).collect();
+    for (k, batch) in batches.into_iter().enumerate() {
+        shares[k % peers].push((k, batch));
+    }
+    let sums = if peers == 1 {
+        let micro = shares.pop().unwrap_or_default();
+        vec![peer_pass(
+            models[0],
+            ctx.device(),
+            micro,
+            inputs,
+            false,
+            ctx,
+        )?]
+    } else {
+        let results: Vec<_> = std::thread::scope(|scope| {
+            let running: Vec<_> = models
+                .iter()
+                .zip(&ctx.devices)
+                .zip(shares)
+                .map(|((m, device), micro)| {
+                    scope.spawn(move || peer_pass(m, device, micro, inputs, true, ctx))
+                })
+                .collect();
+            running
+                .into_iter()
+                .map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        });
+        results.into_iter().collect::<Result<Vec<_>, _>>()?
+    };
+    // The peers' losses summed on the first device, in peer order.
+    let mut loss_sum: Option<Tensor<B::InnerBackend, 1>> = None;
+    let mut grads = Vec::with_capacity(peers);
+    for sum in sums {
+        grads.push(sum.grads);
+        if let Some(loss) = sum.loss {
+            let loss = loss.to_device(ctx.device());
+            loss_sum = Some(loss_sum.map_or(loss.clone(), |s| s + loss));
+        }
+    }
+    let grads = if peers == 1 {
+        grads.pop().unwrap_or_default()
+    } else {
+        Peers::<B::InnerBackend>::reduce(grads, &models[0].lora_params(), &ctx.devices)?
+    };
+    // The one read-back of the step's forward passes.
+    let loss = loss_sum.map_or(0.0, |l| l.into_scalar().elem::<f64>());
+    Ok((grads, loss))
+}
+
+/// The micro-batches `micro` (window index, batch) of one device through `model` there.
+fn peer_pass<B: AutodiffKernels>(
+    model: &Qwen25Vl<B>,
+    device: &B::Device,
+    micro: Vec<(usize, Batch<B::InnerBackend>)>,
+    inputs: StepInputs,
+    concurrent: bool,
+    ctx: &Ctx<'_, B>,
+) -> Result<PeerSum<B::InnerBackend>, TrainError> {
     let pass = Pass {
         model,
-        device: ctx.device,
+        device,
         recompute: ctx.cfg.recompute,
-        window_tokens,
-        loss_scale,
+        window_tokens: inputs.window_tokens,
+        loss_scale: inputs.loss_scale,
+        concurrent,
     };
     let mut accum = GradientsAccumulator::<Qwen25Vl<B>>::new();
-    let mut loss_sum: Option<Tensor<B::InnerBackend, 1>> = None;
-    for (micro, batch) in batches.into_iter().enumerate() {
-        let seed = dropout_seed(ctx.cfg.seed, step, micro);
-        let loss = pass.run(to_autodiff::<B>(batch), seed, &mut accum)?;
-        loss_sum = Some(match loss_sum {
-            Some(sum) => sum + loss,
-            None => loss,
+    let mut loss: Option<Tensor<B::InnerBackend, 1>> = None;
+    for (k, batch) in micro {
+        let seed = dropout_seed(ctx.cfg.seed, inputs.step, k);
+        let l = pass.run(to_autodiff::<B>(batch), seed, &mut accum)?;
+        loss = Some(match loss {
+            Some(sum) => sum + l,
+            None => l,
         });
     }
-    // The one read-back of the step's forward passes.
-    let loss_sum = loss_sum.map_or(0.0, |l| l.into_scalar().elem::<f64>());
-    Ok((accum.grads(), loss_sum))
+    Ok(PeerSum {
+        grads: accum.grads(),
+        loss,
+    })
 }
 
 /// Moves the cursor to the next epoch once this one's samples are used up; returns whether
@@ -514,7 +682,7 @@ fn validate_if_due<B: AutodiffKernels>(
     if !(epoch_done || eval_due) {
         return Ok(Flow::Continue);
     }
-    let (loss, tokens) = validate(&run.model, valid, ctx.cfg.batch_size, ctx.device)?;
+    let (loss, tokens) = validate(&run.model, valid, ctx.cfg.batch_size, ctx.device())?;
     let best = state.best.is_none_or(|b| loss < b.loss);
     if best {
         save_best(&run.model, ctx.ckpt_dir, state.step, loss)?;
@@ -592,12 +760,16 @@ mod tests {
     type AD = burn::backend::Autodiff<TB>;
 
     fn model() -> Qwen25Vl<AD> {
+        model_with_dropout(0.0)
+    }
+
+    fn model_with_dropout(dropout: f64) -> Qwen25Vl<AD> {
         let dev = Default::default();
         let mut m = Qwen25Vl::<AD>::load(&fixture("qwen2_5_vl_tiny"), &dev).unwrap();
         let spec = LoraSpec {
             r: 4,
             alpha: 8.0,
-            dropout: 0.0,
+            dropout,
             seed: 11,
         };
         m.add_lora(&spec, &dev);
@@ -868,6 +1040,196 @@ mod tests {
         );
     }
 
+    /// Trains on 7 text samples (the last window short) with LoRA dropout 0.2, on one device
+    /// or on `peers` CPU peers (one replica each), stopping after checkpoint `stop_at`;
+    /// returns the outcome and the adapter's pairs.
+    fn parallel_run(
+        peers: usize,
+        grad_accum: usize,
+        dir: &Path,
+        stop_at: Option<u64>,
+    ) -> (TrainOutcome<AD>, Vec<Vec<f32>>) {
+        parallel_run_on::<AD>(&Default::default(), peers, grad_accum, dir, stop_at)
+    }
+
+    /// [`parallel_run`] on `device` of backend `A` (every peer on that device).
+    fn parallel_run_on<A: AutodiffKernels>(
+        device: &A::Device,
+        peers: usize,
+        grad_accum: usize,
+        dir: &Path,
+        stop_at: Option<u64>,
+    ) -> (TrainOutcome<A>, Vec<Vec<f32>>) {
+        let samples: Vec<TrainSample<A::InnerBackend>> = (0..7)
+            .map(|i| {
+                let t = text(i * 31, 8 + 3 * i as usize);
+                TrainSample {
+                    input_ids: t.input_ids,
+                    labels: t.labels,
+                    images: None,
+                }
+            })
+            .collect();
+        let cfg = TrainConfig {
+            grad_accum,
+            epochs: 2,
+            checkpoint_every: Some(1),
+            keep_checkpoints: 1,
+            ..config()
+        };
+        let model = || {
+            let mut m = Qwen25Vl::<A>::load(&fixture("qwen2_5_vl_tiny"), device).unwrap();
+            let spec = LoraSpec {
+                r: 4,
+                alpha: 8.0,
+                dropout: 0.2,
+                seed: 11,
+            };
+            m.add_lora(&spec, device);
+            m
+        };
+        let replicas = (1..peers)
+            .map(|_| Replica {
+                model: model(),
+                device: device.clone(),
+            })
+            .collect();
+        let mut cb = |e: &TrainEvent<'_>| match e {
+            TrainEvent::Checkpoint { step, .. } if Some(*step) == stop_at => Flow::Stop,
+            _ => Flow::Continue,
+        };
+        let _rng = crate::test_util::backend_rng();
+        let out = train_parallel(
+            model(),
+            replicas,
+            &samples,
+            None,
+            &cfg,
+            dir,
+            device,
+            &mut cb,
+        )
+        .unwrap();
+        let pairs = out
+            .model
+            .export_adapter(None)
+            .unwrap()
+            .pairs
+            .into_values()
+            .flat_map(|w| [w.a, w.b])
+            .collect();
+        (out, pairs)
+    }
+
+    /// Two peers on lavapipe's one device: the fused backend runs a dropout draw lazily, so
+    /// this proves the draws of concurrent peers keep their own seeds there too.
+    #[test]
+    fn two_wgpu_peers_end_with_the_adapter_of_one_wgpu_device() {
+        type W = burn::backend::Autodiff<burn::backend::Wgpu>;
+        if !crate::test_util::wgpu_available(
+            "two_wgpu_peers_end_with_the_adapter_of_one_wgpu_device",
+        ) {
+            return;
+        }
+        let dev = burn::backend::wgpu::WgpuDevice::DefaultDevice;
+        let dir = tempfile::tempdir().unwrap();
+        let (one, one_pairs) = parallel_run_on::<W>(&dev, 1, 2, &dir.path().join("one"), None);
+        let (two, two_pairs) = parallel_run_on::<W>(&dev, 2, 1, &dir.path().join("two"), None);
+        let losses =
+            |o: &TrainOutcome<W>| o.state.history.iter().map(|m| m.loss).collect::<Vec<_>>();
+        assert_eq!(losses(&two), losses(&one));
+        assert_eq!(two_pairs, one_pairs);
+    }
+
+    #[test]
+    fn two_devices_end_with_the_adapter_of_one_device_running_both_micro_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let (one, one_pairs) = parallel_run(1, 2, &dir.path().join("one"), None);
+        let (two, two_pairs) = parallel_run(2, 1, &dir.path().join("two"), None);
+        // Each step: micro-batch 0 on device 0, micro-batch 1 on device 1, with the dropout
+        // masks each has on one device; the sum of two gradients is the same in any order,
+        // so every bit agrees: losses, gradient norms, adapter, AdamW moments.
+        let h = |o: &TrainOutcome<AD>| -> Vec<(f64, f64, usize)> {
+            o.state
+                .history
+                .iter()
+                .map(|m| (m.loss, m.grad_norm, m.samples))
+                .collect()
+        };
+        assert_eq!(h(&two), h(&one));
+        // 7 samples, 4 per step: a full and a short window per epoch.
+        assert_eq!(two.state.history.len(), 4);
+        assert_eq!(two.state.history[1].samples, 3);
+        assert_eq!(two_pairs, one_pairs);
+        let moments = |d: &Path| {
+            let (step, ckpt) = checkpoint::list(d).unwrap().pop().unwrap();
+            (
+                step,
+                std::fs::read(ckpt.join("optimizer.safetensors")).unwrap(),
+            )
+        };
+        assert_eq!(
+            moments(&dir.path().join("two")),
+            moments(&dir.path().join("one"))
+        );
+        // The update is real: the adapter moved from its initialization.
+        let fresh = model_with_dropout(0.2).export_adapter(None).unwrap();
+        let fresh: Vec<Vec<f32>> = fresh.pairs.into_values().flat_map(|w| [w.a, w.b]).collect();
+        assert_eq!(fresh.len(), one_pairs.len());
+        assert_ne!(fresh, one_pairs);
+    }
+
+    #[test]
+    fn two_devices_with_accumulation_match_one_device_and_resume_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let (one, one_pairs) = parallel_run(1, 4, &dir.path().join("one"), None);
+        let (two, two_pairs) = parallel_run(2, 2, &dir.path().join("two"), None);
+        // 7 samples, 8 per step: one window of four micro-batches per epoch. Two micro-batches
+        // per device: the peers sum (0 + 2) and (1 + 3), one device
+        // ((0 + 1) + 2) + 3, so the results agree to rounding, not bit for bit.
+        assert_eq!(two.state.history.len(), one.state.history.len());
+        for (a, b) in two.state.history.iter().zip(&one.state.history) {
+            assert!(
+                (a.loss - b.loss).abs() <= 1e-6 * b.loss.abs(),
+                "{a:?} vs {b:?}"
+            );
+            assert!(
+                (a.grad_norm - b.grad_norm).abs() <= 1e-5 * b.grad_norm,
+                "{a:?} vs {b:?}"
+            );
+        }
+        let flat = |p: &[Vec<f32>]| p.concat();
+        let (x, y) = (flat(&two_pairs), flat(&one_pairs));
+        let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(
+            max_abs_diff(&x, &y) <= 1e-5 * scale,
+            "{}",
+            max_abs_diff(&x, &y)
+        );
+
+        // Interrupted after step 1 and resumed, on two devices: the same bits as the
+        // uninterrupted two-device run.
+        let resumed = dir.path().join("resumed");
+        let (stopped, _) = parallel_run(2, 2, &resumed, Some(1));
+        assert!(!stopped.completed);
+        let (again, again_pairs) = parallel_run(2, 2, &resumed, None);
+        assert!(again.completed);
+        assert_eq!(again_pairs, two_pairs);
+        let losses =
+            |o: &TrainOutcome<AD>| o.state.history.iter().map(|m| m.loss).collect::<Vec<_>>();
+        assert_eq!(losses(&again), losses(&two));
+        // And one device, told to accumulate what the two devices did, resumes that run.
+        let (stopped, _) = parallel_run(2, 2, &dir.path().join("mixed"), Some(1));
+        assert!(!stopped.completed);
+        let (finished, _) = parallel_run(1, 4, &dir.path().join("mixed"), None);
+        assert_eq!(
+            finished.state.history.len(),
+            2,
+            "one 7-sample window per epoch"
+        );
+        assert_eq!(finished.state.history[0].loss, two.state.history[0].loss);
+    }
+
     #[test]
     fn a_model_without_lora_pairs_is_refused() {
         let m = Qwen25Vl::<AD>::load(&fixture("qwen2_5_vl_tiny"), &Default::default()).unwrap();
@@ -1001,6 +1363,7 @@ mod tests {
             recompute,
             window_tokens: batch.label_tokens,
             loss_scale: 1.0,
+            concurrent: false,
         };
         let mut accum = GradientsAccumulator::<Qwen25Vl<AD>>::new();
         let loss = pass

@@ -11,6 +11,7 @@ mod download;
 mod evaluate;
 mod forward;
 mod mock_hub;
+mod parallel;
 mod plan;
 mod precision;
 mod prepare;
