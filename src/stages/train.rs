@@ -276,8 +276,10 @@ impl Stage for Train {
         }
         sections
     }
+    /// 2: LoRA dropout masks are seeded per (micro-batch, site), not drawn in layer order,
+    /// so the same inputs train another adapter than version 1 did.
     fn code_version(&self) -> u32 {
-        1
+        2
     }
 
     fn run(&self, cfg: &TrainStageConfig, ctx: &mut StageCtx<'_>) -> anyhow::Result<StageOutput> {
