@@ -5,7 +5,8 @@
 //! alive by the matmul's backward node until `backward()` (BURN_NOTES §3), so QLoRA training
 //! would hold every layer's dequantized weight at once. [`FrozenMatmulBackward`] stores the
 //! packed weight (reference-counted tensors shared with the module) and decodes it again in
-//! backward. The frozen NF4 weight gets no gradient; only `x` does. A bf16 weight kept as
+//! backward, a tile of rows at a time (`nf4_generic::matmul_input_grad`), so no full weight
+//! is alive then either. The frozen NF4 weight gets no gradient; only `x` does. A bf16 weight kept as
 //! bits ([`Bf16Weight`]) works the same way.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -34,18 +35,21 @@ fn inner<B: Kernels, C: CheckpointStrategy>(w: &Nf4Weight<Autodiff<B, C>>) -> Nf
 /// A frozen weight stored in a compact form (NF4 codes, bf16 bits) that the inner backend
 /// can expand to a dense float weight `[out, in]`.
 trait Frozen<B: Kernels>: Clone + Send + std::fmt::Debug + 'static {
-    fn dense(&self, dtype: DType) -> FloatTensor<B>;
+    /// `dy · W`: `dy` `[m, out]` → `[m, in]`.
+    fn input_grad(&self, dy: FloatTensor<B>) -> FloatTensor<B>;
 }
 
 impl<B: Kernels> Frozen<B> for Nf4Weight<B> {
-    fn dense(&self, dtype: DType) -> FloatTensor<B> {
-        B::nf4_dequantize(self, dtype)
+    /// Decoded a tile of rows at a time: the full weight is never alive.
+    fn input_grad(&self, dy: FloatTensor<B>) -> FloatTensor<B> {
+        super::nf4_generic::matmul_input_grad(dy, self, super::nf4_generic::TILE_ELEMENTS)
     }
 }
 
 impl<B: Kernels> Frozen<B> for Bf16Weight<B> {
-    fn dense(&self, dtype: DType) -> FloatTensor<B> {
-        B::bf16_widen(self, dtype)
+    fn input_grad(&self, dy: FloatTensor<B>) -> FloatTensor<B> {
+        let weight = B::bf16_widen(self, dy.dtype());
+        B::float_matmul(dy, weight)
     }
 }
 
@@ -58,10 +62,7 @@ impl<B: Kernels, W: Frozen<B>> Backward<B, 1> for FrozenMatmulBackward<W> {
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let w = ops.state;
-        unary::<B, _>(ops.parents, ops.node, grads, |dy| {
-            let weight = w.dense(dy.dtype());
-            B::float_matmul(dy, weight)
-        });
+        unary::<B, _>(ops.parents, ops.node, grads, |dy| w.input_grad(dy));
     }
 }
 

@@ -74,6 +74,64 @@ impl<B: Backend> Nf4Weight<B> {
     }
 }
 
+impl<B: Kernels> Nf4Weight<B> {
+    /// Rows `rows` as a weight of their own: views of the packed codes and scales, nothing
+    /// decoded or copied. `None` when a cut inside the weight does not fall on a
+    /// quantization-block boundary (see [`Self::row_tiles`]) or the range is empty or out of
+    /// bounds.
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> Option<Self> {
+        let [out, inp] = self.shape;
+        let aligned = |r: usize| r == out || (r * inp).is_multiple_of(self.blocksize);
+        if rows.start >= rows.end || rows.end > out || !aligned(rows.start) || !aligned(rows.end) {
+            return None;
+        }
+        let (first, last) = (rows.start * inp, rows.end * inp);
+        // Codes per stored element of `packed`; blocks hold a multiple of 8 codes, so a
+        // block boundary is a word (and byte) boundary.
+        let per = match B::nf4_layout() {
+            PackedLayout::Bytes => 2,
+            PackedLayout::Words => 8,
+        };
+        let packed = Tensor::<B, 1, Int>::from_primitive(self.packed.clone());
+        let absmax = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(self.absmax.clone()));
+        // The last tile keeps the tail: a partial block, and the Words layout's padding.
+        let cut = |t_len: usize, unit: usize| {
+            let start = first / unit;
+            let end = if rows.end == out { t_len } else { last / unit };
+            (start, end - start)
+        };
+        let (p0, pn) = cut(packed.dims()[0], per);
+        let (a0, an) = cut(absmax.dims()[0], self.blocksize);
+        Some(Self {
+            packed: packed.narrow(0, p0, pn).into_primitive(),
+            absmax: absmax.narrow(0, a0, an).into_primitive().tensor(),
+            code: self.code.clone(),
+            shape: [rows.end - rows.start, inp],
+            blocksize: self.blocksize,
+        })
+    }
+
+    /// Row ranges covering the weight whose tiles hold at most `max_elements` each (or the
+    /// fewest rows a tile can hold, if more): each cut falls on a quantization-block
+    /// boundary, so [`Self::rows`] takes every range.
+    pub fn row_tiles(&self, max_elements: usize) -> Vec<std::ops::Range<usize>> {
+        let [out, inp] = self.shape;
+        // Rows per block-aligned step: blocksize / gcd(in, blocksize).
+        let gcd = |mut a: usize, mut b: usize| {
+            while b != 0 {
+                (a, b) = (b, a % b);
+            }
+            a
+        };
+        let step = self.blocksize / gcd(inp.max(1), self.blocksize);
+        let rows = (max_elements / inp.max(1) / step).max(1) * step;
+        (0..out)
+            .step_by(rows)
+            .map(|start| start..(start + rows).min(out))
+            .collect()
+    }
+}
+
 /// A dense weight `[out_features, in_features]` kept as bf16 bit patterns (a `U16` int
 /// tensor, row-major), as a bf16 checkpoint stores it: half the bytes of f32 on backends
 /// whose float tensors cannot hold bf16 (NdArray). Cheap to clone.
