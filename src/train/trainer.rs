@@ -760,20 +760,30 @@ mod tests {
     type AD = burn::backend::Autodiff<TB>;
 
     fn model() -> Qwen25Vl<AD> {
-        model_with_dropout(0.0)
+        model_on::<AD>(&Default::default(), 0.0)
     }
 
-    fn model_with_dropout(dropout: f64) -> Qwen25Vl<AD> {
-        let dev = Default::default();
-        let mut m = Qwen25Vl::<AD>::load(&fixture("qwen2_5_vl_tiny"), &dev).unwrap();
+    /// The tiny fixture with fresh LoRA pairs (r 4) on `dev` of backend `A`.
+    fn model_on<A: AutodiffKernels>(dev: &A::Device, dropout: f64) -> Qwen25Vl<A> {
+        let mut m = Qwen25Vl::<A>::load(&fixture("qwen2_5_vl_tiny"), dev).unwrap();
         let spec = LoraSpec {
             r: 4,
             alpha: 8.0,
             dropout,
             seed: 11,
         };
-        m.add_lora(&spec, &dev);
+        m.add_lora(&spec, dev);
         m
+    }
+
+    /// Every LoRA pair's A and B values, in site order.
+    fn adapter_values<A: AutodiffKernels>(m: &Qwen25Vl<A>) -> Vec<Vec<f32>> {
+        let adapter = m.export_adapter(None).unwrap();
+        adapter
+            .pairs
+            .into_values()
+            .flat_map(|w| [w.a, w.b])
+            .collect()
     }
 
     /// A text sample: `len` tokens from `start`, the loss on the last half.
@@ -1077,17 +1087,7 @@ mod tests {
             keep_checkpoints: 1,
             ..config()
         };
-        let model = || {
-            let mut m = Qwen25Vl::<A>::load(&fixture("qwen2_5_vl_tiny"), device).unwrap();
-            let spec = LoraSpec {
-                r: 4,
-                alpha: 8.0,
-                dropout: 0.2,
-                seed: 11,
-            };
-            m.add_lora(&spec, device);
-            m
-        };
+        let model = || model_on::<A>(device, 0.2);
         let replicas = (1..peers)
             .map(|_| Replica {
                 model: model(),
@@ -1110,14 +1110,7 @@ mod tests {
             &mut cb,
         )
         .unwrap();
-        let pairs = out
-            .model
-            .export_adapter(None)
-            .unwrap()
-            .pairs
-            .into_values()
-            .flat_map(|w| [w.a, w.b])
-            .collect();
+        let pairs = adapter_values(&out.model);
         (out, pairs)
     }
 
@@ -1173,8 +1166,7 @@ mod tests {
             moments(&dir.path().join("one"))
         );
         // The update is real: the adapter moved from its initialization.
-        let fresh = model_with_dropout(0.2).export_adapter(None).unwrap();
-        let fresh: Vec<Vec<f32>> = fresh.pairs.into_values().flat_map(|w| [w.a, w.b]).collect();
+        let fresh = adapter_values(&model_on::<AD>(&Default::default(), 0.2));
         assert_eq!(fresh.len(), one_pairs.len());
         assert_ne!(fresh, one_pairs);
     }

@@ -1,4 +1,5 @@
-//! Data parallel training at the stage level (`train.devices`): two CPU peers ship the
+//! Data parallel training at the stage level (`train.devices`), on four samples of one
+//! micro-batch each (`resume::TRAIN_SETS`): two CPU peers ship the
 //! adapter one CPU ships when it accumulates both peers' micro-batches, bit for bit; a list
 //! that mixes backends or names no device is refused before anything runs. (The trainer-level
 //! properties, resume included, are specified in `src/train/trainer.rs`.)
@@ -6,17 +7,8 @@
 use std::path::Path;
 
 use crate::common::stderr;
+use crate::resume::TRAIN_SETS as SETS;
 use crate::small::{self, artifact_of, read_json, Upstream};
-
-/// Four samples, one per micro-batch, a checkpoint after each optimizer step.
-const SETS: [&str; 6] = [
-    "--set",
-    "train.batch_size=1",
-    "--set",
-    "train.max_samples=4",
-    "--set",
-    "train.checkpoint_every=1",
-];
 
 fn train(ws: &Path, extra: &[&str]) -> String {
     let mut args = vec!["--from", "train", "--to", "train"];

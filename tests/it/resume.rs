@@ -14,7 +14,7 @@ use crate::small::{self, artifact_of, read_json, Upstream};
 
 /// Training overrides: four optimizer steps (four samples, one per step), a checkpoint
 /// after every step, so a kill can land between checkpoints.
-const TRAIN_SETS: [&str; 6] = [
+pub const TRAIN_SETS: [&str; 6] = [
     "--set",
     "train.batch_size=1",
     "--set",
