@@ -285,21 +285,25 @@ mod tests {
         }
     }
 
-    /// Half precision on wgpu (lavapipe in CI): the NF4 base computes in f16 while the LoRA
-    /// params, the loss and their gradients stay f32. On `WgpuDevice::Cpu` (lavapipe), since
+    /// Half precision on wgpu (lavapipe in CI), with and without layer recomputation: the NF4
+    /// base computes in f16 while the LoRA params, the loss and their gradients stay f32. On `WgpuDevice::Cpu` (lavapipe), since
     /// this process's `DefaultDevice` computes in f32 for the tests above.
     #[test]
-    fn qlora_step_in_f16_on_wgpu_stays_within_half_precision_of_peft() {
+    fn qlora_step_in_f16_on_wgpu_recomputed_or_not_stays_within_half_precision_of_peft() {
         use crate::device::{Device, Precision};
         type W = burn::backend::Autodiff<burn::backend::Wgpu>;
         if !crate::test_util::wgpu_available(
-            "qlora_step_in_f16_on_wgpu_stays_within_half_precision_of_peft",
+            "qlora_step_in_f16_on_wgpu_recomputed_or_not_stays_within_half_precision_of_peft",
         ) {
             return;
         }
         let dev = burn::backend::wgpu::WgpuDevice::Cpu;
         Precision::F16.apply::<W>(&dev, Device::Wgpu).unwrap();
         qlora_step_matches_peft_on::<W>(&dev, F16_LOSS_REL_TOL, F16_GRAD_REL_TOL);
+        // And through the recomputing pass: the rerun segments compute in f16 too, and the
+        // gradient handed between segments stays within the same tolerance.
+        let layers: Recompute = "layers".parse().unwrap();
+        qlora_step_matches_peft_with::<W>(&dev, F16_LOSS_REL_TOL, F16_GRAD_REL_TOL, layers);
     }
 
     /// Layer recomputation (the backward in one-layer segments) against the same peft step.
