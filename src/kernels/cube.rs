@@ -139,6 +139,44 @@ mod kernel {
         }
     }
 
+    /// RMSNorm, one row per cube (Qwen2's order): the units stride over the row summing
+    /// squares in f32, the cube sums them, then each unit writes its values divided by
+    /// `sqrt(mean + eps)` in f32, rounded to `F`, times the weight.
+    #[cube(launch)]
+    pub fn rms_norm<F: Float>(
+        x: &Array<F>,
+        weight: &Array<F>,
+        out: &mut Array<F>,
+        rows: u32,
+        width: u32,
+        eps: f32,
+        #[comptime] cube_size: u32,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let row = CUBE_POS;
+        if row >= rows as usize {
+            terminate!();
+        }
+        let tid = UNIT_POS;
+        let base = row * width as usize;
+        let mut acc = zeros(1usize);
+        let mut c = tid;
+        while c < width {
+            let v = f32::cast_from(x[base + c as usize]);
+            acc[0] += v * v;
+            c += cube_size;
+        }
+        let sums = cube_sum(&acc, tid, 1usize, cube_size);
+        let rms = f32::sqrt(sums[0] / f32::cast_from(width) + eps);
+        let mut c = tid;
+        while c < width {
+            let i = base + c as usize;
+            let normed = F::cast_from(f32::cast_from(x[i]) / rms);
+            out[i] = normed * weight[c as usize];
+            c += cube_size;
+        }
+    }
+
     /// One f32 accumulator per input row, zeroed.
     #[cube]
     fn zeros(#[comptime] rows: usize) -> Array<f32> {
@@ -335,6 +373,50 @@ pub fn dense_gemv_fits<R: CubeRuntime>(
         && bias.is_none_or(|b| b.dtype == x.dtype && b.meta.shape().num_elements() == ws[0])
 }
 
+/// RMSNorm of `x` `[rows, d]` with `weight` `[d]` (one dtype) by [`kernel::rms_norm`]: one
+/// launch, one read of `x` for the sum and one for the output.
+pub fn rms_norm<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    weight: CubeTensor<R>,
+    eps: f64,
+) -> CubeTensor<R> {
+    let x = into_contiguous(x);
+    let weight = into_contiguous(weight);
+    let (rows, width) = (x.meta.shape()[0], x.meta.shape()[1]);
+    let dtype = x.dtype;
+    let client = x.client.clone();
+    let out = burn_cubecl::ops::numeric::empty_device_dtype::<R>(
+        client.clone(),
+        x.device.clone(),
+        [rows, width].into(),
+        dtype,
+    );
+    kernel::rms_norm::launch::<R>(
+        &client,
+        gemv_cube_count(rows),
+        CubeDim::new_1d(GEMV_CUBE),
+        x.into_array_arg(),
+        weight.into_array_arg(),
+        out.clone().into_array_arg(),
+        rows as u32,
+        width as u32,
+        eps as f32,
+        GEMV_CUBE,
+        dtype.into(),
+    );
+    out
+}
+
+/// Whether [`rms_norm`] takes `x` with `weight`: rows of `weight`'s width, one dtype.
+pub fn rms_norm_fits<R: CubeRuntime>(x: &CubeTensor<R>, weight: &CubeTensor<R>) -> bool {
+    let (xs, ws) = (x.meta.shape(), weight.meta.shape());
+    xs.num_dims() == 2
+        && ws.num_dims() == 1
+        && xs[1] == ws[0]
+        && xs[1] > 0
+        && weight.dtype == x.dtype
+}
+
 /// One cube per output feature, laid out in 2D past the 65,535 cubes one axis allows.
 fn gemv_cube_count(out_features: usize) -> cubecl::CubeCount {
     cubecl::CubeCount::new_2d(
@@ -374,6 +456,14 @@ where
             dense_gemv::<R>(x, weight, bias)
         } else {
             super::generic::dense_linear::<Self>(x, weight, bias)
+        }
+    }
+
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        if rms_norm_fits(&x, &weight) {
+            rms_norm::<R>(x, weight, eps)
+        } else {
+            super::generic::rms_norm::<Self>(x, weight, eps)
         }
     }
 

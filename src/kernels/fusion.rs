@@ -136,6 +136,25 @@ impl<B: FusionBackend + Kernels> Kernels for Fusion<B> {
         })
     }
 
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        let fits = x.shape.num_dims() == 2
+            && x.shape[0] <= RMS_NORM_MAX_ROWS
+            && weight.shape.num_dims() == 1
+            && weight.shape[0] == x.shape[1]
+            && weight.dtype == x.dtype;
+        if !fits {
+            return super::generic::rms_norm::<Self>(x, weight, eps);
+        }
+        let (shape, dtype) = ([x.shape[0], x.shape[1]], x.dtype);
+        custom_op::<B, _>("medpipe_rms_norm", [x, weight], shape, dtype, |desc| {
+            RmsNorm::<B> {
+                desc,
+                eps,
+                _backend: PhantomData,
+            }
+        })
+    }
+
     fn nf4_matmul(x: FloatTensor<Self>, w: &Nf4Weight<Self>) -> FloatTensor<Self> {
         let (shape, dtype) = ([x.shape[0], w.shape[0]], x.dtype);
         let inputs = [x, w.packed.clone(), w.absmax.clone(), w.code.clone()];
@@ -149,6 +168,30 @@ impl<B: FusionBackend + Kernels> Kernels for Fusion<B> {
         })
     }
 }
+
+/// The fused backend's RMSNorm of a few rows (decode), as one kernel.
+#[derive(Clone, Debug)]
+struct RmsNorm<B> {
+    desc: CustomOpIr,
+    eps: f64,
+    _backend: PhantomData<B>,
+}
+
+impl<B: FusionBackend + Kernels> Operation<B::FusionRuntime> for RmsNorm<B> {
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+    ) {
+        let ([x, weight], [out]) = self.desc.as_fixed();
+        let x = handles.get_float_tensor::<B>(x);
+        let weight = handles.get_float_tensor::<B>(weight);
+        handles.register_float_tensor::<B>(&out.id, B::rms_norm(x, weight, self.eps));
+    }
+}
+
+/// Rows up to which RMSNorm runs as one custom op on the fusion backend (decode steps of a
+/// batch); more rows (prefill) stay burn's tensor ops, which fuse with their neighbours.
+const RMS_NORM_MAX_ROWS: usize = 64;
 
 /// Registers the custom op `op` makes from its description: `inputs` in, one tensor of
 /// `shape` and `dtype` out, run by the fused backend when the stream reaches it.

@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | `NdArray<f32>` | [`host`] | dense projections on the weight in place (GEMV / `gemm`); NF4 decoded on the host straight into dot products (GEMV) or one f32 weight (GEMM) |
 //! | `Autodiff<B, C>` | [`autodiff`] | the inner backend's kernel forward; a backward op that keeps only the packed weight and decodes it again |
-//! | `CubeBackend<R, ..>` | [`cube`] | CubeCL kernels for any runtime: CUDA and wgpu (Vulkan, Metal, DX12, lavapipe) |
+//! | `CubeBackend<R, ..>` | [`cube`] | CubeCL kernels for any runtime (CUDA and wgpu: Vulkan, Metal, DX12, lavapipe): NF4 dequantize, NF4 and dense decode GEMVs, RMSNorm |
 //! | `Fusion<B>` | [`fusion`] | a custom op in the fusion stream that calls the fused backend's kernel |
 //!
 //! The model is generic over `B: Kernels` (a supertrait of `Backend`), so a call such as

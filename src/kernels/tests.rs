@@ -193,6 +193,52 @@ mod wgpu {
         }
     }
 
+    /// RMSNorm through the seam on the CubeCL backend (its kernel at any row count) and the
+    /// fusion backend (its custom op up to 64 rows, burn's fused ops beyond), in f32 and
+    /// f16, against the generic tensor-op formula on the same device and dtype: widths that
+    /// are not a multiple of the cube, one column, a 7B row.
+    #[test]
+    fn rms_norm_on_wgpu_equals_the_tensor_op_formula_in_f32_and_f16() {
+        if !wgpu_available("rms_norm_on_wgpu_equals_the_tensor_op_formula_in_f32_and_f16") {
+            return;
+        }
+        fn check<B: Kernels>(label: &str, device: &B::Device) {
+            for (rows, width) in [(1, 1), (3, 7), (8, 130), (64, 896), (65, 96), (2, 3584)] {
+                // f16: the sums' order may move a value by one unit of f16's last place
+                // (2⁻⁸ at 4) before and after the weight multiplies.
+                for (dtype, tol) in [(DType::F32, 1e-5), (DType::F16, 8e-3)] {
+                    let data: Vec<f32> = (0..rows * width)
+                        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
+                        .collect();
+                    let w: Vec<f32> = (0..width).map(|i| 0.5 + (i % 13) as f32 / 8.0).collect();
+                    let x = Tensor::<B, 2>::from_data(TensorData::new(data, [rows, width]), device)
+                        .cast(dtype);
+                    let w =
+                        Tensor::<B, 1>::from_data(TensorData::new(w, [width]), device).cast(dtype);
+                    let prim = |t: Tensor<B, 2>| t.into_primitive().tensor();
+                    let got =
+                        B::rms_norm(prim(x.clone()), w.clone().into_primitive().tensor(), 1e-6);
+                    let want = crate::kernels::generic::rms_norm::<B>(
+                        prim(x),
+                        w.into_primitive().tensor(),
+                        1e-6,
+                    );
+                    let float = |t| Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(t));
+                    let (got, want) = (float(got), float(want));
+                    assert_eq!(got.dtype(), dtype, "{label} {rows}x{width}");
+                    assert_close(
+                        &format!("{label} rms_norm {dtype:?} {rows}x{width}"),
+                        &values(got),
+                        &values(want),
+                        tol,
+                    );
+                }
+            }
+        }
+        check::<Cube>("wgpu cube", &WgpuDevice::DefaultDevice);
+        check::<Wgpu>("wgpu fusion", &WgpuDevice::DefaultDevice);
+    }
+
     /// The decode GEMV itself, called directly (not through the seam's routing), on every
     /// shape and row count it takes: at least one of each kind runs.
     #[test]
