@@ -177,6 +177,56 @@ mod kernel {
         }
     }
 
+    /// Rotary embedding, one unit per element of `x` `[b, heads, s, d]`: `x·cos +
+    /// rotate_half(x)·sin` with the tables `[b, 1, s, d]` read at the element's batch,
+    /// position and column, computed in f32 and rounded once.
+    #[cube(launch)]
+    pub fn rotary<F: Float>(
+        x: &Array<F>,
+        cos: &Array<F>,
+        sin: &Array<F>,
+        out: &mut Array<F>,
+        heads: u32,
+        seq: u32,
+        dim: u32,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let i = ABSOLUTE_POS;
+        if i >= out.len() {
+            terminate!();
+        }
+        let d = dim as usize;
+        let j = i % d;
+        let row = i / d; // over (b, head, position)
+        let pos = row % seq as usize;
+        let b = row / (seq as usize * heads as usize);
+        let t = (b * seq as usize + pos) * d + j;
+        // rotate_half: [-x[h1..], x[..h1]], h1 = d / 2 (the second half is the longer one):
+        // column j reads column (j + h1) mod d, negated for j < d - h1.
+        let h1 = d / 2;
+        let sign = select(j < d - h1, -1.0f32, 1.0f32);
+        let rotated = sign * f32::cast_from(x[i - j + (j + h1) % d]);
+        let v = f32::cast_from(x[i]) * f32::cast_from(cos[t]) + rotated * f32::cast_from(sin[t]);
+        out[i] = F::cast_from(v);
+    }
+
+    /// `silu(gate) · up`, one unit per element, in f32, rounded once.
+    #[cube(launch)]
+    pub fn silu_mul<F: Float>(
+        gate: &Array<F>,
+        up: &Array<F>,
+        out: &mut Array<F>,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let i = ABSOLUTE_POS;
+        if i >= out.len() {
+            terminate!();
+        }
+        let g = f32::cast_from(gate[i]);
+        let silu = g / (1.0 + f32::exp(-g));
+        out[i] = F::cast_from(silu * f32::cast_from(up[i]));
+    }
+
     /// One f32 accumulator per input row, zeroed.
     #[cube]
     fn zeros(#[comptime] rows: usize) -> Array<f32> {
@@ -407,6 +457,88 @@ pub fn rms_norm<R: CubeRuntime>(
     out
 }
 
+/// `x·cos + rotate_half(x)·sin` by [`kernel::rotary`]; see [`rotary_fits`].
+pub fn rotary<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    cos: CubeTensor<R>,
+    sin: CubeTensor<R>,
+) -> CubeTensor<R> {
+    let (x, cos, sin) = (
+        into_contiguous(x),
+        into_contiguous(cos),
+        into_contiguous(sin),
+    );
+    let shape = x.meta.shape().clone();
+    let (heads, seq, dim) = (shape[1], shape[2], shape[3]);
+    let dtype = x.dtype;
+    let client = x.client.clone();
+    let out = burn_cubecl::ops::numeric::empty_device_dtype::<R>(
+        client.clone(),
+        x.device.clone(),
+        shape.clone(),
+        dtype,
+    );
+    let cube_dim = CubeDim::new_1d(CUBE_SIZE);
+    let cube_count = calculate_cube_count_elemwise(&client, shape.num_elements(), cube_dim);
+    kernel::rotary::launch::<R>(
+        &client,
+        cube_count,
+        cube_dim,
+        x.into_array_arg(),
+        cos.into_array_arg(),
+        sin.into_array_arg(),
+        out.clone().into_array_arg(),
+        heads as u32,
+        seq as u32,
+        dim as u32,
+        dtype.into(),
+    );
+    out
+}
+
+/// Whether [`rotary`] takes these shapes: `x` `[b, h, s, d]`, tables exactly `[b, 1, s, d]`,
+/// one dtype (anything else takes the tensor-op formula, which broadcasts).
+pub fn rotary_fits<R: CubeRuntime>(
+    x: &CubeTensor<R>,
+    cos: &CubeTensor<R>,
+    sin: &CubeTensor<R>,
+) -> bool {
+    let xs = x.meta.shape();
+    let table = |t: &CubeTensor<R>| {
+        let ts = t.meta.shape();
+        ts.num_dims() == 4
+            && [ts[0], ts[1], ts[2], ts[3]] == [xs[0], 1, xs[2], xs[3]]
+            && t.dtype == x.dtype
+    };
+    xs.num_dims() == 4 && xs.num_elements() > 0 && table(cos) && table(sin)
+}
+
+/// `silu(gate) · up` by [`kernel::silu_mul`] (equal shapes and dtypes).
+pub fn silu_mul<R: CubeRuntime>(gate: CubeTensor<R>, up: CubeTensor<R>) -> CubeTensor<R> {
+    let (gate, up) = (into_contiguous(gate), into_contiguous(up));
+    let shape = gate.meta.shape().clone();
+    let dtype = gate.dtype;
+    let client = gate.client.clone();
+    let out = burn_cubecl::ops::numeric::empty_device_dtype::<R>(
+        client.clone(),
+        gate.device.clone(),
+        shape.clone(),
+        dtype,
+    );
+    let cube_dim = CubeDim::new_1d(CUBE_SIZE);
+    let cube_count = calculate_cube_count_elemwise(&client, shape.num_elements(), cube_dim);
+    kernel::silu_mul::launch::<R>(
+        &client,
+        cube_count,
+        cube_dim,
+        gate.into_array_arg(),
+        up.into_array_arg(),
+        out.clone().into_array_arg(),
+        dtype.into(),
+    );
+    out
+}
+
 /// Whether [`rms_norm`] takes `x` with `weight`: rows of `weight`'s width, one dtype.
 pub fn rms_norm_fits<R: CubeRuntime>(x: &CubeTensor<R>, weight: &CubeTensor<R>) -> bool {
     let (xs, ws) = (x.meta.shape(), weight.meta.shape());
@@ -464,6 +596,28 @@ where
             rms_norm::<R>(x, weight, eps)
         } else {
             super::generic::rms_norm::<Self>(x, weight, eps)
+        }
+    }
+
+    fn rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        if rotary_fits(&x, &cos, &sin) {
+            rotary::<R>(x, cos, sin)
+        } else {
+            super::generic::rotary::<Self>(x, cos, sin)
+        }
+    }
+
+    /// The CubeCL backend alone (no fusion) gets one kernel; on the fusion backend burn's
+    /// element-wise fusion already compiles `silu(gate) · up` into one.
+    fn silu_mul(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        if gate.meta.shape() == up.meta.shape() && gate.dtype == up.dtype {
+            silu_mul::<R>(gate, up)
+        } else {
+            super::generic::silu_mul::<Self>(gate, up)
         }
     }
 

@@ -138,7 +138,7 @@ impl<B: FusionBackend + Kernels> Kernels for Fusion<B> {
 
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
         let fits = x.shape.num_dims() == 2
-            && x.shape[0] <= RMS_NORM_MAX_ROWS
+            && x.shape[0] <= DECODE_MAX_ROWS
             && weight.shape.num_dims() == 1
             && weight.shape[0] == x.shape[1]
             && weight.dtype == x.dtype;
@@ -150,6 +150,33 @@ impl<B: FusionBackend + Kernels> Kernels for Fusion<B> {
             RmsNorm::<B> {
                 desc,
                 eps,
+                _backend: PhantomData,
+            }
+        })
+    }
+
+    /// Decode steps (batch × positions up to 64) as one custom op; prefill stays burn's
+    /// tensor ops.
+    fn rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let xs = &x.shape;
+        let table = |t: &FloatTensor<Self>| {
+            t.shape.num_dims() == 4
+                && [t.shape[0], t.shape[1], t.shape[2], t.shape[3]] == [xs[0], 1, xs[2], xs[3]]
+                && t.dtype == x.dtype
+        };
+        let fits =
+            xs.num_dims() == 4 && xs[0] * xs[2] <= DECODE_MAX_ROWS && table(&cos) && table(&sin);
+        if !fits {
+            return super::generic::rotary::<Self>(x, cos, sin);
+        }
+        let (shape, dtype) = (x.shape.clone(), x.dtype);
+        custom_op::<B, _>("medpipe_rotary", [x, cos, sin], shape, dtype, |desc| {
+            Rotary::<B> {
+                desc,
                 _backend: PhantomData,
             }
         })
@@ -189,16 +216,39 @@ impl<B: FusionBackend + Kernels> Operation<B::FusionRuntime> for RmsNorm<B> {
     }
 }
 
-/// Rows up to which RMSNorm runs as one custom op on the fusion backend (decode steps of a
-/// batch); more rows (prefill) stay burn's tensor ops, which fuse with their neighbours.
-const RMS_NORM_MAX_ROWS: usize = 64;
+/// The fused backend's rotary embedding of a decode step's q or k, as one kernel.
+#[derive(Clone, Debug)]
+struct Rotary<B> {
+    desc: CustomOpIr,
+    _backend: PhantomData<B>,
+}
+
+impl<B: FusionBackend + Kernels> Operation<B::FusionRuntime> for Rotary<B> {
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+    ) {
+        let ([x, cos, sin], [out]) = self.desc.as_fixed();
+        let (x, cos, sin) = (
+            handles.get_float_tensor::<B>(x),
+            handles.get_float_tensor::<B>(cos),
+            handles.get_float_tensor::<B>(sin),
+        );
+        handles.register_float_tensor::<B>(&out.id, B::rotary(x, cos, sin));
+    }
+}
+
+/// Rows (batch × positions) up to which RMSNorm and the rotary embedding run as one custom
+/// op on the fusion backend (decode steps of a batch); more rows (prefill) stay burn's tensor
+/// ops, which fuse with their neighbours.
+const DECODE_MAX_ROWS: usize = 64;
 
 /// Registers the custom op `op` makes from its description: `inputs` in, one tensor of
 /// `shape` and `dtype` out, run by the fused backend when the stream reaches it.
 fn custom_op<B, O>(
     id: &'static str,
     inputs: impl IntoIterator<Item = FloatTensor<Fusion<B>>>,
-    shape: [usize; 2],
+    shape: impl Into<Shape>,
     dtype: DType,
     op: impl FnOnce(CustomOpIr) -> O,
 ) -> FloatTensor<Fusion<B>>
@@ -209,7 +259,7 @@ where
     let inputs: Vec<_> = inputs.into_iter().collect();
     let client = inputs[0].client.clone();
     let streams = OperationStreams::with_inputs(inputs.iter());
-    let out = TensorIr::uninit(client.create_empty_handle(), Shape::new(shape), dtype);
+    let out = TensorIr::uninit(client.create_empty_handle(), shape.into(), dtype);
     let ir: Vec<TensorIr> = inputs.into_iter().map(|t| t.into_ir()).collect();
     let desc = CustomOpIr::new(id, &ir, &[out]);
     client

@@ -54,6 +54,23 @@ pub(crate) fn rms_norm<B: Backend>(
         .tensor()
 }
 
+/// `x·cos + rotate_half(x)·sin` (see [`Kernels::rotary`](super::Kernels::rotary)).
+pub(crate) fn rotary<B: Backend>(
+    x: FloatTensor<B>,
+    cos: FloatTensor<B>,
+    sin: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let x = float::<B, 4>(x);
+    let d = x.dims()[3];
+    // rotate_half: the second half negated, then the first.
+    let first = x.clone().narrow(3, 0, d / 2);
+    let second = x.clone().narrow(3, d / 2, d - d / 2);
+    let rotated = Tensor::cat(vec![second.neg(), first], 3);
+    (x * float::<B, 4>(cos) + rotated * float::<B, 4>(sin))
+        .into_primitive()
+        .tensor()
+}
+
 /// `silu(gate) · up` (see [`Kernels::silu_mul`](super::Kernels::silu_mul)).
 pub(crate) fn silu_mul<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
     (burn::tensor::activation::silu(float::<B, 1>(gate)) * float::<B, 1>(up))

@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | `NdArray<f32>` | [`host`] | dense projections on the weight in place (GEMV / `gemm`); NF4 decoded on the host straight into dot products (GEMV) or one f32 weight (GEMM) |
 //! | `Autodiff<B, C>` | [`autodiff`] | the inner backend's kernel forward; a backward op that keeps only the packed weight and decodes it again |
-//! | `CubeBackend<R, ..>` | [`cube`] | CubeCL kernels for any runtime (CUDA and wgpu: Vulkan, Metal, DX12, lavapipe): NF4 dequantize, NF4 and dense decode GEMVs, RMSNorm |
+//! | `CubeBackend<R, ..>` | [`cube`] | CubeCL kernels for any runtime (CUDA and wgpu: Vulkan, Metal, DX12, lavapipe): NF4 dequantize, NF4 and dense decode GEMVs, RMSNorm, rotary embedding, SwiGLU |
 //! | `Fusion<B>` | [`fusion`] | a custom op in the fusion stream that calls the fused backend's kernel |
 //!
 //! The model is generic over `B: Kernels` (a supertrait of `Backend`), so a call such as
@@ -189,6 +189,16 @@ pub trait Kernels: Backend {
         generic::rms_norm::<Self>(x, weight, eps)
     }
 
+    /// Rotary position embedding `x·cos + rotate_half(x)·sin`: `x` `[b, heads, s, d]`,
+    /// `cos` and `sin` `[b, 1, s, d]` (broadcast over the heads), one dtype.
+    fn rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        generic::rotary::<Self>(x, cos, sin)
+    }
+
     /// The gated MLP's activation `silu(gate) · up`, elementwise (equal shapes).
     fn silu_mul(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         generic::silu_mul::<Self>(gate, up)
@@ -353,6 +363,13 @@ pub fn rms_norm<B: Kernels, const D: usize>(
         eps,
     );
     Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(y)).reshape(shape)
+}
+
+/// Rotary position embedding through the seam (see [`Kernels::rotary`]).
+pub fn rotary<B: Kernels>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+    let prim = |t: Tensor<B, 4>| t.into_primitive().tensor();
+    let y = B::rotary(prim(x), prim(cos.clone()), prim(sin.clone()));
+    Tensor::from_primitive(TensorPrimitive::Float(y))
 }
 
 /// `silu(gate) · up` through the seam (see [`Kernels::silu_mul`]).

@@ -239,6 +239,54 @@ mod wgpu {
         check::<Wgpu>("wgpu fusion", &WgpuDevice::DefaultDevice);
     }
 
+    /// The rotary embedding through the seam on the CubeCL backend (its kernel) and the
+    /// fusion backend (its custom op for decode steps, burn's ops beyond 64 rows), and
+    /// `silu(gate) · up` on the CubeCL backend, in f32 and f16, against the tensor-op
+    /// formulas: head counts 1, 2 and 7, head dims 64, 80, 128 and an odd 5, batch 1–2.
+    #[test]
+    fn rotary_and_silu_mul_on_wgpu_equal_the_tensor_op_formulas_in_f32_and_f16() {
+        if !wgpu_available(
+            "rotary_and_silu_mul_on_wgpu_equal_the_tensor_op_formulas_in_f32_and_f16",
+        ) {
+            return;
+        }
+        fn check<B: Kernels>(label: &str, device: &B::Device) {
+            let tensor = |shape: [usize; 4], salt: usize, dtype| {
+                let n: usize = shape.iter().product();
+                let v: Vec<f32> = (0..n)
+                    .map(|i| (((i + salt) * 37 % 101) as f32 - 50.0) / 23.0)
+                    .collect();
+                Tensor::<B, 4>::from_data(TensorData::new(v, shape), device).cast(dtype)
+            };
+            let float = |t| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
+            let prim = |t: &Tensor<B, 4>| t.clone().into_primitive().tensor();
+            for (dtype, tol) in [(DType::F32, 1e-5), (DType::F16, 8e-3)] {
+                for [b, h, s, d] in [[1, 1, 1, 64], [2, 7, 1, 128], [1, 2, 3, 80], [2, 2, 40, 5]] {
+                    let x = tensor([b, h, s, d], 0, dtype);
+                    let (cos, sin) = (
+                        tensor([b, 1, s, d], 5, dtype),
+                        tensor([b, 1, s, d], 9, dtype),
+                    );
+                    let got = float(B::rotary(prim(&x), prim(&cos), prim(&sin)));
+                    let want = float(generic::rotary::<B>(prim(&x), prim(&cos), prim(&sin)));
+                    assert_eq!(got.dtype(), dtype);
+                    let what = format!("{label} rotary {dtype:?} {:?}", [b, h, s, d]);
+                    assert_close(&what, &values(got), &values(want), tol);
+                }
+                let (gate, up) = (
+                    tensor([2, 3, 5, 67], 1, dtype),
+                    tensor([2, 3, 5, 67], 2, dtype),
+                );
+                let got = float(B::silu_mul(prim(&gate), prim(&up)));
+                let want = float(generic::silu_mul::<B>(prim(&gate), prim(&up)));
+                let what = format!("{label} silu_mul {dtype:?}");
+                assert_close(&what, &values(got), &values(want), tol);
+            }
+        }
+        check::<Cube>("wgpu cube", &WgpuDevice::DefaultDevice);
+        check::<Wgpu>("wgpu fusion", &WgpuDevice::DefaultDevice);
+    }
+
     /// The decode GEMV itself, called directly (not through the seam's routing), on every
     /// shape and row count it takes: at least one of each kind runs.
     #[test]

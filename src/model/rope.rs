@@ -241,7 +241,7 @@ pub(crate) fn apply_rotary<B: Kernels>(
     cos: &Tensor<B, 4>,
     sin: &Tensor<B, 4>,
 ) -> Tensor<B, 4> {
-    x.clone() * cos.clone() + rotate_half(x) * sin.clone()
+    crate::kernels::rotary(x, cos, sin)
 }
 
 #[cfg(test)]
