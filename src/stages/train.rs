@@ -534,11 +534,21 @@ fn inputs_fingerprint(
             json!({ "input_hash": a.input_hash, "outputs": outputs }),
         );
     }
-    let all =
-        json!({ "train": crate::json::canonical(serde_json::to_value(cfg)?), "upstream": up });
+    let all = json!({ "train": checkpoint_inputs(cfg)?, "upstream": up });
     Ok(crate::fs::sha256_hex(
         serde_json::to_string(&all)?.as_bytes(),
     ))
+}
+
+/// The `[train]` settings a checkpoint depends on: all but `recompute`, which changes how
+/// the gradients are computed, not what they are (the trainer resumes a run made under
+/// another setting).
+fn checkpoint_inputs(cfg: &TrainStageConfig) -> anyhow::Result<serde_json::Value> {
+    let mut v = serde_json::to_value(cfg)?;
+    if let Some(fields) = v.as_object_mut() {
+        fields.remove("recompute");
+    }
+    Ok(crate::json::canonical(v))
 }
 
 /// Makes `ckpt_dir` hold only checkpoints trained from `inputs`: when it exists with
@@ -842,6 +852,26 @@ mod tests {
         std::fs::create_dir_all(&step).unwrap();
         std::fs::write(step.join("state.json"), b"{}").unwrap();
         step
+    }
+
+    #[test]
+    fn checkpoints_survive_a_change_of_recompute_but_not_of_the_devices() {
+        let base = TrainStageConfig::default();
+        let layers = TrainStageConfig {
+            recompute: "layers".parse().unwrap(),
+            ..base.clone()
+        };
+        let two = TrainStageConfig {
+            devices: vec!["cpu".into(), "cpu".into()],
+            ..base.clone()
+        };
+        let inputs = |c: &TrainStageConfig| checkpoint_inputs(c).unwrap();
+        assert_eq!(inputs(&layers), inputs(&base));
+        assert_ne!(
+            inputs(&two),
+            inputs(&base),
+            "two devices take twice the samples a step"
+        );
     }
 
     #[test]
