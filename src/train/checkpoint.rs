@@ -47,6 +47,8 @@ pub struct RunFingerprint {
     /// Training samples used (after `max_samples`).
     pub samples: usize,
     pub batch_size: usize,
+    /// Micro-batches per optimizer step: `grad_accum × devices` (data parallel), so one
+    /// device resumes a run of several that took the same steps.
     pub grad_accum: usize,
     pub epochs: usize,
     pub seed: u64,
