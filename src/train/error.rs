@@ -31,6 +31,8 @@ pub enum TrainError {
     NonFinite { step: u64, loss: f64 },
     #[error("the gradient norm is {norm} at optimizer step {step} (the loss was finite): training diverged")]
     NonFiniteGradient { step: u64, norm: f64 },
+    #[error("reading the step's loss and gradient norm back from the device: {0}")]
+    Readback(String),
     #[error("data parallel training: burn-collective failed {what}: {reason}")]
     Collective { what: &'static str, reason: String },
     #[error(transparent)]

@@ -12,6 +12,7 @@ use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::DType;
 
 /// AdamW hyper-parameters (PyTorch names and defaults except where the QLoRA recipe differs).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -87,20 +88,49 @@ impl<B: Backend> AdamW<B> {
         &mut self,
         lr: f64,
         module: M,
-        mut grads: GradientsParams,
+        grads: GradientsParams,
         unscale: f64,
     ) -> (M, StepStats)
     where
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
     {
+        let sq_sum =
+            Self::grad_sq_sum(&module, &grads).map_or(0.0, |s| s.into_scalar().elem::<f64>());
+        self.step_with_sq_sum(lr, module, grads, unscale, sq_sum)
+    }
+
+    /// The sum of the squared gradients of `module`'s params in `grads` (before unscaling),
+    /// left on the device as one f32 value (`None` without gradients): the caller reads it
+    /// back together with the loss, one transfer per step.
+    pub fn grad_sq_sum<AB, M>(module: &M, grads: &GradientsParams) -> Option<Tensor<B, 1>>
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
         let mut norm = NormVisitor::<B> {
-            grads: &grads,
-            sum_sq: 0.0,
-            _b: std::marker::PhantomData,
+            grads,
+            sums: Vec::new(),
         };
         module.visit(&mut norm);
-        let grad_norm = norm.sum_sq.sqrt() * unscale;
+        (!norm.sums.is_empty()).then(|| Tensor::cat(norm.sums, 0).sum())
+    }
+
+    /// [`AdamW::step_unscaled`] with the squared gradient sum already read
+    /// ([`AdamW::grad_sq_sum`]).
+    pub fn step_with_sq_sum<AB, M>(
+        &mut self,
+        lr: f64,
+        module: M,
+        mut grads: GradientsParams,
+        unscale: f64,
+        sq_sum: f64,
+    ) -> (M, StepStats)
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
+        let grad_norm = sq_sum.sqrt() * unscale;
         if !grad_norm.is_finite() {
             let stats = StepStats {
                 grad_norm,
@@ -163,16 +193,17 @@ impl<B: Backend> AdamW<B> {
     }
 }
 
+/// Each param's squared gradient sum, on the device in f32 (torch sums the per-tensor
+/// norms in f32 too).
 struct NormVisitor<'a, B: Backend> {
     grads: &'a GradientsParams,
-    sum_sq: f64,
-    _b: std::marker::PhantomData<B>,
+    sums: Vec<Tensor<B, 1>>,
 }
 
 impl<AB: AutodiffBackend> ModuleVisitor<AB> for NormVisitor<'_, AB::InnerBackend> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
         if let Some(g) = self.grads.get::<AB::InnerBackend, D>(param.id) {
-            self.sum_sq += g.powi_scalar(2).sum().into_scalar().elem::<f64>();
+            self.sums.push(g.cast(DType::F32).powi_scalar(2).sum());
         }
     }
 }

@@ -452,7 +452,10 @@ fn optimizer_step<B: AutodiffKernels>(
         window_tokens,
         loss_scale: scale,
     };
-    let (grads, loss_sum) = accumulate_gradients(&models, batches, inputs, ctx)?;
+    let (grads, loss) = accumulate_gradients(&models, batches, inputs, ctx)?;
+    // The step's one read-back: the window's loss and the squared gradient norm, together.
+    let sq_sum = AdamW::<B::InnerBackend>::grad_sq_sum(&model, &grads);
+    let [loss_sum, sq_sum] = read_back([loss, sq_sum])?;
     if !loss_sum.is_finite() {
         return Err(TrainError::NonFinite {
             step: state.step + 1,
@@ -460,7 +463,7 @@ fn optimizer_step<B: AutodiffKernels>(
         });
     }
     let lr = ctx.sched.lr(state.step);
-    let (model, stats) = opt.step_unscaled(lr, model, grads, 1.0 / scale);
+    let (model, stats) = opt.step_with_sq_sum(lr, model, grads, 1.0 / scale, sq_sum);
     let applied = stats.grad_norm.is_finite();
     match &mut state.loss_scaler {
         // An overflow of the scaled gradients: the step changed nothing; like HF's Trainer,
@@ -554,7 +557,8 @@ struct PeerSum<B: Kernels> {
 }
 
 /// Forward and backward over the micro-batches of one window, summing their gradients, so
-/// gradient accumulation equals one large batch; returns the gradients and the window's loss.
+/// gradient accumulation equals one large batch; returns the gradients and the window's loss
+/// (on the first device).
 ///
 /// `models[p]` is device `p`'s model (`models[0]` the one AdamW steps). With more than one,
 /// micro-batch `k` runs on device `k mod D`, each device on its own thread, and
@@ -566,7 +570,7 @@ fn accumulate_gradients<B: AutodiffKernels>(
     batches: Vec<Batch<B::InnerBackend>>,
     inputs: StepInputs,
     ctx: &Ctx<'_, B>,
-) -> Result<(GradientsParams, f64), TrainError> {
+) -> Result<(GradientsParams, Option<Tensor<B::InnerBackend, 1>>), TrainError> {
     let peers = models.len();
     let mut shares: Vec<Vec<_>> = (0..peers).map(|_| Vec::new()).collect();
     for (k, batch) in batches.into_iter().enumerate() {
@@ -614,9 +618,28 @@ fn accumulate_gradients<B: AutodiffKernels>(
     } else {
         Peers::<B::InnerBackend>::reduce(grads, &models[0].lora_params(), &ctx.devices)?
     };
-    // The one read-back of the step's forward passes.
-    let loss = loss_sum.map_or(0.0, |l| l.into_scalar().elem::<f64>());
-    Ok((grads, loss))
+    Ok((grads, loss_sum))
+}
+
+/// Scalars left on the device (`None`: 0), read back in one transfer as f64.
+fn read_back<B: Backend, const N: usize>(
+    values: [Option<Tensor<B, 1>>; N],
+) -> Result<[f64; N], TrainError> {
+    let present: Vec<Tensor<B, 1>> = values
+        .iter()
+        .flatten()
+        .map(|t| t.clone().cast(burn::tensor::DType::F32))
+        .collect();
+    let read = if present.is_empty() {
+        Vec::new()
+    } else {
+        Tensor::cat(present, 0)
+            .into_data()
+            .to_vec::<f32>()
+            .map_err(|e| TrainError::Readback(format!("{e:?}")))?
+    };
+    let mut read = read.into_iter();
+    Ok(values.map(|v| v.map_or(0.0, |_| read.next().map_or(0.0, f64::from))))
 }
 
 /// The micro-batches `micro` (window index, batch) of one device through `model` there.
