@@ -452,7 +452,7 @@ fn optimizer_step<B: AutodiffKernels>(
         window_tokens,
         loss_scale: scale,
     };
-    let (grads, loss) = accumulate_gradients(&models, batches, inputs, ctx)?;
+    let PeerSum { grads, loss } = accumulate_gradients(&models, batches, inputs, ctx)?;
     // The step's one read-back: the window's loss and the squared gradient norm, together.
     let sq_sum = AdamW::<B::InnerBackend>::grad_sq_sum(&model, &grads);
     let [loss_sum, sq_sum] = read_back([loss, sq_sum])?;
@@ -549,8 +549,8 @@ struct StepInputs {
     loss_scale: f64,
 }
 
-/// One device's part of a step: its summed gradients and loss (`None`: no micro-batch),
-/// left on the device.
+/// Gradients and loss (`None`: no micro-batch) summed over micro-batches, left on the
+/// device: one device's part of a step, or the whole step's.
 struct PeerSum<B: Kernels> {
     grads: GradientsParams,
     loss: Option<Tensor<B, 1>>,
@@ -570,7 +570,7 @@ fn accumulate_gradients<B: AutodiffKernels>(
     batches: Vec<Batch<B::InnerBackend>>,
     inputs: StepInputs,
     ctx: &Ctx<'_, B>,
-) -> Result<(GradientsParams, Option<Tensor<B::InnerBackend, 1>>), TrainError> {
+) -> Result<PeerSum<B::InnerBackend>, TrainError> {
     let peers = models.len();
     let mut shares: Vec<Vec<_>> = (0..peers).map(|_| Vec::new()).collect();
     for (k, batch) in batches.into_iter().enumerate() {
@@ -618,7 +618,10 @@ fn accumulate_gradients<B: AutodiffKernels>(
     } else {
         Peers::<B::InnerBackend>::reduce(grads, &models[0].lora_params(), &ctx.devices)?
     };
-    Ok((grads, loss_sum))
+    Ok(PeerSum {
+        grads,
+        loss: loss_sum,
+    })
 }
 
 /// Scalars left on the device (`None`: 0), read back in one transfer as f64.
