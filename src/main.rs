@@ -58,7 +58,7 @@ enum Command {
     /// Benchmark a model on the five evaluation documents: load time, memory, latency
     /// statistics, tokens/s, batch sweep; or compare two result files.
     #[command(
-        after_help = "Examples:\n  medpipe bench --model builtin:tiny --runs 3 --batch-sizes 1,2 --output bench.json\n  medpipe bench --model checkpoints/base --runs 10 --batch-sizes 1,2,4,8 --grid-new-tokens 32,128 --price-per-hour 2.5\n  medpipe bench --model builtin:tiny --soak-seconds 60 --output soak.json\n  medpipe bench --compare before.json after.json\n  medpipe bench --train --model checkpoints/nf4 --seq-len 512 --recompute layers --output train.json"
+        after_help = "Examples:\n  medpipe bench --model builtin:tiny --runs 3 --batch-sizes 1,2 --output bench.json\n  medpipe bench --model checkpoints/base --runs 10 --batch-sizes 1,2,4,8 --grid-new-tokens 32,128 --price-per-hour 2.5\n  medpipe bench --model builtin:tiny --soak-seconds 60 --output soak.json\n  medpipe bench --compare before.json after.json\n  medpipe bench --train --model checkpoints/nf4 --seq-len 512 --recompute layers --output train.json\n  medpipe bench --train --model builtin:tiny --peers 2 --seq-len 256"
     )]
     Bench(BenchArgs),
     /// Answer one prompt about one or more images, printing the answer and its timing.
@@ -242,6 +242,10 @@ struct BenchArgs {
     /// --train: layer recomputation, as train.recompute: none, layers or every_n:K.
     #[arg(long, value_name = "MODE", default_value = "none")]
     recompute: String,
+    /// --train: data parallel peers on the device (train.devices naming it N times); each
+    /// runs one micro-batch per step, so a step takes N × --micro-batch samples.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    peers: usize,
 }
 
 #[derive(Args, Debug)]
@@ -713,6 +717,7 @@ fn bench_train(
             .parse()
             .map_err(|e: String| usage(anyhow::anyhow!("--recompute: {e}")))?,
         seed: args.seed,
+        peers: args.peers,
     };
     opts.validate().map_err(|e| usage(e.into()))?;
     let dir = medpipe::bench::source::resolve_model(&args.model, args.seed)?;

@@ -24,7 +24,7 @@ use crate::model::Qwen25Vl;
 use crate::train::batch::TrainSample;
 use crate::train::config::{Recompute, TrainConfig};
 use crate::train::loss::IGNORE_INDEX;
-use crate::train::trainer::{train, Flow, TrainEvent};
+use crate::train::trainer::{train_parallel, Flow, Replica, TrainEvent};
 
 /// What to run.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +41,8 @@ pub struct TrainBenchOptions {
     pub recompute: Recompute,
     /// Seeds the sample tokens, the LoRA init and dropout.
     pub seed: u64,
+    /// Data parallel peers on the device (≥ 1), one micro-batch each per step.
+    pub peers: usize,
 }
 
 impl TrainBenchOptions {
@@ -51,6 +53,7 @@ impl TrainBenchOptions {
             ("--steps", self.steps),
             ("--micro-batch", self.micro_batch),
             ("--lora-r", self.lora_r),
+            ("--peers", self.peers),
         ] {
             if v == 0 {
                 return Err(BenchError::Invalid {
@@ -82,6 +85,9 @@ pub struct TrainBenchResult {
     pub micro_batch: usize,
     pub seq_len: usize,
     pub lora_r: usize,
+    /// Data parallel peers on the device (results written before they existed had one).
+    #[serde(default = "one")]
+    pub peers: usize,
     pub decoder_layers: usize,
     /// Measured steps (after the warm-up ones).
     pub steps: usize,
@@ -140,16 +146,26 @@ impl AutodiffJob for TrainBenchJob<'_> {
     fn run<B: AutodiffKernels>(self, device: B::Device, target: Target) -> Self::Output {
         let opts = self.opts;
         let mut watch = DeviceWatch::new(DeviceMemory::for_device(target.device));
-        let mut model = Qwen25Vl::<B>::load(self.dir, &device)?;
-        model.add_lora(
-            &LoraSpec {
-                r: opts.lora_r,
-                alpha: 2.0 * opts.lora_r as f64,
-                dropout: 0.05,
-                seed: opts.seed,
-            },
-            &device,
-        );
+        let spec = LoraSpec {
+            r: opts.lora_r,
+            alpha: 2.0 * opts.lora_r as f64,
+            dropout: 0.05,
+            seed: opts.seed,
+        };
+        let load = || -> Result<Qwen25Vl<B>, BenchError> {
+            let mut model = Qwen25Vl::<B>::load(self.dir, &device)?;
+            model.add_lora(&spec, &device);
+            Ok(model)
+        };
+        let model = load()?;
+        let replicas = (1..opts.peers)
+            .map(|_| {
+                Ok(Replica {
+                    model: load()?,
+                    device: device.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, BenchError>>()?;
         let cfg = model.config().clone();
         let samples = synthetic_samples::<B::InnerBackend>(&cfg, opts);
         let tcfg = TrainConfig {
@@ -190,8 +206,9 @@ impl AutodiffJob for TrainBenchJob<'_> {
             watch.after_call();
             Flow::Continue
         };
-        train::<B>(
+        train_parallel::<B>(
             model,
+            replicas,
             &samples,
             None,
             &tcfg,
@@ -227,6 +244,7 @@ impl AutodiffJob for TrainBenchJob<'_> {
             micro_batch: opts.micro_batch,
             seq_len: opts.seq_len,
             lora_r: opts.lora_r,
+            peers: opts.peers,
             decoder_layers: cfg.text.num_layers,
             steps: measured.len(),
             step_ms: measured.iter().map(|s| s.2 * 1e3).collect(),
@@ -236,7 +254,8 @@ impl AutodiffJob for TrainBenchJob<'_> {
             memory_after_load_bytes: after_load,
             peak_memory_bytes: peak,
             work_bytes: peak.zip(after_load).map(|(p, a)| p.saturating_sub(a)),
-            predicted_work_bytes: predicted.activations + predicted.optimizer,
+            // Each peer holds its micro-batch's activations; AdamW lives on the first.
+            predicted_work_bytes: predicted.activations * opts.peers as u64 + predicted.optimizer,
             memory_source: if gpu {
                 "allocator bytes reserved".into()
             } else if reset {
@@ -248,6 +267,10 @@ impl AutodiffJob for TrainBenchJob<'_> {
             },
         })
     }
+}
+
+fn one() -> usize {
+    1
 }
 
 /// A directory removed when dropped (the trainer's closing checkpoint goes there).
@@ -293,7 +316,8 @@ fn synthetic_samples<B: crate::kernels::Kernels>(
     .unwrap_or(1)
     .max(1);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
-    let n = (opts.warmup_steps + opts.steps) * opts.micro_batch;
+    // Each step takes one micro-batch per peer.
+    let n = (opts.warmup_steps + opts.steps) * opts.micro_batch * opts.peers;
     (0..n)
         .map(|_| {
             let ids: Vec<u32> = (0..opts.seq_len)
@@ -328,6 +352,7 @@ pub fn markdown(r: &TrainBenchResult) -> String {
         ("device", format!("{} ({})", r.device, r.dtype)),
         ("decoder layers", r.decoder_layers.to_string()),
         ("recompute", r.recompute.clone()),
+        ("data parallel peers", r.peers.to_string()),
         (
             "micro-batch × tokens",
             format!("{} × {}", r.micro_batch, r.seq_len),

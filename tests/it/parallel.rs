@@ -2,7 +2,8 @@
 //! micro-batch each (`resume::TRAIN_SETS`): two CPU peers ship the
 //! adapter one CPU ships when it accumulates both peers' micro-batches, bit for bit; a list
 //! that mixes backends or names no device is refused before anything runs. (The trainer-level
-//! properties, resume included, are specified in `src/train/trainer.rs`.)
+//! properties, resume included, are specified in `src/train/trainer.rs`.) `medpipe bench
+//! --train --peers N` measures N peers on one device.
 
 use std::path::Path;
 
@@ -72,4 +73,45 @@ fn a_device_list_that_mixes_backends_or_names_no_device_is_refused_before_traini
             "{devices}: training started: {err}"
         );
     }
+}
+
+#[test]
+fn bench_train_with_two_peers_takes_two_micro_batches_a_step_and_the_planner_counts_both() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("peers.json");
+    let run = crate::common::medpipe()
+        .args([
+            "bench",
+            "--train",
+            "--model",
+            "builtin:tiny",
+            "--peers",
+            "2",
+        ])
+        .args(["--seq-len", "128", "--steps", "2", "--output"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(r["peers"], 2);
+    // Samples per step = samples/s × step time: one micro-batch of 1 on each peer.
+    let step_s: f64 = r["step_ms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() / 1e3)
+        .sum::<f64>()
+        / 2.0;
+    let per_step = r["samples_per_s"].as_f64().unwrap() * step_s;
+    assert!(
+        (per_step - 2.0).abs() < 0.01,
+        "{per_step} samples a step: {r}"
+    );
+    // Two micro-batches' activations, one AdamW: measured within the planner's band.
+    let ratio = r["work_bytes"].as_f64().unwrap() / r["predicted_work_bytes"].as_f64().unwrap();
+    assert!(
+        (0.6..=1.5).contains(&ratio),
+        "measured / predicted = {ratio:.3}: {r}"
+    );
 }
