@@ -457,6 +457,23 @@ pub fn rms_norm<R: CubeRuntime>(
     out
 }
 
+/// An uninitialized tensor of `like`'s shape, dtype and device, with the launch size of an
+/// element-wise kernel over it (one unit per element).
+fn elementwise_output<R: CubeRuntime>(
+    like: &CubeTensor<R>,
+) -> (CubeTensor<R>, cubecl::CubeCount, CubeDim) {
+    let shape = like.meta.shape().clone();
+    let cube_dim = CubeDim::new_1d(CUBE_SIZE);
+    let count = calculate_cube_count_elemwise(&like.client, shape.num_elements(), cube_dim);
+    let out = burn_cubecl::ops::numeric::empty_device_dtype::<R>(
+        like.client.clone(),
+        like.device.clone(),
+        shape,
+        like.dtype,
+    );
+    (out, count, cube_dim)
+}
+
 /// `x·cos + rotate_half(x)·sin` by [`kernel::rotary`]; see [`rotary_fits`].
 pub fn rotary<R: CubeRuntime>(
     x: CubeTensor<R>,
@@ -468,18 +485,10 @@ pub fn rotary<R: CubeRuntime>(
         into_contiguous(cos),
         into_contiguous(sin),
     );
-    let shape = x.meta.shape().clone();
-    let (heads, seq, dim) = (shape[1], shape[2], shape[3]);
+    let (heads, seq, dim) = (x.meta.shape()[1], x.meta.shape()[2], x.meta.shape()[3]);
     let dtype = x.dtype;
     let client = x.client.clone();
-    let out = burn_cubecl::ops::numeric::empty_device_dtype::<R>(
-        client.clone(),
-        x.device.clone(),
-        shape.clone(),
-        dtype,
-    );
-    let cube_dim = CubeDim::new_1d(CUBE_SIZE);
-    let cube_count = calculate_cube_count_elemwise(&client, shape.num_elements(), cube_dim);
+    let (out, cube_count, cube_dim) = elementwise_output(&x);
     kernel::rotary::launch::<R>(
         &client,
         cube_count,
@@ -516,17 +525,9 @@ pub fn rotary_fits<R: CubeRuntime>(
 /// `silu(gate) · up` by [`kernel::silu_mul`] (equal shapes and dtypes).
 pub fn silu_mul<R: CubeRuntime>(gate: CubeTensor<R>, up: CubeTensor<R>) -> CubeTensor<R> {
     let (gate, up) = (into_contiguous(gate), into_contiguous(up));
-    let shape = gate.meta.shape().clone();
     let dtype = gate.dtype;
     let client = gate.client.clone();
-    let out = burn_cubecl::ops::numeric::empty_device_dtype::<R>(
-        client.clone(),
-        gate.device.clone(),
-        shape.clone(),
-        dtype,
-    );
-    let cube_dim = CubeDim::new_1d(CUBE_SIZE);
-    let cube_count = calculate_cube_count_elemwise(&client, shape.num_elements(), cube_dim);
+    let (out, cube_count, cube_dim) = elementwise_output(&gate);
     kernel::silu_mul::launch::<R>(
         &client,
         cube_count,
