@@ -1141,7 +1141,10 @@ mod tests {
     }
 
     /// Two peers on lavapipe's one device: the fused backend runs a dropout draw lazily, so
-    /// this proves the draws of concurrent peers keep their own seeds there too.
+    /// this proves the draws of concurrent peers keep their own seeds there too (a wrong
+    /// mask at dropout 0.2 moves the loss by percents). Not bit for bit, unlike the CPU:
+    /// both peers' ops share the device's fusion streams, and where one peer's sync cuts the
+    /// other's fused blocks depends on timing, which can move the last bits of a gradient.
     #[test]
     fn two_wgpu_peers_end_with_the_adapter_of_one_wgpu_device() {
         type W = burn::backend::Autodiff<burn::backend::Wgpu>;
@@ -1154,10 +1157,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (one, one_pairs) = parallel_run_on::<W>(&dev, 1, 2, &dir.path().join("one"), None);
         let (two, two_pairs) = parallel_run_on::<W>(&dev, 2, 1, &dir.path().join("two"), None);
-        let losses =
-            |o: &TrainOutcome<W>| o.state.history.iter().map(|m| m.loss).collect::<Vec<_>>();
-        assert_eq!(losses(&two), losses(&one));
-        assert_eq!(two_pairs, one_pairs);
+        assert_eq!(two.state.history.len(), one.state.history.len());
+        for (a, b) in two.state.history.iter().zip(&one.state.history) {
+            assert!(
+                (a.loss - b.loss).abs() <= 1e-6 * b.loss.abs(),
+                "{a:?} vs {b:?}"
+            );
+        }
+        let (x, y) = (two_pairs.concat(), one_pairs.concat());
+        let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(
+            max_abs_diff(&x, &y) <= 1e-5 * scale,
+            "{}",
+            max_abs_diff(&x, &y)
+        );
     }
 
     #[test]
