@@ -3,7 +3,7 @@
 //! lavapipe, bf16 exists only on CUDA (WGSL has no bf16).
 
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::DType;
+use burn::tensor::{DType, Shape};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
@@ -505,19 +505,15 @@ pub fn rotary<R: CubeRuntime>(
     out
 }
 
-/// Whether [`rotary`] takes these shapes: `x` `[b, h, s, d]`, tables exactly `[b, 1, s, d]`,
-/// one dtype (anything else takes the tensor-op formula, which broadcasts).
-pub fn rotary_fits<R: CubeRuntime>(
-    x: &CubeTensor<R>,
-    cos: &CubeTensor<R>,
-    sin: &CubeTensor<R>,
-) -> bool {
-    let xs = x.meta.shape();
-    let table = |t: &CubeTensor<R>| {
-        let ts = t.meta.shape();
+/// Whether [`rotary`] takes these shapes and dtypes: `x` `[b, h, s, d]`, tables exactly
+/// `[b, 1, s, d]`, one dtype (anything else takes the tensor-op formula, which broadcasts).
+/// The fusion backend asks it too, before registering its custom op.
+pub fn rotary_fits(x: (&Shape, DType), cos: (&Shape, DType), sin: (&Shape, DType)) -> bool {
+    let (xs, dtype) = x;
+    let table = |(ts, t_dtype): (&Shape, DType)| {
         ts.num_dims() == 4
             && [ts[0], ts[1], ts[2], ts[3]] == [xs[0], 1, xs[2], xs[3]]
-            && t.dtype == x.dtype
+            && t_dtype == dtype
     };
     xs.num_dims() == 4 && xs.num_elements() > 0 && table(cos) && table(sin)
 }
@@ -540,14 +536,11 @@ pub fn silu_mul<R: CubeRuntime>(gate: CubeTensor<R>, up: CubeTensor<R>) -> CubeT
     out
 }
 
-/// Whether [`rms_norm`] takes `x` with `weight`: rows of `weight`'s width, one dtype.
-pub fn rms_norm_fits<R: CubeRuntime>(x: &CubeTensor<R>, weight: &CubeTensor<R>) -> bool {
-    let (xs, ws) = (x.meta.shape(), weight.meta.shape());
-    xs.num_dims() == 2
-        && ws.num_dims() == 1
-        && xs[1] == ws[0]
-        && xs[1] > 0
-        && weight.dtype == x.dtype
+/// Whether [`rms_norm`] takes `x` with `weight` (shapes and dtypes): rows of `weight`'s
+/// width, one dtype. The fusion backend asks it too, before registering its custom op.
+pub fn rms_norm_fits(x: (&Shape, DType), weight: (&Shape, DType)) -> bool {
+    let ((xs, x_dtype), (ws, w_dtype)) = (x, weight);
+    xs.num_dims() == 2 && ws.num_dims() == 1 && xs[1] == ws[0] && xs[1] > 0 && w_dtype == x_dtype
 }
 
 /// One cube per output feature, laid out in 2D past the 65,535 cubes one axis allows.
@@ -593,7 +586,10 @@ where
     }
 
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
-        if rms_norm_fits(&x, &weight) {
+        if rms_norm_fits(
+            (x.meta.shape(), x.dtype),
+            (weight.meta.shape(), weight.dtype),
+        ) {
             rms_norm::<R>(x, weight, eps)
         } else {
             super::generic::rms_norm::<Self>(x, weight, eps)
@@ -605,7 +601,8 @@ where
         cos: FloatTensor<Self>,
         sin: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        if rotary_fits(&x, &cos, &sin) {
+        let (xs, cs, ss) = (x.meta.shape(), cos.meta.shape(), sin.meta.shape());
+        if rotary_fits((xs, x.dtype), (cs, cos.dtype), (ss, sin.dtype)) {
             rotary::<R>(x, cos, sin)
         } else {
             super::generic::rotary::<Self>(x, cos, sin)

@@ -137,11 +137,8 @@ impl<B: FusionBackend + Kernels> Kernels for Fusion<B> {
     }
 
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
-        let fits = x.shape.num_dims() == 2
-            && x.shape[0] <= DECODE_MAX_ROWS
-            && weight.shape.num_dims() == 1
-            && weight.shape[0] == x.shape[1]
-            && weight.dtype == x.dtype;
+        let fits = super::cube::rms_norm_fits((&x.shape, x.dtype), (&weight.shape, weight.dtype))
+            && x.shape[0] <= DECODE_MAX_ROWS;
         if !fits {
             return super::generic::rms_norm::<Self>(x, weight, eps);
         }
@@ -162,14 +159,11 @@ impl<B: FusionBackend + Kernels> Kernels for Fusion<B> {
         cos: FloatTensor<Self>,
         sin: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let xs = &x.shape;
-        let table = |t: &FloatTensor<Self>| {
-            t.shape.num_dims() == 4
-                && [t.shape[0], t.shape[1], t.shape[2], t.shape[3]] == [xs[0], 1, xs[2], xs[3]]
-                && t.dtype == x.dtype
-        };
-        let fits =
-            xs.num_dims() == 4 && xs[0] * xs[2] <= DECODE_MAX_ROWS && table(&cos) && table(&sin);
+        let fits = super::cube::rotary_fits(
+            (&x.shape, x.dtype),
+            (&cos.shape, cos.dtype),
+            (&sin.shape, sin.dtype),
+        ) && x.shape[0] * x.shape[2] <= DECODE_MAX_ROWS;
         if !fits {
             return super::generic::rotary::<Self>(x, cos, sin);
         }
