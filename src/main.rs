@@ -227,7 +227,7 @@ struct BenchArgs {
     /// (checkpoints/nf4) to measure QLoRA proper; a dense one trains LoRA on a dense base.
     #[arg(long)]
     train: bool,
-    /// --train: measured optimizer steps (one warm-up step runs first).
+    /// --train: measured optimizer steps (one warm-up read interval runs first).
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     steps: u64,
     /// --train: tokens per sample.
@@ -246,6 +246,11 @@ struct BenchArgs {
     /// runs one micro-batch per step, so a step takes N × --micro-batch samples.
     #[arg(long, value_name = "N", default_value_t = 1)]
     peers: usize,
+    /// --train: read the loss back every N steps, as train.log_every: between reads no step
+    /// waits for the device. N warm-up steps run first; each measured step is timed as its
+    /// share of its interval.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    log_every: u64,
 }
 
 #[derive(Args, Debug)]
@@ -708,7 +713,7 @@ fn bench_train(
     let usage = |e: anyhow::Error| Failure { code: 2, error: e };
     let opts = TrainBenchOptions {
         steps: usize::try_from(args.steps).unwrap_or(usize::MAX),
-        warmup_steps: 1,
+        warmup_steps: usize::try_from(args.log_every).unwrap_or(usize::MAX),
         micro_batch: args.micro_batch,
         seq_len: args.seq_len,
         lora_r: args.lora_r,
@@ -718,6 +723,7 @@ fn bench_train(
             .map_err(|e: String| usage(anyhow::anyhow!("--recompute: {e}")))?,
         seed: args.seed,
         peers: args.peers,
+        log_every: usize::try_from(args.log_every).unwrap_or(usize::MAX),
     };
     opts.validate().map_err(|e| usage(e.into()))?;
     let dir = medpipe::bench::source::resolve_model(&args.model, args.seed)?;

@@ -43,6 +43,10 @@ pub struct TrainBenchOptions {
     pub seed: u64,
     /// Data parallel peers on the device (≥ 1), one micro-batch each per step.
     pub peers: usize,
+    /// Read the loss back every this many steps, as `train.log_every` (≥ 1; `warmup_steps`
+    /// a multiple of it, so the measured steps start at a read). A step's time is its share
+    /// of the wall time between reads.
+    pub log_every: usize,
 }
 
 impl TrainBenchOptions {
@@ -54,6 +58,7 @@ impl TrainBenchOptions {
             ("--micro-batch", self.micro_batch),
             ("--lora-r", self.lora_r),
             ("--peers", self.peers),
+            ("--log-every", self.log_every),
         ] {
             if v == 0 {
                 return Err(BenchError::Invalid {
@@ -61,6 +66,15 @@ impl TrainBenchOptions {
                     reason: "must be at least 1".into(),
                 });
             }
+        }
+        if !self.warmup_steps.is_multiple_of(self.log_every.max(1)) {
+            return Err(BenchError::Invalid {
+                name: "--log-every",
+                reason: format!(
+                    "{} warm-up steps are not a whole number of {}-step read intervals",
+                    self.warmup_steps, self.log_every
+                ),
+            });
         }
         if self.seq_len < 2 {
             return Err(BenchError::Invalid {
@@ -88,6 +102,9 @@ pub struct TrainBenchResult {
     /// Data parallel peers on the device (results written before they existed had one).
     #[serde(default = "one")]
     pub peers: usize,
+    /// Steps per read-back of the loss (results written before it existed read each step).
+    #[serde(default = "one")]
+    pub log_every: usize,
     pub decoder_layers: usize,
     /// Measured steps (after the warm-up ones).
     pub steps: usize,
@@ -182,6 +199,7 @@ impl AutodiffJob for TrainBenchJob<'_> {
             max_samples: None,
             keep_checkpoints: 1,
             recompute: opts.recompute,
+            log_every: opts.log_every as u64,
         };
         // The trainer always checkpoints at its end; that goes to a directory dropped here.
         let scratch = Scratch(
@@ -245,6 +263,7 @@ impl AutodiffJob for TrainBenchJob<'_> {
             seq_len: opts.seq_len,
             lora_r: opts.lora_r,
             peers: opts.peers,
+            log_every: opts.log_every,
             decoder_layers: cfg.text.num_layers,
             steps: measured.len(),
             step_ms: measured.iter().map(|s| s.2 * 1e3).collect(),
@@ -359,6 +378,7 @@ pub fn markdown(r: &TrainBenchResult) -> String {
         ),
         ("LoRA rank", r.lora_r.to_string()),
         ("measured steps", r.steps.to_string()),
+        ("loss read back", format!("every {} step(s)", r.log_every)),
         ("step time (mean)", format!("{mean:.1} ms")),
         (
             "throughput",

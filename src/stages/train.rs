@@ -80,7 +80,16 @@ pub struct TrainStageConfig {
     /// `batch_size × grad_accum × devices` samples) and the gradients are summed with
     /// burn-collective. Empty: the probe's device alone.
     pub devices: Vec<String>,
+    /// Read the loss back from the device every N optimizer steps (the progress bar's loss
+    /// and `training_metrics.json` are filled then). Between reads the GPU is never left
+    /// waiting for the host; the adapter does not depend on it.
+    pub log_every: u64,
 }
+
+/// `[train]` settings that change how training runs, not the adapter it produces (its
+/// gradients agree to rounding): left out of the stage's input hash and the checkpoints'
+/// fingerprint, so changing one neither makes the stage stale nor discards checkpoints.
+const OUTPUT_NEUTRAL: [&str; 2] = ["recompute", "log_every"];
 
 impl TrainStageConfig {
     /// The devices to train on: `devices`, or `probe` when it is empty.
@@ -129,6 +138,7 @@ impl crate::pipeline::SectionConfig for TrainStageConfig {
         at_least_one("train.epochs", self.epochs as u64)?;
         at_least_one("train.batch_size", self.batch_size as u64)?;
         at_least_one("train.grad_accum", self.grad_accum as u64)?;
+        at_least_one("train.log_every", self.log_every)?;
         at_least_one("train.max_seq_len", self.max_seq_len as u64)?;
         check(
             self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0,
@@ -183,6 +193,7 @@ impl Default for TrainStageConfig {
             eval_every: 0,
             recompute: Recompute::None,
             devices: Vec::new(),
+            log_every: 10,
         }
     }
 }
@@ -263,8 +274,8 @@ impl Stage for Train {
     fn shared_sections(&self) -> &[&'static str] {
         &["model.max_pixels", "model.min_pixels", "model.dtype"]
     }
-    /// `recompute` changes the time and memory of training, not the adapter (the
-    /// gradients agree to rounding), so changing it does not make the stage stale.
+    /// The [`OUTPUT_NEUTRAL`] settings change the time and memory of training, not the
+    /// adapter, so changing one does not make the stage stale.
     fn resolve_config(
         &self,
         mut sections: serde_json::Value,
@@ -272,7 +283,9 @@ impl Stage for Train {
         _ws: &crate::pipeline::Workspace,
     ) -> serde_json::Value {
         if let Some(train) = sections.get_mut("train").and_then(|t| t.as_object_mut()) {
-            train.remove("recompute");
+            for key in OUTPUT_NEUTRAL {
+                train.remove(key);
+            }
         }
         sections
     }
@@ -362,6 +375,7 @@ impl Stage for Train {
             max_samples: None,
             keep_checkpoints: 2,
             recompute: cfg.recompute,
+            log_every: cfg.log_every,
         };
         let ckpt_dir = ctx.workspace().checkpoints().join("train-state");
         // Resume only checkpoints made from these inputs: the trainer's own run fingerprint
@@ -540,13 +554,14 @@ fn inputs_fingerprint(
     ))
 }
 
-/// The `[train]` settings a checkpoint depends on: all but `recompute`, which changes how
-/// the gradients are computed, not what they are (the trainer resumes a run made under
-/// another setting).
+/// The `[train]` settings a checkpoint depends on: all but the [`OUTPUT_NEUTRAL`] ones (the
+/// trainer resumes a run made under another setting of those).
 fn checkpoint_inputs(cfg: &TrainStageConfig) -> anyhow::Result<serde_json::Value> {
     let mut v = serde_json::to_value(cfg)?;
     if let Some(fields) = v.as_object_mut() {
-        fields.remove("recompute");
+        for key in OUTPUT_NEUTRAL {
+            fields.remove(key);
+        }
     }
     Ok(crate::json::canonical(v))
 }
@@ -675,8 +690,8 @@ impl AutodiffJob for TrainJob<'_, '_> {
         let mut resumed_from_step: Option<u64> = None;
         let mut on_event = |e: &TrainEvent<'_>| {
             match e {
+                TrainEvent::Stepped { step } => bar.set_position(*step),
                 TrainEvent::Step(m) => {
-                    bar.set_position(m.step);
                     bar.set_message(format!("loss {:.3} lr {:.1e}", m.loss, m.lr));
                 }
                 TrainEvent::Resumed { step, .. } => {
@@ -855,10 +870,11 @@ mod tests {
     }
 
     #[test]
-    fn checkpoints_survive_a_change_of_recompute_but_not_of_the_devices() {
+    fn checkpoints_survive_a_change_of_recompute_or_log_every_but_not_of_the_devices() {
         let base = TrainStageConfig::default();
         let layers = TrainStageConfig {
             recompute: "layers".parse().unwrap(),
+            log_every: 1,
             ..base.clone()
         };
         let two = TrainStageConfig {

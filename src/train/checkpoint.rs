@@ -141,7 +141,7 @@ pub fn save<B: Kernels>(
             (k.clone(), view)
         })
         .collect();
-    let meta = HashMap::from([("step".to_string(), opt.step.to_string())]);
+    let meta = HashMap::from([("step".to_string(), opt.steps().to_string())]);
     let opt_path = partial.join("optimizer.safetensors");
     let bytes = safetensors::serialize(views, Some(meta))
         .map_err(|e| invalid(&opt_path, format!("serializing: {e}")))?;

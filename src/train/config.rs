@@ -35,6 +35,16 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Which decoder activations the backward keeps, and which it recomputes.
     pub recompute: Recompute,
+    /// Read the loss and gradient norm back from the device every this many optimizer
+    /// steps (at least 1). Between reads no step waits for the device, so a GPU never
+    /// idles while the host prepares the next step; validation, checkpoints and epoch ends
+    /// read too. Does not change what is computed.
+    #[serde(default = "default_log_every")]
+    pub log_every: u64,
+}
+
+fn default_log_every() -> u64 {
+    TrainConfig::default().log_every
 }
 
 impl Default for TrainConfig {
@@ -53,6 +63,7 @@ impl Default for TrainConfig {
             max_samples: None,
             keep_checkpoints: 2,
             recompute: Recompute::None,
+            log_every: 10,
         }
     }
 }

@@ -41,9 +41,10 @@ pub struct StepMetrics {
     /// The padding the same window would have had in its shuffled order.
     #[serde(default)]
     pub padding_tokens_unbucketed: usize,
-    /// Input tokens per second of wall time (forward + backward + update).
+    /// Input tokens per second of wall time (forward + backward + update), over the read
+    /// interval the step belongs to (the steps between two reads share its time evenly).
     pub tokens_per_s: f64,
-    /// Samples per second of wall time.
+    /// Samples per second of wall time, over the step's read interval.
     pub samples_per_s: f64,
 }
 
@@ -67,7 +68,10 @@ pub struct ValMetrics {
 pub enum TrainEvent<'a> {
     /// Continuing from a checkpoint.
     Resumed { step: u64, dir: &'a Path },
-    /// An optimizer step was taken.
+    /// Optimizer step `step` (1-based) was launched; its metrics follow with the next read
+    /// ([`TrainEvent::Step`], every `log_every` steps).
+    Stepped { step: u64 },
+    /// The metrics of a step, once read back from the device (in step order).
     Step(&'a StepMetrics),
     /// A validation pass finished.
     Validation(&'a ValMetrics),

@@ -5,6 +5,14 @@
 //! The optimizer works on any autodiff module: it visits the float params that received a
 //! gradient, updates them on the inner backend, and keeps their moments keyed by `ParamId`
 //! (create trainable params with stable ids so a resumed run finds its state).
+//!
+//! A step reads nothing back from the device ([`AdamW::step_on_device`]): the norm, the
+//! clipping factor and whether the gradients were finite stay tensors, and a step whose
+//! gradients overflowed is masked out on the device (params, moments and step count
+//! unchanged, as torch's `GradScaler` skips `optimizer.step()`). The bias correction needs
+//! the count of applied steps, which only the device knows between reads; the host uploads
+//! the correction for every count the step can have and the device picks its own, so the
+//! arithmetic is the host's f64 rounded once to f32, as when the count is known.
 
 use std::collections::HashMap;
 
@@ -44,13 +52,18 @@ pub struct Moments<B: Backend> {
     pub v: Tensor<B, 1>,
 }
 
-/// AdamW state: step count and per-parameter moments on the inner (non-autodiff) backend.
+/// AdamW state: the count of applied steps and per-parameter moments on the inner
+/// (non-autodiff) backend.
 #[derive(Debug)]
 pub struct AdamW<B: Backend> {
     pub config: AdamWConfig,
-    /// Optimizer steps taken (the bias correction uses it).
-    pub step: u64,
     pub moments: HashMap<ParamId, Moments<B>>,
+    /// Steps applied as of the last [`AdamW::settle`] (or resume).
+    settled: u64,
+    /// Steps taken since then, applied or not (known on the host).
+    taken: u64,
+    /// How many of those were applied, on the device (`None` when `taken` is 0).
+    applied: Option<Tensor<B, 1, Int>>,
 }
 
 /// What one step did, for training metrics.
@@ -62,13 +75,58 @@ pub struct StepStats {
     pub clip_scale: f64,
 }
 
+/// What one step left on the device ([`AdamW::step_on_device`]), each a `[1]` tensor.
+#[derive(Debug, Clone)]
+pub struct DeviceStep<B: Backend> {
+    /// Global L2 norm of the unscaled gradients before clipping (f32); not finite exactly
+    /// when the step was not applied.
+    pub grad_norm: Tensor<B, 1>,
+    /// Factor the unscaled gradients were multiplied by (1 when not clipped).
+    pub clip_scale: Tensor<B, 1>,
+    /// Whether the step was applied (its gradients were all finite).
+    pub applied: Tensor<B, 1, Bool>,
+}
+
 impl<B: Backend> AdamW<B> {
     pub fn new(config: AdamWConfig) -> Self {
         Self {
             config,
-            step: 0,
             moments: HashMap::new(),
+            settled: 0,
+            taken: 0,
+            applied: None,
         }
+    }
+
+    /// Continues from `steps` applied steps (a checkpoint's count).
+    pub fn resume_at(&mut self, steps: u64) {
+        self.settled = steps;
+        self.taken = 0;
+        self.applied = None;
+    }
+
+    /// Steps applied so far (the bias correction's `t`). Reads the device when steps were
+    /// taken since the last [`AdamW::settle`].
+    pub fn steps(&self) -> u64 {
+        self.settled
+            + self
+                .applied
+                .clone()
+                .map_or(0, |a| a.into_scalar().elem::<i64>() as u64)
+    }
+
+    /// The device's count of steps applied since the last settlement (`None`: none taken),
+    /// for the caller to read back with its other values and hand to [`AdamW::settle`].
+    pub fn unsettled(&self) -> Option<Tensor<B, 1, Int>> {
+        self.applied.clone()
+    }
+
+    /// Records that `applied` of the steps since the last settlement were applied (read
+    /// back from [`AdamW::unsettled`]), so the next step's corrections start there.
+    pub fn settle(&mut self, applied: u64) {
+        self.settled += applied;
+        self.taken = 0;
+        self.applied = None;
     }
 
     /// Applies one AdamW step with learning rate `lr` to every float param of `module` that
@@ -83,7 +141,8 @@ impl<B: Backend> AdamW<B> {
 
     /// [`AdamW::step`] on gradients of a loss multiplied by `1 / unscale` (f16 loss scaling):
     /// they are multiplied by `unscale` first. Gradients with an inf or NaN are not applied:
-    /// the module and the state come back unchanged, with a non-finite `grad_norm`.
+    /// the module and the state come back unchanged, with a non-finite `grad_norm`. Reads
+    /// the step's figures back (the trainer uses [`AdamW::step_on_device`]).
     pub fn step_unscaled<AB, M>(
         &mut self,
         lr: f64,
@@ -95,15 +154,130 @@ impl<B: Backend> AdamW<B> {
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
     {
-        let sq_sum =
-            Self::grad_sq_sum(&module, &grads).map_or(0.0, |s| s.into_scalar().elem::<f64>());
-        self.step_with_sq_sum(lr, module, grads, unscale, sq_sum)
+        let unscale =
+            (unscale != 1.0).then(|| scalar::<B>(unscale, &Self::grad_device(&module, &grads)));
+        let (module, step) = self.step_on_device(lr, module, grads, unscale);
+        let Some(step) = step else {
+            return (
+                module,
+                StepStats {
+                    grad_norm: 0.0,
+                    clip_scale: 1.0,
+                },
+            );
+        };
+        let read = Tensor::cat(
+            vec![
+                step.grad_norm,
+                step.clip_scale,
+                step.applied.int().float().cast(DType::F32),
+            ],
+            0,
+        )
+        .into_data()
+        .convert::<f64>()
+        .to_vec::<f64>()
+        .expect("f64 after convert");
+        self.settle(read[2] as u64);
+        let stats = StepStats {
+            grad_norm: read[0],
+            clip_scale: if read[2] == 1.0 { read[1] } else { 0.0 },
+        };
+        (module, stats)
     }
 
-    /// The sum of the squared gradients of `module`'s params in `grads` (before unscaling),
-    /// left on the device as one f32 value (`None` without gradients): the caller reads it
-    /// back together with the loss, one transfer per step.
-    pub fn grad_sq_sum<AB, M>(module: &M, grads: &GradientsParams) -> Option<Tensor<B, 1>>
+    /// One step, left on the device: the gradient norm (in f32, as torch sums it) and the
+    /// clipping factor are computed there, and a step with a non-finite gradient is masked
+    /// out there. `unscale` (`[1]`, f16 loss scaling) multiplies the gradients first. Returns
+    /// `None` (and changes nothing) when no param of `module` has a gradient.
+    pub fn step_on_device<AB, M>(
+        &mut self,
+        lr: f64,
+        module: M,
+        mut grads: GradientsParams,
+        unscale: Option<Tensor<B, 1>>,
+    ) -> (M, Option<DeviceStep<B>>)
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
+        let mut norm = NormVisitor::<B> {
+            grads: &grads,
+            sums: Vec::new(),
+        };
+        module.visit(&mut norm);
+        if norm.sums.is_empty() {
+            return (module, None);
+        }
+        let mut grad_norm = Tensor::cat(norm.sums, 0).sum().sqrt();
+        let device = grad_norm.device();
+        if let Some(u) = &unscale {
+            grad_norm = grad_norm * u.clone();
+        }
+        let applied = grad_norm.clone().is_finite();
+        let clip_scale = match self.config.max_grad_norm {
+            // torch: clip_coef = max_norm / (total_norm + 1e-6), clamped to at most 1.
+            Some(max) => scalar::<B>(max, &device)
+                .div(grad_norm.clone().add_scalar(1e-6))
+                .clamp_max(1.0),
+            None => scalar::<B>(1.0, &device),
+        };
+        // The update multiplies each gradient by this once: unscaling and clipping.
+        let factor = match unscale {
+            Some(u) => clip_scale.clone() * u,
+            None => clip_scale.clone(),
+        };
+        let corrections = self.corrections(lr, &device);
+        let mut mapper = UpdateMapper::<B> {
+            opt: self,
+            grads: &mut grads,
+            step: UpdateInputs {
+                lr,
+                factor,
+                corrections,
+                applied: applied.clone(),
+            },
+        };
+        let module = module.map(&mut mapper);
+        let counted = applied.clone().int();
+        self.applied = Some(match self.applied.take() {
+            Some(a) => a + counted,
+            None => counted,
+        });
+        self.taken += 1;
+        let step = DeviceStep {
+            grad_norm,
+            clip_scale,
+            applied,
+        };
+        (module, Some(step))
+    }
+
+    /// This step's bias corrections `[lr / (1 - β1^t), sqrt(1 - β2^t)]`, each `[1]` in f32,
+    /// for the device's count `t`: the host computes them in f64 for every `t` the step can
+    /// have (`settled + 1 ..= settled + taken + 1`) and the device selects by its count of
+    /// applied steps since the settlement.
+    fn corrections(&self, lr: f64, device: &B::Device) -> [Tensor<B, 1>; 2] {
+        let c = self.config;
+        let candidates = self.taken as usize + 1;
+        let (mut step_size, mut root) = (Vec::new(), Vec::new());
+        for k in 1..=candidates as u64 {
+            let t = (self.settled + k) as i32;
+            step_size.push((lr / (1.0 - c.beta1.powi(t))) as f32);
+            root.push((1.0 - c.beta2.powi(t)).sqrt() as f32);
+        }
+        let index = self
+            .applied
+            .clone()
+            .unwrap_or_else(|| Tensor::zeros([1], device));
+        [step_size, root].map(|v| {
+            Tensor::<B, 1>::from_data(TensorData::new(v, [candidates]), (device, DType::F32))
+                .select(0, index.clone())
+        })
+    }
+
+    /// The device of the first gradient of `module` (the device's default when none).
+    fn grad_device<AB, M>(module: &M, grads: &GradientsParams) -> B::Device
     where
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
@@ -113,84 +287,51 @@ impl<B: Backend> AdamW<B> {
             sums: Vec::new(),
         };
         module.visit(&mut norm);
-        (!norm.sums.is_empty()).then(|| Tensor::cat(norm.sums, 0).sum())
+        norm.sums
+            .first()
+            .map_or_else(Default::default, |s| s.device())
     }
 
-    /// [`AdamW::step_unscaled`] with the squared gradient sum already read
-    /// ([`AdamW::grad_sq_sum`]).
-    pub fn step_with_sq_sum<AB, M>(
-        &mut self,
-        lr: f64,
-        module: M,
-        mut grads: GradientsParams,
-        unscale: f64,
-        sq_sum: f64,
-    ) -> (M, StepStats)
-    where
-        AB: AutodiffBackend<InnerBackend = B>,
-        M: AutodiffModule<AB>,
-    {
-        let grad_norm = sq_sum.sqrt() * unscale;
-        if !grad_norm.is_finite() {
-            let stats = StepStats {
-                grad_norm,
-                clip_scale: 0.0,
-            };
-            return (module, stats);
-        }
-        let clip_scale = match self.config.max_grad_norm {
-            // torch: clip_coef = max_norm / (total_norm + 1e-6), clamped to at most 1.
-            Some(max) => (max / (grad_norm + 1e-6)).min(1.0),
-            None => 1.0,
-        };
-        self.step += 1;
-        let mut mapper = UpdateMapper::<B> {
-            opt: self,
-            grads: &mut grads,
-            lr,
-            // The update multiplies each gradient by this once: unscaling and clipping.
-            clip_scale: clip_scale * unscale,
-        };
-        let module = module.map(&mut mapper);
-        (
-            module,
-            StepStats {
-                grad_norm,
-                clip_scale,
-            },
-        )
-    }
-
-    /// One parameter's update, returning the new value.
+    /// One parameter's update on the device, returning the new value; where `applied` is
+    /// false the param and its moments stay as they were.
     fn update<const D: usize>(
         &mut self,
         id: ParamId,
         param: Tensor<B, D>,
         grad: Tensor<B, D>,
-        lr: f64,
-        clip_scale: f64,
+        step: &UpdateInputs<B>,
     ) -> Tensor<B, D> {
         let c = self.config;
         let shape = param.shape();
         let n = shape.num_elements();
-        let g = grad.reshape([n]).mul_scalar(clip_scale);
-        let Moments { m, v } = self.moments.remove(&id).unwrap_or_else(|| Moments {
+        let keep = step.applied.clone().expand([n]);
+        let g = grad.reshape([n]) * step.factor.clone();
+        let Moments { m: m0, v: v0 } = self.moments.remove(&id).unwrap_or_else(|| Moments {
             m: g.zeros_like(),
             v: g.zeros_like(),
         });
-        let m = m.mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1);
-        let v = v.mul_scalar(c.beta2) + g.clone().powi_scalar(2).mul_scalar(1.0 - c.beta2);
-        let t = self.step as i32;
-        let bc1 = 1.0 - c.beta1.powi(t);
-        let bc2 = 1.0 - c.beta2.powi(t);
+        let m = m0.clone().mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1);
+        let v = v0.clone().mul_scalar(c.beta2) + g.powi_scalar(2).mul_scalar(1.0 - c.beta2);
+        let [step_size, root] = &step.corrections;
         // torch.optim.AdamW (foreach=False): p *= 1 - lr*wd; denom = sqrt(v)/sqrt(bc2) + eps;
         // p -= (lr/bc1) * m / denom.
-        let p = param.reshape([n]).mul_scalar(1.0 - lr * c.weight_decay);
-        let denom = v.clone().sqrt().div_scalar(bc2.sqrt()).add_scalar(c.eps);
-        let p = p - m.clone().div(denom).mul_scalar(lr / bc1);
+        let p0 = param.reshape([n]);
+        let p = p0.clone().mul_scalar(1.0 - step.lr * c.weight_decay);
+        let denom = (v.clone().sqrt() / root.clone()).add_scalar(c.eps);
+        let p = p - m.clone().div(denom) * step_size.clone();
+        let m = m0.mask_where(keep.clone(), m);
+        let v = v0.mask_where(keep.clone(), v);
         self.moments.insert(id, Moments { m, v });
-        p.reshape(shape)
+        p0.mask_where(keep, p).reshape(shape)
     }
+}
+
+/// `value` as a `[1]` f32 tensor (whatever the device's default float type).
+fn scalar<B: Backend>(value: f64, device: &B::Device) -> Tensor<B, 1> {
+    Tensor::from_data(
+        TensorData::new(vec![value as f32], [1]),
+        (device, DType::F32),
+    )
 }
 
 /// Each param's squared gradient sum, on the device in f32 (torch sums the per-tensor
@@ -208,11 +349,20 @@ impl<AB: AutodiffBackend> ModuleVisitor<AB> for NormVisitor<'_, AB::InnerBackend
     }
 }
 
+/// What every param's update in one step shares, on the device.
+struct UpdateInputs<B: Backend> {
+    lr: f64,
+    /// Unscaling times clipping.
+    factor: Tensor<B, 1>,
+    /// `[lr / bc1, sqrt(bc2)]` ([`AdamW::corrections`]).
+    corrections: [Tensor<B, 1>; 2],
+    applied: Tensor<B, 1, Bool>,
+}
+
 struct UpdateMapper<'a, B: Backend> {
     opt: &'a mut AdamW<B>,
     grads: &'a mut GradientsParams,
-    lr: f64,
-    clip_scale: f64,
+    step: UpdateInputs<B>,
 }
 
 impl<AB: AutodiffBackend> ModuleMapper<AB> for UpdateMapper<'_, AB::InnerBackend> {
@@ -222,9 +372,7 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for UpdateMapper<'_, AB::InnerBackend
             return Param::from_mapped_value(id, tensor, mapper);
         };
         let require_grad = tensor.is_require_grad();
-        let updated = self
-            .opt
-            .update(id, tensor.inner(), grad, self.lr, self.clip_scale);
+        let updated = self.opt.update(id, tensor.inner(), grad, &self.step);
         let mut tensor = Tensor::from_inner(updated);
         if require_grad {
             tensor = tensor.require_grad();
@@ -357,7 +505,8 @@ mod tests {
         });
         let (_, stats) = opt.step(1e-3, bag, gp);
         assert!((stats.grad_norm - 5.0).abs() < 1e-9);
-        assert!((stats.clip_scale - 1.0 / (5.0 + 1e-6)).abs() < 1e-12);
+        // In f32 on the device, as torch computes it.
+        assert!((stats.clip_scale - 1.0 / (5.0 + 1e-6)).abs() < 1e-7);
         let m: Vec<f32> = opt
             .moments
             .values()
@@ -386,7 +535,14 @@ mod tests {
             });
             let (b, stats) = opt.step_unscaled(0.1, b, gp, unscale);
             let p = b.params[0].val().into_data().to_vec::<f32>().unwrap();
-            (p, stats, opt.step, opt.moments.len())
+            // Moments of a masked first step exist but are zero, as torch's lazy init.
+            let moments: f32 = opt
+                .moments
+                .values()
+                .flat_map(|mo| [mo.m.clone(), mo.v.clone()])
+                .map(|t| t.abs().sum().into_scalar())
+                .sum();
+            (p, stats, opt.steps(), moments)
         };
         let (plain, s1, ..) = step([3.0, 4.0], 1.0);
         let (scaled, s2, ..) = step([3.0 * 1024.0, 4.0 * 1024.0], 1.0 / 1024.0);
@@ -395,7 +551,93 @@ mod tests {
         let (p, stats, steps, moments) = step([f32::INFINITY, 4.0], 1.0 / 1024.0);
         assert_eq!(p, vec![1.0, 1.0]);
         assert!(!stats.grad_norm.is_finite());
-        assert_eq!((steps, moments), (0, 0));
+        assert_eq!((steps, moments), (0, 0.0));
+    }
+
+    /// Steps left on the device, with overflows among them and the count read only at the
+    /// end, land exactly where steps read one by one do: a masked step changes nothing and
+    /// the bias correction of each applied step uses the count of applied steps before it.
+    #[test]
+    fn steps_on_the_device_with_overflows_match_steps_read_one_at_a_time_bit_for_bit() {
+        use crate::train::scaler::{DeviceScaler, LossScaler};
+        type B = crate::test_util::TB;
+        let dev = Default::default();
+        let inf = f32::INFINITY;
+        // Gradients of the scaled loss, per step; the 2nd, 3rd and 6th overflow.
+        let grads: [[f32; 2]; 7] = [
+            [3.0, 4.0],
+            [inf, 1.0],
+            [f32::NAN, 1.0],
+            [-2.0, 0.5],
+            [0.25, 8.0],
+            [inf, -inf],
+            [1.0, -1.0],
+        ];
+        let config = AdamWConfig {
+            max_grad_norm: Some(1.0),
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let lr = |k: usize| 0.1 / (k + 1) as f64;
+        let fresh = || Bag {
+            params: vec![Param::from_tensor(Tensor::<AB, 2>::ones([1, 2], &dev))],
+        };
+        let values = |b: &Bag<AB>, o: &AdamW<B>| {
+            let mut v = b.params[0].val().into_data().to_vec::<f32>().unwrap();
+            for mo in o.moments.values() {
+                v.extend(mo.m.clone().into_data().to_vec::<f32>().unwrap());
+                v.extend(mo.v.clone().into_data().to_vec::<f32>().unwrap());
+            }
+            v
+        };
+
+        // Read one at a time: the scale known on the host, the count settled each step.
+        let (mut bag, mut opt, mut host) =
+            (fresh(), AdamW::<B>::new(config), LossScaler::default());
+        for (k, g) in grads.iter().enumerate() {
+            let scale = host.scale;
+            let gp = grads_of(&bag, &[Tensor::from_floats([*g], &dev)]);
+            let stats;
+            (bag, stats) = opt.step_unscaled(lr(k), bag, gp, 1.0 / scale);
+            let finite = stats.grad_norm.is_finite();
+            assert_eq!(finite, g.iter().all(|x| x.is_finite()), "step {k}");
+            // torch's GradScaler rule.
+            if finite {
+                host.good_steps += 1;
+            } else {
+                host.scale *= 0.5;
+                host.good_steps = 0;
+            }
+        }
+        let one_by_one = (values(&bag, &opt), opt.steps(), host);
+
+        // Left on the device: nothing read until the end.
+        let (mut bag, mut opt) = (fresh(), AdamW::<B>::new(config));
+        let mut scaler = DeviceScaler::<B>::new(LossScaler::default(), &dev);
+        for (k, g) in grads.iter().enumerate() {
+            let gp = grads_of(&bag, &[Tensor::from_floats([*g], &dev)]);
+            let step;
+            (bag, step) = opt.step_on_device(lr(k), bag, gp, Some(scaler.scale().recip()));
+            scaler.update(step.unwrap().applied);
+        }
+        let v = scaler
+            .values()
+            .into_data()
+            .convert::<f64>()
+            .to_vec::<f64>()
+            .unwrap();
+        let deferred = (
+            values(&bag, &opt),
+            opt.steps(),
+            DeviceScaler::<B>::read([v[0], v[1]]),
+        );
+
+        assert_eq!(deferred, one_by_one);
+        assert_eq!(one_by_one.1, 4, "four of seven steps applied");
+        assert_eq!(
+            one_by_one.2.scale, 8192.0,
+            "three overflows halved the scale"
+        );
     }
 
     #[test]

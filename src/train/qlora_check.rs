@@ -137,7 +137,7 @@ pub(crate) fn qlora_step_check_with<B: AutodiffKernels>(
             device: dev,
             recompute,
             window_tokens: counted,
-            loss_scale: 1.0,
+            loss_scale: None,
             concurrent: false,
         };
         let batch = AdBatch {

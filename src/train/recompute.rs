@@ -41,8 +41,9 @@ pub(crate) struct Pass<'a, B: AutodiffKernels> {
     /// Counted label tokens of the whole accumulation window: a micro-batch's loss is its
     /// token sum divided by this (HF `num_items_in_batch`), so the window's loss is the mean.
     pub window_tokens: usize,
-    /// The loss is multiplied by this before the backward (f16 loss scaling; 1 otherwise).
-    pub loss_scale: f64,
+    /// The loss is multiplied by this (`[1]`, on any device) before the backward (f16 loss
+    /// scaling; `None` otherwise).
+    pub loss_scale: Option<Tensor<B::InnerBackend, 1>>,
     /// Other threads run passes at the same time (data parallel peers).
     pub concurrent: bool,
 }
@@ -89,10 +90,12 @@ impl<B: AutodiffKernels> Pass<'_, B> {
         let loss = causal_lm_loss_sum(model.head(out)?, batch.labels)
             .div_scalar(self.window_tokens.max(1) as f64);
         let value = loss.clone().detach().inner();
-        let loss = if self.loss_scale == 1.0 {
-            loss
-        } else {
-            loss.mul_scalar(self.loss_scale)
+        let loss = match &self.loss_scale {
+            None => loss,
+            Some(s) => {
+                let s = s.clone().to_device(device).cast(loss.dtype());
+                loss * Tensor::from_inner(s)
+            }
         };
         let grads = loss.backward();
         let mut upstream = x_in.grad(&grads);

@@ -28,6 +28,7 @@ use std::time::Instant;
 
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
+use burn::tensor::DType;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
@@ -42,7 +43,7 @@ pub use crate::train::metrics::{Flow, StepMetrics, TrainEvent, ValMetrics};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::parallel::Peers;
 use crate::train::recompute::{AdBatch, Pass};
-use crate::train::scaler::LossScaler;
+use crate::train::scaler::{DeviceScaler, LossScaler};
 use crate::train::schedule::WarmupCosine;
 use crate::train::validate::{save_best, validate};
 
@@ -57,6 +58,10 @@ pub struct TrainOutcome<B: Kernels> {
     pub completed: bool,
     /// `<checkpoint dir>/best`, the adapter of the best validation, when one ran.
     pub best_dir: Option<PathBuf>,
+    /// Times the step metrics were read back from the device (each read waits for the
+    /// device to finish): one per `log_every` steps, plus one before each validation,
+    /// checkpoint, epoch end and stop.
+    pub reads: u64,
 }
 
 /// A copy of the model on another device, for data parallel training ([`train_parallel`]).
@@ -152,14 +157,34 @@ pub fn train_parallel<B: AutodiffKernels>(
                     let spawned = next.clone();
                     prefetch = Some((next, scope.spawn(move || load(source, &spawned))));
                 }
-                let metrics;
-                (run, metrics) = optimizer_step(run, &indices, samples, &ctx)?;
-                let mut stop = progress(&TrainEvent::Step(&metrics)) == Flow::Stop;
-                run.state.history.push(metrics);
+                run = optimizer_step(run, &indices, samples, &ctx)?;
+                let step = run.state.step;
+                let mut stop = progress(&TrainEvent::Stepped { step }) == Flow::Stop;
                 let epoch_done = end_epoch_if_done(&mut run.state, ctx.n);
-                stop |= validate_if_due(&mut run, epoch_done, &ctx, progress)? == Flow::Stop;
                 let finished = run.state.epoch >= cfg.epochs;
-                stop |= checkpoint_if_due(&run, finished, &ctx, progress)? == Flow::Stop;
+                let validate = validation_due(&run.state, epoch_done, &ctx);
+                let checkpoint = checkpoint_due(&run.state, finished, &ctx);
+                // The metrics are read back at logging intervals, and whenever the host needs
+                // the state: before validating, checkpointing, an epoch's end and stopping.
+                if stop
+                    || validate
+                    || checkpoint
+                    || epoch_done
+                    || finished
+                    || step.is_multiple_of(cfg.log_every)
+                {
+                    stop |= read_metrics(&mut run, progress)? == Flow::Stop;
+                }
+                if validate {
+                    stop |= run_validation(&mut run, &ctx, progress)? == Flow::Stop;
+                }
+                if checkpoint {
+                    stop |= save_checkpoint(&run, &ctx, progress)? == Flow::Stop;
+                }
+                if validate || checkpoint {
+                    // The next interval's clock leaves validation and checkpoint time out.
+                    run.interval_start = Instant::now();
+                }
                 if stop && !finished {
                     return Ok(run.finish(false, ckpt_dir));
                 }
@@ -245,10 +270,12 @@ impl<'a, B: AutodiffKernels> Ctx<'a, B> {
             || cfg.grad_accum == 0
             || cfg.epochs == 0
             || cfg.keep_checkpoints == 0
+            || cfg.log_every == 0
         {
             return Err(TrainError::Config(format!(
-                "batch_size {}, grad_accum {}, epochs {}, keep_checkpoints {} must all be at least 1",
-                cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.keep_checkpoints
+                "batch_size {}, grad_accum {}, epochs {}, keep_checkpoints {}, log_every {} \
+                 must all be at least 1",
+                cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.keep_checkpoints, cfg.log_every
             )));
         }
         if !(cfg.lr.is_finite() && cfg.lr > 0.0 && (0.0..=1.0).contains(&cfg.warmup_ratio)) {
@@ -304,7 +331,24 @@ struct Run<B: AutodiffKernels> {
     /// The models of devices 1.. (data parallel), LoRA pairs taken from `model` each step.
     replicas: Vec<Qwen25Vl<B>>,
     opt: AdamW<B::InnerBackend>,
+    /// The f16 loss scale, on the device; `state.loss_scaler` is its value at the last read.
+    scaler: Option<DeviceScaler<B::InnerBackend>>,
+    /// Steps taken since the last read, their figures still on the device.
+    unread: Vec<Unread<B::InnerBackend>>,
+    /// When the steps in `unread` started (after the last read, validation or checkpoint).
+    interval_start: Instant,
+    /// Times the metrics were read back from the device.
+    reads: u64,
     state: TrainState,
+}
+
+/// A step whose metrics are partly on the device until the next read ([`read_metrics`]).
+struct Unread<B: Backend> {
+    /// Everything the host knows: loss, gradient norm, loss scale, skip and timing are
+    /// filled in when read.
+    metrics: StepMetrics,
+    /// `[loss, grad_norm, loss_scale]` (f32; the scale is 1 without one).
+    values: Tensor<B, 1>,
 }
 
 impl<B: AutodiffKernels> Run<B> {
@@ -316,6 +360,7 @@ impl<B: AutodiffKernels> Run<B> {
             state: self.state,
             completed,
             best_dir,
+            reads: self.reads,
         }
     }
 }
@@ -358,17 +403,21 @@ fn resume_or_init<B: AutodiffKernels>(
         loss_scaler: (crate::device::float_dtype::<B>(ctx.device()) == burn::tensor::DType::F16)
             .then(LossScaler::default),
     };
+    let run = |model, opt, state: TrainState| Run {
+        model,
+        replicas,
+        opt,
+        scaler: state
+            .loss_scaler
+            .map(|s| DeviceScaler::new(s, ctx.device())),
+        unread: Vec::new(),
+        interval_start: Instant::now(),
+        reads: 0,
+        state,
+    };
     let Some(saved) = checkpoint::load_latest::<B::InnerBackend>(ctx.ckpt_dir, ctx.device())?
     else {
-        return Ok((
-            Run {
-                model,
-                replicas,
-                opt,
-                state: fresh,
-            },
-            Flow::Continue,
-        ));
+        return Ok((run(model, opt, fresh), Flow::Continue));
     };
     if saved.state.fingerprint != ctx.fingerprint {
         return Err(TrainError::ResumeMismatch {
@@ -391,38 +440,36 @@ fn resume_or_init<B: AutodiffKernels>(
             })?;
         opt.moments.insert(id, m);
     }
-    opt.step = saved.opt_step;
+    opt.resume_at(saved.opt_step);
     let state = saved.state;
     tracing::info!(step = state.step, dir = %saved.dir.display(), "resuming training");
     let flow = progress(&TrainEvent::Resumed {
         step: state.step,
         dir: &saved.dir,
     });
-    let run = Run {
-        model,
-        replicas,
-        opt,
-        state,
-    };
-    Ok((run, flow))
+    Ok((run(model, opt, state), flow))
 }
 
 /// Takes one optimizer step on the next window of `order` (the unit checkpoints and the
-/// schedule count) and returns its metrics.
+/// schedule count), leaving its loss and gradient norm on the device ([`Run::unread`]):
+/// nothing in a step waits for the device.
 fn optimizer_step<B: AutodiffKernels>(
     run: Run<B>,
     indices: &[usize],
     samples: Vec<TrainSample<B::InnerBackend>>,
     ctx: &Ctx<'_, B>,
-) -> Result<(Run<B>, StepMetrics), TrainError> {
+) -> Result<Run<B>, TrainError> {
     let Run {
         model,
         mut replicas,
         mut opt,
+        mut scaler,
+        mut unread,
+        interval_start,
+        reads,
         mut state,
     } = run;
     let (cfg, n) = (ctx.cfg, ctx.n);
-    let started = Instant::now();
     let end = state.next_sample + indices.len();
     let lens: Vec<usize> = samples.iter().map(|s| s.input_ids.len()).collect();
     let by_length = bucket_by_length(&lens);
@@ -442,78 +489,137 @@ fn optimizer_step<B: AutodiffKernels>(
         .collect::<Result<Vec<_>, _>>()?;
     let window_tokens: usize = batches.iter().map(|b| b.label_tokens).sum();
     let input_tokens: usize = batches.iter().map(|b| b.input_tokens).sum();
-    let scale = state.loss_scaler.map_or(1.0, |s| s.scale);
     for (replica, device) in replicas.iter_mut().zip(&ctx.devices[1..]) {
         replica.take_lora_from(&model, device);
     }
     let models: Vec<&Qwen25Vl<B>> = std::iter::once(&model).chain(&replicas).collect();
+    let scale = scaler.as_ref().map(DeviceScaler::scale);
     let inputs = StepInputs {
         step: state.step,
         window_tokens,
-        loss_scale: scale,
+        loss_scale: scale.clone(),
     };
     let PeerSum { grads, loss } = accumulate_gradients(&models, batches, inputs, ctx)?;
-    // The step's one read-back: the window's loss and the squared gradient norm, together.
-    let sq_sum = AdamW::<B::InnerBackend>::grad_sq_sum(&model, &grads);
-    let [loss_sum, sq_sum] = read_back([loss, sq_sum])?;
-    if !loss_sum.is_finite() {
-        return Err(TrainError::NonFinite {
-            step: state.step + 1,
-            loss: loss_sum,
-        });
-    }
     let lr = ctx.sched.lr(state.step);
-    let (model, stats) = opt.step_with_sq_sum(lr, model, grads, 1.0 / scale, sq_sum);
-    let applied = stats.grad_norm.is_finite();
-    match &mut state.loss_scaler {
+    let unscale = scale.clone().map(|s| s.recip());
+    let (model, stepped) = opt.step_on_device(lr, model, grads, unscale);
+    let device = ctx.device();
+    let zero = || Tensor::<B::InnerBackend, 1>::zeros([1], device).cast(DType::F32);
+    let (grad_norm, applied) = match stepped {
+        Some(s) => (s.grad_norm, Some(s.applied)),
+        None => (zero(), None),
+    };
+    if let (Some(scaler), Some(applied)) = (&mut scaler, applied) {
         // An overflow of the scaled gradients: the step changed nothing; like HF's Trainer,
         // it still counts, on a smaller scale next time.
-        Some(scaler) => {
-            scaler.update(applied);
-        }
-        None if !applied => {
-            return Err(TrainError::NonFiniteGradient {
-                step: state.step + 1,
-                norm: stats.grad_norm,
-            })
-        }
-        None => {}
+        scaler.update(applied);
     }
+    let values = Tensor::cat(
+        vec![
+            loss.map_or_else(zero, |l| l.cast(DType::F32)),
+            grad_norm,
+            scale.unwrap_or_else(|| zero().add_scalar(1.0)),
+        ],
+        0,
+    );
     state.step += 1;
     state.next_sample = end;
-    let secs = started.elapsed().as_secs_f64().max(1e-9);
-    let epoch_frac = state.epoch as f64 + end as f64 / n as f64;
     let metrics = StepMetrics {
         step: state.step,
         total_steps: ctx.sched.total_steps,
-        epoch: epoch_frac,
-        loss: loss_sum,
+        epoch: state.epoch as f64 + end as f64 / n as f64,
+        loss: f64::NAN,
         lr,
-        grad_norm: if applied { stats.grad_norm } else { 0.0 },
-        loss_scale: state.loss_scaler.is_some().then_some(scale),
-        skipped: !applied,
+        grad_norm: f64::NAN,
+        loss_scale: None,
+        skipped: false,
         samples: indices.len(),
         input_tokens,
         label_tokens: window_tokens,
         padding_tokens,
         padding_tokens_unbucketed: padding_unbucketed,
-        tokens_per_s: input_tokens as f64 / secs,
-        samples_per_s: indices.len() as f64 / secs,
+        tokens_per_s: f64::NAN,
+        samples_per_s: f64::NAN,
     };
-    tracing::debug!(
-        step = state.step,
-        loss = loss_sum,
-        lr,
-        grad_norm = stats.grad_norm,
-        "train step"
-    );
-    let run = Run {
+    unread.push(Unread { metrics, values });
+    Ok(Run {
         model,
         replicas,
         opt,
+        scaler,
+        unread,
+        interval_start,
+        reads,
         state,
-    };
-    Ok((run, metrics))
+    })
+}
+
+/// Reads back the figures of the steps taken since the last read, in one transfer with
+/// AdamW's count of applied steps and the loss scale; records the steps' metrics and
+/// reports them. The wall time since the interval started is shared out evenly among the
+/// steps (the device ran them back to back). Returns the callback's answer (`Stop` if any
+/// step's was).
+///
+/// # Errors
+/// A non-finite loss, or a non-finite gradient without loss scaling, naming the first step
+/// that had it (the step changed nothing; the run stops before any later checkpoint).
+fn read_metrics<B: AutodiffKernels>(
+    run: &mut Run<B>,
+    progress: &mut dyn FnMut(&TrainEvent<'_>) -> Flow,
+) -> Result<Flow, TrainError> {
+    let unread = std::mem::take(&mut run.unread);
+    if unread.is_empty() {
+        return Ok(Flow::Continue);
+    }
+    let mut values: Vec<Tensor<B::InnerBackend, 1>> =
+        unread.iter().map(|u| u.values.clone()).collect();
+    let applied = run.opt.unsettled();
+    if let Some(a) = &applied {
+        values.push(a.clone().float().cast(DType::F32));
+    }
+    if let Some(s) = &run.scaler {
+        values.push(s.values());
+    }
+    let read = read_back(values)?;
+    run.reads += 1;
+    let (steps, rest) = read.split_at(3 * unread.len());
+    let mut rest = rest.iter().copied();
+    if applied.is_some() {
+        run.opt.settle(rest.next().unwrap_or(0.0) as u64);
+    }
+    if run.scaler.is_some() {
+        let v = [rest.next().unwrap_or(0.0), rest.next().unwrap_or(0.0)];
+        run.state.loss_scaler = Some(DeviceScaler::<B::InnerBackend>::read(v));
+    }
+    let secs = run.interval_start.elapsed().as_secs_f64().max(1e-9) / unread.len() as f64;
+    run.interval_start = Instant::now();
+    let mut flow = Flow::Continue;
+    for (u, v) in unread.into_iter().zip(steps.chunks_exact(3)) {
+        let (loss, grad_norm, scale) = (v[0], v[1], v[2]);
+        let mut m = u.metrics;
+        if !loss.is_finite() {
+            return Err(TrainError::NonFinite { step: m.step, loss });
+        }
+        let applied = grad_norm.is_finite();
+        if !applied && run.scaler.is_none() {
+            return Err(TrainError::NonFiniteGradient {
+                step: m.step,
+                norm: grad_norm,
+            });
+        }
+        m.loss = loss;
+        m.grad_norm = if applied { grad_norm } else { 0.0 };
+        m.loss_scale = run.scaler.is_some().then_some(scale);
+        m.skipped = !applied;
+        m.tokens_per_s = m.input_tokens as f64 / secs;
+        m.samples_per_s = m.samples as f64 / secs;
+        tracing::debug!(step = m.step, loss, lr = m.lr, grad_norm, "train step");
+        if progress(&TrainEvent::Step(&m)) == Flow::Stop {
+            flow = Flow::Stop;
+        }
+        run.state.history.push(m);
+    }
+    Ok(flow)
 }
 
 /// The order in which a window's samples (of `lens` tokens) fill its micro-batches: by
@@ -539,14 +645,14 @@ fn padding(lens: &[usize], order: &[usize], batch: usize) -> usize {
 }
 
 /// What every micro-batch of one optimizer step shares.
-#[derive(Debug, Clone, Copy)]
-struct StepInputs {
+#[derive(Debug, Clone)]
+struct StepInputs<B: Backend> {
     /// Optimizer step being taken (0-based; seeds the dropout).
     step: u64,
     /// Counted label tokens of the whole window.
     window_tokens: usize,
-    /// f16 loss scale (1 otherwise).
-    loss_scale: f64,
+    /// f16 loss scale (`[1]` on the first device; `None` without scaling).
+    loss_scale: Option<Tensor<B, 1>>,
 }
 
 /// Gradients and loss (`None`: no micro-batch) summed over micro-batches, left on the
@@ -568,7 +674,7 @@ struct PeerSum<B: Kernels> {
 fn accumulate_gradients<B: AutodiffKernels>(
     models: &[&Qwen25Vl<B>],
     batches: Vec<Batch<B::InnerBackend>>,
-    inputs: StepInputs,
+    inputs: StepInputs<B::InnerBackend>,
     ctx: &Ctx<'_, B>,
 ) -> Result<PeerSum<B::InnerBackend>, TrainError> {
     let peers = models.len();
@@ -593,6 +699,7 @@ fn accumulate_gradients<B: AutodiffKernels>(
                 .zip(&ctx.devices)
                 .zip(shares)
                 .map(|((m, device), micro)| {
+                    let inputs = inputs.clone();
                     scope.spawn(move || peer_pass(m, device, micro, inputs, true, ctx))
                 })
                 .collect();
@@ -624,25 +731,17 @@ fn accumulate_gradients<B: AutodiffKernels>(
     })
 }
 
-/// Scalars left on the device (`None`: 0), read back in one transfer as f64.
-fn read_back<B: Backend, const N: usize>(
-    values: [Option<Tensor<B, 1>>; N],
-) -> Result<[f64; N], TrainError> {
-    let present: Vec<Tensor<B, 1>> = values
-        .iter()
-        .flatten()
-        .map(|t| t.clone().cast(burn::tensor::DType::F32))
-        .collect();
-    let read = if present.is_empty() {
-        Vec::new()
-    } else {
-        Tensor::cat(present, 0)
-            .into_data()
-            .to_vec::<f32>()
-            .map_err(|e| TrainError::Readback(format!("{e:?}")))?
-    };
-    let mut read = read.into_iter();
-    Ok(values.map(|v| v.map_or(0.0, |_| read.next().map_or(0.0, f64::from))))
+/// Values left on the device, read back in one transfer as f64 (in order).
+fn read_back<B: Backend>(values: Vec<Tensor<B, 1>>) -> Result<Vec<f64>, TrainError> {
+    if values.is_empty() {
+        return Ok(Vec::new());
+    }
+    let values = values.into_iter().map(|t| t.cast(DType::F32)).collect();
+    let read = Tensor::cat(values, 0)
+        .into_data()
+        .to_vec::<f32>()
+        .map_err(|e| TrainError::Readback(format!("{e:?}")))?;
+    Ok(read.into_iter().map(f64::from).collect())
 }
 
 /// The micro-batches `micro` (window index, batch) of one device through `model` there.
@@ -650,7 +749,7 @@ fn peer_pass<B: AutodiffKernels>(
     model: &Qwen25Vl<B>,
     device: &B::Device,
     micro: Vec<(usize, Batch<B::InnerBackend>)>,
-    inputs: StepInputs,
+    inputs: StepInputs<B::InnerBackend>,
     concurrent: bool,
     ctx: &Ctx<'_, B>,
 ) -> Result<PeerSum<B::InnerBackend>, TrainError> {
@@ -689,25 +788,30 @@ fn end_epoch_if_done(state: &mut TrainState, n: usize) -> bool {
     epoch_done
 }
 
-/// Validates at each epoch end and every `eval_every` steps, keeping the best adapter so far
-/// on disk; returns the callback's answer (`Continue` when no validation ran).
-fn validate_if_due<B: AutodiffKernels>(
-    run: &mut Run<B>,
+/// Whether a validation runs after this step: at each epoch end and every `eval_every`
+/// steps, when there are validation samples.
+fn validation_due<B: AutodiffKernels>(
+    state: &TrainState,
     epoch_done: bool,
     ctx: &Ctx<'_, B>,
-    progress: &mut dyn FnMut(&TrainEvent<'_>) -> Flow,
-) -> Result<Flow, TrainError> {
-    let state = &mut run.state;
+) -> bool {
     let eval_due = ctx
         .cfg
         .eval_every
         .is_some_and(|e| e > 0 && state.step.is_multiple_of(e));
-    let Some(valid) = ctx.valid.filter(|v| !v.is_empty()) else {
+    ctx.valid.is_some_and(|v| !v.is_empty()) && (epoch_done || eval_due)
+}
+
+/// Validates, keeping the best adapter so far on disk; returns the callback's answer.
+fn run_validation<B: AutodiffKernels>(
+    run: &mut Run<B>,
+    ctx: &Ctx<'_, B>,
+    progress: &mut dyn FnMut(&TrainEvent<'_>) -> Flow,
+) -> Result<Flow, TrainError> {
+    let Some(valid) = ctx.valid else {
         return Ok(Flow::Continue);
     };
-    if !(epoch_done || eval_due) {
-        return Ok(Flow::Continue);
-    }
+    let state = &mut run.state;
     let (loss, tokens) = validate(&run.model, valid, ctx.cfg.batch_size, ctx.device())?;
     let best = state.best.is_none_or(|b| loss < b.loss);
     if best {
@@ -729,21 +833,27 @@ fn validate_if_due<B: AutodiffKernels>(
     Ok(flow)
 }
 
-/// Commits a checkpoint every `checkpoint_every` steps and at the end (pruning to the newest
-/// `keep_checkpoints`), so a killed run loses little; returns the callback's answer.
-fn checkpoint_if_due<B: AutodiffKernels>(
-    run: &Run<B>,
+/// Whether a checkpoint is committed after this step: every `checkpoint_every` steps and at
+/// the end, so a killed run loses little.
+fn checkpoint_due<B: AutodiffKernels>(
+    state: &TrainState,
     finished: bool,
+    ctx: &Ctx<'_, B>,
+) -> bool {
+    finished
+        || ctx
+            .cfg
+            .checkpoint_every
+            .is_some_and(|c| c > 0 && state.step.is_multiple_of(c))
+}
+
+/// Commits a checkpoint (pruning to the newest `keep_checkpoints`); returns the callback's
+/// answer. The metrics must have been read ([`read_metrics`]): the state saved is the host's.
+fn save_checkpoint<B: AutodiffKernels>(
+    run: &Run<B>,
     ctx: &Ctx<'_, B>,
     progress: &mut dyn FnMut(&TrainEvent<'_>) -> Flow,
 ) -> Result<Flow, TrainError> {
-    let ckpt_due = ctx
-        .cfg
-        .checkpoint_every
-        .is_some_and(|c| c > 0 && run.state.step.is_multiple_of(c));
-    if !(finished || ckpt_due) {
-        return Ok(Flow::Continue);
-    }
     let adapter = run.model.export_adapter(None)?;
     let dir = checkpoint::save(
         ctx.ckpt_dir,
@@ -861,6 +971,7 @@ mod tests {
             max_samples: None,
             keep_checkpoints: 2,
             recompute: Default::default(),
+            log_every: 1,
         }
     }
 
@@ -971,6 +1082,94 @@ mod tests {
                 "{label}: the newest two checkpoints are kept"
             );
         }
+    }
+
+    /// Reading the metrics every 3 steps instead of every step changes when the host
+    /// learns them, not what is computed: the same losses, norms, adapter and AdamW state,
+    /// bit for bit, with 3 reads instead of 7, and every step reported in order.
+    #[test]
+    fn reading_metrics_every_third_step_trains_exactly_what_reading_each_step_does() {
+        let samples: Vec<_> = (0..7).map(|i| text(i * 31, 8 + i as usize)).collect();
+        let outcome = |log_every: u64, dir: &Path| {
+            let cfg = TrainConfig {
+                epochs: 1,
+                batch_size: 1,
+                grad_accum: 1,
+                checkpoint_every: None,
+                log_every,
+                ..config()
+            };
+            let mut events = Vec::new();
+            let mut cb = |e: &TrainEvent<'_>| {
+                match e {
+                    TrainEvent::Stepped { step } => events.push(format!("stepped {step}")),
+                    TrainEvent::Step(m) => events.push(format!("metrics {}", m.step)),
+                    _ => {}
+                }
+                Flow::Continue
+            };
+            let _rng = crate::test_util::backend_rng();
+            let out = train(
+                model(),
+                &samples,
+                None,
+                &cfg,
+                dir,
+                &Default::default(),
+                &mut cb,
+            )
+            .unwrap();
+            (out, events)
+        };
+        let figures = |o: &TrainOutcome<AD>| {
+            o.state
+                .history
+                .iter()
+                .map(|m| (m.step, m.loss, m.grad_norm, m.lr, m.samples, m.skipped))
+                .collect::<Vec<_>>()
+        };
+        let (each, third_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, a_events) = outcome(1, each.path());
+        let (b, b_events) = outcome(3, third_dir.path());
+        assert_eq!(figures(&a), figures(&b));
+        assert!(figures(&a).iter().all(|f| f.1.is_finite() && f.2 > 0.0));
+        assert_eq!(adapter_values(&a.model), adapter_values(&b.model));
+        let opt = |d: &Path| std::fs::read(d.join("step-00000007/optimizer.safetensors")).unwrap();
+        assert_eq!(
+            opt(each.path()),
+            opt(third_dir.path()),
+            "AdamW moments and count"
+        );
+        assert_eq!(
+            (a.reads, b.reads),
+            (7, 3),
+            "reads at steps 3, 6 and the end"
+        );
+        let interleaved: Vec<String> = (1..=7)
+            .flat_map(|s| [format!("stepped {s}"), format!("metrics {s}")])
+            .collect();
+        assert_eq!(a_events, interleaved);
+        let grouped = [
+            "stepped 1",
+            "stepped 2",
+            "stepped 3",
+            "metrics 1",
+            "metrics 2",
+            "metrics 3",
+            "stepped 4",
+            "stepped 5",
+            "stepped 6",
+            "metrics 4",
+            "metrics 5",
+            "metrics 6",
+            "stepped 7",
+            "metrics 7",
+        ];
+        assert_eq!(b_events, grouped);
+        // Each step's time is its share of its interval: all three of an interval agree.
+        let rate: Vec<f64> = b.state.history.iter().map(|m| m.samples_per_s).collect();
+        assert!(rate.iter().all(|r| r.is_finite() && *r > 0.0));
+        assert_eq!((rate[0], rate[3]), (rate[2], rate[5]));
     }
 
     #[test]
@@ -1393,7 +1592,7 @@ mod tests {
             device: &Default::default(),
             recompute,
             window_tokens: batch.label_tokens,
-            loss_scale: 1.0,
+            loss_scale: None,
             concurrent: false,
         };
         let mut accum = GradientsAccumulator::<Qwen25Vl<AD>>::new();
