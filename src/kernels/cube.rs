@@ -227,6 +227,211 @@ mod kernel {
         out[i] = F::cast_from(silu * f32::cast_from(up[i]));
     }
 
+    /// Flash-decoding, pass 1: the attention of a few query rows over one split of the key
+    /// positions. One cube per (split, batch × kv head); its units first score `chunk`
+    /// positions at a time (one unit per position, every row, in f32), then the rows' online
+    /// softmax state is updated, then each unit accumulates its columns of `p · v`. Writes
+    /// the split's unnormalized output and its `(max, sum)` per row.
+    ///
+    /// `q` `[b, h, rows, dim]`, `k` and `v` `[b, h, len, dim]` at any strides (the cache's
+    /// views are read in place), `mask` `[b, h, rows, len]` (non-zero = hidden) when
+    /// `has_mask`.
+    #[cube(launch)]
+    pub fn decode_attention_split<F: Float, M: Int>(
+        q: &Tensor<F>,
+        k: &Tensor<F>,
+        v: &Tensor<F>,
+        mask: &Tensor<M>,
+        part_o: &mut Array<f32>,
+        part_ml: &mut Array<f32>,
+        heads: u32,
+        len: u32,
+        split_len: u32,
+        scale: f32,
+        #[comptime] rows: usize,
+        #[comptime] dim: usize,
+        #[comptime] has_mask: bool,
+        #[comptime] chunk: u32,
+        #[define(F, M)] _dtypes: [StorageType; 2],
+    ) {
+        let split = CUBE_POS_X as usize;
+        let splits = CUBE_COUNT_X as usize;
+        let bh = CUBE_POS_Y as usize;
+        let tid = UNIT_POS as usize;
+        let b = bh / heads as usize;
+        let h = bh % heads as usize;
+        let cols = comptime!(dim.div_ceil(chunk as usize));
+        let chunk_n = chunk as usize;
+
+        let mut q_sh = SharedMemory::<f32>::new(rows * dim);
+        let mut s_sh = SharedMemory::<f32>::new(rows * chunk as usize);
+        let mut m_sh = SharedMemory::<f32>::new(rows);
+        let mut l_sh = SharedMemory::<f32>::new(rows);
+        let mut f_sh = SharedMemory::<f32>::new(rows);
+        let q_base = b * q.stride(0) + h * q.stride(1);
+        let mut i = tid;
+        while i < rows * dim {
+            let r = i / dim;
+            let j = i % dim;
+            q_sh[i] = f32::cast_from(q[q_base + r * q.stride(2) + j * q.stride(3)]);
+            i += chunk_n;
+        }
+        if tid < rows {
+            m_sh[tid] = -3.0e38f32;
+            l_sh[tid] = 0.0;
+        }
+        let mut acc = Array::<f32>::new(rows * cols);
+        #[unroll]
+        for a in 0..rows * cols {
+            acc[a] = 0.0;
+        }
+        sync_cube();
+
+        let k_base = b * k.stride(0) + h * k.stride(1);
+        let v_base = b * v.stride(0) + h * v.stride(1);
+        let start = split * split_len as usize;
+        let end = min(start + split_len as usize, len as usize);
+        let mut c0 = start;
+        while c0 < end {
+            // Scores of positions c0.., one unit per position.
+            let p = c0 + tid;
+            #[unroll]
+            for r in 0..rows {
+                let mut score = f32::new(-3.0e38);
+                if p < end {
+                    let mut dot = f32::new(0.0);
+                    for j in 0..dim {
+                        dot += q_sh[r * dim + j]
+                            * f32::cast_from(k[k_base + p * k.stride(2) + j * k.stride(3)]);
+                    }
+                    score = dot * scale;
+                    if has_mask {
+                        let at = b * mask.stride(0)
+                            + h * mask.stride(1)
+                            + r * mask.stride(2)
+                            + p * mask.stride(3);
+                        if u32::cast_from(mask[at]) != 0u32 {
+                            score = -3.0e38f32;
+                        }
+                    }
+                }
+                s_sh[r * chunk_n + tid] = score;
+            }
+            sync_cube();
+            // Each row's online softmax: new max, rescale factor, probabilities in place.
+            if tid < rows {
+                let r = tid;
+                let mut top = f32::new(-3.0e38);
+                for i in 0..chunk_n {
+                    let sc = s_sh[r * chunk_n + i];
+                    top = select(sc > top, sc, top);
+                }
+                let old = m_sh[r];
+                let new = select(top > old, top, old);
+                let mut factor = f32::new(1.0);
+                let mut sum = f32::new(0.0);
+                if new > -1.0e38f32 {
+                    factor = f32::exp(old - new);
+                    for i in 0..chunk_n {
+                        let sc = s_sh[r * chunk_n + i];
+                        let e = select(sc > -1.0e38f32, f32::exp(sc - new), 0.0f32);
+                        s_sh[r * chunk_n + i] = e;
+                        sum += e;
+                    }
+                } else {
+                    for i in 0..chunk_n {
+                        s_sh[r * chunk_n + i] = 0.0;
+                    }
+                }
+                l_sh[r] = l_sh[r] * factor + sum;
+                f_sh[r] = factor;
+                m_sh[r] = new;
+            }
+            sync_cube();
+            // Each unit's columns of p · v.
+            #[unroll]
+            for c in 0..cols {
+                let col = tid + c * chunk_n;
+                if col < dim {
+                    #[unroll]
+                    for r in 0..rows {
+                        acc[r * cols + c] *= f_sh[r];
+                    }
+                    let mut i = 0usize;
+                    while i < chunk_n && c0 + i < end {
+                        let value =
+                            f32::cast_from(v[v_base + (c0 + i) * v.stride(2) + col * v.stride(3)]);
+                        #[unroll]
+                        for r in 0..rows {
+                            acc[r * cols + c] += s_sh[r * chunk_n + i] * value;
+                        }
+                        i += 1;
+                    }
+                }
+            }
+            sync_cube();
+            c0 += chunk_n;
+        }
+        let part = (bh * splits + split) * rows;
+        #[unroll]
+        for c in 0..cols {
+            let col = tid + c * chunk_n;
+            if col < dim {
+                #[unroll]
+                for r in 0..rows {
+                    part_o[(part + r) * dim + col] = acc[r * cols + c];
+                }
+            }
+        }
+        if tid < rows {
+            part_ml[(part + tid) * 2] = m_sh[tid];
+            part_ml[(part + tid) * 2 + 1] = l_sh[tid];
+        }
+    }
+
+    /// Flash-decoding, pass 2: one cube per (batch × kv head, row) weighs each split's
+    /// output by `exp(max_split − max)` and divides by the weighted sums. A row hidden
+    /// everywhere comes out 0.
+    #[cube(launch)]
+    pub fn decode_attention_combine<F: Float>(
+        part_o: &Array<f32>,
+        part_ml: &Array<f32>,
+        out: &mut Array<F>,
+        splits: u32,
+        #[comptime] rows: usize,
+        #[comptime] dim: usize,
+        #[comptime] cube: u32,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let row = CUBE_POS;
+        let bh = row / rows;
+        let r = row % rows;
+        let n = splits as usize;
+        let first = bh * n * rows + r; // split s's row: first + s * rows
+        let mut top = f32::new(-3.0e38);
+        for s in 0..n {
+            let m = part_ml[(first + s * rows) * 2];
+            top = select(m > top, m, top);
+        }
+        let mut total = f32::new(0.0);
+        for s in 0..n {
+            let m = part_ml[(first + s * rows) * 2];
+            let w = select(m > -1.0e38f32, f32::exp(m - top), 0.0f32);
+            total += w * part_ml[(first + s * rows) * 2 + 1];
+        }
+        let mut col = UNIT_POS as usize;
+        while col < dim {
+            let mut o = f32::new(0.0);
+            for s in 0..n {
+                let m = part_ml[(first + s * rows) * 2];
+                let w = select(m > -1.0e38f32, f32::exp(m - top), 0.0f32);
+                o += w * part_o[(first + s * rows) * dim + col];
+            }
+            out[row * dim + col] = F::cast_from(select(total > 0.0f32, o / total, 0.0f32));
+            col += cube as usize;
+        }
+    }
+
     /// One f32 accumulator per input row, zeroed.
     #[cube]
     fn zeros(#[comptime] rows: usize) -> Array<f32> {
@@ -543,6 +748,119 @@ pub fn rms_norm_fits(x: (&Shape, DType), weight: (&Shape, DType)) -> bool {
     xs.num_dims() == 2 && ws.num_dims() == 1 && xs[1] == ws[0] && xs[1] > 0 && w_dtype == x_dtype
 }
 
+/// Query rows (heads of a group × new positions) up to which [`decode_attention`] runs.
+pub const DECODE_ATTENTION_MAX_ROWS: usize = 16;
+/// Key positions a cube of the decode attention scores at a time (its unit count).
+const DECODE_CHUNK: u32 = 64;
+/// Cubes the splits of the decode attention aim for over batch × heads, so a batch of one
+/// with few kv heads still fills a GPU.
+const DECODE_TARGET_CUBES: usize = 256;
+/// Shared memory a cube of the decode attention may use: WebGPU's guaranteed minimum.
+const DECODE_SHARED_BYTES: usize = 16 * 1024;
+
+/// Whether [`decode_attention`] takes `q` `[b, h, rows, d]` over `k`, `v` `[b, h, t, d]`
+/// (one dtype) with `mask` `[b, h, rows, t]`: a decode step's few rows, its shared memory
+/// within WebGPU's minimum. The fusion backend asks it too.
+pub fn decode_attention_fits(
+    q: (&Shape, DType),
+    k: (&Shape, DType),
+    v: (&Shape, DType),
+    mask: Option<&Shape>,
+) -> bool {
+    let (qs, kv) = (q.0, k.0);
+    if qs.num_dims() != 4 || kv.num_dims() != 4 || v.0 != kv || q.1 != k.1 || k.1 != v.1 {
+        return false;
+    }
+    let [b, h, rows, d] = [qs[0], qs[1], qs[2], qs[3]];
+    let t = kv[2];
+    let shared = 4 * (rows * (d + DECODE_CHUNK as usize) + 3 * rows);
+    [kv[0], kv[1], kv[3]] == [b, h, d]
+        && (1..=DECODE_ATTENTION_MAX_ROWS).contains(&rows)
+        && d > 0
+        && t > 0
+        && b * h > 0
+        && shared <= DECODE_SHARED_BYTES
+        && mask.is_none_or(|m| m.num_dims() == 4 && [m[0], m[1], m[2], m[3]] == [b, h, rows, t])
+}
+
+/// `softmax(q·kᵀ/√d + mask)·v` for a decode step by flash-decoding: the key positions split
+/// across cubes ([`kernel::decode_attention_split`]), then one combine
+/// ([`kernel::decode_attention_combine`]); in f32 whatever the dtype, out in `q`'s dtype.
+/// `k` and `v` are read at their strides (the KV cache's views, not copied). Call only where
+/// [`decode_attention_fits`]; `mask` (true = hidden) is in bool storage `mask_dtype`.
+pub fn decode_attention<R: CubeRuntime>(
+    q: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    mask: Option<(CubeTensor<R>, DType)>,
+) -> CubeTensor<R> {
+    let [b, h, rows, d] = {
+        let s = q.meta.shape();
+        [s[0], s[1], s[2], s[3]]
+    };
+    let t = k.meta.shape()[2];
+    let (client, device, dtype) = (q.client.clone(), q.device.clone(), q.dtype);
+    let chunk = DECODE_CHUNK as usize;
+    let chunks = t.div_ceil(chunk);
+    let wanted = DECODE_TARGET_CUBES.div_ceil(b * h).clamp(1, chunks);
+    let split_len = chunks.div_ceil(wanted) * chunk;
+    let splits = t.div_ceil(split_len);
+    let f32_buffer = |n: usize| {
+        burn_cubecl::ops::numeric::empty_device_dtype::<R>(
+            client.clone(),
+            device.clone(),
+            [n].into(),
+            DType::F32,
+        )
+    };
+    let part_o = f32_buffer(b * h * splits * rows * d);
+    let part_ml = f32_buffer(b * h * splits * rows * 2);
+    let has_mask = mask.is_some();
+    // Without a mask the kernel reads none: q (any tensor) stands in, as u32 storage (every
+    // runtime has u32; WGSL has no u8).
+    let (mask, mask_dtype) = mask.unwrap_or_else(|| (q.clone(), DType::U32));
+    kernel::decode_attention_split::launch::<R>(
+        &client,
+        cubecl::CubeCount::new_2d(splits as u32, (b * h) as u32),
+        CubeDim::new_1d(DECODE_CHUNK),
+        q.into_tensor_arg(),
+        k.into_tensor_arg(),
+        v.into_tensor_arg(),
+        mask.into_tensor_arg(),
+        part_o.clone().into_array_arg(),
+        part_ml.clone().into_array_arg(),
+        h as u32,
+        t as u32,
+        split_len as u32,
+        1.0 / (d as f32).sqrt(),
+        rows,
+        d,
+        has_mask,
+        DECODE_CHUNK,
+        [dtype.into(), mask_dtype.into()],
+    );
+    let out = burn_cubecl::ops::numeric::empty_device_dtype::<R>(
+        client.clone(),
+        device,
+        [b, h, rows, d].into(),
+        dtype,
+    );
+    kernel::decode_attention_combine::launch::<R>(
+        &client,
+        gemv_cube_count(b * h * rows),
+        CubeDim::new_1d(GEMV_CUBE),
+        part_o.into_array_arg(),
+        part_ml.into_array_arg(),
+        out.clone().into_array_arg(),
+        splits as u32,
+        rows,
+        d,
+        GEMV_CUBE,
+        dtype.into(),
+    );
+    out
+}
+
 /// One cube per output feature, laid out in 2D past the 65,535 cubes one axis allows.
 fn gemv_cube_count(out_features: usize) -> cubecl::CubeCount {
     cubecl::CubeCount::new_2d(
@@ -582,6 +900,29 @@ where
             dense_gemv::<R>(x, weight, bias)
         } else {
             super::generic::dense_linear::<Self>(x, weight, bias)
+        }
+    }
+
+    fn sdpa(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: Option<burn::tensor::ops::BoolTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        let fits = decode_attention_fits(
+            (q.meta.shape(), q.dtype),
+            (k.meta.shape(), k.dtype),
+            (v.meta.shape(), v.dtype),
+            mask.as_ref().map(|m| m.meta.shape()),
+        );
+        if fits {
+            let mask = mask.map(|m| {
+                let dtype = m.dtype;
+                (m, dtype)
+            });
+            decode_attention::<R>(q, k, v, mask)
+        } else {
+            super::generic::sdpa::<Self>(q, k, v, mask)
         }
     }
 

@@ -176,6 +176,34 @@ impl<B: FusionBackend + Kernels> Kernels for Fusion<B> {
         })
     }
 
+    /// A decode step's attention (few query rows, see `cube::decode_attention_fits`) as one
+    /// custom op; prefill stays burn's attention.
+    fn sdpa(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: Option<burn::tensor::ops::BoolTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        let fits = super::cube::decode_attention_fits(
+            (&q.shape, q.dtype),
+            (&k.shape, k.dtype),
+            (&v.shape, v.dtype),
+            mask.as_ref().map(|m| &m.shape),
+        );
+        if !fits {
+            return super::generic::sdpa::<Self>(q, k, v, mask);
+        }
+        let (shape, dtype) = (q.shape.clone(), q.dtype);
+        let mut inputs = vec![q, k, v];
+        inputs.extend(mask);
+        custom_op::<B, _>("medpipe_decode_attention", inputs, shape, dtype, |desc| {
+            DecodeAttention::<B> {
+                desc,
+                _backend: PhantomData,
+            }
+        })
+    }
+
     fn nf4_matmul(x: FloatTensor<Self>, w: &Nf4Weight<Self>) -> FloatTensor<Self> {
         let (shape, dtype) = ([x.shape[0], w.shape[0]], x.dtype);
         let inputs = [x, w.packed.clone(), w.absmax.clone(), w.code.clone()];
@@ -229,6 +257,26 @@ impl<B: FusionBackend + Kernels> Operation<B::FusionRuntime> for Rotary<B> {
             handles.get_float_tensor::<B>(sin),
         );
         handles.register_float_tensor::<B>(&out.id, B::rotary(x, cos, sin));
+    }
+}
+
+/// The fused backend's attention of a decode step's few query rows (its flash-decoding).
+#[derive(Clone, Debug)]
+struct DecodeAttention<B> {
+    desc: CustomOpIr,
+    _backend: PhantomData<B>,
+}
+
+impl<B: FusionBackend + Kernels> Operation<B::FusionRuntime> for DecodeAttention<B> {
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+    ) {
+        // Inputs: q, k, v and, when the step has one, the mask.
+        let inputs = &self.desc.inputs;
+        let [q, k, v] = [0, 1, 2].map(|i| handles.get_float_tensor::<B>(&inputs[i]));
+        let mask = inputs.get(3).map(|m| handles.get_bool_tensor::<B>(m));
+        handles.register_float_tensor::<B>(&self.desc.outputs[0].id, B::sdpa(q, k, v, mask));
     }
 }
 

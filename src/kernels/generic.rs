@@ -34,7 +34,17 @@ pub(crate) fn sdpa<B: Backend>(
 ) -> FloatTensor<B> {
     let mask = mask.map(Tensor::<B, 4, Bool>::from_primitive);
     let opts = AttentionModuleOptions::default();
-    attention(float(q), float(k), float(v), mask, None, opts)
+    let (q, k, v) = (float::<B, 4>(q), float::<B, 4>(k), float::<B, 4>(v));
+    let dtype = q.dtype();
+    if dtype == DType::F32 {
+        return attention(q, k, v, mask, None, opts)
+            .into_primitive()
+            .tensor();
+    }
+    // burn's attention takes one dtype: the whole product in f32, out in q's dtype.
+    let f32_ = |t: Tensor<B, 4>| t.cast(DType::F32);
+    attention(f32_(q), f32_(k), f32_(v), mask, None, opts)
+        .cast(dtype)
         .into_primitive()
         .tensor()
 }

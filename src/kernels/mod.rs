@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | `NdArray<f32>` | [`host`] | dense projections on the weight in place (GEMV / `gemm`); NF4 decoded on the host straight into dot products (GEMV) or one f32 weight (GEMM) |
 //! | `Autodiff<B, C>` | [`autodiff`] | the inner backend's kernel forward; a backward op that keeps only the packed weight and decodes it again |
-//! | `CubeBackend<R, ..>` | [`cube`] | CubeCL kernels for any runtime (CUDA and wgpu: Vulkan, Metal, DX12, lavapipe): NF4 dequantize, NF4 and dense decode GEMVs, RMSNorm, rotary embedding, SwiGLU |
+//! | `CubeBackend<R, ..>` | [`cube`] | CubeCL kernels for any runtime (CUDA and wgpu: Vulkan, Metal, DX12, lavapipe): NF4 dequantize, NF4 and dense decode GEMVs, RMSNorm, rotary embedding, SwiGLU, flash-decoding attention |
 //! | `Fusion<B>` | [`fusion`] | a custom op in the fusion stream that calls the fused backend's kernel |
 //!
 //! The model is generic over `B: Kernels` (a supertrait of `Backend`), so a call such as
@@ -173,6 +173,9 @@ pub trait Kernels: Backend {
 
     /// Scaled dot-product attention `softmax(q·kᵀ/√d + mask)·v`: `q` `[b, h, s, d]`, `k`
     /// and `v` `[b, h, t, d]`, `mask` `[b, h, s, t]` with true = hidden → `[b, h, s, d]`.
+    /// Computed in f32 whatever the (one) dtype of q, k and v, out in q's: transformers'
+    /// eager attention takes its softmax in f32 (`softmax(..., dtype=torch.float32)`), and
+    /// this keeps half precision within the reference's own half-vs-f32 distance.
     fn sdpa(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,

@@ -287,6 +287,140 @@ mod wgpu {
         check::<Wgpu>("wgpu fusion", &WgpuDevice::DefaultDevice);
     }
 
+    /// Attention of a decode step through the seam: flash-decoding on the CubeCL backend and
+    /// as the fusion backend's custom op, in f32 and f16, against an f64 softmax on the
+    /// host. Shapes: GQA groups of 1, 2 and 7 query heads (and 2 positions × 7), head dims
+    /// 5, 64, 80 and 128, cache lengths 1, 64, 65 and 1,100 (one split and many, splits of
+    /// one chunk and of several), batch × kv heads 1 to 32, keys and values read as views of a longer cache, with and without a
+    /// mask hiding scattered positions.
+    #[test]
+    fn decode_attention_on_wgpu_equals_an_f64_softmax_in_f32_and_f16() {
+        if !wgpu_available("decode_attention_on_wgpu_equals_an_f64_softmax_in_f32_and_f16") {
+            return;
+        }
+        /// softmax(q·kᵀ/√d, hidden → excluded)·v per row, in f64.
+        fn reference(
+            [b, h, rows, d, t]: [usize; 5],
+            q: &[f32],
+            k: &[f32],
+            v: &[f32],
+            hidden: &dyn Fn(usize) -> bool,
+        ) -> Vec<f32> {
+            let mut out = Vec::with_capacity(b * h * rows * d);
+            for bh in 0..b * h {
+                for r in 0..rows {
+                    let qr = &q[(bh * rows + r) * d..][..d];
+                    let scores: Vec<Option<f64>> = (0..t)
+                        .map(|p| {
+                            let kp = &k[(bh * t + p) * d..][..d];
+                            let dot: f64 =
+                                qr.iter().zip(kp).map(|(a, b)| *a as f64 * *b as f64).sum();
+                            (!hidden(((bh * rows) + r) * t + p)).then(|| dot / (d as f64).sqrt())
+                        })
+                        .collect();
+                    let top = scores.iter().flatten().fold(f64::MIN, |a, &b| a.max(b));
+                    let w: Vec<f64> = scores
+                        .iter()
+                        .map(|s| s.map_or(0.0, |s| (s - top).exp()))
+                        .collect();
+                    let total: f64 = w.iter().sum();
+                    for j in 0..d {
+                        let o: f64 = (0..t).map(|p| w[p] * v[(bh * t + p) * d + j] as f64).sum();
+                        out.push((o / total) as f32);
+                    }
+                }
+            }
+            out
+        }
+        fn check<B: Kernels>(label: &str, device: &B::Device) -> usize {
+            let mut ran = 0;
+            // [batch, kv heads, rows (group × positions), head dim, cache length]
+            let shapes = [
+                [1, 1, 1, 64, 1],
+                [1, 2, 2, 128, 65],
+                [2, 2, 7, 80, 64],
+                [1, 4, 7, 128, 1100],
+                [8, 1, 14, 64, 300],
+                [2, 3, 16, 5, 130],
+                // 32 cubes of batch × heads: splits of several chunks each.
+                [4, 8, 2, 64, 1100],
+            ];
+            for (dtype, tol) in [(DType::F32, 2e-5), (DType::F16, 8e-3)] {
+                for [b, h, rows, d, t] in shapes {
+                    let values_of = |n: usize, salt: usize| -> Vec<f32> {
+                        (0..n)
+                            .map(|i| (((i * 7 + salt) * 37 % 101) as f32 - 50.0) / 40.0)
+                            .collect()
+                    };
+                    let q = Tensor::<B, 4>::from_data(
+                        TensorData::new(values_of(b * h * rows * d, 1), [b, h, rows, d]),
+                        device,
+                    )
+                    .cast(dtype);
+                    // The cache holds 3 more positions than are filled, as generate's does.
+                    let cache = |salt| {
+                        Tensor::<B, 4>::from_data(
+                            TensorData::new(values_of(b * h * (t + 3) * d, salt), [b, h, t + 3, d]),
+                            device,
+                        )
+                        .cast(dtype)
+                        .narrow(2, 0, t)
+                    };
+                    let (k, v) = (cache(2), cache(3));
+                    for masked in [false, true] {
+                        // Every 5th position hidden, never a row's last (always visible).
+                        let hidden = |i: usize| masked && i % 5 == 2 && i % t != t - 1;
+                        let mask = masked.then(|| {
+                            let bits: Vec<bool> = (0..b * h * rows * t).map(hidden).collect();
+                            Tensor::<B, 4, Bool>::from_data(
+                                TensorData::new(bits, [b, h, rows, t]),
+                                device,
+                            )
+                        });
+                        assert!(cube::decode_attention_fits(
+                            (&q.shape(), dtype),
+                            (&k.shape(), dtype),
+                            (&v.shape(), dtype),
+                            mask.as_ref().map(|m| m.shape()).as_ref(),
+                        ));
+                        let got = crate::kernels::sdpa(q.clone(), k.clone(), v.clone(), mask);
+                        assert_eq!(got.dtype(), dtype);
+                        let want = reference(
+                            [b, h, rows, d, t],
+                            &values(q.clone()),
+                            &values(k.clone()),
+                            &values(v.clone()),
+                            &hidden,
+                        );
+                        let what =
+                            format!("{label} {dtype:?} {:?} mask {masked}", [b, h, rows, d, t]);
+                        assert_close(&what, &values(got), &want, tol);
+                        ran += 1;
+                    }
+                }
+            }
+            ran
+        }
+        assert_eq!(check::<Cube>("wgpu cube", &WgpuDevice::DefaultDevice), 28);
+        assert_eq!(check::<Wgpu>("wgpu fusion", &WgpuDevice::DefaultDevice), 28);
+        // Prefill (17 rows) and mismatched dtypes take burn's attention.
+        let s = |d: [usize; 4]| Shape::new(d);
+        let (q17, kv) = (s([1, 1, 17, 64]), s([1, 1, 20, 64]));
+        assert!(!cube::decode_attention_fits(
+            (&q17, DType::F32),
+            (&kv, DType::F32),
+            (&kv, DType::F32),
+            None
+        ));
+        let q1 = s([1, 1, 1, 64]);
+        assert!(!cube::decode_attention_fits(
+            (&q1, DType::F16),
+            (&kv, DType::F32),
+            (&kv, DType::F32),
+            None
+        ));
+    }
+
     /// The decode GEMV itself, called directly (not through the seam's routing), on every
     /// shape and row count it takes: at least one of each kind runs.
     #[test]

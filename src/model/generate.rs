@@ -1,5 +1,5 @@
-//! Text generation: greedy or seeded sampling (temperature, top-k, top-p), stopping on
-//! the checkpoint's end-of-sequence ids, for a batch of prompts left-padded to one length.
+//! Text generation: greedy or seeded sampling (temperature, top-k, top-p, on the device:
+//! [`crate::model::sampling`]), stopping on the checkpoint's end-of-sequence ids, for a batch of prompts left-padded to one length.
 //!
 //! Batching follows transformers' generate with left padding: padded keys are masked,
 //! and each row's M-RoPE positions are what the prompt alone would get (pads take
@@ -15,6 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::kernels::Kernels;
 use crate::model::error::ModelError;
 use crate::model::qwen::{ImageInput, Qwen25Vl};
+use crate::model::sampling::sample;
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, PartialEq)]
@@ -239,69 +240,20 @@ impl<B: Kernels> Qwen25Vl<B> {
                 top_k,
                 top_p,
             } => {
-                let all = logits
+                // One uniform per row from the row's own generator; only the ids come back.
+                let uniforms: Vec<f32> = rngs.iter_mut().map(|r| r.random::<f32>()).collect();
+                let ids = sample(logits, *temperature, *top_k, *top_p, &uniforms)
                     .into_data()
-                    .convert::<f32>()
-                    .to_vec::<f32>()
+                    .convert::<i64>()
+                    .to_vec::<i64>()
                     .map_err(|e| ModelError::Readback {
-                        what: "logits",
+                        what: "sampled ids",
                         reason: format!("{e:?}"),
                     })?;
-                Ok(all
-                    .chunks(v)
-                    .zip(rngs.iter_mut())
-                    .map(|(row, rng)| sample_row(row, *temperature, *top_k, *top_p, rng))
-                    .collect())
+                Ok(ids.into_iter().map(|i| i as u32).collect())
             }
         }
     }
-}
-
-/// Draws one token from `logits` (temperature → top-k → top-p, as HF's warpers).
-fn sample_row(
-    logits: &[f32],
-    temperature: f32,
-    top_k: usize,
-    top_p: f32,
-    rng: &mut ChaCha8Rng,
-) -> u32 {
-    let t = temperature;
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if top_k > 0 {
-        order.truncate(top_k.max(1));
-    }
-    let max = logits[order[0]] / t;
-    let mut probs: Vec<f64> = order
-        .iter()
-        .map(|&i| f64::from(logits[i] / t - max).exp())
-        .collect();
-    let sum: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= sum);
-    if top_p < 1.0 {
-        let mut acc = 0.0;
-        let mut keep = probs.len();
-        for (i, p) in probs.iter().enumerate() {
-            acc += p;
-            if acc >= f64::from(top_p) {
-                keep = i + 1;
-                break;
-            }
-        }
-        probs.truncate(keep);
-        order.truncate(keep);
-        let s: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= s);
-    }
-    let u: f64 = rng.random();
-    let mut acc = 0.0;
-    for (p, &i) in probs.iter().zip(&order) {
-        acc += p;
-        if u < acc {
-            return i as u32;
-        }
-    }
-    order[order.len() - 1] as u32
 }
 
 /// All requests' images concatenated in batch order (the order their placeholders appear
@@ -315,30 +267,4 @@ fn concat_images<B: Kernels>(requests: &[Request<B>]) -> Option<ImageInput<B>> {
         pixel_values: Tensor::cat(with.iter().map(|i| i.pixel_values.clone()).collect(), 0),
         grids: with.iter().flat_map(|i| i.grids.iter().copied()).collect(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn top_k_one_and_tiny_top_p_always_pick_the_argmax() {
-        let logits = [0.1f32, 2.0, 1.9, -3.0];
-        let mut rng = ChaCha8Rng::seed_from_u64(1);
-        for _ in 0..50 {
-            assert_eq!(sample_row(&logits, 1.0, 1, 1.0, &mut rng), 1);
-            assert_eq!(sample_row(&logits, 1.0, 0, 1e-3, &mut rng), 1);
-        }
-    }
-
-    #[test]
-    fn top_k_two_never_picks_outside_the_two_best() {
-        let logits = [0.1f32, 2.0, 1.9, -3.0];
-        let mut rng = ChaCha8Rng::seed_from_u64(2);
-        let picks: Vec<u32> = (0..200)
-            .map(|_| sample_row(&logits, 5.0, 2, 1.0, &mut rng))
-            .collect();
-        assert!(picks.iter().all(|&p| p == 1 || p == 2));
-        assert!(picks.contains(&1) && picks.contains(&2));
-    }
 }

@@ -26,7 +26,6 @@
 //! Reference: transformers `models/qwen2_5_vl/modeling_qwen2_5_vl.py@00b676f8f0489b88652a31d70751cc540dd06305`.
 
 pub mod adapt;
-mod attend;
 mod cache;
 pub mod config;
 pub mod dropout;
@@ -41,6 +40,7 @@ pub mod processor;
 pub mod prompt;
 pub(crate) mod qwen;
 pub mod rope;
+pub mod sampling;
 mod text;
 pub(crate) mod vision;
 pub(crate) mod weights;

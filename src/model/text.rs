@@ -7,7 +7,6 @@
 //! k0,k0,k1,k1); instead of materialising the repeats, the query heads of one group are
 //! stacked along the sequence axis, which computes the same products.
 
-use crate::model::attend::attend;
 use burn::module::Param;
 use burn::nn::Embedding;
 use burn::prelude::*;
@@ -123,7 +122,7 @@ impl<B: Kernels> Attention<B> {
         // [b, h, s, hd] -> [b, kv, rep·s, hd]: heads of a group are adjacent.
         let q = q.reshape([b, kv, rep * s, hd]);
         let mask = mask.map(|m| m.clone().repeat_dim(2, rep).expand([b, kv, rep * s, t]));
-        let o = attend(q, k, v, mask);
+        let o = kernels::sdpa(q, k, v, mask);
         let o = o
             .reshape([b, h, s, hd])
             .swap_dims(1, 2)

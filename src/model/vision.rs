@@ -12,7 +12,6 @@
 //! and `Qwen2_5_VLPatchMerger` (RMSNorm `ln_q`, concat 2×2, Linear–GELU(erf)–Linear),
 //! followed by the inverse window permutation.
 
-use crate::model::attend::attend;
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
 use burn::tensor::{DType, TensorData};
@@ -137,7 +136,7 @@ impl<B: Kernels> VisionAttention<B> {
             .padded
             .as_ref()
             .map(|p| p.mask.clone().expand([n, h, l, l]));
-        let o = attend(split(q), split(k), split(v), mask);
+        let o = kernels::sdpa(split(q), split(k), split(v), mask);
         let o = o.swap_dims(1, 2).reshape([n * l, d]); // [segments·len, hidden]
         let o = match &seg.padded {
             Some(p) => o.select(0, p.scatter.clone()),
