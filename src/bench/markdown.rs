@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use crate::bench::schema::BenchResult;
+use crate::bench::schema::{BenchResult, DecodeBreakdown};
 use crate::metrics::stats::Summary;
 
 /// `12.3` for a number, `n/a` for none.
@@ -138,6 +138,7 @@ pub fn results_table(r: &BenchResult) -> String {
             num(b.cost_per_1k_requests, 4),
         );
     }
+    breakdown_table(&mut s, r);
     if !r.grid.is_empty() {
         let _ = writeln!(
             s,
@@ -171,6 +172,54 @@ pub fn results_table(r: &BenchResult) -> String {
         );
     }
     s
+}
+
+/// The decode step by kernel class, one row per batch size that has a breakdown.
+fn breakdown_table(s: &mut String, r: &BenchResult) {
+    let rows: Vec<(usize, &DecodeBreakdown)> = r
+        .batches
+        .iter()
+        .filter_map(|b| b.decode_breakdown.as_ref().map(|d| (b.batch_size, d)))
+        .collect();
+    let Some((_, first)) = rows.first() else {
+        return;
+    };
+    let classes: Vec<&str> = first.classes.iter().map(|c| c.class.as_str()).collect();
+    let _ = writeln!(
+        s,
+        "\nDecode step by kernel class, ms per step (share of a recorded step). Recording waits for \
+         the device around every kernel call, so a recorded step is slower than a measured one: \
+         read the shares.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| batch | step ms | recorded step ms | {} | other | read per step | effective bandwidth |",
+        classes.join(" | ")
+    );
+    let _ = writeln!(
+        s,
+        "|---:|---:|---:|{}---:|---:|---:|",
+        "---:|".repeat(classes.len())
+    );
+    for (b, d) in &rows {
+        let cells: Vec<String> = d
+            .classes
+            .iter()
+            .map(|c| format!("{:.3} ({:.0}%)", c.ms_per_step, c.share * 100.0))
+            .collect();
+        let _ = writeln!(
+            s,
+            "| {b} | {:.3} | {:.3} | {} | {:.3} ({:.0}%) | {} | {:.2} GB/s |",
+            d.step_ms,
+            d.recorded_step_ms,
+            cells.join(" | "),
+            d.other_ms,
+            d.other_share * 100.0,
+            mib(Some(d.bytes_per_step)),
+            d.effective_bandwidth_gb_s,
+        );
+    }
+    let _ = writeln!(s, "\nEffective bandwidth: {}.", first.bandwidth_note);
 }
 
 /// Header of the community results table (matches [`community_row`]).

@@ -268,7 +268,11 @@ pub fn run_bench<B: Kernels>(
                 calls.push(call);
             }
         }
-        batches.push(batch_result(b, &calls, opts)?);
+        let mut result = batch_result(b, &calls, opts)?;
+        result.decode_breakdown = decode_breakdown(
+            &model, &prepared, b, &cfg, &calls, device, &mut watch, target,
+        )?;
+        batches.push(result);
     }
 
     let mut grid = Vec::new();
@@ -563,7 +567,96 @@ fn batch_result(b: usize, calls: &[Call], opts: &BenchOptions) -> Result<BatchRe
         cost_per_1k_requests: opts
             .price_per_device_hour
             .map(|price| cost_per_1k(price, wall_ms, requests)),
+        decode_breakdown: None,
     })
+}
+
+/// Decode steps of a call: every row steps until the longest is done (its first token
+/// comes from the prefill).
+fn decode_steps(call: &Call) -> usize {
+    call.rows
+        .iter()
+        .map(|r| r.1.tokens.len())
+        .max()
+        .unwrap_or(0)
+        .saturating_sub(1)
+}
+
+/// One more call at batch size `b`, recorded by [`crate::kernels::profile`]: its decode
+/// steps by kernel class, beside the unrecorded step time of the measured `calls` (`None`
+/// when no call made a decode step).
+#[allow(clippy::too_many_arguments)]
+fn decode_breakdown<B: Kernels>(
+    model: &Qwen25Vl<B>,
+    prepared: &[Prepared<B>],
+    b: usize,
+    cfg: &GenerateConfig,
+    calls: &[Call],
+    device: &B::Device,
+    watch: &mut DeviceWatch,
+    target: Target,
+) -> Result<Option<DecodeBreakdown>, BenchError> {
+    use crate::kernels::profile::{self, KernelClass};
+    let measured_steps: usize = calls.iter().map(decode_steps).sum();
+    let recording = profile::record();
+    let call = generate(model, prepared, 0, b, cfg, device, watch)?;
+    let totals = recording.take();
+    drop(recording);
+    let steps = decode_steps(&call);
+    if steps == 0 || measured_steps == 0 {
+        return Ok(None);
+    }
+    let n = steps as f64;
+    let recorded_step_ms = call.decode_ms() / n;
+    let step_ms = calls.iter().map(Call::decode_ms).sum::<f64>() / measured_steps as f64;
+    let classes: Vec<KernelShare> = KernelClass::ALL
+        .iter()
+        .enumerate()
+        .map(|(k, class)| {
+            let ms = totals.seconds[k] * 1e3 / n;
+            KernelShare {
+                class: class.name().to_string(),
+                calls_per_step: totals.calls[k] as f64 / n,
+                ms_per_step: ms,
+                share: ms / recorded_step_ms.max(1e-12),
+                bytes_per_step: (totals.bytes[k] as f64 / n).round() as u64,
+            }
+        })
+        .collect();
+    let in_kernels: f64 = classes.iter().map(|c| c.ms_per_step).sum();
+    let other_ms = (recorded_step_ms - in_kernels).max(0.0);
+    let bytes_per_step: u64 = classes.iter().map(|c| c.bytes_per_step).sum();
+    Ok(Some(DecodeBreakdown {
+        steps,
+        recorded_step_ms,
+        step_ms,
+        classes,
+        other_ms,
+        other_share: other_ms / recorded_step_ms.max(1e-12),
+        bytes_per_step,
+        effective_bandwidth_gb_s: bytes_per_step as f64 / (step_ms / 1e3).max(1e-12) / 1e9,
+        bandwidth_note: bandwidth_note(target),
+    }))
+}
+
+/// Whether bytes read per decode step over its time means anything on `target`: on a GPU it
+/// is the figure to hold against the device's copy bandwidth.
+fn bandwidth_note(target: Target) -> String {
+    let software = || {
+        let adapters = crate::device::wgpu::adapters();
+        !adapters.is_empty() && adapters.iter().all(|a| a.software)
+    };
+    match target.device {
+        Device::Cpu => "not meaningful on the CPU: the host kernels' time is compute and \
+                        threading, not memory traffic"
+            .into(),
+        Device::Wgpu if software() => "not meaningful on a software adapter (lavapipe, \
+                                       llvmpipe): it runs on the CPU"
+            .into(),
+        _ => "bytes the decode kernels read per step over the unrecorded step time: compare \
+              with the device's measured copy bandwidth"
+            .into(),
+    }
 }
 
 /// Device cost of 1,000 requests: `price` per hour × hours per request × 1,000.

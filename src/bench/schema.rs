@@ -256,6 +256,52 @@ pub struct BatchResult {
     pub throughput_requests_per_s: f64,
     /// Device cost of 1,000 requests at this batch size, in `settings.currency`.
     pub cost_per_1k_requests: Option<f64>,
+    /// Where a decode step's time goes, by kernel class (one recorded call; `None` when it
+    /// made no decode step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_breakdown: Option<DecodeBreakdown>,
+}
+
+/// A decode step by kernel class, from one `generate` call recorded by
+/// `kernels::profile` (the device waited for around every kernel call), and the bytes the
+/// step's kernels read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecodeBreakdown {
+    /// Decode steps recorded.
+    pub steps: usize,
+    /// A recorded step's wall time, ms: slower than `step_ms`, as nothing fuses or overlaps
+    /// across kernel calls while recording.
+    pub recorded_step_ms: f64,
+    /// An unrecorded step's wall time (the measured calls' decode time over their steps), ms.
+    pub step_ms: f64,
+    /// One row per kernel class, in a fixed order.
+    pub classes: Vec<KernelShare>,
+    /// The recorded step's time outside kernel calls (embedding, residual adds, casts,
+    /// and what a fused backend fuses between calls), ms.
+    pub other_ms: f64,
+    /// `other_ms` over `recorded_step_ms`.
+    pub other_share: f64,
+    /// Bytes the step's kernels read: weights, KV cache, activations.
+    pub bytes_per_step: u64,
+    /// `bytes_per_step` over `step_ms`, GB/s (1e9 bytes).
+    pub effective_bandwidth_gb_s: f64,
+    /// Whether the bandwidth figure means anything on this device.
+    pub bandwidth_note: String,
+}
+
+/// One kernel class's part of a recorded decode step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelShare {
+    /// `projections`, `attention`, `rms_norm`, `rotary`, `silu_mul` or `sampling` (argmax
+    /// or sampling of the next tokens from the logits).
+    pub class: String,
+    pub calls_per_step: f64,
+    pub ms_per_step: f64,
+    /// `ms_per_step` over the recorded step time.
+    pub share: f64,
+    pub bytes_per_step: u64,
 }
 
 /// Summary of a rate (tokens/s): the statistics of [`Summary`] without the ms unit.
@@ -374,6 +420,7 @@ pub(crate) mod tests {
             throughput_tokens_per_s: b as f64 * 1000.0 / mean,
             throughput_requests_per_s: b as f64 * 1000.0 / mean,
             cost_per_1k_requests: Some(0.5),
+            decode_breakdown: None,
         };
         BenchResult {
             schema_version: SCHEMA_VERSION,

@@ -25,11 +25,14 @@ pub mod host;
 pub(crate) mod host_attention;
 pub(crate) mod host_gemm;
 pub mod nf4_generic;
+pub mod profile;
 
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
 use burn::tensor::{DType, TensorMetadata, TensorPrimitive};
+
+use profile::KernelClass::{Activation, Attention, Norm, Projection, Rotary};
 
 /// How a backend wants NF4 codes stored (chosen by [`Kernels::nf4_layout`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -296,10 +299,18 @@ pub fn nf4_upload<B: Kernels>(
     }
 }
 
-/// Tensor-level wrappers, so model code reads as tensor code.
+/// Tensor-level wrappers, so model code reads as tensor code. Each is timed by kind while a
+/// [`profile::Recording`] is open, counting the bytes it must read.
 pub fn nf4_matmul<B: Kernels>(x: Tensor<B, 2>, w: &Nf4Weight<B>) -> Tensor<B, 2> {
-    let y = B::nf4_matmul(x.into_primitive().tensor(), w);
-    Tensor::from_primitive(TensorPrimitive::Float(y))
+    // The packed codes and the absmax scales, and the input.
+    let bytes = profile::bytes_of(&w.packed.shape(), w.packed.dtype())
+        + profile::bytes_of(&w.absmax.shape(), w.absmax.dtype())
+        + profile::bytes_of(&x.shape(), x.dtype());
+    let device = x.device();
+    profile::timed::<B, _>(Projection, &device, bytes, move || {
+        let y = B::nf4_matmul(x.into_primitive().tensor(), w);
+        Tensor::from_primitive(TensorPrimitive::Float(y))
+    })
 }
 
 /// A bf16 weight widened to float `dtype` (see [`Kernels::bf16_widen`]).
@@ -317,8 +328,12 @@ pub fn bf16_rows<B: Kernels>(table: &Bf16Weight<B>, ids: Tensor<B, 1, Int>) -> T
 
 /// `x · Wᵀ` with a bf16 weight (see [`Kernels::bf16_matmul`]).
 pub fn bf16_matmul<B: Kernels>(x: Tensor<B, 2>, w: &Bf16Weight<B>) -> Tensor<B, 2> {
-    let y = B::bf16_matmul(x.into_primitive().tensor(), w);
-    Tensor::from_primitive(TensorPrimitive::Float(y))
+    let bytes = (w.shape[0] * w.shape[1] * 2) as u64 + profile::bytes_of(&x.shape(), x.dtype());
+    let device = x.device();
+    profile::timed::<B, _>(Projection, &device, bytes, move || {
+        let y = B::bf16_matmul(x.into_primitive().tensor(), w);
+        Tensor::from_primitive(TensorPrimitive::Float(y))
+    })
 }
 
 /// `x · Wᵀ + b` with `weight` `[out, in]` (see [`Kernels::dense_linear`]).
@@ -327,12 +342,20 @@ pub fn linear<B: Kernels>(
     weight: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
 ) -> Tensor<B, 2> {
-    let y = B::dense_linear(
-        x.into_primitive().tensor(),
-        weight.into_primitive().tensor(),
-        bias.map(|b| b.into_primitive().tensor()),
-    );
-    Tensor::from_primitive(TensorPrimitive::Float(y))
+    let bytes = profile::bytes_of(&x.shape(), x.dtype())
+        + profile::bytes_of(&weight.shape(), weight.dtype())
+        + bias
+            .as_ref()
+            .map_or(0, |b| profile::bytes_of(&b.shape(), b.dtype()));
+    let device = x.device();
+    profile::timed::<B, _>(Projection, &device, bytes, move || {
+        let y = B::dense_linear(
+            x.into_primitive().tensor(),
+            weight.into_primitive().tensor(),
+            bias.map(|b| b.into_primitive().tensor()),
+        );
+        Tensor::from_primitive(TensorPrimitive::Float(y))
+    })
 }
 
 /// Scaled dot-product attention through the seam (see [`Kernels::sdpa`]).
@@ -342,13 +365,21 @@ pub fn sdpa<B: Kernels>(
     v: Tensor<B, 4>,
     mask: Option<Tensor<B, 4, Bool>>,
 ) -> Tensor<B, 4> {
-    let y = B::sdpa(
-        q.into_primitive().tensor(),
-        k.into_primitive().tensor(),
-        v.into_primitive().tensor(),
-        mask.map(|m| m.into_primitive()),
-    );
-    Tensor::from_primitive(TensorPrimitive::Float(y))
+    // The queries, and the keys and values (the KV cache in a decode step).
+    let bytes = [&q, &k, &v]
+        .iter()
+        .map(|t| profile::bytes_of(&t.shape(), t.dtype()))
+        .sum();
+    let device = q.device();
+    profile::timed::<B, _>(Attention, &device, bytes, move || {
+        let y = B::sdpa(
+            q.into_primitive().tensor(),
+            k.into_primitive().tensor(),
+            v.into_primitive().tensor(),
+            mask.map(|m| m.into_primitive()),
+        );
+        Tensor::from_primitive(TensorPrimitive::Float(y))
+    })
 }
 
 /// RMSNorm over the last axis through the seam (see [`Kernels::rms_norm`]).
@@ -360,19 +391,31 @@ pub fn rms_norm<B: Kernels, const D: usize>(
     let shape = x.shape();
     let d = shape[D - 1];
     let rows = shape.num_elements() / d.max(1);
-    let y = B::rms_norm(
-        x.reshape([rows, d]).into_primitive().tensor(),
-        weight.into_primitive().tensor(),
-        eps,
-    );
-    Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(y)).reshape(shape)
+    let bytes =
+        profile::bytes_of(&shape, x.dtype()) + profile::bytes_of(&weight.shape(), x.dtype());
+    let device = x.device();
+    profile::timed::<B, _>(Norm, &device, bytes, move || {
+        let y = B::rms_norm(
+            x.reshape([rows, d]).into_primitive().tensor(),
+            weight.into_primitive().tensor(),
+            eps,
+        );
+        Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(y)).reshape(shape)
+    })
 }
 
 /// Rotary position embedding through the seam (see [`Kernels::rotary`]).
 pub fn rotary<B: Kernels>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
-    let prim = |t: Tensor<B, 4>| t.into_primitive().tensor();
-    let y = B::rotary(prim(x), prim(cos.clone()), prim(sin.clone()));
-    Tensor::from_primitive(TensorPrimitive::Float(y))
+    let bytes = [&x, cos, sin]
+        .iter()
+        .map(|t| profile::bytes_of(&t.shape(), t.dtype()))
+        .sum();
+    let device = x.device();
+    profile::timed::<B, _>(Rotary, &device, bytes, move || {
+        let prim = |t: Tensor<B, 4>| t.into_primitive().tensor();
+        let y = B::rotary(prim(x), prim(cos.clone()), prim(sin.clone()));
+        Tensor::from_primitive(TensorPrimitive::Float(y))
+    })
 }
 
 /// `silu(gate) · up` through the seam (see [`Kernels::silu_mul`]).
@@ -380,11 +423,15 @@ pub fn silu_mul<B: Kernels, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>
     let shape = gate.shape();
     debug_assert_eq!(shape, up.shape(), "silu_mul takes equal shapes");
     let n = shape.num_elements();
-    let y = B::silu_mul(
-        gate.reshape([n]).into_primitive().tensor(),
-        up.reshape([n]).into_primitive().tensor(),
-    );
-    Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(y)).reshape(shape)
+    let bytes = 2 * profile::bytes_of(&shape, gate.dtype());
+    let device = gate.device();
+    profile::timed::<B, _>(Activation, &device, bytes, move || {
+        let y = B::silu_mul(
+            gate.reshape([n]).into_primitive().tensor(),
+            up.reshape([n]).into_primitive().tensor(),
+        );
+        Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(y)).reshape(shape)
+    })
 }
 
 /// The dequantized weight `[out_features, in_features]` in float `dtype`.

@@ -12,6 +12,7 @@ use burn::tensor::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::kernels::profile::{self, KernelClass};
 use crate::kernels::Kernels;
 use crate::model::error::ModelError;
 use crate::model::qwen::{ImageInput, Qwen25Vl};
@@ -172,6 +173,8 @@ impl<B: Kernels> Qwen25Vl<B> {
             Vec::new()
         };
         let prefill_ms = start.elapsed().as_secs_f64() * 1e3;
+        // A kernel profile being recorded holds the decode steps only.
+        crate::kernels::profile::restart();
         let decode_start = Instant::now();
         let mut keys = valid;
         for step in 0..cfg.max_new_tokens {
@@ -223,36 +226,32 @@ impl<B: Kernels> Qwen25Vl<B> {
         let logits = self.logits(hidden); // [batch, 1, vocab]
         let [b, _, v] = logits.dims();
         let logits = logits.reshape([b, v]);
-        match sampling {
-            Sampling::Greedy => {
-                let ids = logits.argmax(1).into_data();
-                let ids =
-                    ids.convert::<i64>()
-                        .to_vec::<i64>()
-                        .map_err(|e| ModelError::Readback {
-                            what: "argmax",
-                            reason: format!("{e:?}"),
-                        })?;
-                Ok(ids.into_iter().map(|i| i as u32).collect())
+        let device = logits.device();
+        let bytes = profile::bytes_of(&logits.shape(), logits.dtype());
+        // Only the ids come back to the host.
+        let ids = profile::timed::<B, _>(KernelClass::Sampling, &device, bytes, || {
+            match sampling {
+                Sampling::Greedy => logits.argmax(1).reshape([b]),
+                Sampling::Sample {
+                    temperature,
+                    top_k,
+                    top_p,
+                } => {
+                    // One uniform per row from the row's own generator.
+                    let uniforms: Vec<f32> = rngs.iter_mut().map(|r| r.random::<f32>()).collect();
+                    sample(logits, *temperature, *top_k, *top_p, &uniforms)
+                }
             }
-            Sampling::Sample {
-                temperature,
-                top_k,
-                top_p,
-            } => {
-                // One uniform per row from the row's own generator; only the ids come back.
-                let uniforms: Vec<f32> = rngs.iter_mut().map(|r| r.random::<f32>()).collect();
-                let ids = sample(logits, *temperature, *top_k, *top_p, &uniforms)
-                    .into_data()
-                    .convert::<i64>()
-                    .to_vec::<i64>()
-                    .map_err(|e| ModelError::Readback {
-                        what: "sampled ids",
-                        reason: format!("{e:?}"),
-                    })?;
-                Ok(ids.into_iter().map(|i| i as u32).collect())
-            }
-        }
+        });
+        let ids = ids
+            .into_data()
+            .convert::<i64>()
+            .to_vec::<i64>()
+            .map_err(|e| ModelError::Readback {
+                what: "next token ids",
+                reason: format!("{e:?}"),
+            })?;
+        Ok(ids.into_iter().map(|i| i as u32).collect())
     }
 }
 

@@ -53,6 +53,84 @@ const SUMMARY_MS: [&str; 10] = [
     "p99_ms",
 ];
 
+/// builtin:tiny has 2 decoder layers: a decode step makes 7 projections a layer plus the
+/// logits head, one attention, two norms and one SwiGLU a layer, q and k rotated, the final
+/// norm, and one token pick; the recorded times and shares add up.
+fn decode_breakdown_counts_every_kernel_call_of_a_step(d: &Value) {
+    let layers = 2.0;
+    let classes = d["classes"].as_array().unwrap();
+    let names: Vec<&str> = classes
+        .iter()
+        .map(|c| c["class"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "projections",
+            "attention",
+            "rms_norm",
+            "rotary",
+            "silu_mul",
+            "sampling"
+        ]
+    );
+    let per_step: Vec<f64> = classes
+        .iter()
+        .map(|c| c["calls_per_step"].as_f64().unwrap())
+        .collect();
+    assert_eq!(
+        per_step,
+        [
+            7.0 * layers + 1.0,
+            layers,
+            2.0 * layers + 1.0,
+            2.0 * layers,
+            layers,
+            1.0
+        ],
+        "{d}"
+    );
+    assert!(d["steps"].as_u64().unwrap() >= 1);
+    let recorded = d["recorded_step_ms"].as_f64().unwrap();
+    let parts: f64 = classes
+        .iter()
+        .map(|c| c["ms_per_step"].as_f64().unwrap())
+        .sum::<f64>()
+        + d["other_ms"].as_f64().unwrap();
+    assert!(
+        (parts - recorded).abs() <= 1e-6 * recorded.max(1.0) || parts >= recorded,
+        "{d}"
+    );
+    let shares: f64 = classes
+        .iter()
+        .map(|c| c["share"].as_f64().unwrap())
+        .sum::<f64>()
+        + d["other_share"].as_f64().unwrap();
+    assert!((shares - 1.0).abs() < 1e-6 || parts > recorded, "{d}");
+    // Projections read every decoder weight once a step: more bytes than anything else.
+    let bytes: Vec<u64> = classes
+        .iter()
+        .map(|c| c["bytes_per_step"].as_u64().unwrap())
+        .collect();
+    assert!(
+        bytes.iter().all(|&b| b > 0) && bytes[0] == *bytes.iter().max().unwrap(),
+        "{d}"
+    );
+    assert_eq!(
+        d["bytes_per_step"].as_u64().unwrap(),
+        bytes.iter().sum::<u64>()
+    );
+    assert!(d["step_ms"].as_f64().unwrap() > 0.0);
+    assert!(d["effective_bandwidth_gb_s"].as_f64().unwrap() > 0.0);
+    assert!(
+        d["bandwidth_note"]
+            .as_str()
+            .unwrap()
+            .starts_with("not meaningful on the CPU"),
+        "{d}"
+    );
+}
+
 #[test]
 fn bench_on_builtin_tiny_writes_every_schema_field_with_its_type() {
     let tmp = tempfile::tempdir().unwrap();
@@ -196,6 +274,7 @@ fn bench_on_builtin_tiny_writes_every_schema_field_with_its_type() {
             lat["ci95_high_ms"].as_f64().unwrap(),
         );
         assert!(lo <= mean && mean <= hi && lat["min_ms"].as_f64().unwrap() > 0.0);
+        decode_breakdown_counts_every_kernel_call_of_a_step(&b["decode_breakdown"]);
     }
     let reqs = v["requests"].as_array().unwrap();
     assert_eq!(reqs.len(), 10 + 12);
