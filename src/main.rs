@@ -192,11 +192,17 @@ struct BenchArgs {
     /// Currency of --price-per-hour.
     #[arg(long, value_name = "CODE", default_value = "USD")]
     currency: String,
-    /// Sample instead of greedy decoding (with --temperature, --top-p, --seed).
+    /// Sample instead of greedy decoding (with --temperature, --top-k, --top-p, --seed), on
+    /// the device: only the token ids are read back.
     #[arg(long)]
     do_sample: bool,
+    /// --do-sample: logits are divided by this (> 0).
     #[arg(long, value_name = "T", default_value_t = 1.0)]
     temperature: f32,
+    /// --do-sample: keep the K most likely tokens (ties at the K-th kept; 0 = all).
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    top_k: usize,
+    /// --do-sample: keep the tokens whose more likely tokens hold less than P (1 = all).
     #[arg(long, value_name = "P", default_value_t = 1.0)]
     top_p: f32,
     /// Sampling seed, and the seed of builtin:tiny.
@@ -658,7 +664,7 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
         sampling: if args.do_sample {
             medpipe::model::Sampling::Sample {
                 temperature: args.temperature,
-                top_k: 0,
+                top_k: args.top_k,
                 top_p: args.top_p,
             }
         } else {

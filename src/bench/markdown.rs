@@ -83,8 +83,9 @@ pub fn results_table(r: &BenchResult) -> String {
         "- generation: {}, max_new_tokens {}, seed {}, KV cache {}; {} warm-up + {} measured passes over {} documents ({}); {}",
         if g.do_sample {
             format!(
-                "sampling (temperature {}, top_p {})",
+                "sampling (temperature {}, top_k {}, top_p {})",
                 num(g.temperature.map(f64::from), 2),
+                g.top_k.map_or("off".to_string(), |k| k.to_string()),
                 num(g.top_p.map(f64::from), 2)
             )
         } else {

@@ -349,6 +349,10 @@ pub fn run_bench<B: Kernels>(
                 Sampling::Sample { top_p, .. } => Some(top_p),
                 Sampling::Greedy => None,
             },
+            top_k: match opts.sampling {
+                Sampling::Sample { top_k, .. } => (top_k > 0).then_some(top_k),
+                Sampling::Greedy => None,
+            },
             max_new_tokens: opts.max_new_tokens,
             kv_cache: true,
             batch_sizes: opts.batch_sizes.clone(),

@@ -147,6 +147,9 @@ pub struct GenerationSettings {
     pub temperature: Option<f32>,
     /// Nucleus threshold; `null` when greedy.
     pub top_p: Option<f32>,
+    /// Top-k cut when sampling with one (absent otherwise, and in results written before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
     /// New tokens at most per request.
     pub max_new_tokens: usize,
     /// Whether decoding reuses a KV cache (always, in medpipe's generate).
@@ -460,6 +463,7 @@ pub(crate) mod tests {
                 do_sample: false,
                 temperature: None,
                 top_p: None,
+                top_k: None,
                 max_new_tokens: 8,
                 kv_cache: true,
                 batch_sizes: vec![1, 2],
