@@ -282,11 +282,13 @@ mod tests {
                 "{stage}"
             );
         }
-        // Recomputation changes the time and memory of training, not the adapter, while
-        // the other train keys are hashed.
+        // Recomputation and the read-back interval change the time and memory of training,
+        // not the adapter, while the other train keys are hashed.
         let train = hash_of("train", &[]);
         assert_eq!(train, hash_of("train", &["train.recompute=\"layers\""]));
+        assert_eq!(train, hash_of("train", &["train.log_every=1"]));
         assert!(train["train"].get("recompute").is_none(), "{train}");
+        assert!(train["train"].get("log_every").is_none(), "{train}");
         assert_ne!(train, hash_of("train", &["train.lora_dropout=0.1"]));
         for stage in ["probe", "download"] {
             let plain = hash_of(stage, &[]);
