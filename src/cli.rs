@@ -201,7 +201,7 @@ fn bench_defaults_measure_builtin_tiny_greedily_five_times_at_batch_size_one() {
     assert_eq!((a.device.as_str(), a.dtype.as_str()), ("auto", "f32"));
     assert_eq!(a.soak_seconds, 0.0);
     assert_eq!(a.currency, "USD");
-    assert!(!a.do_sample && a.compare.is_none() && a.output.is_none());
+    assert!(!a.sampling.do_sample && a.compare.is_none() && a.output.is_none());
 }
 
 #[test]

@@ -192,19 +192,8 @@ struct BenchArgs {
     /// Currency of --price-per-hour.
     #[arg(long, value_name = "CODE", default_value = "USD")]
     currency: String,
-    /// Sample instead of greedy decoding (with --temperature, --top-k, --top-p, --seed), on
-    /// the device: only the token ids are read back.
-    #[arg(long)]
-    do_sample: bool,
-    /// --do-sample: logits are divided by this (> 0).
-    #[arg(long, value_name = "T", default_value_t = 1.0)]
-    temperature: f32,
-    /// --do-sample: keep the K most likely tokens (ties at the K-th kept; 0 = all).
-    #[arg(long, value_name = "K", default_value_t = 0)]
-    top_k: usize,
-    /// --do-sample: keep the tokens whose more likely tokens hold less than P (1 = all).
-    #[arg(long, value_name = "P", default_value_t = 1.0)]
-    top_p: f32,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Sampling seed, and the seed of builtin:tiny.
     #[arg(long, value_name = "N", default_value_t = 0)]
     seed: u64,
@@ -286,6 +275,43 @@ struct GenerateArgs {
     /// `[model] dtype`: bf16 on CUDA, f16 on wgpu with shader-f16, else f32).
     #[arg(long, value_name = "DTYPE", default_value = "f32")]
     dtype: String,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// --do-sample: seed of the draw (the same seed, prompt and settings give the same answer).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    seed: u64,
+}
+
+/// How the next token is chosen (`generate`, `bench`).
+#[derive(Args, Debug)]
+struct SamplingArgs {
+    /// Sample instead of greedy decoding (with --temperature, --top-k, --top-p, --seed), on
+    /// the device: only the token ids are read back.
+    #[arg(long)]
+    do_sample: bool,
+    /// --do-sample: logits are divided by this (> 0).
+    #[arg(long, value_name = "T", default_value_t = 1.0)]
+    temperature: f32,
+    /// --do-sample: keep the K most likely tokens (ties at the K-th kept; 0 = all).
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    top_k: usize,
+    /// --do-sample: keep the tokens whose more likely tokens hold less than P (1 = all).
+    #[arg(long, value_name = "P", default_value_t = 1.0)]
+    top_p: f32,
+}
+
+impl SamplingArgs {
+    fn sampling(&self) -> medpipe::model::Sampling {
+        if self.do_sample {
+            medpipe::model::Sampling::Sample {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+            }
+        } else {
+            medpipe::model::Sampling::Greedy
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -661,15 +687,7 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
         soak_seconds: args.soak_seconds,
         price_per_device_hour: args.price_per_hour,
         currency: args.currency.clone(),
-        sampling: if args.do_sample {
-            medpipe::model::Sampling::Sample {
-                temperature: args.temperature,
-                top_k: args.top_k,
-                top_p: args.top_p,
-            }
-        } else {
-            medpipe::model::Sampling::Greedy
-        },
+        sampling: args.sampling.sampling(),
         seed: args.seed,
         pixel_bounds: [None, None],
     };
@@ -760,6 +778,8 @@ fn generate(args: GenerateArgs) -> Result<(), Failure> {
         images: args.images,
         prompt: args.prompt,
         max_new_tokens: usize::try_from(args.max_new_tokens).unwrap_or(usize::MAX),
+        sampling: args.sampling.sampling(),
+        seed: args.seed,
     };
     let a = medpipe::bench::oneshot::generate_answer_as(device, precision, &job).map_err(|e| {
         Failure {

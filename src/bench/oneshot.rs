@@ -44,6 +44,10 @@ pub struct GenerateJob {
     pub prompt: String,
     /// New tokens at most.
     pub max_new_tokens: usize,
+    /// Greedy, or a seeded draw on the device.
+    pub sampling: Sampling,
+    /// Seed of the draw.
+    pub seed: u64,
 }
 
 /// [`generate_answer`] on the backend of `device`, computing in `precision` (`--dtype`).
@@ -101,6 +105,10 @@ pub fn generate_answer<B: Kernels>(
 ) -> Result<Answer, BenchError> {
     let model_dir: &Path = &job.model_dir;
     let max_new_tokens = job.max_new_tokens;
+    job.sampling.check().map_err(|reason| BenchError::Invalid {
+        name: "sampling",
+        reason,
+    })?;
     let t = Instant::now();
     let encoder = InputEncoder::from_dir(model_dir)?;
     let raw: Vec<RawImage> = job
@@ -122,8 +130,8 @@ pub fn generate_answer<B: Kernels>(
 
     let cfg = GenerateConfig {
         max_new_tokens,
-        sampling: Sampling::Greedy,
-        seed: 0,
+        sampling: job.sampling.clone(),
+        seed: job.seed,
         eos_token_ids: None,
     };
     let gens = model.generate(&[request], &cfg, device)?;

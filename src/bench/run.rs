@@ -134,16 +134,8 @@ impl BenchOptions {
                 return bad("price per device-hour", format!("must be ≥ 0 (got {p})"));
             }
         }
-        if let Sampling::Sample {
-            temperature, top_p, ..
-        } = self.sampling
-        {
-            if !(temperature > 0.0 && top_p > 0.0 && top_p <= 1.0) {
-                return bad(
-                    "sampling",
-                    format!("temperature {temperature} must be > 0 and top_p {top_p} in (0, 1]"),
-                );
-            }
+        if let Err(reason) = self.sampling.check() {
+            return bad("sampling", reason);
         }
         Ok(())
     }

@@ -34,6 +34,23 @@ pub enum Sampling {
     },
 }
 
+impl Sampling {
+    /// Checks the settings a draw needs: a temperature above 0 and `top_p` in (0, 1].
+    ///
+    /// # Errors
+    /// A message naming both values.
+    pub fn check(&self) -> Result<(), String> {
+        match *self {
+            Sampling::Sample {
+                temperature, top_p, ..
+            } if !(temperature > 0.0 && top_p > 0.0 && top_p <= 1.0) => Err(format!(
+                "temperature {temperature} must be > 0 and top_p {top_p} in (0, 1]"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Generation settings.
 #[derive(Debug, Clone)]
 pub struct GenerateConfig {
@@ -116,19 +133,10 @@ impl<B: Kernels> Qwen25Vl<B> {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
-        if let Sampling::Sample {
-            temperature, top_p, ..
-        } = cfg.sampling
-        {
-            if !(temperature > 0.0 && top_p > 0.0 && top_p <= 1.0) {
-                return Err(ModelError::Input {
-                    name: "sampling",
-                    reason: format!(
-                        "temperature {temperature} must be > 0 and top_p {top_p} in (0, 1]"
-                    ),
-                });
-            }
-        }
+        cfg.sampling.check().map_err(|reason| ModelError::Input {
+            name: "sampling",
+            reason,
+        })?;
         if let Some(i) = requests.iter().position(|r| r.input_ids.is_empty()) {
             return Err(ModelError::Input {
                 name: "input_ids",

@@ -483,3 +483,39 @@ fn generate_answers_about_an_image_and_prints_its_timing() {
         stderr(&missing)
     );
 }
+
+/// `generate --do-sample` draws on the device: the same seed gives the same answer, and a
+/// setting out of range is a usage error before any work.
+#[test]
+fn generate_samples_reproducibly_with_a_seed_and_refuses_a_bad_top_p() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sample = |top_p: &str, seed: &str| {
+        let args = [
+            "generate",
+            "--model",
+            "builtin:tiny",
+            "--prompt",
+            "List the lab values",
+            "--max-new-tokens",
+            "12",
+            "--do-sample",
+            "--temperature",
+            "1.5",
+            "--top-k",
+            "40",
+            "--top-p",
+            top_p,
+            "--seed",
+            seed,
+        ];
+        bench_cmd(&tmp.path().join("cache"), &args)
+    };
+    let a = sample("0.95", "7");
+    let b = sample("0.95", "7");
+    assert!(a.status.success(), "{}", stderr(&a));
+    assert!(!stdout(&a).trim().is_empty());
+    assert_eq!(stdout(&a), stdout(&b), "same seed, same answer");
+    let bad = sample("1.5", "7");
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(stderr(&bad).contains("top_p 1.5"), "{}", stderr(&bad));
+}
