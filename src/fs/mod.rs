@@ -217,17 +217,29 @@ pub fn hash_path(path: &Path) -> Result<(String, u64), FsError> {
     Ok((hex::encode(h.finalize()), total))
 }
 
+/// The files under `dir`, relative to `root`, leaving out the temp files of [`write_atomic`]
+/// and [`write_replace`]: a write killed before its rename leaves one (named for its
+/// process), and it is no part of the content (a resumed stage used to hash its output
+/// directory differently from an uninterrupted one because of it).
 fn collect_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), FsError> {
     for entry in fs::read_dir(dir).map_err(err("listing", dir))? {
         let entry = entry.map_err(err("listing", dir))?;
         let p = entry.path();
         if p.is_dir() {
             collect_files(root, &p, out)?;
-        } else {
+        } else if !is_temp_name(&entry.file_name().to_string_lossy()) {
             out.push(p.strip_prefix(root).unwrap_or(&p).to_path_buf());
         }
     }
     Ok(())
+}
+
+/// Whether `name` is a temp file name of [`temp_beside`]: `.<name>.tmp<pid>`.
+fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.')
+        && name.rsplit_once(".tmp").is_some_and(|(stem, pid)| {
+            stem.len() > 1 && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())
+        })
 }
 
 /// A cheap fingerprint of a file or directory from metadata only: sha256 over each file's
@@ -294,6 +306,23 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_temp_file_left_by_a_killed_write_is_no_part_of_a_directorys_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("eval");
+        write_atomic(&out.join("images/a.png"), b"page").unwrap();
+        let clean = (hash_path(&out).unwrap(), stat_fingerprint(&out).unwrap());
+        // What a kill -9 between the temp file's write and its rename leaves behind.
+        std::fs::write(out.join("images/.a.png.tmp4242"), b"half a pa").unwrap();
+        assert_eq!(hash_path(&out).unwrap(), clean.0);
+        assert_eq!(stat_fingerprint(&out).unwrap(), clean.1);
+        // Files that only look alike still count.
+        for name in [".a.png.tmp", "a.png.tmp12", ".tmp12", ".a.png.tmp1x"] {
+            assert!(!is_temp_name(name), "{name}");
+        }
+        assert!(is_temp_name(".a.png.tmp12"));
+    }
 
     #[test]
     fn write_atomic_creates_parents_and_leaves_no_temp_file() {
