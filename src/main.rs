@@ -769,6 +769,11 @@ fn bench_train(
 }
 
 fn generate(args: GenerateArgs) -> Result<(), Failure> {
+    let sampling = args.sampling.sampling();
+    sampling.check().map_err(|e| Failure {
+        code: 2,
+        error: anyhow::anyhow!("--do-sample: {e}"),
+    })?;
     let device = placement(&args.device, &args.model)?;
     let precision = precision(&args.dtype, device)?;
     let dir = medpipe::bench::source::resolve_model(&args.model, 0)?;
@@ -778,7 +783,7 @@ fn generate(args: GenerateArgs) -> Result<(), Failure> {
         images: args.images,
         prompt: args.prompt,
         max_new_tokens: usize::try_from(args.max_new_tokens).unwrap_or(usize::MAX),
-        sampling: args.sampling.sampling(),
+        sampling,
         seed: args.seed,
     };
     let a = medpipe::bench::oneshot::generate_answer_as(device, precision, &job).map_err(|e| {
