@@ -154,9 +154,8 @@ impl<B: Backend> AdamW<B> {
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
     {
-        let unscale =
-            (unscale != 1.0).then(|| scalar::<B>(unscale, &Self::grad_device(&module, &grads)));
-        let (module, step) = self.step_on_device(lr, module, grads, unscale);
+        let unscale = |device: &B::Device| (unscale != 1.0).then(|| scalar::<B>(unscale, device));
+        let (module, step) = self.step_with(lr, module, grads, unscale);
         let Some(step) = step else {
             return (
                 module,
@@ -194,8 +193,24 @@ impl<B: Backend> AdamW<B> {
         &mut self,
         lr: f64,
         module: M,
-        mut grads: GradientsParams,
+        grads: GradientsParams,
         unscale: Option<Tensor<B, 1>>,
+    ) -> (M, Option<DeviceStep<B>>)
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
+        self.step_with(lr, module, grads, |_| unscale)
+    }
+
+    /// [`AdamW::step_on_device`] with the unscaling factor made once the gradients' device
+    /// is known (from their squared sums, which the norm needs anyway).
+    fn step_with<AB, M>(
+        &mut self,
+        lr: f64,
+        module: M,
+        mut grads: GradientsParams,
+        unscale: impl FnOnce(&B::Device) -> Option<Tensor<B, 1>>,
     ) -> (M, Option<DeviceStep<B>>)
     where
         AB: AutodiffBackend<InnerBackend = B>,
@@ -211,6 +226,7 @@ impl<B: Backend> AdamW<B> {
         }
         let mut grad_norm = Tensor::cat(norm.sums, 0).sum().sqrt();
         let device = grad_norm.device();
+        let unscale = unscale(&device);
         if let Some(u) = &unscale {
             grad_norm = grad_norm * u.clone();
         }
@@ -274,22 +290,6 @@ impl<B: Backend> AdamW<B> {
             Tensor::<B, 1>::from_data(TensorData::new(v, [candidates]), (device, DType::F32))
                 .select(0, index.clone())
         })
-    }
-
-    /// The device of the first gradient of `module` (the device's default when none).
-    fn grad_device<AB, M>(module: &M, grads: &GradientsParams) -> B::Device
-    where
-        AB: AutodiffBackend<InnerBackend = B>,
-        M: AutodiffModule<AB>,
-    {
-        let mut norm = NormVisitor::<B> {
-            grads,
-            sums: Vec::new(),
-        };
-        module.visit(&mut norm);
-        norm.sums
-            .first()
-            .map_or_else(Default::default, |s| s.device())
     }
 
     /// One parameter's update on the device, returning the new value; where `applied` is
