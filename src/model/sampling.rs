@@ -32,16 +32,11 @@ pub fn sample<B: Backend>(
     let z = logits.cast(DType::F32).div_scalar(temperature);
     let top = z.clone().max_dim(1); // [batch, 1]
     let wide = |t: Tensor<B, 2>| t.expand([batch, vocab]);
-    let mut keep: Option<Tensor<B, 2, Bool>> = None;
+    let mut p = (z.clone() - wide(top.clone())).exp();
     if top_k > 0 && top_k < vocab {
         let kth = z.clone().topk(top_k, 1).narrow(1, top_k - 1, 1);
-        keep = Some(z.clone().greater_equal(wide(kth)));
+        p = p.mask_fill(z.clone().greater_equal(wide(kth)).bool_not(), 0.0);
     }
-    let drop = |p: Tensor<B, 2>, keep: &Option<Tensor<B, 2, Bool>>| match keep {
-        Some(k) => p.mask_fill(k.clone().bool_not(), 0.0),
-        None => p,
-    };
-    let mut p = drop((z.clone() - wide(top.clone())).exp(), &keep);
     if top_p < 1.0 {
         // S(x) = mass of the tokens above x, falling in x: lo keeps S(lo) >= top_p, hi
         // keeps S(hi) < top_p; the tokens kept are those above lo once the two meet.
